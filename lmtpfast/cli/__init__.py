@@ -1,0 +1,1 @@
+"""The ``lmtpfast`` command line (subcommands live in their own modules)."""

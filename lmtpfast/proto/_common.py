@@ -1,0 +1,424 @@
+"""Data shared by both implementations of the sans-IO core.
+
+Nothing here does I/O or imports asyncio. The pure-Python engine
+(``_pyproto``) and the compiled one (``_cproto``) both build these objects, so
+the layers above never know which engine runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from ..errors import LocalProtocolError
+from ..results import RecipientResult, status_of
+
+__all__ = [
+    "DEFAULT_MAX_LINE_LENGTH",
+    "DEFAULT_MAX_REPLY_LINES",
+    "NEED_DATA",
+    "Capabilities",
+    "CommandReply",
+    "ConnectionBroken",
+    "ReadyForData",
+    "Reply",
+    "Transaction",
+    "TransactionDone",
+    "encode_address",
+    "encode_param",
+]
+
+# RFC 5321 says 512 octets per reply line; real servers exceed it (long
+# LHLO keyword lists, SESSIONID tails), so allow generous but bounded input.
+DEFAULT_MAX_LINE_LENGTH = 8192
+DEFAULT_MAX_REPLY_LINES = 200
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: ``next_event()`` returns this when it needs more bytes from the peer.
+NEED_DATA = _NeedData()
+
+
+class Reply:
+    """One complete server reply: code, enhanced status code (RFC 3463) and text lines.
+
+    ``lines`` holds the text of each line after ``NNN-``/``NNN ``, as sent.
+    ``text`` is the lines joined with ``\\n``, each without its enhanced code.
+    """
+
+    __slots__ = ("code", "enhanced", "lines")
+
+    def __init__(self, code: int, enhanced: str | None, lines: tuple[str, ...]) -> None:
+        self.code = code
+        self.enhanced = enhanced
+        self.lines = lines
+
+    @property
+    def text(self) -> str:
+        enh = self.enhanced
+        if enh is None:
+            return "\n".join(self.lines)
+        cut = len(enh)
+        return "\n".join(
+            (ln[cut:].lstrip(" ") if ln.startswith(enh) else ln) for ln in self.lines
+        )
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Reply):
+            return NotImplemented
+        return (self.code, self.enhanced, self.lines) == (other.code, other.enhanced, other.lines)
+
+    def __hash__(self) -> int:
+        return hash((self.code, self.enhanced, self.lines))
+
+    def __repr__(self) -> str:
+        return f"Reply({self.code}, {self.enhanced!r}, {self.lines!r})"
+
+
+def parse_enhanced(code: int, first_line: str) -> str | None:
+    """The RFC 3463 status code at the start of ``first_line``, if it matches ``code``'s class.
+
+    ``class.subject.detail``: class 2, 4 or 5 (the reply's first digit),
+    subject and detail 1-3 digits, followed by a space or the end of line.
+    """
+    n = len(first_line)
+    if n < 5 or first_line[1] != ".":
+        return None
+    cls = first_line[0]
+    if cls not in "245" or ord(cls) - 48 != code // 100:
+        return None
+    i = 2
+    for _part in range(2):
+        start = i
+        while i < n and "0" <= first_line[i] <= "9":
+            i += 1
+        if not 1 <= i - start <= 3:
+            return None
+        if _part == 0:
+            if i >= n or first_line[i] != ".":
+                return None
+            i += 1
+    if i < n and first_line[i] != " ":
+        return None
+    return first_line[:i]
+
+
+class Capabilities:
+    """What the server's LHLO reply advertised (keywords upper-cased)."""
+
+    __slots__ = ("keywords",)
+
+    def __init__(self, keywords: dict[str, str]) -> None:
+        self.keywords = keywords
+
+    @classmethod
+    def from_reply(cls, reply: Reply, ignore: Iterable[str] = ()) -> Capabilities:
+        """Parse an LHLO reply; keywords in ``ignore`` are dropped (Postfix's
+        ``lmtp_discard_lhlo_keywords``, e.g. to turn pipelining off)."""
+        drop = {k.upper() for k in ignore}
+        keywords: dict[str, str] = {}
+        for line in reply.lines[1:]:  # the first line is the server's greeting name
+            word, _, params = line.strip().partition(" ")
+            key = word.upper()
+            if not key or key in drop:
+                continue
+            keywords[key] = params.strip()
+        return cls(keywords)
+
+    def has(self, keyword: str) -> bool:
+        return keyword.upper() in self.keywords
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.keywords
+
+    @property
+    def chunking(self) -> bool:
+        return "CHUNKING" in self.keywords
+
+    @property
+    def eightbitmime(self) -> bool:
+        return "8BITMIME" in self.keywords
+
+    @property
+    def smtputf8(self) -> bool:
+        return "SMTPUTF8" in self.keywords
+
+    @property
+    def enhancedstatuscodes(self) -> bool:
+        return "ENHANCEDSTATUSCODES" in self.keywords
+
+    @property
+    def starttls(self) -> bool:
+        return "STARTTLS" in self.keywords
+
+    @property
+    def dsn(self) -> bool:
+        return "DSN" in self.keywords
+
+    @property
+    def size(self) -> int | None:
+        """The advertised maximum message size; 0 means no limit; None if SIZE is absent."""
+        if "SIZE" not in self.keywords:
+            return None
+        value = self.keywords["SIZE"]
+        return int(value) if value.isdigit() else 0
+
+    @property
+    def auth(self) -> frozenset[str]:
+        return frozenset(self.keywords.get("AUTH", "").upper().split())
+
+    def __repr__(self) -> str:
+        return f"Capabilities({self.keywords!r})"
+
+
+# --- envelope arguments -------------------------------------------------------
+
+_FORBIDDEN_IN_ADDRESS = frozenset("\r\n\0<> \t")
+
+
+def encode_address(address: str, *, allow_empty: bool = False, utf8: bool = False) -> bytes:
+    """``address`` as the bytes that go between ``<`` and ``>``.
+
+    Rejects anything that could end the command or inject another one: CR,
+    LF, NUL, angle brackets, white space. Non-ASCII needs ``utf8`` (SMTPUTF8).
+    """
+    if not isinstance(address, str):
+        raise LocalProtocolError(f"address must be str, not {type(address).__name__}")
+    if not address:
+        if allow_empty:
+            return b""
+        raise LocalProtocolError("empty recipient address")
+    if not _FORBIDDEN_IN_ADDRESS.isdisjoint(address):
+        raise LocalProtocolError(
+            f"address {address!r} contains a forbidden character (CR, LF, NUL, <, > or space)"
+        )
+    if address.isascii():
+        return address.encode("ascii")
+    if not utf8:
+        raise LocalProtocolError(f"address {address!r} is not ASCII and SMTPUTF8 is not in use")
+    return address.encode("utf-8")
+
+
+def encode_param(param: str) -> bytes:
+    """An ESMTP parameter (``SIZE=123``, ``NOTIFY=SUCCESS``): printable ASCII, no spaces."""
+    if not param or not param.isascii() or not param.isprintable() or " " in param:
+        raise LocalProtocolError(f"bad ESMTP parameter {param!r}")
+    return param.encode("ascii")
+
+
+def check_command_argument(arg: str) -> bytes:
+    """A free-form command argument (LHLO name, AUTH data): no CR, LF or NUL."""
+    if "\r" in arg or "\n" in arg or "\0" in arg:
+        raise LocalProtocolError(f"command argument {arg!r} contains CR, LF or NUL")
+    return arg.encode("utf-8")
+
+
+# --- transactions and events -----------------------------------------------
+
+
+class Transaction:
+    """One MAIL/RCPT/DATA transaction as the engine tracks it.
+
+    The engine fills the replies as they arrive and ``results`` (one
+    :class:`~lmtpfast.RecipientResult` per recipient, in RCPT order) when the
+    transaction is done. ``content`` is an opaque slot for the layer above
+    (the transport keeps the encoded message there).
+    """
+
+    __slots__ = (
+        "accepted",
+        "content",
+        "data_reply",
+        "done",
+        "dot_sent",
+        "final_replies",
+        "id",
+        "mail_reply",
+        "rcpt_replies",
+        "recipients",
+        "results",
+        "sender",
+        "waiter",
+    )
+
+    def __init__(self, txn_id: int, sender: str, recipients: Sequence[str]) -> None:
+        self.id = txn_id
+        self.sender = sender
+        self.recipients = list(recipients)
+        self.mail_reply: Reply | None = None
+        self.rcpt_replies: list[Reply | None] = [None] * len(self.recipients)
+        self.data_reply: Reply | None = None
+        self.final_replies: list[Reply | None] = [None] * len(self.recipients)
+        self.accepted: list[int] = []
+        self.dot_sent = False
+        self.done = False
+        self.results: list[RecipientResult] = []
+        self.content: object = None
+        self.waiter: object = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Transaction {self.id} from={self.sender!r} rcpts={len(self.recipients)}"
+            f" done={self.done}>"
+        )
+
+
+def result_from_reply(address: str, reply: Reply, stage: str) -> RecipientResult:
+    return RecipientResult(
+        address=address,
+        status=status_of(reply.code),
+        code=reply.code,
+        enhanced=reply.enhanced,
+        text=reply.text,
+        stage=stage,
+    )
+
+
+def finish_transaction(txn: Transaction) -> None:
+    """Compute ``txn.results`` from the replies it received (no failure pending)."""
+    results = []
+    mail = txn.mail_reply
+    for i, address in enumerate(txn.recipients):
+        if mail is not None and not 200 <= mail.code < 300:
+            results.append(result_from_reply(address, mail, "mail"))
+            continue
+        rcpt = txn.rcpt_replies[i]
+        if rcpt is None or not 200 <= rcpt.code < 300:
+            if rcpt is None:  # never asked: MAIL refused already covered; defensive
+                raise AssertionError("transaction finished without a RCPT reply")
+            results.append(result_from_reply(address, rcpt, "rcpt"))
+            continue
+        final = txn.final_replies[i]
+        if final is not None:
+            results.append(result_from_reply(address, final, "final"))
+            continue
+        data = txn.data_reply
+        if data is not None and data.code != 354:
+            results.append(result_from_reply(address, data, "data"))
+            continue
+        raise AssertionError("accepted recipient finished without a reply")
+    txn.results = results
+    txn.done = True
+
+
+def fail_transaction(txn: Transaction, code: int, enhanced: str, why: str, stage: str) -> None:
+    """Decide every recipient of an unfinished transaction after the connection failed.
+
+    Replies already received stand; recipients still waiting get a made-up
+    transient reply. Those whose reply after the final dot was lost are
+    flagged ``possibly_delivered``: the server may have stored the message.
+    """
+    results = []
+    mail = txn.mail_reply
+    for i, address in enumerate(txn.recipients):
+        rcpt = txn.rcpt_replies[i]
+        final = txn.final_replies[i]
+        if mail is not None and not 200 <= mail.code < 300:
+            results.append(result_from_reply(address, mail, "mail"))
+        elif rcpt is not None and not 200 <= rcpt.code < 300:
+            results.append(result_from_reply(address, rcpt, "rcpt"))
+        elif final is not None:
+            results.append(result_from_reply(address, final, "final"))
+        elif txn.data_reply is not None and txn.data_reply.code != 354:
+            results.append(result_from_reply(address, txn.data_reply, "data"))
+        else:
+            if txn.dot_sent:
+                where = "final"
+            elif txn.data_reply is not None:
+                where = "content"
+            elif rcpt is not None:
+                where = "data"
+            elif mail is not None:
+                where = "rcpt"
+            else:
+                where = stage if stage in ("connect", "greeting", "lhlo", "starttls", "auth") else "mail"
+            results.append(
+                RecipientResult(
+                    address=address,
+                    status=status_of(code),
+                    code=code,
+                    enhanced=enhanced,
+                    text=why,
+                    stage=where,
+                    local=True,
+                    possibly_delivered=txn.dot_sent and rcpt is not None,
+                )
+            )
+    txn.results = results
+    txn.done = True
+
+
+class ReadyForData:
+    """The server sent 354 for ``txn``: send its content, then call ``end_data(txn)``."""
+
+    __slots__ = ("transaction",)
+
+    def __init__(self, transaction: Transaction) -> None:
+        self.transaction = transaction
+
+    def __repr__(self) -> str:
+        return f"ReadyForData({self.transaction!r})"
+
+
+class TransactionDone:
+    """Every recipient of ``transaction`` has its result in ``transaction.results``."""
+
+    __slots__ = ("transaction",)
+
+    def __init__(self, transaction: Transaction) -> None:
+        self.transaction = transaction
+
+    def __repr__(self) -> str:
+        return f"TransactionDone({self.transaction!r})"
+
+
+class CommandReply:
+    """The reply to a session command (``greeting``, ``LHLO``, ``RSET``, ``NOOP``, ``QUIT``, ...)."""
+
+    __slots__ = ("command", "reply")
+
+    def __init__(self, command: str, reply: Reply) -> None:
+        self.command = command
+        self.reply = reply
+
+    def __repr__(self) -> str:
+        return f"CommandReply({self.command!r}, {self.reply!r})"
+
+
+class ConnectionBroken:
+    """The connection cannot go on: ``error`` says why; ``transactions`` were failed by it.
+
+    Emitted once; after it the engine emits nothing else. The transactions are
+    finished with made-up transient results (see ``fail_transaction``) and have
+    no separate ``TransactionDone`` event.
+    """
+
+    __slots__ = ("error", "transactions")
+
+    def __init__(self, error: Exception, transactions: list[Transaction]) -> None:
+        self.error = error
+        self.transactions = transactions
+
+    def __repr__(self) -> str:
+        return f"ConnectionBroken({self.error!r}, {len(self.transactions)} transactions)"
+
+
+Event = ReadyForData | TransactionDone | CommandReply | ConnectionBroken
