@@ -252,6 +252,7 @@ class Transaction:
         "final_replies",
         "id",
         "mail_reply",
+        "mail_sent",
         "rcpt_replies",
         "recipients",
         "results",
@@ -268,6 +269,7 @@ class Transaction:
         self.data_reply: Reply | None = None
         self.final_replies: list[Reply | None] = [None] * len(self.recipients)
         self.accepted: list[int] = []
+        self.mail_sent = False
         self.dot_sent = False
         self.done = False
         self.results: list[RecipientResult] = []

@@ -1,0 +1,559 @@
+"""The reference LMTP client engine, in pure Python (sans-IO).
+
+This module is the specification the compiled engine (``_cproto``) follows
+line for line, and the fallback when it is not built. It does no I/O: bytes
+go in with :meth:`Connection.receive_data`, events come out of
+:meth:`Connection.next_event`, and the bytes to write come out of
+:meth:`Connection.data_to_send`.
+
+The design follows Postfix's ``smtp_proto.c``: commands are queued, a send
+cursor moves them to the wire as pipelining allows, and one FIFO of expected
+replies is the receive cursor. A reply nobody waits for, a malformed reply or
+an early end of the stream breaks the connection; every transaction still
+open then gets a made-up transient result per recipient, never silence.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+from ..errors import LocalProtocolError, RemoteProtocolError, ServerDisconnected
+from ._common import (
+    DEFAULT_MAX_LINE_LENGTH,
+    DEFAULT_MAX_REPLY_LINES,
+    NEED_DATA,
+    Capabilities,
+    CommandReply,
+    ConnectionBroken,
+    ReadyForData,
+    Reply,
+    Transaction,
+    TransactionDone,
+    check_command_argument,
+    encode_address,
+    encode_param,
+    fail_transaction,
+    finish_transaction,
+    parse_enhanced,
+)
+
+__all__ = ["Connection", "ReplyParser"]
+
+_CRLF = b"\r\n"
+
+
+class ReplyParser:
+    """Splits a byte stream into :class:`Reply` objects.
+
+    Never rescans bytes it has already searched, so a peer that drips a long
+    line one byte at a time costs O(n), not O(n^2). Lines may end in CRLF or
+    a bare LF. Limits on line length and lines per reply are hard: going over
+    is a :class:`RemoteProtocolError`.
+    """
+
+    def __init__(
+        self,
+        max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
+        max_reply_lines: int = DEFAULT_MAX_REPLY_LINES,
+    ) -> None:
+        self.max_line_length = max_line_length
+        self.max_reply_lines = max_reply_lines
+        self._buf = bytearray()
+        self._start = 0  # start of the current line
+        self._scan = 0  # where the search for LF resumes
+        self._code = 0  # code of the reply being assembled (0: none yet)
+        self._lines: list[str] = []
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._start and self._start == len(self._buf):
+            # Everything consumed: reset instead of growing forever.
+            self._buf.clear()
+            self._start = self._scan = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete reply."""
+        return len(self._buf) - self._start
+
+    @property
+    def in_reply(self) -> bool:
+        """True when part of a reply (a line or more) has been received."""
+        return self._code != 0 or self.buffered > 0
+
+    def next_reply(self) -> Reply | None:
+        """The next complete reply, or ``None`` until more bytes arrive."""
+        buf = self._buf
+        while True:
+            nl = buf.find(b"\n", self._scan)
+            if nl < 0:
+                self._scan = len(buf)
+                if self._scan - self._start > self.max_line_length:
+                    raise RemoteProtocolError(
+                        f"reply line longer than {self.max_line_length} bytes"
+                    )
+                self._compact()
+                return None
+            end = nl - 1 if nl > self._start and buf[nl - 1] == 13 else nl
+            start = self._start
+            self._start = self._scan = nl + 1
+            if end - start > self.max_line_length:
+                raise RemoteProtocolError(f"reply line longer than {self.max_line_length} bytes")
+            code, last, text = _parse_line(buf, start, end)
+            if self._code and code != self._code:
+                raise RemoteProtocolError(
+                    f"reply code changed from {self._code} to {code} inside a multi-line reply"
+                )
+            self._code = code
+            self._lines.append(text)
+            if last:
+                lines = tuple(self._lines)
+                self._lines = []
+                self._code = 0
+                return Reply(code, parse_enhanced(code, lines[0]), lines)
+            if len(self._lines) >= self.max_reply_lines:
+                raise RemoteProtocolError(f"reply longer than {self.max_reply_lines} lines")
+
+    def take_buffered(self) -> bytes:
+        """Remove and return the bytes not yet part of a reply (STARTTLS checks them)."""
+        rest = bytes(self._buf[self._start :])
+        self._buf.clear()
+        self._start = self._scan = 0
+        return rest
+
+    def _compact(self) -> None:
+        if self._start > 65536:
+            del self._buf[: self._start]
+            self._scan -= self._start
+            self._start = 0
+
+
+def _parse_line(buf: bytearray, start: int, end: int) -> tuple[int, bool, str]:
+    """Code, whether it is the last line, and the text of one reply line."""
+    n = end - start
+    if n < 3:
+        raise RemoteProtocolError(f"malformed reply line {bytes(buf[start:end])!r}")
+    d0, d1, d2 = buf[start], buf[start + 1], buf[start + 2]
+    # RFC 5321 4.2: first digit 2-5, second 0-5, third 0-9.
+    if not (50 <= d0 <= 53 and 48 <= d1 <= 53 and 48 <= d2 <= 57):
+        raise RemoteProtocolError(f"malformed reply line {bytes(buf[start:end])!r}")
+    code = (d0 - 48) * 100 + (d1 - 48) * 10 + (d2 - 48)
+    if n == 3:
+        return code, True, ""
+    sep = buf[start + 3]
+    if sep == 32:
+        last = True
+    elif sep == 45:
+        last = False
+    else:
+        raise RemoteProtocolError(f"malformed reply line {bytes(buf[start:end])!r}")
+    return code, last, buf[start + 4 : end].decode("utf-8", "replace")
+
+
+# What the receive cursor expects next (the first item of each queue entry).
+_GREETING = 0
+_LHLO = 1
+_MAIL = 2
+_RCPT = 3
+_DATA = 4
+_DOT = 5  # one reply after the final dot, for one accepted recipient
+_LONE_DOT = 6  # the reply to a "." sent after 354 when no recipient was accepted
+_RSET_INTERNAL = 7  # RSET we sent to clean up after a failed transaction
+_COMMAND = 8  # a session command the caller asked for (RSET, NOOP, QUIT, STARTTLS, AUTH...)
+
+_STAGES = {
+    _GREETING: "greeting",
+    _LHLO: "lhlo",
+    _MAIL: "mail",
+    _RCPT: "rcpt",
+    _DATA: "data",
+    _DOT: "final",
+    _LONE_DOT: "data",
+    _RSET_INTERNAL: "rset",
+}
+
+# Commands after which nothing else may be sent until their reply arrives
+# (RFC 2920 3.1: LHLO/EHLO, STARTTLS, AUTH, QUIT, NOOP end a group).
+_SYNC_COMMANDS = frozenset({"LHLO", "STARTTLS", "AUTH", "QUIT", "NOOP", "AUTH-RESPONSE"})
+
+
+class Connection:
+    """The client side of one LMTP connection, without I/O.
+
+    Typical use::
+
+        conn = Connection("mx1.example")
+        # ... connect, then feed what the server sends:
+        conn.receive_data(chunk)            # b"" means the server closed
+        ev = conn.next_event()              # CommandReply("greeting", ...)
+        conn.lhlo(); transport.write(conn.data_to_send())
+        txn = conn.start_transaction(sender, recipients)
+        transport.write(conn.data_to_send())
+        # on ReadyForData(txn): write the encoded content, then
+        conn.end_data(txn); transport.write(conn.data_to_send())
+        # on TransactionDone(txn): txn.results has one result per recipient
+
+    With PIPELINING (advertised and not disabled) MAIL, every RCPT and DATA
+    go out in one write, and the content with its final dot may be followed
+    by the next transaction's commands in the same write.
+    """
+
+    def __init__(
+        self,
+        local_name: str = "localhost",
+        *,
+        pipelining: bool = True,
+        ignore_keywords: Iterable[str] = (),
+        max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
+        max_reply_lines: int = DEFAULT_MAX_REPLY_LINES,
+    ) -> None:
+        self.local_name = local_name
+        self._local_name_bytes = check_command_argument(local_name)
+        if not local_name or b" " in self._local_name_bytes:
+            raise LocalProtocolError(f"bad LHLO name {local_name!r}")
+        self._allow_pipelining = pipelining
+        self.ignore_keywords = tuple(ignore_keywords)
+        self._parser = ReplyParser(max_line_length, max_reply_lines)
+        self._expect: deque[tuple[int, Transaction | None, int, str]] = deque(
+            [(_GREETING, None, 0, "greeting")]
+        )
+        self._outq: deque[tuple[bytes, int, Transaction | None, int, str]] = deque()
+        self._wbuf: list[bytes] = []
+        self._events: deque[object] = deque()
+        self._content_owed: Transaction | None = None  # DATA sent, content not yet
+        self._sync_pending = 1  # greeting: nothing goes out before it
+        self._txn_seq = 0
+        self._open: list[Transaction] = []  # transactions not yet done, in order
+        self.capabilities: Capabilities | None = None
+        self.pipelining = False
+        self.error: Exception | None = None
+        self.closed = False  # QUIT answered or stream ended
+        self._eof = False
+
+    # -- state ----------------------------------------------------------------
+
+    @property
+    def waiting_for(self) -> str | None:
+        """The stage whose reply is awaited first (for timers), or ``None``."""
+        if not self._expect:
+            return None
+        kind, _txn, _idx, name = self._expect[0]
+        return _STAGES.get(kind, name.lower())
+
+    @property
+    def content_owed(self) -> Transaction | None:
+        """The transaction whose content must be sent next, if any."""
+        return self._content_owed
+
+    @property
+    def idle(self) -> bool:
+        """No reply expected, nothing queued, no open transaction."""
+        return not self._expect and not self._outq and not self._open and self.error is None
+
+    @property
+    def usable(self) -> bool:
+        """The connection can take new commands."""
+        return self.error is None and not self.closed
+
+    @property
+    def open_transactions(self) -> int:
+        return len(self._open)
+
+    # -- input ----------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes from the server; ``b""`` means it closed the connection."""
+        if self.error is not None or self.closed:
+            return
+        if data:
+            self._parser.feed(data)
+        else:
+            # Replies already buffered are still processed before the EOF counts.
+            self._eof = True
+
+    def next_event(self) -> object:
+        """The next event, or ``NEED_DATA`` when more bytes are needed."""
+        events = self._events
+        while not events:
+            if self.error is not None or self.closed:
+                return NEED_DATA
+            try:
+                reply = self._parser.next_reply()
+            except RemoteProtocolError as exc:
+                self._break(exc, 451, "4.5.0")
+                continue
+            if reply is None:
+                if self._eof:
+                    self._on_eof()
+                    continue
+                return NEED_DATA
+            self._on_reply(reply)
+        return events.popleft()
+
+    def fail(self, error: Exception, code: int = 451, enhanced: str = "4.4.2") -> None:
+        """Break the connection from outside (timeout, write error, cancellation).
+
+        Every open transaction is decided with a made-up ``code`` reply; a
+        :class:`ConnectionBroken` event follows.
+        """
+        if self.error is None and not self.closed:
+            self._break(error, code, enhanced)
+
+    def data_to_send(self) -> bytes:
+        """The bytes to write now (maybe empty)."""
+        if not self._wbuf:
+            return b""
+        out = b"".join(self._wbuf)
+        self._wbuf.clear()
+        return out
+
+    # -- commands ---------------------------------------------------------------
+
+    def lhlo(self) -> None:
+        """Queue LHLO; its :class:`CommandReply` sets :attr:`capabilities`."""
+        self._check_usable()
+        self._queue(b"LHLO " + self._local_name_bytes + _CRLF, _LHLO, None, 0, "LHLO")
+        self._pump()
+
+    def command(self, verb: str, argument: str | None = None) -> None:
+        """Queue a session command (``RSET``, ``NOOP``, ``QUIT``, ``STARTTLS``, ``AUTH``...).
+
+        Its reply comes back as ``CommandReply(verb, reply)``. ``AUTH-RESPONSE``
+        sends ``argument`` alone as a line (a SASL response).
+        """
+        self._check_usable()
+        verb = verb.upper()
+        if verb == "AUTH-RESPONSE":
+            line = check_command_argument(argument or "") + _CRLF
+        else:
+            line = check_command_argument(verb)
+            if argument:
+                line += b" " + check_command_argument(argument)
+            line += _CRLF
+        self._queue(line, _COMMAND, None, 0, verb)
+        self._pump()
+
+    def start_transaction(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        *,
+        mail_params: Sequence[str] = (),
+        rcpt_params: Sequence[Sequence[str]] | None = None,
+        smtputf8: bool = False,
+    ) -> Transaction:
+        """Queue MAIL, one RCPT per recipient and DATA; return the transaction.
+
+        Every argument is checked before anything is queued, so a bad address
+        raises :class:`LocalProtocolError` and leaves the connection as it was.
+        """
+        self._check_usable()
+        if self.capabilities is None:
+            raise LocalProtocolError("LHLO must succeed before a transaction")
+        if not recipients:
+            raise LocalProtocolError("a transaction needs at least one recipient")
+        if rcpt_params is not None and len(rcpt_params) != len(recipients):
+            raise LocalProtocolError("rcpt_params must have one entry per recipient")
+        mail = b"MAIL FROM:<" + encode_address(sender, allow_empty=True, utf8=smtputf8) + b">"
+        for p in mail_params:
+            mail += b" " + encode_param(p)
+        rcpt_lines = []
+        for i, rcpt in enumerate(recipients):
+            line = b"RCPT TO:<" + encode_address(rcpt, utf8=smtputf8) + b">"
+            if rcpt_params is not None:
+                for p in rcpt_params[i]:
+                    line += b" " + encode_param(p)
+            rcpt_lines.append(line + _CRLF)
+        self._txn_seq += 1
+        txn = Transaction(self._txn_seq, sender, recipients)
+        self._open.append(txn)
+        self._queue(mail + _CRLF, _MAIL, txn, 0, "MAIL")
+        for i, line in enumerate(rcpt_lines):
+            self._queue(line, _RCPT, txn, i, "RCPT")
+        self._queue(b"DATA\r\n", _DATA, txn, 0, "DATA")
+        self._pump()
+        return txn
+
+    def end_data(self, txn: Transaction) -> None:
+        """The content of ``txn`` has been written: queue the final dot."""
+        if self._content_owed is not txn:
+            raise LocalProtocolError("end_data() for a transaction that is not owed content")
+        self._content_owed = None
+        if self.error is not None:
+            return
+        self._wbuf.append(b".\r\n")
+        txn.dot_sent = True
+        for idx in txn.accepted:
+            self._expect.append((_DOT, txn, idx, "."))
+        self._pump()
+
+    def start_tls_done(self) -> None:
+        """TLS is up after ``STARTTLS``: forget the server's capabilities.
+
+        Bytes that arrived after the 220 reply and before the handshake were
+        sent in the clear and could be an injection (CVE-2011-0411): they
+        break the connection instead of being read as TLS-protected replies.
+        """
+        leftover = self._parser.take_buffered()
+        if leftover:
+            self._break(
+                RemoteProtocolError("server sent data after its STARTTLS reply"), 451, "4.5.0"
+            )
+            return
+        self.capabilities = None
+        self.pipelining = False
+
+    # -- internals ---------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self.error is not None:
+            raise LocalProtocolError(f"connection is broken: {self.error}")
+        if self.closed:
+            raise LocalProtocolError("connection is closed")
+
+    def _queue(
+        self, line: bytes, kind: int, txn: Transaction | None, idx: int, name: str
+    ) -> None:
+        self._outq.append((line, kind, txn, idx, name))
+
+    def _pump(self) -> None:
+        """Move queued commands to the write buffer as far as the protocol allows."""
+        outq = self._outq
+        while outq and self._content_owed is None and not self._sync_pending:
+            if not self.pipelining and self._expect:
+                return
+            line, kind, txn, idx, name = outq.popleft()
+            self._wbuf.append(line)
+            self._expect.append((kind, txn, idx, name))
+            if kind == _MAIL:
+                assert txn is not None
+                txn.mail_sent = True
+            elif kind == _DATA:
+                # Nothing may follow DATA until its content has been sent.
+                self._content_owed = txn
+                # ...but only once 354 arrives; until then the owed content
+                # blocks the queue exactly like a pending sync command.
+            elif kind == _LHLO or (kind == _COMMAND and name in _SYNC_COMMANDS):
+                self._sync_pending += 1
+
+    def _on_reply(self, reply: Reply) -> None:
+        if not self._expect:
+            self._break(
+                RemoteProtocolError(f"unexpected reply nobody waited for: {reply.code}"),
+                451,
+                "4.5.0",
+            )
+            return
+        kind, txn, idx, name = self._expect.popleft()
+        if kind == _RCPT:
+            assert txn is not None
+            txn.rcpt_replies[idx] = reply
+            if 200 <= reply.code < 300:
+                mail = txn.mail_reply
+                if mail is not None and 200 <= mail.code < 300:
+                    txn.accepted.append(idx)
+            if not self.pipelining and idx == len(txn.recipients) - 1 and not txn.accepted:
+                # Every recipient refused: do not send DATA, reset instead.
+                self._drop_queued(txn)
+                self._outq.appendleft((b"RSET\r\n", _RSET_INTERNAL, None, 0, "RSET"))
+                self._finish(txn)
+        elif kind == _DOT:
+            assert txn is not None
+            txn.final_replies[idx] = reply
+            if idx == txn.accepted[-1]:
+                self._finish(txn)
+        elif kind == _MAIL:
+            assert txn is not None
+            txn.mail_reply = reply
+            if not 200 <= reply.code < 300 and not self.pipelining:
+                self._drop_queued(txn)
+                self._finish(txn)
+        elif kind == _DATA:
+            assert txn is not None
+            self._on_data_reply(txn, reply)
+        elif kind == _LONE_DOT:
+            assert txn is not None
+            self._finish(txn)
+        elif kind == _RSET_INTERNAL:
+            if not 200 <= reply.code < 300:
+                self._break(
+                    RemoteProtocolError(f"RSET refused: {reply.code} {reply.text}"), 451, "4.5.0"
+                )
+                return
+        elif kind == _GREETING:
+            self._sync_pending -= 1
+            self._events.append(CommandReply("greeting", reply))
+        elif kind == _LHLO:
+            self._sync_pending -= 1
+            if 200 <= reply.code < 300:
+                self.capabilities = caps = Capabilities.from_reply(reply, self.ignore_keywords)
+                self.pipelining = self._allow_pipelining and caps.pipelining
+            self._events.append(CommandReply("LHLO", reply))
+        else:  # _COMMAND
+            # After a 334 to AUTH the exchange goes on with AUTH-RESPONSE
+            # lines, each synchronous again.
+            if name in _SYNC_COMMANDS:
+                self._sync_pending -= 1
+            if name == "QUIT":
+                self.closed = True
+            self._events.append(CommandReply(name, reply))
+        self._pump()
+
+    def _on_data_reply(self, txn: Transaction, reply: Reply) -> None:
+        txn.data_reply = reply
+        mail_ok = txn.mail_reply is not None and 200 <= txn.mail_reply.code < 300
+        if reply.code == 354:
+            if txn.accepted:
+                self._events.append(ReadyForData(txn))
+                return  # _content_owed stays set until end_data()
+            # 354 although nothing was accepted (possible with pipelining):
+            # RFC 2920 says send a lone dot; its reply decides nothing.
+            self._content_owed = None
+            self._wbuf.append(b".\r\n")
+            self._expect.append((_LONE_DOT, txn, 0, "."))
+            return
+        self._content_owed = None
+        if mail_ok:
+            # The server still holds the MAIL transaction: clear it before the next one.
+            self._outq.appendleft((b"RSET\r\n", _RSET_INTERNAL, None, 0, "RSET"))
+        self._finish(txn)
+
+    def _drop_queued(self, txn: Transaction) -> None:
+        self._outq = deque(item for item in self._outq if item[2] is not txn)
+
+    def _finish(self, txn: Transaction) -> None:
+        finish_transaction(txn)
+        self._open.remove(txn)
+        self._events.append(TransactionDone(txn))
+
+    def _on_eof(self) -> None:
+        if self._expect and self._expect[0][3] == "QUIT":
+            self.closed = True
+            return
+        stage = self.waiting_for
+        if self._parser.in_reply:
+            why = "server closed the connection in the middle of a reply"
+        elif stage is not None:
+            why = f"lost connection with server while waiting for the {stage.upper()} reply"
+        elif self._content_owed is not None:
+            why = "lost connection with server while sending message content"
+        elif self._open:
+            why = "lost connection with server before sending the transaction"
+        else:
+            why = "server closed an idle connection"
+        self._break(ServerDisconnected(why), 451, "4.4.2")
+
+    def _break(self, error: Exception, code: int, enhanced: str) -> None:
+        self.error = error
+        failed = self._open
+        self._open = []
+        stage = self.waiting_for or "mail"
+        why = str(error)
+        for txn in failed:
+            fail_transaction(txn, code, enhanced, why, stage)
+        self._expect.clear()
+        self._outq.clear()
+        self._wbuf.clear()
+        self._content_owed = None
+        self._events.append(ConnectionBroken(error, failed))
