@@ -1,6 +1,55 @@
-"""lmtpfast: fast, correct LMTP (RFC 2033) delivery."""
+"""lmtpfast: fast, correct LMTP (RFC 2033) delivery.
 
-from .errors import *  # noqa: F403
+>>> results = await lmtpfast.deliver(message, sender="a@example.org",   # doctest: +SKIP
+...                                  recipients=["b@example.org"], server="unix:/run/dovecot/lmtp")
+
+A delivery returns one :class:`RecipientResult` per recipient, in RCPT order;
+exceptions are for what cannot be decided per recipient (see ``errors``).
+"""
+
+from .client import Client, connect, deliver
+from .destination import Destination, parse_destination
+from .errors import (
+    ConfigurationError,
+    ConnectError,
+    ConnectTimeout,
+    ContentError,
+    DeliveryFailed,
+    LMTPError,
+    LocalProtocolError,
+    ProtocolError,
+    ReadTimeout,
+    RemoteProtocolError,
+    ReplyError,
+    ServerDisconnected,
+)
 from .results import DELIVERED, PERMANENT, TRANSIENT, RecipientResult
+from .transport import Timeouts
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "DELIVERED",
+    "PERMANENT",
+    "TRANSIENT",
+    "Client",
+    "ConfigurationError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ContentError",
+    "DeliveryFailed",
+    "Destination",
+    "LMTPError",
+    "LocalProtocolError",
+    "ProtocolError",
+    "ReadTimeout",
+    "RecipientResult",
+    "RemoteProtocolError",
+    "ReplyError",
+    "ServerDisconnected",
+    "Timeouts",
+    "__version__",
+    "connect",
+    "deliver",
+    "parse_destination",
+]

@@ -1,1 +1,70 @@
-"""The ``lmtpfast`` command line (subcommands live in their own modules)."""
+"""The ``lmtpfast`` command line.
+
+Each subcommand lives in its own module with ``register(subparsers)``; its
+``run(args)`` returns a sysexits status, because MTAs run delivery programs and
+defer (75) or bounce on what they return.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from ..errors import ConfigurationError
+from . import _exit
+
+__all__ = ["main"]
+
+# Subcommand modules, in the order --help lists them.
+_SUBCOMMANDS = ("send", "replay", "enqueue", "probe", "bench", "sink")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with EX_USAGE (64) instead of 2 on a usage error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(_exit.EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lmtpfast",
+        description="Fast, correct LMTP delivery: send, probe, sink.",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"lmtpfast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in _SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            continue  # a subcommand this checkout does not have yet
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return _exit.EX_USAGE
+    try:
+        status: int = args.func(args)
+    except ConfigurationError as exc:
+        print(f"lmtpfast {args.command}: {exc}", file=sys.stderr)
+        return _exit.EX_CONFIG
+    except KeyboardInterrupt:
+        print(f"lmtpfast {args.command}: interrupted", file=sys.stderr)
+        return _exit.EX_TEMPFAIL
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from . import _pyproto
 from ._common import (
@@ -59,5 +60,9 @@ _impl = _compiled if _compiled is not None else _pyproto
 #: ``"c"`` or ``"python"``: the engine in use.
 IMPLEMENTATION = "c" if _compiled is not None else "python"
 
-Connection: type[_pyproto.Connection] = _impl.Connection
-ReplyParser: type[_pyproto.ReplyParser] = _impl.ReplyParser
+if TYPE_CHECKING:
+    # Both engines have the same API; type checkers see the reference's.
+    from ._pyproto import Connection, ReplyParser
+else:
+    Connection = _impl.Connection
+    ReplyParser = _impl.ReplyParser

@@ -1,0 +1,299 @@
+"""One LMTP session: connect, greeting, LHLO, transactions, QUIT.
+
+>>> async with await lmtpfast.connect("unix:/run/dovecot/lmtp") as conn:   # doctest: +SKIP
+...     results = await conn.send("a@example.org", ["b@example.org"], message)
+
+``send`` may be called concurrently on one connection: the transactions are
+pipelined back to back (content, final dot and the next MAIL/RCPT/DATA in one
+write), so a busy connection needs about one round trip per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.message
+import email.policy
+import socket
+from collections.abc import Sequence
+
+from .destination import Destination, parse_destination
+from .errors import (
+    ConnectError,
+    ConnectTimeout,
+    ContentError,
+    LocalProtocolError,
+    ReplyError,
+    ServerDisconnected,
+)
+from .proto import Capabilities, Connection, Reply
+from .proto.content import encode_content
+from .results import RecipientResult, status_of
+from .transport import STREAM_CHUNK, LMTPProtocol, StreamedContent, Timeouts
+
+__all__ = ["Client", "Message", "connect", "deliver", "message_bytes"]
+
+Message = bytes | bytearray | memoryview | str | email.message.Message
+
+# Messages larger than this are streamed (encoded while written).
+STREAM_THRESHOLD = 4 * STREAM_CHUNK
+
+
+def message_bytes(message: Message) -> bytes | memoryview:
+    """The raw bytes of a message given as bytes, str or ``email.message.Message``."""
+    if isinstance(message, bytes):
+        return message
+    if isinstance(message, bytearray | memoryview):
+        return memoryview(message).cast("B")
+    if isinstance(message, str):
+        return message.encode("utf-8")
+    if isinstance(message, email.message.Message):
+        policy = message.policy
+        if isinstance(policy, email.policy.EmailPolicy):
+            policy = policy.clone(linesep="\r\n")
+        return message.as_bytes(policy=policy)
+    raise TypeError(f"message must be bytes, str or email.message.Message, not {type(message).__name__}")
+
+
+def _scan(raw: bytes | memoryview) -> tuple[int, bool]:
+    """Offset of the first NUL (or -1) and whether the message is 7-bit, without copying it whole."""
+    if isinstance(raw, bytes):
+        return raw.find(b"\0"), raw.isascii()
+    nul, ascii_only = -1, True
+    for start in range(0, len(raw), STREAM_CHUNK):
+        piece = bytes(raw[start : start + STREAM_CHUNK])
+        if nul < 0 and (at := piece.find(b"\0")) >= 0:
+            nul = start + at
+        ascii_only = ascii_only and piece.isascii()
+    return nul, ascii_only
+
+
+def _local_result(address: str, code: int, enhanced: str, text: str) -> RecipientResult:
+    return RecipientResult(address=address, status=status_of(code), code=code,
+                           enhanced=enhanced, text=text, stage="local", local=True)
+
+
+class Client:
+    """An open LMTP connection. Create it with :func:`connect`."""
+
+    def __init__(
+        self, protocol: LMTPProtocol, destination: Destination, greeting: Reply,
+        lhlo_reply: Reply,
+    ) -> None:
+        self._protocol = protocol
+        self.destination = destination
+        self.greeting = greeting
+        self.lhlo_reply = lhlo_reply
+        self.transactions = 0  # started on this connection
+
+    @property
+    def capabilities(self) -> Capabilities:
+        caps = self._protocol.engine.capabilities
+        assert caps is not None
+        return caps
+
+    @property
+    def pipelining(self) -> bool:
+        return self._protocol.engine.pipelining
+
+    @property
+    def usable(self) -> bool:
+        """True while the connection can take another transaction."""
+        return self._protocol.usable
+
+    @property
+    def idle(self) -> bool:
+        return self._protocol.usable and self._protocol.engine.idle
+
+    def __repr__(self) -> str:
+        state = "open" if self.usable else "closed"
+        return f"<lmtpfast.Client {self.destination} {state}>"
+
+    async def send(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: Message,
+        *,
+        mail_params: Sequence[str] = (),
+        rcpt_params: Sequence[Sequence[str]] | None = None,
+    ) -> list[RecipientResult]:
+        """Deliver ``message``; one result per recipient, in RCPT order.
+
+        Partial failure is data, not an exception. A :class:`LocalProtocolError`
+        means the arguments themselves are wrong (nothing was sent);
+        :class:`ServerDisconnected` means the connection was already unusable.
+        """
+        if isinstance(recipients, str):
+            raise LocalProtocolError("recipients must be a sequence of addresses, not one string")
+        recipients = list(recipients)
+        if not recipients:
+            raise LocalProtocolError("no recipients")
+        raw = message_bytes(message)
+        nul, ascii_only = _scan(raw)
+        if nul >= 0:
+            raise ContentError(f"message contains a NUL byte at offset {nul}; it cannot be sent")
+        caps = self.capabilities
+        params = list(mail_params)
+        upper = {p.split("=", 1)[0].upper() for p in params}
+
+        # SMTPUTF8 (RFC 6531): needed when an address is not ASCII.
+        needs_utf8 = not sender.isascii() or not all(r.isascii() for r in recipients)
+        local: dict[int, RecipientResult] = {}
+        if needs_utf8 and not caps.smtputf8:
+            why = "non-ASCII address, and the server does not offer SMTPUTF8"
+            if not sender.isascii():
+                return [_local_result(r, 553, "5.6.7", why) for r in recipients]
+            for i, r in enumerate(recipients):
+                if not r.isascii():
+                    local[i] = _local_result(r, 553, "5.6.7", why)
+        elif needs_utf8 and "SMTPUTF8" not in upper:
+            params.append("SMTPUTF8")
+
+        if len(raw) > STREAM_THRESHOLD:
+            content: bytes | StreamedContent = StreamedContent(memoryview(raw).cast("B"))
+            size = len(raw)
+        else:
+            content = encode_content(raw)
+            size = len(content)
+        eight_bit = not ascii_only
+        limit = caps.size
+        if limit and size > limit:
+            why = f"message of {size} bytes exceeds the server's size limit of {limit} bytes"
+            return [_local_result(r, 552, "5.3.4", why) for r in recipients]
+        if limit is not None and "SIZE" not in upper:
+            params.append(f"SIZE={size}")
+        if eight_bit and caps.eightbitmime and "BODY" not in upper:
+            params.append("BODY=8BITMIME")
+
+        send_idx = [i for i in range(len(recipients)) if i not in local]
+        if not send_idx:
+            return [local[i] for i in range(len(recipients))]
+        send_rcpts = [recipients[i] for i in send_idx]
+        send_params = None
+        if rcpt_params is not None:
+            if len(rcpt_params) != len(recipients):
+                raise LocalProtocolError("rcpt_params must have one entry per recipient")
+            send_params = [list(rcpt_params[i]) for i in send_idx]
+        self.transactions += 1
+        fut = self._protocol.transaction(
+            sender, send_rcpts, content, mail_params=params, rcpt_params=send_params,
+            smtputf8="SMTPUTF8" in params,
+        )
+        try:
+            results = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The server may be mid-transaction: the connection cannot be reused.
+            self._protocol.abort(ServerDisconnected("delivery cancelled by the caller"))
+            raise
+        if local:
+            merged = dict(zip(send_idx, results, strict=True))
+            merged.update(local)
+            results = [merged[i] for i in range(len(recipients))]
+        return results
+
+    async def command(self, verb: str, argument: str | None = None) -> Reply:
+        """Send a session command and return its reply; a refusal raises :class:`ReplyError`."""
+        reply = await self._protocol.command(verb, argument)
+        if not 200 <= reply.code < 400:
+            raise ReplyError(reply.code, reply.enhanced, reply.text, verb.lower())
+        return reply
+
+    async def noop(self) -> Reply:
+        return await self.command("NOOP")
+
+    async def rset(self) -> Reply:
+        return await self.command("RSET")
+
+    async def quit(self) -> None:
+        """Say QUIT politely and close; errors on the way out are ignored."""
+        proto = self._protocol
+        if proto.usable:
+            try:
+                await proto.command("QUIT")
+            except Exception:
+                pass
+        proto.close()
+        await proto.wait_closed()
+
+    def abort(self) -> None:
+        """Drop the connection at once (open transactions get transient results)."""
+        self._protocol.abort(ServerDisconnected("connection aborted by the client"))
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            await self.quit()
+        else:
+            self.abort()
+            await self._protocol.wait_closed()
+
+
+async def connect(
+    destination: str | Destination,
+    *,
+    lhlo_name: str | None = None,
+    timeouts: Timeouts | None = None,
+    pipelining: bool = True,
+    ignore_keywords: Sequence[str] = (),
+    max_line_length: int | None = None,
+    max_reply_lines: int | None = None,
+) -> Client:
+    """Connect to an LMTP server, read its greeting and say LHLO.
+
+    Raises :class:`ConnectError` (:class:`ConnectTimeout`) when the server
+    cannot be reached, :class:`ReplyError` when the greeting or LHLO is refused.
+    """
+    dest = parse_destination(destination)
+    timeouts = timeouts or Timeouts()
+    loop = asyncio.get_running_loop()
+    kwargs = {}
+    if max_line_length is not None:
+        kwargs["max_line_length"] = max_line_length
+    if max_reply_lines is not None:
+        kwargs["max_reply_lines"] = max_reply_lines
+    engine = Connection(lhlo_name or socket.gethostname() or "localhost",
+                        pipelining=pipelining, ignore_keywords=ignore_keywords, **kwargs)
+    peer = str(dest)
+
+    def factory() -> LMTPProtocol:
+        return LMTPProtocol(engine, timeouts, loop, peer)
+
+    try:
+        async with asyncio.timeout(timeouts.connect):
+            if dest.is_unix:
+                _, protocol = await loop.create_unix_connection(factory, dest.path)
+            else:
+                _, protocol = await loop.create_connection(factory, dest.host, dest.port)
+    except TimeoutError:
+        raise ConnectTimeout(f"connect to {peer} timed out after {timeouts.connect:g}s") from None
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {peer}: {exc.strerror or exc}") from exc
+    try:
+        greeting = await protocol.wait_greeting()
+        if greeting.code != 220:
+            raise ReplyError(greeting.code, greeting.enhanced, greeting.text, "greeting")
+        lhlo = await protocol.command("LHLO")
+        if not 200 <= lhlo.code < 300:
+            raise ReplyError(lhlo.code, lhlo.enhanced, lhlo.text, "lhlo")
+    except BaseException:
+        protocol.abort(ServerDisconnected("session setup failed"))
+        raise
+    return Client(protocol, dest, greeting, lhlo)
+
+
+async def deliver(
+    message: Message,
+    *,
+    sender: str,
+    recipients: Sequence[str],
+    server: str | Destination,
+    **connect_options: object,
+) -> list[RecipientResult]:
+    """Connect, deliver one message, QUIT. One result per recipient, in order."""
+    client = await connect(server, **connect_options)  # type: ignore[arg-type]
+    try:
+        return await client.send(sender, recipients, message)
+    finally:
+        await client.quit()

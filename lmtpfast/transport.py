@@ -1,0 +1,399 @@
+"""asyncio transport for the sans-IO engine: pipelined writer, flow control, stage timers.
+
+:class:`LMTPProtocol` is an ``asyncio.Protocol`` (not streams: no extra task
+or buffer copy per reply). Everything the engine decides is turned into
+future results here; nothing about LMTP itself is decided in this file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from dataclasses import dataclass, fields
+
+from .errors import (
+    ConfigurationError,
+    LMTPError,
+    ReadTimeout,
+    ServerDisconnected,
+)
+from .proto import (
+    NEED_DATA,
+    CommandReply,
+    Connection,
+    ConnectionBroken,
+    ReadyForData,
+    Reply,
+    Transaction,
+    TransactionDone,
+)
+from .proto.content import ContentEncoder
+from .results import RecipientResult
+
+__all__ = ["LMTPProtocol", "StreamedContent", "Timeouts"]
+
+# Messages up to this size are encoded whole before sending and written with
+# the final dot (and the next transaction's commands) in one write. Larger
+# ones are encoded and written piece by piece under flow control, so a 50 MiB
+# message is never copied whole.
+STREAM_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Time limits in seconds per protocol stage, with Postfix's lmtp(8) defaults.
+
+    Each limit is the longest wait for the next byte of the reply (or, for
+    ``content``, for the socket to accept more of the message), as Postfix
+    applies them.
+    """
+
+    connect: float = 30.0  # lmtp_connect_timeout
+    greeting: float = 300.0  # lmtp_helo_timeout covers the greeting too
+    lhlo: float = 300.0  # lmtp_lhlo_timeout
+    starttls: float = 300.0  # lmtp_starttls_timeout
+    auth: float = 300.0
+    mail: float = 300.0  # lmtp_mail_timeout
+    rcpt: float = 300.0  # lmtp_rcpt_timeout
+    data: float = 120.0  # lmtp_data_init_timeout
+    content: float = 180.0  # lmtp_data_xfer_timeout
+    final: float = 600.0  # lmtp_data_done_timeout
+    rset: float = 20.0  # lmtp_rset_timeout
+    quit: float = 300.0  # lmtp_quit_timeout
+    command: float = 300.0  # NOOP and other session commands
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise ConfigurationError(f"timeout must be a positive number, got {value!r}",
+                                         field=f.name)
+
+    def for_stage(self, stage: str) -> float:
+        value = getattr(self, stage, None)
+        return float(value) if isinstance(value, int | float) else self.command
+
+    @classmethod
+    def scaled(cls, factor: float) -> Timeouts:
+        """Every default multiplied by ``factor`` (tests use small ones)."""
+        return cls(**{f.name: getattr(cls(), f.name) * factor for f in fields(cls)})
+
+
+class StreamedContent:
+    """A large message, encoded chunk by chunk as it is written."""
+
+    __slots__ = ("dot_stuff", "raw")
+
+    def __init__(self, raw: memoryview, dot_stuff: bool = True) -> None:
+        self.raw = raw
+        self.dot_stuff = dot_stuff
+
+
+class LMTPProtocol(asyncio.Protocol):
+    """One LMTP connection on an event loop; any number of pipelined transactions."""
+
+    def __init__(
+        self,
+        engine: Connection,
+        timeouts: Timeouts,
+        loop: asyncio.AbstractEventLoop,
+        peer: str = "",
+    ) -> None:
+        self.engine = engine
+        self.timeouts = timeouts
+        self.peer = peer
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._command_waiters: deque[asyncio.Future[Reply]] = deque()
+        self._greeting: asyncio.Future[Reply] = loop.create_future()
+        self._closed: asyncio.Future[None] = loop.create_future()
+        self._paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_progress = 0.0
+        self._content_task: asyncio.Task[None] | None = None
+        self.error: Exception | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Pipelined groups must not wait for Nagle's delayed ACK.
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_progress = self._loop.time()
+        engine = self.engine
+        engine.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        self.engine.receive_data(b"")
+        self._process()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.engine.usable:
+            self.engine.fail(ServerDisconnected(
+                f"connection to {self.peer} lost" + (f": {exc}" if exc else "")))
+            self._process()
+        self._cancel_timer()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(ServerDisconnected("connection lost while writing"))
+        if not self._closed.done():
+            self._closed.set_result(None)
+        self._fail_waiters(self.error or ServerDisconnected(f"connection to {self.peer} lost"))
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- operations ------------------------------------------------------------------
+
+    async def wait_greeting(self) -> Reply:
+        return await self._greeting
+
+    def command(self, verb: str, argument: str | None = None) -> asyncio.Future[Reply]:
+        """Send a session command; the future gets its reply (whatever the code)."""
+        self._check_usable()
+        if verb.upper() == "LHLO":
+            self.engine.lhlo()
+        else:
+            self.engine.command(verb, argument)
+        fut: asyncio.Future[Reply] = self._loop.create_future()
+        self._command_waiters.append(fut)
+        self._flush()
+        return fut
+
+    def transaction(
+        self,
+        sender: str,
+        recipients: list[str],
+        content: bytes | StreamedContent,
+        *,
+        mail_params: list[str] | tuple[str, ...] = (),
+        rcpt_params: list[list[str]] | None = None,
+        smtputf8: bool = False,
+    ) -> asyncio.Future[list[RecipientResult]]:
+        """Queue a transaction; the future gets one result per recipient."""
+        self._check_usable()
+        txn = self.engine.start_transaction(
+            sender, recipients, mail_params=mail_params, rcpt_params=rcpt_params,
+            smtputf8=smtputf8,
+        )
+        fut: asyncio.Future[list[RecipientResult]] = self._loop.create_future()
+        txn.content = content
+        txn.waiter = fut
+        self._flush()
+        return fut
+
+    def abort(self, error: Exception) -> None:
+        """Give up on the connection: open transactions get transient results."""
+        if self.error is None:
+            self.error = error
+        if self.engine.usable:
+            self.engine.fail(error)
+            self._process()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None and self.engine.usable and not self._closed.done()
+
+    # -- internals -------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if not self.usable:
+            raise self.error or ServerDisconnected(f"connection to {self.peer} is closed")
+
+    def _flush(self) -> None:
+        out = self.engine.data_to_send()
+        if out and self._transport is not None:
+            self._transport.write(out)
+        self._arm_timer()
+
+    def _process(self) -> None:
+        engine = self.engine
+        out: list[bytes] = []
+        while True:
+            ev = engine.next_event()
+            if ev is NEED_DATA:
+                break
+            if isinstance(ev, TransactionDone):
+                self._resolve(ev.transaction)
+            elif isinstance(ev, ReadyForData):
+                txn = ev.transaction
+                content = txn.content
+                if isinstance(content, bytes | bytearray):
+                    # Content, dot and the next group leave in one write.
+                    out.append(bytes(content))
+                    txn.content = None
+                    engine.end_data(txn)
+                else:
+                    self._flush_list(out)
+                    self._start_streaming(txn)
+            elif isinstance(ev, CommandReply):
+                self._on_command_reply(ev)
+            elif isinstance(ev, ConnectionBroken):
+                self._on_broken(ev)
+        wire = engine.data_to_send()
+        if wire:
+            out.append(wire)
+        self._flush_list(out)
+        self._arm_timer()
+
+    def _flush_list(self, out: list[bytes]) -> None:
+        if out and self._transport is not None and not self._transport.is_closing():
+            if len(out) == 1:
+                self._transport.write(out[0])
+            else:
+                self._transport.write(b"".join(out))
+        out.clear()
+
+    def _resolve(self, txn: Transaction) -> None:
+        fut = txn.waiter
+        if isinstance(fut, asyncio.Future) and not fut.done():
+            fut.set_result(txn.results)
+
+    def _on_command_reply(self, ev: CommandReply) -> None:
+        if ev.command == "greeting":
+            if not self._greeting.done():
+                self._greeting.set_result(ev.reply)
+            return
+        if self._command_waiters:
+            fut = self._command_waiters.popleft()
+            if not fut.done():
+                fut.set_result(ev.reply)
+
+    def _on_broken(self, ev: ConnectionBroken) -> None:
+        if self.error is None:
+            self.error = ev.error
+        for txn in ev.transactions:
+            self._resolve(txn)
+        self._fail_waiters(ev.error)
+        if self._content_task is not None:
+            self._content_task.cancel()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _fail_waiters(self, error: Exception) -> None:
+        if not self._greeting.done():
+            self._greeting.set_exception(error)
+            self._greeting.exception()  # mark retrieved: nobody may be waiting yet
+        while self._command_waiters:
+            fut = self._command_waiters.popleft()
+            if not fut.done():
+                fut.set_exception(error)
+
+    # -- content streaming ---------------------------------------------------------
+
+    def _start_streaming(self, txn: Transaction) -> None:
+        self._content_task = self._loop.create_task(self._stream_content(txn))
+
+    async def _stream_content(self, txn: Transaction) -> None:
+        content = txn.content
+        assert isinstance(content, StreamedContent)
+        txn.content = None
+        transport = self._transport
+        assert transport is not None
+        encoder = ContentEncoder(dot_stuff=content.dot_stuff)
+        raw = content.raw
+        try:
+            for start in range(0, len(raw), STREAM_CHUNK):
+                transport.write(encoder.encode(raw[start : start + STREAM_CHUNK]))
+                self._last_progress = self._loop.time()
+                if self._paused:
+                    await self._drain()
+                if not self.engine.usable:
+                    return
+            tail = encoder.finish()
+            if tail:
+                transport.write(tail)
+        except LMTPError as exc:
+            # A NUL found only now (callers check first): the server already
+            # has part of the message, so only dropping the connection is safe.
+            self.abort(exc)
+            return
+        except (ConnectionError, asyncio.CancelledError):
+            return
+        if self.engine.usable and self.engine.content_owed is txn:
+            self.engine.end_data(txn)
+            self._process()
+
+    async def _drain(self) -> None:
+        self._drain_waiter = self._loop.create_future()
+        self._arm_timer()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+
+    # -- timers ------------------------------------------------------------------------
+
+    def _current_stage(self) -> str | None:
+        stage = self.engine.waiting_for
+        if stage is None and self.engine.content_owed is not None and self._content_task:
+            return "content"
+        return stage
+
+    def _arm_timer(self) -> None:
+        # One timer per connection, re-armed lazily: data_received only
+        # records the time, the timer checks it when it fires.
+        if not self.engine.usable:
+            return
+        stage = self._current_stage()
+        if stage is None:
+            return
+        now = self._loop.time()
+        due = now + self.timeouts.for_stage(stage)
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= due:
+                return
+            timer.cancel()  # a shorter limit (say RSET after the dot) now applies
+        else:
+            self._last_progress = now
+        self._timer = self._loop.call_at(due, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        stage = self._current_stage()
+        if stage is None or not self.engine.usable:
+            return
+        limit = self.timeouts.for_stage(stage)
+        due = self._last_progress + limit
+        now = self._loop.time()
+        if now < due:
+            self._timer = self._loop.call_at(due, self._on_timer)
+            return
+        what = "sending message content" if stage == "content" else (
+            f"waiting for the {stage.upper()} reply")
+        self.abort(ReadTimeout(
+            f"conversation with {self.peer} timed out after {limit:g}s while {what}", stage))
+

@@ -1,0 +1,76 @@
+"""Test set-up shared by every suite.
+
+Every ``async def`` test runs twice: on asyncio's default loop and on uvloop
+(the house rule from uvloop/httptools: one suite, both loops). Real-peer
+fixtures (Dovecot, Postfix's smtp-sink) come from ``lmtpfast._testing``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+pytest_plugins = ["lmtpfast._testing.fixtures"]
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def _factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if kind == "uvloop":
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+        return factory
+    return None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if inspect.iscoroutinefunction(metafunc.function) and "loop_kind" not in metafunc.fixturenames:
+        metafunc.fixturenames.append("loop_kind")
+        metafunc.parametrize("loop_kind", LOOPS)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    func = pyfuncitem.obj
+    if not inspect.iscoroutinefunction(func):
+        return None
+    kind = pyfuncitem.callspec.params.get("loop_kind", "asyncio")
+    names = pyfuncitem._fixtureinfo.argnames
+    kwargs: dict[str, Any] = {n: pyfuncitem.funcargs[n] for n in names}
+    with asyncio.Runner(loop_factory=_factory(kind)) as runner:
+        runner.run(asyncio.wait_for(func(**kwargs), timeout=120))
+    return True
+
+
+ENGINES = ["python", "c"]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the client on one engine: the pure-Python reference or the compiled core.
+
+    A missing compiled core skips locally but fails under CI, where the build
+    must have produced it.
+    """
+    import os
+
+    from lmtpfast import client, proto, transport
+    from lmtpfast.proto import content
+
+    kind: str = request.param
+    engine_mod = proto.IMPLEMENTATIONS.get(kind)
+    content_mod = content.IMPLEMENTATIONS.get(kind)
+    if engine_mod is None or content_mod is None:
+        msg = f"the {kind} engine is not built (python setup.py build_ext --inplace)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    monkeypatch.setattr(client, "Connection", engine_mod.Connection)
+    monkeypatch.setattr(client, "encode_content", content_mod.encode_content)
+    monkeypatch.setattr(transport, "ContentEncoder", content_mod.ContentEncoder)
+    return kind
