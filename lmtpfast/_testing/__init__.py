@@ -1,0 +1,1 @@
+"""Real-peer test beds for lmtpfast (Dovecot LMTP, Postfix smtp-sink/smtp-source) and their pytest fixtures."""

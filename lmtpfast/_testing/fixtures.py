@@ -1,0 +1,185 @@
+"""pytest plugin: real LMTP peers as fixtures.
+
+Load it from the root ``tests/conftest.py`` with
+``pytest_plugins = ["lmtpfast._testing.fixtures"]`` (or ``pytest -p
+lmtpfast._testing.fixtures``).
+
+Fixtures:
+
+``dovecot`` (function scope)
+    The session's shared :class:`~lmtpfast._testing.dovecot.TempDovecot`
+    (users alice, bob, carol, dave; no SSL), with every mailbox emptied before
+    the test. One instance per session because stopping Dovecot takes about a
+    second; emptying mailboxes between tests is a few file deletions. Do not
+    stop it or change its config in a test: use ``dovecot_factory`` for that.
+``dovecot_session`` (session scope)
+    The same shared instance without the per-test reset.
+``dovecot_factory`` (function scope)
+    ``dovecot_factory(**kwargs) -> TempDovecot``: a fresh, started instance with
+    its own config (``users=``, ``ssl_cert=``/``ssl_key=``, ``extra_config=`` ...;
+    see :class:`TempDovecot`), stopped and deleted at teardown.
+``smtp_sink`` (function scope)
+    ``smtp_sink(*flags, tcp=False, **kwargs) -> SmtpSink``: a started
+    ``smtp-sink -L`` (fault flags passed through, e.g. ``smtp_sink("-q", ".")``),
+    stopped at teardown.
+
+Tests using the Dovecot fixtures get the ``dovecot`` marker, tests using
+``smtp_sink`` the ``postfix`` marker (``-m "not dovecot"`` deselects them).
+
+A missing peer is a skip on a developer machine but a failure when ``CI`` is set
+(any value but empty, ``0``, ``false`` or ``no``): CI must never pass by
+silently skipping the real-peer tests. :func:`require_peer` implements that
+rule for tests that call peers directly (e.g. ``run_smtp_source``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn, Protocol
+
+import pytest
+
+from .dovecot import TempDovecot, find_dovecot
+from .postfix import SmtpSink, smtp_tool
+
+__all__ = [
+    "DovecotFactory",
+    "SmtpSinkFactory",
+    "dovecot",
+    "dovecot_factory",
+    "dovecot_session",
+    "in_ci",
+    "require_peer",
+    "smtp_sink",
+]
+
+_INSTALL_HINT = "run scripts/install-test-deps.sh as root"
+
+
+class DovecotFactory(Protocol):
+    """Type of the ``dovecot_factory`` fixture."""
+
+    def __call__(self, **kwargs: Any) -> TempDovecot: ...
+
+
+class SmtpSinkFactory(Protocol):
+    """Type of the ``smtp_sink`` fixture."""
+
+    def __call__(self, *flags: str, tcp: bool = False, **kwargs: Any) -> SmtpSink: ...
+
+
+def in_ci() -> bool:
+    """True when the ``CI`` environment variable is set to a true-ish value."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _unavailable(reason: str) -> NoReturn:
+    if in_ci():
+        pytest.fail(f"real peer unavailable under CI (never skipped there): {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_peer(name: str) -> None:
+    """Skip the calling test (fail it under CI) unless peer *name* can run.
+
+    *name*: ``"dovecot"``, ``"smtp-sink"``, ``"smtp-source"`` or ``"postfix"``
+    (both Postfix tools).
+    """
+    if name == "dovecot":
+        if find_dovecot() is None or not os.access("/usr/lib/dovecot/lmtp", os.X_OK):
+            _unavailable(f"Dovecot LMTP (dovecot-core, dovecot-lmtpd) not installed: {_INSTALL_HINT}")
+        if os.geteuid() != 0:
+            _unavailable("TempDovecot needs root")
+    elif name in ("smtp-sink", "smtp-source", "postfix"):
+        tools = ("smtp-sink", "smtp-source") if name == "postfix" else (name,)
+        for tool in tools:
+            if smtp_tool(tool) is None:
+                _unavailable(f"Postfix {tool} not unpacked: {_INSTALL_HINT}")
+        if "smtp-sink" in tools and os.geteuid() != 0:
+            # smtp-sink -u only works for root; as another user it would need no -u.
+            _unavailable("SmtpSink needs root (smtp-sink -u nobody)")
+    else:
+        raise ValueError(f"unknown peer {name!r}")
+
+
+@pytest.fixture(scope="session")
+def dovecot_session() -> Iterator[TempDovecot]:
+    """One Dovecot instance shared by the whole test session."""
+    require_peer("dovecot")
+    with TempDovecot() as dv:
+        yield dv
+
+
+@pytest.fixture
+def dovecot(dovecot_session: TempDovecot) -> TempDovecot:
+    """The shared Dovecot instance with all mailboxes emptied for this test."""
+    if not dovecot_session.running:
+        pytest.fail(f"the shared Dovecot died:\n{dovecot_session.log_text()[-3000:]}")
+    dovecot_session.reset_mail()
+    return dovecot_session
+
+
+@pytest.fixture
+def dovecot_factory() -> Iterator[DovecotFactory]:
+    """Factory of fresh Dovecot instances, each stopped and deleted at teardown."""
+    require_peer("dovecot")
+    made: list[TempDovecot] = []
+
+    def make(**kwargs: Any) -> TempDovecot:
+        dv = TempDovecot(**kwargs)
+        made.append(dv)
+        return dv.start()
+
+    yield make
+    _close_all(made)
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSinkFactory]:
+    """Factory of started ``smtp-sink -L`` servers, stopped at teardown."""
+    require_peer("smtp-sink")
+    made: list[SmtpSink] = []
+
+    def make(*flags: str, tcp: bool = False, **kwargs: Any) -> SmtpSink:
+        sink = SmtpSink(*flags, tcp=tcp, **kwargs)
+        made.append(sink)
+        return sink.start()
+
+    yield make
+    _close_all(made)
+
+
+def _close_all(peers: Sequence[TempDovecot | SmtpSink]) -> None:
+    # Close every peer even if one of them fails to stop; report the first error.
+    errors: list[BaseException] = []
+    for peer in reversed(peers):
+        try:
+            peer.close()
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+_MARKERS: dict[str, str] = {
+    "dovecot": "dovecot",
+    "dovecot_session": "dovecot",
+    "dovecot_factory": "dovecot",
+    "smtp_sink": "postfix",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the markers this plugin applies (harmless if pyproject has them too)."""
+    config.addinivalue_line("markers", "dovecot: needs Dovecot's LMTP server")
+    config.addinivalue_line("markers", "postfix: needs Postfix's smtp-sink/smtp-source")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by the peer fixtures they use, so ``-m`` can select them."""
+    for item in items:
+        fixturenames: list[str] = getattr(item, "fixturenames", [])
+        for fixture, marker in _MARKERS.items():
+            if fixture in fixturenames and marker not in item.keywords:
+                item.add_marker(marker)
