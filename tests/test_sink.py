@@ -1169,3 +1169,75 @@ def test_session_random_pipelines_match_model() -> None:
         expect = [220, 250, 250] + [550 if r == "u3@x" else 250 for r in rcpts]
         expect += [354] + [250] * len(accepted) + [221]
         assert codes == expect
+
+
+_TOKENS = [
+    b"LHLO x\r\n",
+    b"MAIL FROM:<a@b>\r\n",
+    b"MAIL FROM:<> SIZE=5\r\n",
+    b"RCPT TO:<c@d>\r\n",
+    b"RCPT TO:<bob@d>\r\n",
+    b"DATA\r\n",
+    b"BDAT 3\r\n",
+    b"BDAT 0 LAST\r\n",
+    b"BDAT 2 LAST\r\n",
+    b"RSET\r\n",
+    b"NOOP\r\n",
+    b".\r\n",
+    b"..\r\n",
+    b"\r\n",
+    b"\r",
+    b"\n",
+    b".",
+    b"x",
+    b"QUIT\r\n",
+    b"\xff",
+    b"<",
+    b" ",
+    b'MAIL FROM:<"a>b"@c>\r\n',
+    b"RCPT TO:<@a:b@c> NOTIFY=NEVER\r\n",
+    b"BDAT 99999999999999999999\r\n",
+    b"X" * 300,
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tokens=st.lists(st.sampled_from(_TOKENS), min_size=1, max_size=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=5000), max_size=8),
+    faults=st.booleans(),
+    keep=st.booleans(),
+)
+def test_session_never_raises(
+    tokens: list[bytes], cuts: list[int], faults: bool, keep: bool
+) -> None:
+    """Any input, split anywhere, with or without faults: items out, no exception."""
+    plan = (
+        FaultPlan.parse(
+            [
+                "rcpt:bob@*=550",
+                "dot@nth=2=short:0",
+                "data@rate=0.5:seed=2=extra",
+                "noop=oversize:50",
+                "bdat@rate=0.3=452",
+                "dot:c@*=garbage",
+            ]
+        )
+        if faults
+        else None
+    )
+    cfg = SessionConfig(
+        max_size=100,
+        max_line_length=200,
+        deliver=(lambda s, r, c: [True] * len(r)) if keep else None,
+        faults=FaultEngine(plan) if plan else None,
+    )
+    session = ServerSession(cfg)
+    session.start()
+    data = b"".join(tokens)
+    bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    for a, b in itertools.pairwise(bounds):
+        for item in session.receive_data(data[a:b]):
+            assert isinstance(item, bytes | Delay) or item in (STALL, CLOSE)
+    assert session.receive_data(b"") in ([CLOSE], [])
+    assert session.closed
