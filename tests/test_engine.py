@@ -65,7 +65,7 @@ def impl(request: pytest.FixtureRequest) -> ModuleType:
     return _engine(request.param)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def both() -> tuple[ModuleType, ModuleType]:
     """The spec and the compiled engine, for parity tests."""
     return _engine("python"), _engine("c")
@@ -1233,6 +1233,16 @@ def test_bug_nothing_written_between_starttls_and_handshake(impl: ModuleType) ->
 # --- other engine behaviour --------------------------------------------------------------
 
 
+def test_compiled_engine_builds_replies_fast() -> None:
+    """The C engine skips Reply's Python __init__ only while Reply is the class it expects.
+
+    If this fails, Reply in _common changed shape: the engine still works (it
+    falls back to calling Reply), but update the reference in _cproto.pyx.
+    """
+    c = _engine("c")
+    assert c._FAST_REPLY_ACTIVE
+
+
 def test_bad_local_name(impl: ModuleType) -> None:
     for name in ["", "a b", "a\r\nQUIT", "a\0"]:
         with pytest.raises(LocalProtocolError):
@@ -1431,7 +1441,7 @@ CODES = [c for c in range(200, 600) if c % 100 < 60]
 
 line_text = st.one_of(
     st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b"")),
-    st.text(st.characters(blacklist_characters="\r\n"), max_size=30).map(str.encode),
+    st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=30).map(str.encode),
     st.sampled_from([b"", b" ", b"ok", b"Ok", b"2.1.5 ok", b"4.2.2 full", b"5.7.1 no"]),
 )
 
@@ -1546,7 +1556,8 @@ SESSION_CODES = [220, 221, 235, 250, 251, 334, 354, 421, 450, 451, 452, 500, 503
 
 @st.composite
 def server_replies(draw: st.DrawFn) -> bytes:
-    code = draw(st.sampled_from(SESSION_CODES))
+    # Mostly what a willing server says, so sessions get far; any code now and then.
+    code = draw(st.one_of(st.sampled_from([250, 250, 354]), st.sampled_from(SESSION_CODES)))
     n = draw(st.integers(1, 2))
     text = draw(st.sampled_from(["ok", "2.0.0 ok", "4.2.2 full", "5.1.1 no", ""]))
     return b"".join(
