@@ -1,0 +1,96 @@
+# Declarations of the compiled LMTP client engine (see _cproto.pyx).
+
+from libc.stddef cimport ptrdiff_t
+
+
+cdef extern from "reply.h":
+    ctypedef struct lmtp_reply_line:
+        size_t start
+        size_t end
+        size_t next
+        size_t text
+        int code
+        int last
+
+    int LMTP_REPLY_NEED_MORE
+    int LMTP_REPLY_LINE
+    int LMTP_REPLY_ERR_TOO_LONG
+    int LMTP_REPLY_ERR_MALFORMED
+
+    size_t lmtp_find_lf(const unsigned char *buf, size_t start, size_t len) nogil
+    int lmtp_reply_scan(const unsigned char *buf, size_t len, size_t start, size_t *scan,
+                        ptrdiff_t max_line, lmtp_reply_line *line) nogil
+    size_t lmtp_parse_enhanced(const unsigned char *text, size_t n, int code) nogil
+
+
+cdef class ReplyParser:
+    cdef public Py_ssize_t max_line_length
+    cdef public Py_ssize_t max_reply_lines
+    cdef unsigned char *_buf
+    cdef Py_ssize_t _cap
+    cdef Py_ssize_t _len
+    cdef Py_ssize_t _start   # start of the current line
+    cdef Py_ssize_t _scan    # where the search for LF resumes
+    cdef int _code           # code of the reply being assembled (0: none yet)
+    cdef list _lines         # its lines so far
+    cdef object _enhanced    # the enhanced code of its first line, or None
+    cdef int _reply_code     # code of the reply _next_reply() returned last
+
+    cdef int _feed(self, const unsigned char *data, Py_ssize_t n) except -1
+    cdef object _next_reply(self)
+    cdef object _enhanced_of(self, size_t text, size_t end, int code)
+
+
+cdef class _Cmd:
+    # One command: queued (line set), then expected (its reply awaited).
+    cdef bytes line
+    cdef int kind
+    cdef object txn
+    cdef Py_ssize_t idx
+    cdef str name
+
+
+cdef class _Fifo:
+    # A queue on a list with a moving head: O(1) push and pop, no tuples.
+    cdef list items
+    cdef Py_ssize_t head
+
+    cdef Py_ssize_t size(self)
+    cdef int push(self, object item) except -1
+    cdef int push_front(self, object item) except -1
+    cdef object first(self)
+    cdef object pop(self)
+    cdef int clear(self) except -1
+    cdef int drop_txn(self, object txn) except -1
+
+
+cdef class Connection:
+    cdef public object local_name
+    cdef public object ignore_keywords
+    cdef public object capabilities
+    cdef public bint pipelining
+    cdef public object error
+    cdef public bint closed
+
+    cdef bytes _local_name_bytes
+    cdef bint _allow_pipelining
+    cdef bint _eof
+    cdef ReplyParser _parser
+    cdef _Fifo _expect     # the receive cursor: commands whose reply is awaited
+    cdef _Fifo _outq       # the send cursor: commands not yet written
+    cdef list _wbuf
+    cdef _Fifo _events
+    cdef object _content_owed
+    cdef Py_ssize_t _sync_pending
+    cdef Py_ssize_t _txn_seq
+    cdef list _open
+    cdef object __weakref__
+
+    cdef int _check_usable(self) except -1
+    cdef int _queue(self, bytes line, int kind, object txn, Py_ssize_t idx, str name) except -1
+    cdef int _pump(self) except -1
+    cdef int _on_reply(self, object reply, int code) except -1
+    cdef int _on_data_reply(self, object txn, object reply, int code) except -1
+    cdef int _finish(self, object txn) except -1
+    cdef int _on_eof(self) except -1
+    cdef int _break(self, object error, int code, object enhanced) except -1

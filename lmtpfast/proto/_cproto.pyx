@@ -1,0 +1,825 @@
+# cython: language_level=3
+"""The compiled LMTP client engine (sans-IO): a port of ``_pyproto``.
+
+``_pyproto`` is the specification: this module follows it line for line and
+must behave identically (same events, exceptions, bytes and results). Reply
+lines are found and checked by the C scanner in ``csrc/reply.c``; the shared
+Python types of ``_common`` (``Reply``, ``Transaction``, the events, the
+result builders) are reused, not duplicated.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.list cimport PyList_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.ref cimport Py_INCREF
+from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
+from libc.string cimport memcmp, memcpy, memmove
+
+from ..errors import LocalProtocolError, RemoteProtocolError, ServerDisconnected
+from ._common import (
+    DEFAULT_MAX_LINE_LENGTH,
+    DEFAULT_MAX_REPLY_LINES,
+    NEED_DATA,
+    Capabilities,
+    CommandReply,
+    ConnectionBroken,
+    ReadyForData,
+    Reply,
+    Transaction,
+    TransactionDone,
+    check_command_argument,
+    encode_address,
+    encode_param,
+    fail_transaction,
+    finish_transaction,
+)
+
+__all__ = ["Connection", "ReplyParser"]
+
+# -- Reply objects without the Python-level __init__ call -------------------------
+#
+# Reply is a plain __slots__ class from _common whose __init__ only stores its
+# three arguments. Calling it costs a Python frame per reply, the largest cost
+# of parsing once the scanning is in C. When (and only when) Reply still has
+# exactly that shape, a reply is built the way object.__new__ + __init__ would:
+# tp_alloc, then each slot's member descriptor. Anything else falls back to
+# calling Reply(...), so a change to Reply in _common can never be skipped.
+
+cdef extern from *:
+    """
+    static PyTypeObject *lmtpfast_reply_type = NULL;
+    static PyObject *lmtpfast_reply_slots[3] = {NULL, NULL, NULL};
+
+    static int lmtpfast_reply_fast_init(PyObject *type, PyObject *d0, PyObject *d1, PyObject *d2)
+    {
+        PyObject *ds[3] = {d0, d1, d2};
+        int i;
+        if (!PyType_Check(type))
+            return 0;
+        for (i = 0; i < 3; i++)
+            if (Py_TYPE(ds[i])->tp_descr_set == NULL)
+                return 0;
+        Py_INCREF(type);
+        Py_XDECREF((PyObject *)lmtpfast_reply_type);
+        lmtpfast_reply_type = (PyTypeObject *)type;
+        for (i = 0; i < 3; i++) {
+            Py_INCREF(ds[i]);
+            Py_XDECREF(lmtpfast_reply_slots[i]);
+            lmtpfast_reply_slots[i] = ds[i];
+        }
+        return 1;
+    }
+
+    static PyObject *lmtpfast_reply_fast(PyObject *code, PyObject *enhanced, PyObject *lines)
+    {
+        PyTypeObject *t = lmtpfast_reply_type;
+        PyObject *vals[3] = {code, enhanced, lines};
+        PyObject *r = t->tp_alloc(t, 0);
+        int i;
+        if (r == NULL)
+            return NULL;
+        for (i = 0; i < 3; i++) {
+            PyObject *d = lmtpfast_reply_slots[i];
+            if (Py_TYPE(d)->tp_descr_set(d, r, vals[i]) < 0) {
+                Py_DECREF(r);
+                return NULL;
+            }
+        }
+        return r;
+    }
+    """
+    int lmtpfast_reply_fast_init(object type, object d0, object d1, object d2) except -1
+    object lmtpfast_reply_fast(object code, object enhanced, object lines)
+
+
+_REPLY_FIELDS = ("code", "enhanced", "lines")
+
+# What Reply.__init__ must compile to, byte for byte, for the fast path.
+_REFERENCE_INIT = """
+def __init__(self, code, enhanced, lines):
+    self.code = code
+    self.enhanced = enhanced
+    self.lines = lines
+"""
+
+
+def _same_code(a, b):
+    return (
+        a.co_code == b.co_code
+        and a.co_consts == b.co_consts
+        and a.co_names == b.co_names
+        and a.co_varnames == b.co_varnames
+        and a.co_argcount == b.co_argcount
+        and a.co_kwonlyargcount == b.co_kwonlyargcount
+        # The low flags say what kind of function it is; the high ones are
+        # __future__ imports, which do not change what the body does.
+        and a.co_flags & 0xFFFF == b.co_flags & 0xFFFF
+    )
+
+
+def _reply_fast_path_ok():
+    """Whether Reply still is the three-slot class the fast constructor mimics."""
+    if type(Reply) is not type or Reply.__mro__ != (Reply, object):
+        return False
+    if set(getattr(Reply, "__slots__", ())) != set(_REPLY_FIELDS):
+        return False
+    if Reply.__new__ is not object.__new__:
+        return False
+    init = Reply.__dict__.get("__init__")
+    namespace = {}
+    exec(_REFERENCE_INIT, namespace)
+    reference = namespace["__init__"]
+    code = getattr(init, "__code__", None)
+    if code is None or not _same_code(code, reference.__code__):
+        return False
+    if init.__defaults__ or init.__kwdefaults__:
+        return False
+    descrs = [Reply.__dict__.get(name) for name in _REPLY_FIELDS]
+    if any(type(d).__name__ != "member_descriptor" for d in descrs):
+        return False
+    if not lmtpfast_reply_fast_init(Reply, descrs[0], descrs[1], descrs[2]):
+        return False
+    code, enhanced, lines = 250, "2.1.5", ("2.1.5 ok", "more")
+    fast = lmtpfast_reply_fast(code, enhanced, lines)
+    slow = Reply(code, enhanced, lines)
+    return type(fast) is Reply and fast == slow and all(
+        getattr(fast, name) is getattr(slow, name) for name in _REPLY_FIELDS
+    )
+
+
+cdef bint _FAST_REPLY = _reply_fast_path_ok()
+_FAST_REPLY_ACTIVE = _FAST_REPLY  # for the tests: a silent fallback would cost ~40% of parse speed
+
+
+cdef inline object _make_reply(int code, object enhanced, tuple lines):
+    if _FAST_REPLY:
+        return lmtpfast_reply_fast(code, enhanced, lines)
+    return Reply(code, enhanced, lines)
+
+
+# -- ReplyParser ------------------------------------------------------------------
+
+cdef enum:
+    _MIN_CAPACITY = 4096
+    # Enhanced status codes repeat ("2.1.0", "2.1.5", "2.0.0"...): the str
+    # objects of the last few are reused. Purely an allocation saving.
+    _ENH_CACHE = 8
+cdef unsigned char _enh_keys[_ENH_CACHE][10]
+cdef size_t _enh_lens[_ENH_CACHE]
+cdef list _enh_values = [None] * _ENH_CACHE
+cdef int _enh_next = 0
+
+
+cdef object _enhanced_str(const unsigned char *p, size_t n):
+    global _enh_next
+    cdef int i
+    for i in range(_ENH_CACHE):
+        if _enh_lens[i] == n and memcmp(_enh_keys[i], p, n) == 0:
+            return _enh_values[i]
+    value = PyUnicode_DecodeASCII(<const char *>p, n, NULL)
+    i = _enh_next
+    _enh_next = (i + 1) % _ENH_CACHE
+    memcpy(_enh_keys[i], p, n)
+    _enh_lens[i] = n
+    _enh_values[i] = value
+    return value
+
+
+@cython.final
+cdef class ReplyParser:
+    """Splits a byte stream into :class:`Reply` objects.
+
+    Never rescans bytes it has already searched, so a peer that drips a long
+    line one byte at a time costs O(n), not O(n^2). Lines may end in CRLF or
+    a bare LF. Limits on line length and lines per reply are hard: going over
+    is a :class:`RemoteProtocolError`.
+    """
+
+    def __cinit__(self):
+        self._buf = NULL
+        self._cap = self._len = self._start = self._scan = 0
+        self._code = 0
+        self._lines = []
+        self._enhanced = None
+
+    def __init__(
+        self,
+        max_line_length=DEFAULT_MAX_LINE_LENGTH,
+        max_reply_lines=DEFAULT_MAX_REPLY_LINES,
+    ):
+        self.max_line_length = max_line_length
+        self.max_reply_lines = max_reply_lines
+
+    def __dealloc__(self):
+        PyMem_Free(self._buf)
+
+    def feed(self, data):
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            self._feed(<const unsigned char *>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _feed(self, const unsigned char *data, Py_ssize_t n) except -1:
+        cdef Py_ssize_t need, cap
+        cdef unsigned char *grown
+        if self._start == self._len:
+            # Everything consumed: start over instead of growing.
+            self._start = self._scan = self._len = 0
+        need = self._len + n
+        if need > self._cap and self._start > 0:
+            # Drop the consumed head: what remains is one partial line.
+            memmove(self._buf, self._buf + self._start, self._len - self._start)
+            self._len -= self._start
+            self._scan -= self._start
+            self._start = 0
+            need = self._len + n
+        if need > self._cap:
+            cap = max(need, 2 * self._cap, _MIN_CAPACITY)
+            grown = <unsigned char *>PyMem_Realloc(self._buf, cap)
+            if grown == NULL:
+                raise MemoryError()
+            self._buf = grown
+            self._cap = cap
+        if n:
+            memcpy(self._buf + self._len, data, n)
+            self._len += n
+        return 0
+
+    @property
+    def buffered(self):
+        """Bytes received but not yet part of a complete reply."""
+        return self._len - self._start
+
+    @property
+    def in_reply(self):
+        """True when part of a reply (a line or more) has been received."""
+        return self._code != 0 or self._len - self._start > 0
+
+    def next_reply(self):
+        """The next complete reply, or ``None`` until more bytes arrive."""
+        return self._next_reply()
+
+    cdef object _enhanced_of(self, size_t text, size_t end, int code):
+        cdef size_t n = lmtp_parse_enhanced(self._buf + text, end - text, code)
+        if n == 0:
+            return None
+        return _enhanced_str(self._buf + text, n)
+
+    cdef object _next_reply(self):
+        cdef lmtp_reply_line ln
+        cdef size_t scan
+        cdef int rc, code
+        cdef object text, enhanced
+        cdef tuple lines
+        while True:
+            scan = <size_t>self._scan
+            rc = lmtp_reply_scan(self._buf, <size_t>self._len, <size_t>self._start, &scan,
+                                 self.max_line_length, &ln)
+            self._scan = <Py_ssize_t>scan
+            self._start = <Py_ssize_t>ln.next
+            if rc == LMTP_REPLY_NEED_MORE:
+                return None
+            if rc == LMTP_REPLY_ERR_TOO_LONG:
+                raise RemoteProtocolError(f"reply line longer than {self.max_line_length} bytes")
+            if rc == LMTP_REPLY_ERR_MALFORMED:
+                bad = PyBytes_FromStringAndSize(<const char *>self._buf + ln.start,
+                                                ln.end - ln.start)
+                raise RemoteProtocolError(f"malformed reply line {bad!r}")
+            code = ln.code
+            if self._code and code != self._code:
+                raise RemoteProtocolError(
+                    f"reply code changed from {self._code} to {code} inside a multi-line reply"
+                )
+            text = PyUnicode_DecodeUTF8(<const char *>self._buf + ln.text, ln.end - ln.text,
+                                        b"replace")
+            if ln.last:
+                if self._code == 0:
+                    # A one-line reply: the common case, no list.
+                    lines = PyTuple_New(1)
+                    Py_INCREF(text)
+                    PyTuple_SET_ITEM(lines, 0, text)
+                    enhanced = self._enhanced_of(ln.text, ln.end, code)
+                else:
+                    self._lines.append(text)
+                    lines = tuple(self._lines)
+                    self._lines = []
+                    enhanced = self._enhanced
+                    self._enhanced = None
+                    self._code = 0
+                self._reply_code = code
+                return _make_reply(code, enhanced, lines)
+            if self._code == 0:
+                self._enhanced = self._enhanced_of(ln.text, ln.end, code)
+            self._code = code
+            self._lines.append(text)
+            if PyList_GET_SIZE(self._lines) >= self.max_reply_lines:
+                raise RemoteProtocolError(f"reply longer than {self.max_reply_lines} lines")
+
+    def take_buffered(self):
+        """Remove and return the bytes not yet part of a reply (STARTTLS checks them)."""
+        if self._len == self._start:
+            rest = b""
+        else:
+            rest = PyBytes_FromStringAndSize(<const char *>self._buf + self._start,
+                                             self._len - self._start)
+        self._start = self._scan = self._len = 0
+        return rest
+
+
+# -- Connection -------------------------------------------------------------------
+
+# What the receive cursor expects next (a _Cmd's kind); as in _pyproto.
+cdef enum:
+    _GREETING = 0
+    _LHLO = 1
+    _MAIL = 2
+    _RCPT = 3
+    _DATA = 4
+    _DOT = 5          # one reply after the final dot, for one accepted recipient
+    _LONE_DOT = 6     # the reply to a "." sent after 354 when no recipient was accepted
+    _RSET_INTERNAL = 7  # RSET we sent to clean up after a failed transaction
+    _COMMAND = 8      # a session command the caller asked for
+
+cdef tuple _STAGE_NAMES = ("greeting", "lhlo", "mail", "rcpt", "data", "final", "data", "rset")
+
+# Commands after which nothing else may be sent until their reply arrives
+# (RFC 2920 3.1: LHLO/EHLO, STARTTLS, AUTH, QUIT, NOOP end a group).
+cdef frozenset _SYNC_COMMANDS = frozenset(
+    {"LHLO", "STARTTLS", "AUTH", "QUIT", "NOOP", "AUTH-RESPONSE"}
+)
+
+cdef bytes _CRLF = b"\r\n"
+cdef bytes _DOT_LINE = b".\r\n"
+cdef bytes _RSET_LINE = b"RSET\r\n"
+cdef bytes _DATA_LINE = b"DATA\r\n"
+
+
+@cython.final
+@cython.freelist(64)
+cdef class _Cmd:
+    pass
+
+
+cdef inline _Cmd _cmd(bytes line, int kind, object txn, Py_ssize_t idx, str name):
+    cdef _Cmd c = _Cmd.__new__(_Cmd)
+    c.line = line
+    c.kind = kind
+    c.txn = txn
+    c.idx = idx
+    c.name = name
+    return c
+
+
+cdef inline bint _ok(int code):
+    return 200 <= code < 300
+
+
+cdef inline bint _reply_ok(object reply):
+    return reply is not None and 200 <= <int>reply.code < 300
+
+
+@cython.final
+cdef class _Fifo:
+    def __cinit__(self):
+        self.items = []
+        self.head = 0
+
+    cdef Py_ssize_t size(self):
+        return PyList_GET_SIZE(self.items) - self.head
+
+    cdef int push(self, object item) except -1:
+        self.items.append(item)
+        return 0
+
+    cdef int push_front(self, object item) except -1:
+        if self.head:
+            self.head -= 1
+            self.items[self.head] = item
+        else:
+            self.items.insert(0, item)
+        return 0
+
+    cdef object first(self):
+        return self.items[self.head]
+
+    cdef object pop(self):
+        cdef object item = self.items[self.head]
+        self.items[self.head] = None
+        self.head += 1
+        if self.head == PyList_GET_SIZE(self.items):
+            del self.items[:]
+            self.head = 0
+        elif self.head >= 1024 and 2 * self.head >= PyList_GET_SIZE(self.items):
+            del self.items[:self.head]
+            self.head = 0
+        return item
+
+    cdef int clear(self) except -1:
+        del self.items[:]
+        self.head = 0
+        return 0
+
+    cdef int drop_txn(self, object txn) except -1:
+        self.items = [c for c in self.items[self.head:] if (<_Cmd>c).txn is not txn]
+        self.head = 0
+        return 0
+
+
+cdef class Connection:
+    """The client side of one LMTP connection, without I/O.
+
+    The compiled twin of ``_pyproto.Connection``; see there for the contract.
+    With PIPELINING (advertised and not disabled) MAIL, every RCPT and DATA
+    go out in one write, and the content with its final dot may be followed
+    by the next transaction's commands in the same write.
+    """
+
+    def __cinit__(self):
+        self._expect = _Fifo()
+        self._outq = _Fifo()
+        self._events = _Fifo()
+        self._wbuf = []
+        self._open = []
+
+    def __init__(
+        self,
+        local_name="localhost",
+        *,
+        pipelining=True,
+        ignore_keywords=(),
+        max_line_length=DEFAULT_MAX_LINE_LENGTH,
+        max_reply_lines=DEFAULT_MAX_REPLY_LINES,
+    ):
+        self.local_name = local_name
+        self._local_name_bytes = check_command_argument(local_name)
+        if not local_name or b" " in self._local_name_bytes:
+            raise LocalProtocolError(f"bad LHLO name {local_name!r}")
+        self._allow_pipelining = pipelining
+        self.ignore_keywords = tuple(ignore_keywords)
+        self._parser = ReplyParser(max_line_length, max_reply_lines)
+        self._expect.clear()
+        self._expect.push(_cmd(None, _GREETING, None, 0, "greeting"))
+        self._outq.clear()
+        self._wbuf = []
+        self._events.clear()
+        self._content_owed = None  # DATA sent, content not yet
+        self._sync_pending = 1  # greeting: nothing goes out before it
+        self._txn_seq = 0
+        self._open = []  # transactions not yet done, in order
+        self.capabilities = None
+        self.pipelining = False
+        self.error = None
+        self.closed = False  # QUIT answered or stream ended
+        self._eof = False
+
+    # -- state ----------------------------------------------------------------
+
+    @property
+    def waiting_for(self):
+        """The stage whose reply is awaited first (for timers), or ``None``."""
+        cdef _Cmd c
+        if not self._expect.size():
+            return None
+        c = <_Cmd>self._expect.first()
+        if c.kind == _COMMAND:
+            return c.name.lower()
+        return _STAGE_NAMES[c.kind]
+
+    @property
+    def content_owed(self):
+        """The transaction whose content must be sent next, if any."""
+        return self._content_owed
+
+    @property
+    def idle(self):
+        """No reply expected, nothing queued, no open transaction."""
+        return (
+            not self._expect.size()
+            and not self._outq.size()
+            and not self._open
+            and self.error is None
+        )
+
+    @property
+    def usable(self):
+        """The connection can take new commands."""
+        return self.error is None and not self.closed
+
+    @property
+    def open_transactions(self):
+        return len(self._open)
+
+    # -- input ----------------------------------------------------------------
+
+    def receive_data(self, data):
+        """Bytes from the server; ``b""`` means it closed the connection."""
+        if self.error is not None or self.closed:
+            return
+        if data:
+            self._parser.feed(data)
+        else:
+            # Replies already buffered are still processed before the EOF counts.
+            self._eof = True
+
+    def next_event(self):
+        """The next event, or ``NEED_DATA`` when more bytes are needed."""
+        cdef _Fifo events = self._events
+        cdef ReplyParser parser = self._parser
+        while not events.size():
+            if self.error is not None or self.closed:
+                return NEED_DATA
+            try:
+                reply = parser._next_reply()
+            except RemoteProtocolError as exc:
+                self._break(exc, 451, "4.5.0")
+                continue
+            if reply is None:
+                if self._eof:
+                    self._on_eof()
+                    continue
+                return NEED_DATA
+            self._on_reply(reply, parser._reply_code)
+        return events.pop()
+
+    def fail(self, error, code=451, enhanced="4.4.2"):
+        """Break the connection from outside (timeout, write error, cancellation).
+
+        Every open transaction is decided with a made-up ``code`` reply; a
+        :class:`ConnectionBroken` event follows.
+        """
+        if self.error is None and not self.closed:
+            self._break(error, code, enhanced)
+
+    def data_to_send(self):
+        """The bytes to write now (maybe empty)."""
+        if not self._wbuf:
+            return b""
+        out = b"".join(self._wbuf)
+        self._wbuf = []
+        return out
+
+    # -- commands ---------------------------------------------------------------
+
+    def lhlo(self):
+        """Queue LHLO; its :class:`CommandReply` sets :attr:`capabilities`."""
+        self._check_usable()
+        self._queue(b"LHLO " + self._local_name_bytes + _CRLF, _LHLO, None, 0, "LHLO")
+        self._pump()
+
+    def command(self, verb, argument=None):
+        """Queue a session command (``RSET``, ``NOOP``, ``QUIT``, ``STARTTLS``, ``AUTH``...).
+
+        Its reply comes back as ``CommandReply(verb, reply)``. ``AUTH-RESPONSE``
+        sends ``argument`` alone as a line (a SASL response).
+        """
+        self._check_usable()
+        verb = verb.upper()
+        if verb == "AUTH-RESPONSE":
+            line = check_command_argument(argument or "") + _CRLF
+        else:
+            line = check_command_argument(verb)
+            if argument:
+                line += b" " + check_command_argument(argument)
+            line += _CRLF
+        self._queue(line, _COMMAND, None, 0, verb)
+        self._pump()
+
+    def start_transaction(
+        self,
+        sender,
+        recipients,
+        *,
+        mail_params=(),
+        rcpt_params=None,
+        smtputf8=False,
+    ):
+        """Queue MAIL, one RCPT per recipient and DATA; return the transaction.
+
+        Every argument is checked before anything is queued, so a bad address
+        raises :class:`LocalProtocolError` and leaves the connection as it was.
+        """
+        cdef Py_ssize_t i
+        cdef list rcpt_lines
+        self._check_usable()
+        if self.capabilities is None:
+            raise LocalProtocolError("LHLO must succeed before a transaction")
+        if not recipients:
+            raise LocalProtocolError("a transaction needs at least one recipient")
+        if rcpt_params is not None and len(rcpt_params) != len(recipients):
+            raise LocalProtocolError("rcpt_params must have one entry per recipient")
+        mail = b"MAIL FROM:<" + encode_address(sender, allow_empty=True, utf8=smtputf8) + b">"
+        for p in mail_params:
+            mail += b" " + encode_param(p)
+        rcpt_lines = []
+        i = 0
+        for rcpt in recipients:
+            line = b"RCPT TO:<" + encode_address(rcpt, utf8=smtputf8) + b">"
+            if rcpt_params is not None:
+                for p in rcpt_params[i]:
+                    line += b" " + encode_param(p)
+            rcpt_lines.append(line + _CRLF)
+            i += 1
+        self._txn_seq += 1
+        txn = Transaction(self._txn_seq, sender, recipients)
+        self._open.append(txn)
+        self._queue(mail + _CRLF, _MAIL, txn, 0, "MAIL")
+        i = 0
+        for line in rcpt_lines:
+            self._queue(line, _RCPT, txn, i, "RCPT")
+            i += 1
+        self._queue(_DATA_LINE, _DATA, txn, 0, "DATA")
+        self._pump()
+        return txn
+
+    def end_data(self, txn):
+        """The content of ``txn`` has been written: queue the final dot."""
+        if self._content_owed is not txn:
+            raise LocalProtocolError("end_data() for a transaction that is not owed content")
+        self._content_owed = None
+        if self.error is not None:
+            return
+        self._wbuf.append(_DOT_LINE)
+        txn.dot_sent = True
+        for idx in txn.accepted:
+            self._expect.push(_cmd(None, _DOT, txn, idx, "."))
+        self._pump()
+
+    def start_tls_done(self):
+        """TLS is up after ``STARTTLS``: forget the server's capabilities.
+
+        Bytes that arrived after the 220 reply and before the handshake were
+        sent in the clear and could be an injection (CVE-2011-0411): they
+        break the connection instead of being read as TLS-protected replies.
+        """
+        leftover = self._parser.take_buffered()
+        if leftover:
+            self._break(
+                RemoteProtocolError("server sent data after its STARTTLS reply"), 451, "4.5.0"
+            )
+            return
+        self.capabilities = None
+        self.pipelining = False
+
+    # -- internals ---------------------------------------------------------------
+
+    cdef int _check_usable(self) except -1:
+        if self.error is not None:
+            raise LocalProtocolError(f"connection is broken: {self.error}")
+        if self.closed:
+            raise LocalProtocolError("connection is closed")
+        return 0
+
+    cdef int _queue(self, bytes line, int kind, object txn, Py_ssize_t idx, str name) except -1:
+        self._outq.push(_cmd(line, kind, txn, idx, name))
+        return 0
+
+    cdef int _pump(self) except -1:
+        """Move queued commands to the write buffer as far as the protocol allows."""
+        cdef _Fifo outq = self._outq
+        cdef _Cmd c
+        while outq.size() and self._content_owed is None and not self._sync_pending:
+            if not self.pipelining and self._expect.size():
+                return 0
+            c = <_Cmd>outq.pop()
+            self._wbuf.append(c.line)
+            c.line = None
+            self._expect.push(c)
+            if c.kind == _MAIL:
+                c.txn.mail_sent = True
+            elif c.kind == _DATA:
+                # Nothing may follow DATA until its content has been sent.
+                self._content_owed = c.txn
+            elif c.kind == _LHLO or (c.kind == _COMMAND and c.name in _SYNC_COMMANDS):
+                self._sync_pending += 1
+        return 0
+
+    cdef int _on_reply(self, object reply, int code) except -1:
+        cdef _Cmd c
+        cdef object txn
+        cdef Py_ssize_t idx
+        if not self._expect.size():
+            self._break(
+                RemoteProtocolError(f"unexpected reply nobody waited for: {code}"),
+                451,
+                "4.5.0",
+            )
+            return 0
+        c = <_Cmd>self._expect.pop()
+        txn = c.txn
+        idx = c.idx
+        if c.kind == _RCPT:
+            txn.rcpt_replies[idx] = reply
+            if _ok(code) and _reply_ok(txn.mail_reply):
+                txn.accepted.append(idx)
+            if (
+                not self.pipelining
+                and idx == len(txn.recipients) - 1
+                and not txn.accepted
+            ):
+                # Every recipient refused: do not send DATA, reset instead.
+                self._outq.drop_txn(txn)
+                self._outq.push_front(_cmd(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET"))
+                self._finish(txn)
+        elif c.kind == _DOT:
+            txn.final_replies[idx] = reply
+            accepted = txn.accepted
+            if idx == accepted[len(accepted) - 1]:  # (wraparound is off: no [-1])
+                self._finish(txn)
+        elif c.kind == _MAIL:
+            txn.mail_reply = reply
+            if not _ok(code) and not self.pipelining:
+                self._outq.drop_txn(txn)
+                self._finish(txn)
+        elif c.kind == _DATA:
+            self._on_data_reply(txn, reply, code)
+        elif c.kind == _LONE_DOT:
+            self._finish(txn)
+        elif c.kind == _RSET_INTERNAL:
+            if not _ok(code):
+                self._break(
+                    RemoteProtocolError(f"RSET refused: {code} {reply.text}"), 451, "4.5.0"
+                )
+                return 0
+        elif c.kind == _GREETING:
+            self._sync_pending -= 1
+            self._events.push(CommandReply("greeting", reply))
+        elif c.kind == _LHLO:
+            self._sync_pending -= 1
+            if _ok(code):
+                self.capabilities = caps = Capabilities.from_reply(reply, self.ignore_keywords)
+                self.pipelining = self._allow_pipelining and caps.pipelining
+            self._events.push(CommandReply("LHLO", reply))
+        else:  # _COMMAND
+            # After a 334 to AUTH the exchange goes on with AUTH-RESPONSE
+            # lines, each synchronous again.
+            if c.name in _SYNC_COMMANDS:
+                self._sync_pending -= 1
+            if c.name == "QUIT":
+                self.closed = True
+            self._events.push(CommandReply(c.name, reply))
+        self._pump()
+        return 0
+
+    cdef int _on_data_reply(self, object txn, object reply, int code) except -1:
+        txn.data_reply = reply
+        mail_ok = _reply_ok(txn.mail_reply)
+        if code == 354:
+            if txn.accepted:
+                self._events.push(ReadyForData(txn))
+                return 0  # _content_owed stays set until end_data()
+            # 354 although nothing was accepted (possible with pipelining):
+            # RFC 2920 says send a lone dot; its reply decides nothing.
+            self._content_owed = None
+            self._wbuf.append(_DOT_LINE)
+            self._expect.push(_cmd(None, _LONE_DOT, txn, 0, "."))
+            return 0
+        self._content_owed = None
+        if mail_ok:
+            # The server still holds the MAIL transaction: clear it before the next one.
+            self._outq.push_front(_cmd(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET"))
+        self._finish(txn)
+        return 0
+
+    cdef int _finish(self, object txn) except -1:
+        finish_transaction(txn)
+        self._open.remove(txn)
+        self._events.push(TransactionDone(txn))
+        return 0
+
+    cdef int _on_eof(self) except -1:
+        if self._expect.size() and (<_Cmd>self._expect.first()).name == "QUIT":
+            self.closed = True
+            return 0
+        stage = self.waiting_for
+        if self._parser.in_reply:
+            why = "server closed the connection in the middle of a reply"
+        elif stage is not None:
+            why = f"lost connection with server while waiting for the {stage.upper()} reply"
+        elif self._content_owed is not None:
+            why = "lost connection with server while sending message content"
+        elif self._open:
+            why = "lost connection with server before sending the transaction"
+        else:
+            why = "server closed an idle connection"
+        self._break(ServerDisconnected(why), 451, "4.4.2")
+        return 0
+
+    cdef int _break(self, object error, int code, object enhanced) except -1:
+        self.error = error
+        failed = self._open
+        self._open = []
+        stage = self.waiting_for or "mail"
+        why = str(error)
+        for txn in failed:
+            fail_transaction(txn, code, enhanced, why, stage)
+        self._expect.clear()
+        self._outq.clear()
+        self._wbuf = []
+        self._content_owed = None
+        self._events.push(ConnectionBroken(error, failed))
+        return 0
