@@ -11,6 +11,7 @@ import asyncio
 import socket
 from collections import deque
 from dataclasses import dataclass, fields
+from typing import cast
 
 from .errors import (
     ConfigurationError,
@@ -118,8 +119,8 @@ class LMTPProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Pipelined groups must not wait for Nagle's delayed ACK.

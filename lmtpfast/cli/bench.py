@@ -1,0 +1,93 @@
+"""``lmtpfast bench``: a pipelined LMTP load generator (like smtp-source, but pipelined)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import msgspec
+
+from .. import _loop
+from ..destination import parse_destination
+from ..errors import ConfigurationError, LMTPError
+from ..loadgen import BenchConfig, format_report, run_bench
+from . import _exit
+
+__all__ = ["register", "run"]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("bench", help="generate LMTP load and report rates and latency",
+                       description="Deliver generated messages as fast as the server takes "
+                       "them, over several pipelined connections, and report messages/s, "
+                       "recipients/s, MB/s, latency percentiles, outcomes and client CPU.")
+    p.add_argument("--server", required=True, metavar="DEST")
+    limit = p.add_mutually_exclusive_group()
+    limit.add_argument("--messages", type=_positive_int, default=None, metavar="N",
+                       help="messages to send (default 10000)")
+    limit.add_argument("--duration", type=_positive_float, default=None, metavar="S",
+                       help="send for S seconds instead")
+    p.add_argument("--connections", type=_positive_int, default=8, metavar="C")
+    p.add_argument("--window", type=_positive_int, default=32, metavar="W",
+                   help="transactions in flight per connection (default 32)")
+    p.add_argument("--recipients", type=_positive_int, default=1, metavar="R")
+    p.add_argument("--recipient-pattern", default="user{n}@example.com", metavar="PAT",
+                   help="recipient addresses; {n} is 1..R (default user{n}@example.com)")
+    p.add_argument("--from", dest="sender", default="bench@example.org", metavar="ADDR")
+    p.add_argument("--size", type=_positive_int, default=1024, metavar="BYTES")
+    p.add_argument("--rate", type=_positive_float, default=None, metavar="MSG/S",
+                   help="limit the total message rate")
+    p.add_argument("--pipelining", choices=("auto", "off"), default="auto")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        parse_destination(args.server)
+        if "{n}" not in args.recipient_pattern and args.recipients > 1:
+            raise ConfigurationError("--recipient-pattern needs {n} when --recipients > 1")
+        args.recipient_pattern.format(n=1)
+    except (ConfigurationError, KeyError, IndexError, ValueError) as exc:
+        print(f"lmtpfast bench: {exc}", file=sys.stderr)
+        return _exit.EX_USAGE
+    config = BenchConfig(
+        server=args.server,
+        messages=args.messages if args.duration is None else None,
+        duration=args.duration,
+        connections=args.connections,
+        window=args.window,
+        recipients=args.recipients,
+        recipient_pattern=args.recipient_pattern,
+        sender=args.sender,
+        size=args.size,
+        pipelining=args.pipelining == "auto",
+        rate=args.rate,
+    )
+    if config.messages is None and config.duration is None:
+        config = msgspec.structs.replace(config, messages=10_000)
+    try:
+        report = _loop.run(run_bench(config))
+    except (LMTPError, OSError) as exc:
+        print(f"lmtpfast bench: {args.server}: {exc}", file=sys.stderr)
+        return _exit.EX_TEMPFAIL
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+    else:
+        print("\n".join(format_report(report)))
+    return _exit.EX_OK if not report.errors else _exit.EX_TEMPFAIL
