@@ -1,0 +1,459 @@
+"""``lmtpfast replay``: deliver a spool directory, crash-safe; ``--demo`` shows it end to end."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import msgspec
+
+from .. import _loop
+from ..errors import ConfigurationError
+from ..replay import Observer, Outcome, Replayer, RetryPolicy, Totals, exit_status, open_deliverer
+from ..spool import Spool, SpoolError
+from ..transport import Timeouts
+from . import _exit
+
+__all__ = ["parse_duration", "register", "run"]
+
+# Failures listed after the summary without -v (the JSON report has them all).
+_SHOW_FAILURES = 20
+
+
+def parse_duration(text: str) -> float:
+    """``300``, ``300s``, ``5m``, ``4h``, ``5d``, ``1w`` → seconds (Postfix time units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r} (e.g. 300, 300s, 5m, 4h, 5d)")
+    scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m[2]]
+    return float(m[1]) * scale
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="deliver the messages of a spool directory",
+        description="Deliver the due messages of a spool directory (see docs/spool.md) over "
+        "LMTP. Delivered recipients leave the envelope; a message leaves the queue once every "
+        "recipient has a final outcome (all delivered: deleted; else moved to failed/ with the "
+        "reasons). Temporary failures stay queued with exponential backoff until "
+        "--max-queue-lifetime. Several replays may share one spool. Exit status: 0 all "
+        "delivered, 75 anything still queued, 65 every undelivered recipient refused for good "
+        "(or entries quarantined), 64 bad usage, 66 unreadable spool, 78 bad configuration.",
+    )
+    p.add_argument("spool", nargs="?", metavar="SPOOL", help="spool directory")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--server", metavar="DEST", help="unix:/path, host:port, [ipv6]:port")
+    target.add_argument("--config", metavar="FILE", help="agent configuration (lmtpfast.toml)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="one pass over the due messages (default)")
+    mode.add_argument("--watch", action="store_true",
+                      help="keep delivering new and due messages until SIGINT/SIGTERM")
+    p.add_argument("--concurrency", type=_positive_int, default=64, metavar="N",
+                   help="messages in flight at once (default 64)")
+    p.add_argument("--connections", type=_positive_int, default=8, metavar="N",
+                   help="connections when delivering without the agent (default 8)")
+    p.add_argument("--json", metavar="REPORT", dest="json_report",
+                   help="write a machine-readable report (every outcome, the summary) to REPORT")
+    p.add_argument("--flush", action="store_true",
+                   help="try deferred messages now, whatever their next attempt time")
+    p.add_argument("--interval", type=parse_duration, default=1.0, metavar="T",
+                   help="--watch: pause between idle scans (default 1s)")
+    p.add_argument("--min-backoff", type=parse_duration, default=300.0, metavar="T",
+                   help="first retry delay, doubled each attempt (default 300s)")
+    p.add_argument("--max-backoff", type=parse_duration, default=4000.0, metavar="T",
+                   help="longest retry delay (default 4000s)")
+    p.add_argument("--max-queue-lifetime", type=parse_duration, default=5 * 86400.0, metavar="T",
+                   help="give up on temporary failures of messages this old (default 5d)")
+    p.add_argument("--bounce-dir", metavar="DIR",
+                   help="write an RFC 3464 bounce for the sender of each failed message here")
+    p.add_argument("--timeout-scale", type=float, default=1.0, metavar="F",
+                   help="multiply every Postfix default timeout by F (without the agent)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every recipient outcome")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
+    p.add_argument("--demo", action="store_true",
+                   help="replay the bundled example spool into a temporary `lmtpfast sink`")
+    p.set_defaults(func=run)
+
+
+# -- reporting ---------------------------------------------------------------------
+
+
+class _JsonReport:
+    """Streams ``{"outcomes": [...], "summary": {...}, "exit_status": N}`` to a file.
+
+    Outcomes are written as they happen, so the report costs no memory; the
+    file appears under its name only when complete (temporary name, rename).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.tmp = f"{path}.tmp{os.getpid()}"
+        self._f: IO[bytes] = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
+        self._f.write(b'{"version":1,"outcomes":[\n')
+        self._first = True
+        self._enc = msgspec.json.Encoder()
+
+    def add(self, outcome: Outcome) -> None:
+        if not self._first:
+            self._f.write(b",\n")
+        self._first = False
+        self._f.write(self._enc.encode(outcome))
+
+    def finish(self, totals: Totals, status: int) -> None:
+        self._f.write(b'\n],"summary":')
+        self._f.write(self._enc.encode(totals))
+        self._f.write(b',"exit_status":%d}\n' % status)
+        self._f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
+class _Progress:
+    """A rich progress bar on stderr (messages, recipients, rate, ETA, failures)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]replay"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("msgs"),
+            TextColumn("{task.fields[rate]:>7.0f} msg/s"),
+            TextColumn("{task.fields[rcpts]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+            refresh_per_second=8,
+        )
+        self._task = self._progress.add_task("replay", total=None, rate=0.0, rcpts="")
+        self._start = time.monotonic()
+        self._progress.start()
+
+    def total(self, n: int | None) -> None:
+        self._progress.update(self._task, total=n)
+
+    def update(self, t: Totals) -> None:
+        done = t.messages + t.messages_quarantined + t.locked
+        elapsed = max(time.monotonic() - self._start, 1e-6)
+        rcpts = (f"rcpts {t.recipients_delivered} ok, {t.recipients_deferred} deferred, "
+                 f"{t.recipients_failed + t.recipients_expired} failed"
+                 + (f", {t.messages_quarantined} quarantined" if t.messages_quarantined else ""))
+        self._progress.update(self._task, completed=done, rate=t.messages / elapsed, rcpts=rcpts)
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+class _CliObserver(Observer):
+    def __init__(self, *, verbose: bool, progress: bool, report: _JsonReport | None) -> None:
+        self.verbose = verbose
+        self.report = report
+        self.failures: list[Outcome] = []
+        self.more_failures = 0
+        self.duplicates = 0
+        self.bar: _Progress | None = None
+        self._last = 0.0
+        self._totals: Totals | None = None
+        if progress:
+            try:
+                self.bar = _Progress()
+            except ImportError:
+                self.bar = None  # rich missing: no bar (plain summary still printed)
+
+    def pass_started(self, total: int | None) -> None:
+        if self.bar is not None:
+            self.bar.total(total)
+
+    def _emit(self, o: Outcome) -> None:
+        if self.report is not None:
+            self.report.add(o)
+        if self.verbose:
+            self._print(o.line())
+        elif o.outcome != "delivered":
+            if len(self.failures) < _SHOW_FAILURES:
+                self.failures.append(o)
+            else:
+                self.more_failures += 1
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar._progress.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, flush=False)
+
+    def outcome(self, outcome: Outcome) -> None:
+        self._emit(outcome)
+
+    def quarantined(self, id: str, reason: str) -> None:
+        self._emit(Outcome(id=id, recipient="", outcome="quarantined", code=0, enhanced=None,
+                           text=reason, stage="spool"))
+        if self._totals is not None:
+            self._tick(self._totals)
+
+    def message_done(self, totals: Totals) -> None:
+        self._totals = totals
+        self._tick(totals)
+
+    def skipped(self, totals: Totals) -> None:
+        self._totals = totals
+        self._tick(totals)
+
+    def _tick(self, totals: Totals) -> None:
+        if self.bar is None:
+            return
+        now = time.monotonic()
+        if now - self._last >= 0.1:
+            self._last = now
+            self.bar.update(totals)
+
+    def close(self, totals: Totals) -> None:
+        if self.bar is not None:
+            self.bar.update(totals)
+            self.bar.stop()
+
+
+def _summary_rows(t: Totals, counts: dict[str, int] | None) -> list[tuple[str, str]]:
+    rate = t.messages / t.elapsed if t.elapsed > 0 else 0.0
+    rows = [
+        ("messages attempted", f"{t.messages}"),
+        ("  all delivered (removed)", f"{t.messages_delivered}"),
+        ("  moved to failed/", f"{t.messages_failed}"),
+        ("  deferred (still queued)", f"{t.messages_deferred}"),
+        ("entries quarantined", f"{t.messages_quarantined}"),
+        ("recipients delivered", f"{t.recipients_delivered}"),
+        ("  possibly duplicated", f"{t.possibly_duplicated}"),
+        ("recipients failed", f"{t.recipients_failed}"),
+        ("recipients expired", f"{t.recipients_expired}"),
+        ("recipients deferred", f"{t.recipients_deferred}"),
+        ("held by another replay", f"{t.locked}"),
+        ("deferred, not yet due", f"{t.not_due}"),
+        ("elapsed", f"{t.elapsed:.2f} s"),
+        ("rate", f"{rate:,.0f} msg/s"),
+    ]
+    if counts is not None:
+        rows.append(("spool now", ", ".join(f"{k} {v}" for k, v in counts.items())))
+    return rows
+
+
+def _print_summary(t: Totals, obs: _CliObserver, counts: dict[str, int] | None,
+                   status: int) -> None:
+    out = sys.stdout
+    if obs.failures and not obs.verbose:
+        print("not delivered:", file=out)
+        for o in obs.failures:
+            print("  " + o.line(), file=out)
+        if obs.more_failures:
+            print(f"  ... and {obs.more_failures} more (see --json)", file=out)
+    rows = _summary_rows(t, counts)
+    rows.append(("exit status", str(status)))
+    if out.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            pass
+        else:
+            table = Table(title="lmtpfast replay", show_header=False)
+            table.add_column("what")
+            table.add_column("count", justify="right")
+            for k, v in rows:
+                table.add_row(k, v)
+            Console().print(table)
+            return
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}", file=out)
+
+
+# -- running -----------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.demo:
+        return _demo(args)
+    if not args.spool:
+        print("lmtpfast replay: the SPOOL directory is required", file=sys.stderr)
+        return _exit.EX_USAGE
+    if args.server is None and args.config is None:
+        print("lmtpfast replay: give --server DEST or --config FILE", file=sys.stderr)
+        return _exit.EX_USAGE
+    try:
+        policy = RetryPolicy(min_backoff=args.min_backoff, max_backoff=args.max_backoff,
+                             max_lifetime=args.max_queue_lifetime)
+        timeouts = Timeouts.scaled(args.timeout_scale)
+    except ConfigurationError as exc:
+        print(f"lmtpfast replay: {exc}", file=sys.stderr)
+        return _exit.EX_USAGE
+    try:
+        spool = Spool(args.spool)
+    except (SpoolError, OSError) as exc:
+        print(f"lmtpfast replay: cannot use spool {args.spool}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return _exit.EX_NOINPUT
+    if args.server is not None:
+        from ..destination import parse_destination
+
+        try:
+            parse_destination(args.server)
+        except ConfigurationError as exc:
+            print(f"lmtpfast replay: --server: {exc}", file=sys.stderr)
+            return _exit.EX_USAGE
+    return _replay(args, spool, policy, timeouts)
+
+
+def _replay(args: argparse.Namespace, spool: Spool, policy: RetryPolicy,
+            timeouts: Timeouts) -> int:
+    report = None
+    if args.json_report:
+        try:
+            report = _JsonReport(args.json_report)
+        except OSError as exc:
+            print(f"lmtpfast replay: cannot write {args.json_report}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return _exit.EX_IOERR
+    progress = not args.quiet and not args.no_progress and sys.stderr.isatty()
+    obs = _CliObserver(verbose=args.verbose, progress=progress, report=report)
+
+    async def main() -> Totals:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # First signal: finish the messages in flight and stop cleanly.
+            loop.add_signal_handler(sig, stop.set)
+        async with open_deliverer(server=args.server, config=args.config,
+                                  connections=args.connections, timeouts=timeouts) as deliverer:
+            replayer = Replayer(spool, deliverer, concurrency=args.concurrency, policy=policy,
+                                observer=obs, flush=args.flush, bounce_dir=args.bounce_dir,
+                                count_first=progress)
+            return await replayer.run(watch=args.watch, interval=args.interval, stop=stop)
+
+    try:
+        totals = _loop.run(main())
+    except BaseException:
+        obs.close(Totals())
+        if report is not None:
+            report.abort()
+        raise
+    obs.close(totals)
+    with contextlib.suppress(OSError):
+        spool.sweep()
+    status = exit_status(totals)
+    if args.watch:
+        # Stopped by a signal: what matters is whether anything is left queued.
+        c = spool.count()
+        if c["incoming"] or c["deferred"]:
+            status = _exit.EX_TEMPFAIL
+    if report is not None:
+        report.finish(totals, status)
+    if not args.quiet:
+        counts = None
+        with contextlib.suppress(OSError):
+            counts = spool.count()
+        _print_summary(totals, obs, counts, status)
+    return status
+
+
+# -- the demo ----------------------------------------------------------------------
+
+_DEMO_FAULTS = (
+    # unknown users: refused for good at RCPT, as a mailbox server would
+    "rcpt:nobody*=550 5.1.1 User unknown",
+    # carol's mailbox is over quota, for now: a temporary failure after the dot
+    "dot:carol@*=452 4.2.2 Mailbox full, try again later",
+)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Copy the example spool, start `lmtpfast sink` with faults, replay once, report."""
+    from importlib.resources import as_file, files
+
+    work = Path(tempfile.mkdtemp(prefix="lmtpfast-demo-"))
+    source = files("lmtpfast") / "examples" / "spool"
+    with as_file(source) as src:
+        if not Path(src, "incoming").is_dir():
+            print(f"lmtpfast replay --demo: example spool missing at {src}", file=sys.stderr)
+            return _exit.EX_SOFTWARE
+        shutil.copytree(src, work / "spool")
+    sock = work / "lmtp.sock"
+    maildir = work / "maildir"
+    ready = work / "ready"
+    cmd = [sys.executable, "-m", "lmtpfast", "sink", "--listen", f"unix:{sock}",
+           "--maildir", str(maildir), "--ready-file", str(ready), "--duration", "300"]
+    for spec in _DEMO_FAULTS:
+        cmd += ["--fault", spec]
+    print(f"$ cp -r {source} {work / 'spool'}")
+    print("$ " + " ".join(_quote(c) for c in cmd) + " &")
+    sink = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not ready.exists():
+            if sink.poll() is not None:
+                print("lmtpfast replay --demo: the sink did not start", file=sys.stderr)
+                return _exit.EX_SOFTWARE
+            if time.monotonic() > deadline:
+                print("lmtpfast replay --demo: the sink did not get ready", file=sys.stderr)
+                return _exit.EX_SOFTWARE
+            time.sleep(0.02)
+        print(f"$ lmtpfast replay {work / 'spool'} --server unix:{sock} --once -v "
+              f"--json {work / 'report.json'}")
+        demo_args = argparse.Namespace(**{**vars(args), "spool": str(work / "spool"),
+                                          "server": f"unix:{sock}", "config": None,
+                                          "watch": False, "once": True, "verbose": True,
+                                          "json_report": str(work / "report.json"),
+                                          "demo": False})
+        status = run(demo_args)
+    finally:
+        sink.terminate()
+        try:
+            sink.wait(10)
+        except subprocess.TimeoutExpired:
+            sink.kill()
+            sink.wait()
+    print()
+    print(f"delivered mail:     {maildir}")
+    print(f"failed messages:    {work / 'spool' / 'failed'} (reasons in *.txt)")
+    print(f"still queued:       {work / 'spool' / 'deferred'} (carol's, retried later)")
+    print(f"JSON report:        {work / 'report.json'}")
+    print(f"replay exit status: {status} (75: something is still queued)")
+    return status
+
+
+def _quote(s: str) -> str:
+    return s if re.fullmatch(r"[\w@%+=:,./-]+", s) else "'" + s.replace("'", "'\\''") + "'"

@@ -1,0 +1,483 @@
+"""The spool directory: atomic enqueue, lazy scan, claim by lock, and the final moves.
+
+Layout (see ``docs/spool.md`` for the why)::
+
+    SPOOL/tmp/         files being written (never looked at by replay)
+    SPOOL/msg/ID       the message, immutable; its lock is the claim
+    SPOOL/incoming/ID  envelope of a message never tried   (mtime = arrival)
+    SPOOL/deferred/ID  envelope of a message to try again  (mtime = next attempt)
+    SPOOL/failed/      ID.eml + ID.json + ID.txt: every recipient finally refused
+    SPOOL/quarantine/  ID.eml / ID.env + ID.txt: entries that could not be read
+
+A message exists once its envelope is in ``incoming/``: the message file is
+renamed into ``msg/`` first, the envelope last, so a half-written entry is
+never seen. Every envelope change is a rename over the old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal, NoReturn
+
+from ._format import (
+    MAX_ENVELOPE_SIZE,
+    BadEnvelope,
+    Envelope,
+    decode_envelope,
+    encode_envelope,
+    new_envelope,
+)
+
+__all__ = ["Claim", "Quarantined", "Scan", "Spool", "SpoolError", "enqueue"]
+
+Queue = Literal["incoming", "deferred"]
+QUEUES: tuple[Queue, ...] = ("deferred", "incoming")
+_DIRS = ("tmp", "msg", "incoming", "deferred", "failed", "quarantine")
+# Temporary files older than this are left over from a crash (Maildir's rule).
+TMP_MAX_AGE = 36 * 3600
+# A message file without an envelope this old is an enqueue cut short by a crash.
+ORPHAN_MAX_AGE = 3600
+
+
+class SpoolError(OSError):
+    """The spool directory is missing, not a spool, or cannot be read."""
+
+
+class Quarantined(Exception):
+    """Raised by :meth:`Spool.claim` after it moved a corrupt entry to ``quarantine/``."""
+
+    def __init__(self, id: str, reason: str) -> None:
+        super().__init__(f"{id}: {reason}")
+        self.id = id
+        self.reason = reason
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+class Scan:
+    """A lazy walk over the due entries of a spool: ``(queue, id)`` pairs.
+
+    Memory stays flat: entries come from ``os.scandir`` one at a time and
+    nothing is remembered but the counters. ``deferred/`` entries whose
+    modification time (the next attempt time) is after *due* are counted in
+    :attr:`not_due` and skipped.
+    """
+
+    def __init__(self, spool: Spool, *, due: float, flush: bool = False) -> None:
+        self.spool = spool
+        self.due = due
+        self.flush = flush
+        self.seen = 0
+        self.not_due = 0
+        #: Earliest next attempt among the entries skipped as not due.
+        self.next_due: float | None = None
+
+    def __iter__(self) -> Iterator[tuple[Queue, str]]:
+        for queue in QUEUES:
+            directory = self.spool.path / queue
+            with os.scandir(directory) as it:
+                for entry in it:
+                    name = entry.name
+                    if name.startswith("."):
+                        continue
+                    if queue == "deferred" and not self.flush:
+                        try:
+                            mtime = entry.stat().st_mtime
+                        except FileNotFoundError:
+                            continue
+                        if mtime > self.due:
+                            self.not_due += 1
+                            if self.next_due is None or mtime < self.next_due:
+                                self.next_due = mtime
+                            continue
+                    self.seen += 1
+                    yield queue, name
+
+
+class Claim:
+    """One message held by this process: the lock on ``msg/ID`` is the claim.
+
+    The lock (``flock``) belongs to an open file, so the kernel drops it when
+    the process ends, however it ends: a crashed replay's claims are free at
+    once, without PID files or lock ages. Call exactly one of
+    :meth:`delivered`, :meth:`failed`, :meth:`defer` or :meth:`release`.
+    """
+
+    def __init__(self, spool: Spool, id: str, queue: Queue, fd: int, envelope: Envelope) -> None:
+        self.spool = spool
+        self.id = id
+        self.queue: Queue = queue
+        self.envelope = envelope
+        self._fd = fd
+
+    @property
+    def envelope_path(self) -> Path:
+        return self.spool.path / self.queue / self.id
+
+    @property
+    def message_path(self) -> Path:
+        return self.spool.path / "msg" / self.id
+
+    def read_message(self) -> bytes:
+        """The message bytes (read through the locked descriptor)."""
+        size = os.fstat(self._fd).st_size
+        return os.pread(self._fd, size, 0) if size else b""
+
+    def release(self) -> None:
+        """Give the message back unchanged."""
+        if self._fd >= 0:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = -1
+
+    def save(self, *, next_attempt: float) -> None:
+        """Write the envelope (crash-safe) into ``deferred/`` with *next_attempt*.
+
+        The new envelope is written and fsynced under a temporary name, its
+        modification time set to the next attempt time (what the scan reads),
+        then renamed over the old one. A message still in ``incoming/`` is
+        first renamed into ``deferred/``, so one envelope exists at every instant.
+        """
+        env = self.envelope
+        env.next_attempt = next_attempt
+        spool = self.spool
+        tmp = spool.write_tmp(encode_envelope(env), fsync=True, mtime=next_attempt)
+        target = spool.path / "deferred" / self.id
+        if self.queue == "incoming":
+            os.rename(self.envelope_path, target)
+            self.queue = "deferred"
+        os.rename(tmp, target)
+
+    def delivered(self) -> None:
+        """Every recipient delivered: remove the envelope (the commit point), then the message."""
+        _unlink(self.envelope_path)
+        _unlink(self.message_path)
+        self.release()
+
+    def failed(self, reasons: str) -> None:
+        """No recipient left to try: move the entry to ``failed/`` with *reasons* beside it.
+
+        ``failed/ID.eml`` (the message, hard-linked), ``failed/ID.json`` (the
+        final envelope, each failed recipient with its last reply) and
+        ``failed/ID.txt`` (*reasons* for people). The envelope is removed from
+        the queue only after all three exist.
+        """
+        spool = self.spool
+        failed = spool.path / "failed"
+        spool.put(failed / f"{self.id}.json", encode_envelope(self.envelope))
+        spool.put(failed / f"{self.id}.txt", reasons.encode("utf-8"))
+        eml = failed / f"{self.id}.eml"
+        _unlink(eml)
+        os.link(self.message_path, eml)
+        self.delivered()
+
+
+class Spool:
+    """A spool directory (created with its sub-folders when *create* is true)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
+        self.path = Path(path)
+        if create:
+            for d in _DIRS:
+                (self.path / d).mkdir(parents=True, exist_ok=True)
+        if not self.path.is_dir():
+            raise SpoolError(errno.ENOENT, "spool directory not found", str(self.path))
+        missing = [d for d in _DIRS if not (self.path / d).is_dir()]
+        if missing:
+            # A spool made by hand (or an older tool) may lack the folders
+            # replay writes into; the ones it reads must exist.
+            if "incoming" in missing and "deferred" in missing:
+                raise SpoolError(errno.ENOENT, "not a spool (no incoming/ or deferred/)",
+                                 str(self.path))
+            for d in missing:
+                (self.path / d).mkdir(exist_ok=True)
+        if not os.access(self.path / "incoming", os.R_OK | os.X_OK):
+            raise SpoolError(errno.EACCES, "spool not readable", str(self.path))
+
+    def __repr__(self) -> str:
+        return f"<Spool {self.path}>"
+
+    # -- writing -------------------------------------------------------------
+
+    def new_id(self) -> str:
+        # Time first so names sort roughly by arrival; pid and randomness keep
+        # several writers on one spool from colliding (Maildir's recipe).
+        return f"{time.time_ns() // 1000:x}-{os.getpid():x}-{secrets.token_hex(4)}"
+
+    def write_tmp(self, data: bytes, *, fsync: bool, mtime: float | None = None) -> Path:
+        """Write *data* to a new file in ``tmp/`` and return its path."""
+        tmp = self.path / "tmp" / f".{secrets.token_hex(8)}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if fsync:
+                os.fsync(fd)
+            if mtime is not None:
+                os.utime(fd, (mtime, mtime))
+        except BaseException:
+            os.close(fd)
+            _unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    def put(self, path: Path, data: bytes) -> None:
+        """Write a whole file atomically (temporary file, fsync, rename)."""
+        os.rename(self.write_tmp(data, fsync=True), path)
+
+    def enqueue(
+        self,
+        message: bytes,
+        sender: str,
+        recipients: list[str],
+        *,
+        fsync: bool = True,
+        **envelope_options: object,
+    ) -> str:
+        """Queue *message* for *recipients*; returns the new entry's ID.
+
+        The message is written and renamed into ``msg/`` first, then the
+        envelope into ``incoming/``: only that last rename makes the entry
+        visible. With *fsync* (the default) both files and both folders are
+        flushed before returning, as an MTA must before it accepts a message.
+        *envelope_options*: ``arrival``, ``ret``, ``envid``, ``notify``, ``orcpt``
+        (see :func:`~lmtpfast.spool.new_envelope`).
+        """
+        env = new_envelope(sender, list(recipients), **envelope_options)  # type: ignore[arg-type]
+        env_bytes = encode_envelope(env)
+        tmp_msg = self.write_tmp(message, fsync=fsync)
+        try:
+            while True:
+                id = self.new_id()
+                try:
+                    # link, not rename: it fails instead of replacing a namesake.
+                    os.link(tmp_msg, self.path / "msg" / id)
+                    break
+                except FileExistsError:
+                    continue
+        finally:
+            _unlink(tmp_msg)
+        tmp_env = self.write_tmp(env_bytes, fsync=fsync, mtime=env.arrival)
+        os.rename(tmp_env, self.path / "incoming" / id)
+        if fsync:
+            _fsync_dir(self.path / "msg")
+            _fsync_dir(self.path / "incoming")
+        return id
+
+    def sync(self) -> None:
+        """Flush the folders' entries to disk (after enqueues made with ``fsync=False``)."""
+        for d in ("msg", "incoming"):
+            _fsync_dir(self.path / d)
+
+    # -- reading -------------------------------------------------------------
+
+    def scan(self, *, due: float | None = None, flush: bool = False) -> Scan:
+        """A lazy :class:`Scan` of entries due at *due* (default: now)."""
+        return Scan(self, due=time.time() if due is None else due, flush=flush)
+
+    def count(self) -> dict[str, int]:
+        """Entries per folder (one ``scandir`` pass each, names only)."""
+        counts: dict[str, int] = {}
+        for d in ("incoming", "deferred", "failed", "quarantine"):
+            n = 0
+            with os.scandir(self.path / d) as it:
+                for e in it:
+                    if not e.name.startswith(".") and (
+                        d in ("incoming", "deferred") or e.name.endswith(".txt")
+                    ):
+                        n += 1
+            counts[d] = n
+        return counts
+
+    def claim(self, queue: Queue, id: str) -> Claim | None:
+        """Lock and load one entry; ``None`` if another claim holds it or it is gone.
+
+        A corrupt entry (unreadable or missing message, truncated or invalid
+        envelope, bad address) is moved to ``quarantine/`` and
+        :class:`Quarantined` is raised with the reason.
+        """
+        if "/" in id or id in ("", ".", ".."):
+            raise ValueError(f"bad spool entry name {id!r}")
+        env_path = self.path / queue / id
+        msg_path = self.path / "msg" / id
+        try:
+            fd = os.open(msg_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # Finished by another process (it removes the envelope first), or
+            # the message file was lost: only the second leaves an envelope.
+            if env_path.exists():
+                self._quarantine(queue, id, "message file is missing", have_lock=False)
+            return None
+        except OSError as exc:
+            if not env_path.exists():
+                return None
+            self._quarantine(queue, id, f"message file cannot be opened: {exc.strerror or exc}",
+                             have_lock=False)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            return self._load(queue, id, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _load(self, queue: Queue, id: str, fd: int) -> Claim | None:
+        env_path = self.path / queue / id
+        # The lock is ours; is the entry still there (not finished meanwhile)?
+        try:
+            st_path = os.stat(self.path / "msg" / id)
+        except FileNotFoundError:
+            return None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (st_path.st_dev, st_path.st_ino):
+            return None
+        try:
+            efd = os.open(env_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                est = os.fstat(efd)
+                if not stat.S_ISREG(est.st_mode):
+                    raise BadEnvelope("envelope is not a regular file")
+                data = os.read(efd, MAX_ENVELOPE_SIZE + 1)
+            finally:
+                os.close(efd)
+        except FileNotFoundError:
+            return None  # finished, or moved to deferred/, by the previous holder
+        except IsADirectoryError:
+            self._quarantine(queue, id, "envelope is not a regular file", have_lock=True)
+        except OSError as exc:
+            self._quarantine(queue, id, f"envelope cannot be read: {exc.strerror or exc}",
+                             have_lock=True)
+        except BadEnvelope as exc:
+            self._quarantine(queue, id, str(exc), have_lock=True)
+        if not stat.S_ISREG(st.st_mode):
+            self._quarantine(queue, id, "message file is not a regular file", have_lock=True)
+        try:
+            os.pread(fd, 1, 0)
+        except OSError as exc:
+            self._quarantine(queue, id, f"message file cannot be read: {exc.strerror or exc}",
+                             have_lock=True)
+        try:
+            env = decode_envelope(data)
+        except BadEnvelope as exc:
+            self._quarantine(queue, id, str(exc), have_lock=True)
+        if env.arrival is None:
+            env.arrival = est.st_mtime if queue == "incoming" else time.time()
+        return Claim(self, id, queue, fd, env)
+
+    def _quarantine(self, queue: Queue, id: str, reason: str, *, have_lock: bool) -> NoReturn:
+        """Move a corrupt entry to ``quarantine/`` and raise :class:`Quarantined`.
+
+        Order: the reason first, then the message (hard link), then the
+        envelope rename — the commit point, which also decides between two
+        processes quarantining the same entry — and last the message's unlink.
+        """
+        q = self.path / "quarantine"
+        env_path = self.path / queue / id
+        msg_path = self.path / "msg" / id
+        self.put(q / f"{id}.txt", f"{reason}\n".encode())
+        eml = q / f"{id}.eml"
+        _unlink(eml)
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.lstat(msg_path).st_mode):
+                os.link(msg_path, eml)
+        try:
+            os.rename(env_path, q / f"{id}.env")
+        except FileNotFoundError:
+            if not have_lock:
+                # Someone else moved it first (or finished it): not ours to report.
+                raise Quarantined(id, reason) from None
+        except OSError:
+            # An envelope we cannot even move (e.g. a non-empty directory): take
+            # it out of the queue's way under another name.
+            with contextlib.suppress(OSError):
+                os.rename(env_path, q / f"{id}.env.{secrets.token_hex(4)}")
+        with contextlib.suppress(OSError):
+            if os.path.isdir(msg_path) and not os.path.islink(msg_path):
+                os.rename(msg_path, q / f"{id}.msgdir")
+            else:
+                os.unlink(msg_path)
+        raise Quarantined(id, reason)
+
+    # -- housekeeping --------------------------------------------------------
+
+    def sweep(self, *, now: float | None = None) -> int:
+        """Remove leftovers of crashed writers; returns how many files went.
+
+        Files in ``tmp/`` older than 36 hours (Maildir's rule) and message
+        files without an envelope older than an hour (an enqueue or a removal
+        cut short between its two steps).
+        """
+        now = time.time() if now is None else now
+        removed = 0
+        with os.scandir(self.path / "tmp") as it:
+            for e in it:
+                with contextlib.suppress(OSError):
+                    if now - e.stat(follow_symlinks=False).st_mtime > TMP_MAX_AGE:
+                        os.unlink(e.path)
+                        removed += 1
+        incoming, deferred = self.path / "incoming", self.path / "deferred"
+        with os.scandir(self.path / "msg") as it:
+            for e in it:
+                name = e.name
+                if (incoming / name).exists() or (deferred / name).exists():
+                    continue
+                with contextlib.suppress(OSError):
+                    if now - e.stat(follow_symlinks=False).st_mtime > ORPHAN_MAX_AGE:
+                        # Re-check under the lock: a writer may be between its renames.
+                        fd = os.open(e.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                        try:
+                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            if not (incoming / name).exists() and not (deferred / name).exists():
+                                os.unlink(e.path)
+                                removed += 1
+                        finally:
+                            os.close(fd)
+        return removed
+
+
+def enqueue(
+    directory: str | os.PathLike[str],
+    message: bytes | str,
+    *,
+    sender: str,
+    recipients: list[str],
+    fsync: bool = True,
+    **envelope_options: object,
+) -> str:
+    """Queue *message* in the spool at *directory* (created if needed); returns its ID.
+
+    >>> enqueue("/var/spool/lmtpfast", raw, sender="a@example.org",   # doctest: +SKIP
+    ...         recipients=["b@example.org"])
+
+    Atomic: a replay never sees a half-written entry. See :meth:`Spool.enqueue`.
+    """
+    data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+    return Spool(directory, create=True).enqueue(data, sender, list(recipients), fsync=fsync,
+                                                 **envelope_options)
