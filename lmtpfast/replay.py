@@ -566,5 +566,8 @@ def open_deliverer(
     assert server is not None
     dest = parse_destination(server)
     if agent_mod is not None:
-        return _Closing(agent_mod.Agent.for_server(dest))
+        settings: dict[str, Any] = {"max_connections": connections}
+        if timeouts is not None:
+            settings["timeouts"] = timeouts
+        return _Closing(agent_mod.Agent.for_server(dest, **settings))
     return _Closing(ServerDeliverer(dest, connections=connections, timeouts=timeouts))

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from ..spool import BadEnvelope, Spool, SpoolError
+from ..spool import BadEnvelope, Spool, SpoolError, check_address
 from ..spool.importers import Source, import_messages, iter_eml_dir, iter_maildir, iter_mbox
 from . import _exit
 
@@ -47,6 +47,22 @@ def register(sub: Any) -> None:
                    "the replay is done)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
+    _files_anywhere(p)
+
+
+def _files_anywhere(p: argparse.ArgumentParser) -> None:
+    # argparse takes positionals only where they first appear, so FILEs after
+    # the options ("enqueue SPOOL --from a --rcpt b m.eml") would be "unrecognized":
+    # collect the stray non-option words as FILEs instead.
+    original = p.parse_known_args
+
+    def parse_known_args(args: Any = None, namespace: Any = None) -> Any:
+        ns, extras = original(args, namespace)
+        files = [e for e in extras if e == "-" or not e.startswith("-")]
+        ns.files = [*(ns.files or []), *files]
+        return ns, [e for e in extras if not (e == "-" or not e.startswith("-"))]
+
+    setattr(p, "parse_known_args", parse_known_args)  # noqa: B010
 
 
 def _files(names: list[str]) -> Iterator[Source]:
@@ -66,6 +82,14 @@ def run(args: argparse.Namespace) -> int:
         return _exit.EX_USAGE
     if not args.from_headers and (args.sender is None or not args.recipients):
         print("lmtpfast enqueue: give --from and --rcpt (or --from-headers)", file=sys.stderr)
+        return _exit.EX_USAGE
+    try:
+        if args.sender is not None:
+            check_address(args.sender, sender=True)
+        for r in args.recipients:
+            check_address(r)
+    except BadEnvelope as exc:
+        print(f"lmtpfast enqueue: {exc}", file=sys.stderr)
         return _exit.EX_USAGE
     options: dict[str, Any] = {}
     if args.ret:

@@ -93,6 +93,8 @@ def register(sub: Any) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="print every recipient outcome")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
+    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="event loop (default: uvloop when installed)")
     p.add_argument("--demo", action="store_true",
                    help="replay the bundled example spool into a temporary `lmtpfast sink`")
     p.set_defaults(func=run)
@@ -365,7 +367,7 @@ def _replay(args: argparse.Namespace, spool: Spool, policy: RetryPolicy,
             return await replayer.run(watch=args.watch, interval=args.interval, stop=stop)
 
     try:
-        totals = _loop.run(main())
+        totals = _loop.run(main(), use_uvloop=args.loop != "asyncio")
     except BaseException:
         obs.close(Totals())
         if report is not None:
