@@ -171,7 +171,8 @@ def exit_status(totals: Totals) -> int:
     """
     if totals.recipients_deferred or totals.not_due or totals.locked or totals.messages_deferred:
         return 75
-    if totals.recipients_failed or totals.recipients_expired or totals.messages_quarantined:
+    if (totals.recipients_failed or totals.recipients_expired or totals.messages_failed
+            or totals.messages_quarantined):
         return 65
     return 0
 
