@@ -381,3 +381,14 @@ async def test_cli_json_report_and_summary(tmp_path: Path) -> None:
                      ("nobody@example.com", "failed")]
     assert data["summary"]["messages_failed"] == 1 and data["summary"]["messages_deferred"] == 1
     assert data["outcomes"][0]["destination"].startswith("unix:")
+
+
+def test_demo_runs_in_one_command() -> None:
+    """`lmtpfast replay --demo`: the bundled spool into a faulty sink, mixed outcomes."""
+    proc = subprocess.run(_cli("replay", "--demo"), capture_output=True, timeout=60)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "alice@example.com: delivered: 250" in out
+    assert "nobody@example.com: failed: 550 5.1.1" in out
+    assert "carol@example.com: deferred: 452 4.2.2" in out
+    assert "moved to failed/" in out
