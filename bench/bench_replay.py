@@ -1,0 +1,146 @@
+"""Replay benchmarks: flat memory whatever the spool size, and messages/s beside smtp-source.
+
+    python bench/bench_replay.py                       # everything (root; Dovecot + Postfix tools)
+    python bench/bench_replay.py --only memory         # peak RSS, 10,000 vs 200,000 messages
+    python bench/bench_replay.py --only rate --messages 100000
+
+Memory: a spool of N one-recipient messages is replayed by ``python -m
+lmtpfast replay --once`` into ``smtp-sink -L``; the peak RSS of that process
+(``ru_maxrss`` from ``wait4``) is printed for the small and the large spool.
+
+Rate: N messages of ``--size`` bytes, one recipient each, replayed from a
+spool into ``smtp-sink -L`` and into Dovecot (unix sockets), beside Postfix's
+``smtp-source -L`` sending the same number of messages of the same size
+straight to the same servers (no spool: the raw client rate). Wall-clock
+time of the whole command, start-up included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lmtpfast._testing.dovecot import TempDovecot
+from lmtpfast._testing.postfix import SmtpSink, run_smtp_source
+from lmtpfast.spool import Spool
+
+
+def make_spool(where: Path, count: int, size: int, rcpt: str) -> Spool:
+    spool = Spool(where, create=True)
+    body = b"x" * max(0, size - 120)
+    for i in range(count):
+        msg = (b"From: bench@example.org\r\nSubject: bench\r\nMessage-ID: <%d@bench>\r\n\r\n" % i
+               + body + b"\r\n")
+        spool.enqueue(msg, "bench@example.org", [rcpt], fsync=False)
+    spool.sync()
+    return spool
+
+
+def replay(spool: Spool, dest: str, *, concurrency: int, connections: int) -> tuple[float, int, int]:
+    """Run the CLI once; (seconds, exit status, peak RSS in KiB)."""
+    cmd = [sys.executable, "-m", "lmtpfast", "replay", str(spool.path), "--server", dest,
+           "--once", "-q", "--concurrency", str(concurrency), "--connections", str(connections)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return elapsed, proc.returncode, usage.ru_maxrss
+
+
+def memory(args: argparse.Namespace, base: Path) -> None:
+    print(f"== peak RSS of `lmtpfast replay --once` into smtp-sink -L ({args.size} B messages)")
+    rows = []
+    with SmtpSink() as sink:
+        for count in (args.memory_small, args.memory_large):
+            t0 = time.perf_counter()
+            spool = make_spool(base / f"mem{count}", count, args.size, "user@example.com")
+            made = time.perf_counter() - t0
+            secs, rc, rss = replay(spool, sink.destination, concurrency=args.concurrency,
+                                   connections=args.connections)
+            left = spool.count()
+            rows.append((count, rss, secs, rc))
+            print(f"{count:>9,} messages: peak RSS {rss / 1024:7.1f} MiB, replay {secs:6.1f} s "
+                  f"({count / secs:8,.0f} msg/s), exit {rc}, left {left['incoming']}; "
+                  f"spool made in {made:.1f} s")
+            shutil.rmtree(spool.path)
+    (small, rs, _, _), (large, rl, _, _) = rows
+    print(f"difference: {(rl - rs) / 1024:+.1f} MiB for {large // small}x the messages")
+
+
+def rate(args: argparse.Namespace, base: Path) -> None:
+    n, size = args.messages, args.size
+    print(f"== {n:,} messages of {size} B, 1 recipient, unix sockets "
+          f"(replay: --concurrency {args.concurrency} --connections {args.connections}; "
+          f"smtp-source: -s {args.sessions})")
+    template = base / "template"
+    t0 = time.perf_counter()
+    make_spool(template, n, size, "alice@example.com")
+    print(f"spool of {n:,} made in {time.perf_counter() - t0:.1f} s (enqueue without fsync)")
+
+    def fresh(name: str) -> Spool:
+        target = base / name
+        shutil.copytree(template, target)
+        return Spool(target)
+
+    results: list[tuple[str, float]] = []
+    with SmtpSink() as sink:
+        secs, rc, _ = replay(fresh("r1"), sink.destination, concurrency=args.concurrency,
+                             connections=args.connections)
+        results.append(("lmtpfast replay -> smtp-sink -L", n / secs))
+        print(f"lmtpfast replay -> smtp-sink -L: {n / secs:9,.0f} msg/s ({secs:.1f} s, exit {rc})")
+        src = run_smtp_source(sink.destination, messages=n, sessions=args.sessions, size=size,
+                              timeout=600)
+        results.append(("smtp-source -L -> smtp-sink -L", n / src.elapsed))
+        print(f"smtp-source -L  -> smtp-sink -L: {n / src.elapsed:9,.0f} msg/s "
+              f"({src.elapsed:.1f} s, exit {src.returncode})")
+    if args.skip_dovecot:
+        return
+    dn = args.dovecot_messages or n
+    with TempDovecot() as dv:
+        spool = fresh("r2") if dn == n else make_spool(base / "r2", dn, size, "alice@example.com")
+        secs, rc, _ = replay(spool, dv.destination_unix, concurrency=args.concurrency,
+                             connections=args.connections)
+        print(f"lmtpfast replay -> Dovecot:      {dn / secs:9,.0f} msg/s ({secs:.1f} s, exit {rc}, "
+              f"stored {len(dv.message_paths('alice')):,})")
+        dv.reset_mail()
+        src = run_smtp_source(dv.destination_unix, messages=dn, sessions=args.sessions, size=size,
+                              extra_args=("-t", "alice@example.com", "-f", "bench@example.org"),
+                              timeout=900)
+        print(f"smtp-source -L  -> Dovecot:      {dn / src.elapsed:9,.0f} msg/s "
+              f"({src.elapsed:.1f} s, exit {src.returncode}, "
+              f"stored {len(dv.message_paths('alice')):,})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", choices=("memory", "rate"))
+    p.add_argument("--messages", type=int, default=100_000)
+    p.add_argument("--dovecot-messages", type=int, default=0, help="default: --messages")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--memory-small", type=int, default=10_000)
+    p.add_argument("--memory-large", type=int, default=200_000)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--sessions", type=int, default=8, help="smtp-source -s")
+    p.add_argument("--skip-dovecot", action="store_true")
+    args = p.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="lmtpfast-bench-replay-", dir="/var/tmp"))
+    base.chmod(0o755)
+    try:
+        if args.only in (None, "memory"):
+            memory(args, base)
+        if args.only in (None, "rate"):
+            rate(args, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
