@@ -139,6 +139,8 @@ class Totals(msgspec.Struct, omit_defaults=False):
     locked: int = 0
     #: Deferred entries not yet due at the pass (still queued).
     not_due: int = 0
+    #: Entries left as they were because of a file system error (still queued).
+    errors: int = 0
     passes: int = 0
     elapsed: float = 0.0
 
@@ -161,6 +163,9 @@ class Observer:
     def skipped(self, totals: Totals) -> None:
         """An entry was skipped (held by another replay)."""
 
+    def error(self, id: str, problem: str) -> None:
+        """An entry could not be updated (a file system error); it stays queued."""
+
 
 def exit_status(totals: Totals) -> int:
     """sysexits status of a run, as ``lmtpfast send`` decides it.
@@ -169,7 +174,8 @@ def exit_status(totals: Totals) -> int:
     replay); else 65 when some recipient failed for good or an entry was
     quarantined; else 0.
     """
-    if totals.recipients_deferred or totals.not_due or totals.locked or totals.messages_deferred:
+    if (totals.recipients_deferred or totals.not_due or totals.locked or totals.messages_deferred
+            or totals.errors):
         return 75
     if (totals.recipients_failed or totals.recipients_expired or totals.messages_failed
             or totals.messages_quarantined):
@@ -307,6 +313,11 @@ class Replayer:
             return
         try:
             await self._attempt(claim)
+        except OSError as exc:
+            # Disk full, permissions...: the entry stays as it was (nothing is
+            # lost; its outcomes may be delivered again next time).
+            self.totals.errors += 1
+            self.observer.error(id, f"{exc.strerror or exc}: {exc.filename or ''}")
         finally:
             claim.release()
 

@@ -229,6 +229,13 @@ class _CliObserver(Observer):
         if self._totals is not None:
             self._tick(self._totals)
 
+    def error(self, id: str, problem: str) -> None:
+        msg = f"lmtpfast replay: {id}: left queued: {problem}"
+        if self.bar is not None:
+            self.bar._progress.console.print(msg, markup=False, highlight=False)
+        else:
+            print(msg, file=sys.stderr)
+
     def message_done(self, totals: Totals) -> None:
         self._totals = totals
         self._tick(totals)
@@ -266,6 +273,7 @@ def _summary_rows(t: Totals, counts: dict[str, int] | None) -> list[tuple[str, s
         ("recipients deferred", f"{t.recipients_deferred}"),
         ("held by another replay", f"{t.locked}"),
         ("deferred, not yet due", f"{t.not_due}"),
+        ("left queued after an error", f"{t.errors}"),
         ("elapsed", f"{t.elapsed:.2f} s"),
         ("rate", f"{rate:,.0f} msg/s"),
     ]
