@@ -392,3 +392,23 @@ def test_demo_runs_in_one_command() -> None:
     assert "nobody@example.com: failed: 550 5.1.1" in out
     assert "carol@example.com: deferred: 452 4.2.2" in out
     assert "moved to failed/" in out
+
+
+async def test_fallback_deliverer_without_the_agent(tmp_path: Path) -> None:
+    """ServerDeliverer: pipelined connections to one server, destination filled, connect errors transient."""
+    from lmtpfast.replay import ServerDeliverer
+
+    spool = Spool(tmp_path / "spool", create=True)
+    for i in range(40):
+        spool.enqueue(message(f"f{i}"), "s@example.org", ["alice@example.com", "bob@example.com"])
+    async with Sink(f"unix:{tmp_path}/lmtp", collect=True) as sink:
+        dest = sink.destinations[0]
+        rec = Recorder()
+        async with ServerDeliverer(dest, connections=3) as d:
+            totals = await Replayer(spool, d, concurrency=12, observer=rec).run()
+        assert len(sink.messages) == 40
+    assert totals.recipients_delivered == 80 and exit_status(totals) == 0
+    assert {o.destination for o in rec.outcomes} == {dest}
+    async with ServerDeliverer(f"unix:{tmp_path}/nothing-here") as d:
+        [r] = await d.deliver(b"Subject: x\r\n\r\nx\r\n", sender="", recipients=["a@x.org"])
+    assert r.transient and r.stage == "connect" and r.local
