@@ -52,6 +52,7 @@ __all__ = ["Agent", "AgentStats", "Routing"]
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
 _FORBIDDEN = frozenset("\r\n\0<> \t")
+_ROUTE_CACHE_SIZE = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +161,8 @@ class Agent:
         self._default = config.default
         self._delimiter = config.recipient_delimiter
         self._pools: dict[tuple[str, Destination], Pool] = {}
+        # Routing depends only on the (immutable) maps: remember recent answers.
+        self._route_cache: dict[str, Routing] = {}
         self._closed = False
         self._deliveries = 0
         self._recipients = 0
@@ -247,6 +250,16 @@ class Agent:
             dest = Destination("inet", host=domain.strip("[]"), port=DEFAULT_PORT)
         return Routing(recipient, address, name, dest, key)
 
+    def _cached_route(self, recipient: str) -> Routing:
+        cache = self._route_cache
+        r = cache.get(recipient) if isinstance(recipient, str) else None
+        if r is None:
+            r = self.route(recipient)
+            if len(cache) >= _ROUTE_CACHE_SIZE:
+                cache.clear()
+            cache[recipient] = r
+        return r
+
     def _pool(self, name: str, dest: Destination) -> Pool:
         pool = self._pools.get((name, dest))
         if pool is None:
@@ -284,11 +297,22 @@ class Agent:
             raise ContentError(f"message contains a NUL byte at offset {nul}; it cannot be sent")
         self._deliveries += 1
         self._recipients += len(recipients)
+        if len(recipients) == 1:  # the common case, without the grouping machinery
+            rcpt = recipients[0]
+            r = self._cached_route(rcpt)
+            if r.failure is not None:
+                return [r.failure]
+            assert r.destination is not None
+            pool = self._pools.get((r.transport, r.destination)) or self._pool(
+                r.transport, r.destination)
+            (result,) = await pool.deliver(sender, [r.address], raw, mail_params=mail_params)
+            return [result if result.address == rcpt else msgspec.structs.replace(
+                result, address=rcpt)]
         out: list[RecipientResult | None] = [None] * len(recipients)
         # (transport, destination) -> final address -> input positions
         groups: dict[tuple[str, Destination], dict[str, list[int]]] = {}
         for i, rcpt in enumerate(recipients):
-            r = self.route(rcpt)
+            r = self._cached_route(rcpt)
             if r.failure is not None:
                 out[i] = r.failure
                 continue

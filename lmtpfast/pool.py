@@ -81,9 +81,13 @@ class PoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     #: Check an idle connection with RSET or NOOP before reusing it (Postfix does not).
     probe: Probe = "none"
     #: Transactions in flight on one connection once ``max_connections`` are open.
-    pipeline_depth: Annotated[int, msgspec.Meta(ge=1)] = 4
+    pipeline_depth: Annotated[int, msgspec.Meta(ge=1)] = 8
     #: Seconds :meth:`Pool.close` waits for deliveries in flight before cutting them off.
     close_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    #: Seconds after a failed connect during which callers that need a new
+    #: connection get that failure at once instead of each waiting for its own
+    #: connect timeout (Postfix marks the destination dead likewise); 0 = off.
+    connect_backoff: Annotated[float, msgspec.Meta(ge=0)] = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_connections", "pipeline_depth"):
@@ -100,6 +104,10 @@ class PoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                     or not value > 0):
                 raise ConfigurationError(f"must be a positive number of seconds, got {value!r}",
                                          field=name)
+        value = self.connect_backoff
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigurationError(f"must be a number of seconds >= 0, got {value!r}",
+                                     field="connect_backoff")
         if self.probe not in ("none", "rset", "noop"):
             raise ConfigurationError(f"must be 'none', 'rset' or 'noop', got {self.probe!r}",
                                      field="probe")
@@ -130,10 +138,11 @@ class PoolClosed(LMTPError):
 class _Conn:
     """A pooled connection and its bookkeeping."""
 
-    __slots__ = ("client", "idle_since", "load", "opened_at", "retired")
+    __slots__ = ("client", "idle_since", "load", "opened_at", "pipelining", "retired")
 
     def __init__(self, client: Client, now: float) -> None:
         self.client = client
+        self.pipelining = client.pipelining
         self.opened_at = now
         self.idle_since = now
         self.load = 0  # transactions in flight
@@ -180,6 +189,8 @@ class Pool:
         self._drained: asyncio.Future[None] | None = None
         self._closed = False
         self._dest_text = str(self.destination)
+        self._down_until = 0.0  # connect_backoff: no new connections before this time
+        self._down_error: BaseException | None = None
 
     def __repr__(self) -> str:
         return (f"<lmtpfast.Pool {self._dest_text} open={len(self._conns)} "
@@ -303,6 +314,7 @@ class Pool:
                 self.stats.connections_reused += 1
                 return conn, True
             if self.size < settings.max_connections:
+                self._check_down()
                 self._opening += 1
                 return await self._open(), False
             conn = self._share()
@@ -311,6 +323,12 @@ class Pool:
                 return conn, True
             got = await self._wait()
             if got is _SLOT:
+                try:
+                    self._check_down()
+                except BaseException:
+                    self._opening -= 1
+                    self._slot_freed()
+                    raise
                 return await self._open(), False
             self.stats.connections_reused += 1
             return got, True
@@ -336,15 +354,19 @@ class Pool:
         if depth <= 1:
             return None
         best: _Conn | None = None
+        low = depth
         for conn in self._conns:
-            if (0 < conn.load < depth and not conn.retired and conn.client.usable
-                    and conn.client.pipelining and (best is None or conn.load < best.load)):
-                best = conn
-        if best is not None:
-            if self._expired(best):
-                best.retired = True
-                return None
-            best.load += 1
+            load = conn.load
+            if 0 < load < low and conn.pipelining and not conn.retired:
+                best, low = conn, load
+                if load == 1:
+                    break
+        if best is None:
+            return None
+        if not best.client.usable or self._expired(best):
+            best.retired = True
+            return None
+        best.load += 1
         return best
 
     async def _wait(self) -> Any:
@@ -365,17 +387,29 @@ class Pool:
                     self._waiters.remove(fut)
             raise
 
+    def _check_down(self) -> None:
+        """Raise the last connect failure while the destination is backed off."""
+        if self._down_error is not None:
+            if _now() < self._down_until:
+                raise self._down_error
+            self._down_error = None
+
     async def _open(self) -> _Conn:
         """Open a connection in the slot already counted in ``_opening``."""
         self.stats.peak_connections = max(self.stats.peak_connections, self.size)
         try:
             client = await connect(self.destination, **self._connect_kwargs)
-        except BaseException:
+        except BaseException as exc:
             self._opening -= 1
-            self.stats.connect_failures += 1
+            if isinstance(exc, LMTPError | OSError):
+                self.stats.connect_failures += 1
+                if self.settings.connect_backoff > 0:
+                    self._down_error = exc
+                    self._down_until = _now() + self.settings.connect_backoff
             self._slot_freed()
             raise
         self._opening -= 1
+        self._down_error = None
         conn = _Conn(client, _now())
         conn.load = 1
         self._conns.add(conn)
@@ -545,8 +579,9 @@ def _failed(recipients: Sequence[str], exc: BaseException, dest: str) -> list[Re
         code, enhanced, stage, text, local = 451, "4.4.1", "connect", str(exc), True
     elif isinstance(exc, PoolClosed):
         code, enhanced, stage, text, local = 451, "4.3.2", "connect", str(exc), True
-    else:
-        code, enhanced, stage, local = 451, "4.4.2", "connect", True
+    else:  # a timeout or a broken session during greeting/LHLO
+        code, enhanced, local = 451, "4.4.2", True
+        stage = getattr(exc, "stage", "") or "connect"
         text = f"session with {dest} failed: {exc}"
     if enhanced is None:
         enhanced = "5.0.0" if code >= 500 else "4.0.0"

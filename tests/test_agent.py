@@ -154,11 +154,31 @@ async def test_connect_failure_is_transient_per_recipient(tmp_path: Path) -> Non
         batches = await asyncio.gather(*(
             agent.deliver(MSG, sender="s@example.org", recipients=["a@x.example", "b@x.example"])
             for _ in range(20)))
-        assert agent.stats.connect_failures == 20
+        # the first failures mark the destination down for connect_backoff:
+        # the other callers get the same failure without trying again
+        assert 1 <= agent.stats.connect_failures <= 3
     for results in batches:
         assert [r.status for r in results] == ["transient", "transient"]
         assert all(r.stage == "connect" and r.local and r.destination == missing
                    and r.enhanced == "4.4.1" for r in results)
+
+
+async def test_unresponsive_backend_fails_fast_not_one_timeout_per_caller() -> None:
+    from lmtpfast.server import FaultPlan, Sink
+
+    async with Sink("127.0.0.1:0", faults=FaultPlan.parse(["greeting=stall"])) as sink:
+        dest = sink.destinations[0]
+        agent = Agent.for_server(dest, max_connections=2, timeouts=Timeouts(greeting=0.3))
+        started = time.monotonic()
+        batches = await asyncio.gather(*(
+            agent.deliver(MSG, sender="s@example.org", recipients=[f"a{i}@example.com"])
+            for i in range(200)))
+        elapsed = time.monotonic() - started
+        await agent.close()
+    # without the back-off: 100 rounds of 2 connects, 0.3 s each = 30 s
+    assert elapsed < 5, elapsed
+    assert all(b[0].transient and b[0].stage == "greeting" for b in batches), batches[0]
+    assert agent.stats.connect_failures <= 4
 
 
 async def test_local_errors_raise(smtp_sink) -> None:
