@@ -24,11 +24,16 @@ int lmtp_reply_scan(const unsigned char *buf, size_t len, size_t start, size_t *
 
     line->start = start;
     if (nl == len) {
+        ptrdiff_t pending = (ptrdiff_t)(len - start);
         *scan = len;
         line->next = start;
-        /* No line end yet: a line already over the limit cannot get shorter. */
-        return (ptrdiff_t)(len - start) > max_line ? LMTP_REPLY_ERR_TOO_LONG
-                                                   : LMTP_REPLY_NEED_MORE;
+        /* No line end yet: a line already over the limit cannot get shorter,
+         * except that a line of exactly max_line may have its CR here and its
+         * LF in the next read. */
+        if (pending > max_line
+            && !(pending == max_line + 1 && len > 0 && buf[len - 1] == '\r'))
+            return LMTP_REPLY_ERR_TOO_LONG;
+        return LMTP_REPLY_NEED_MORE;
     }
 
     size_t end = (nl > start && buf[nl - 1] == '\r') ? nl - 1 : nl;

@@ -52,9 +52,10 @@ size_t lmtp_find_lf(const unsigned char *buf, size_t from, size_t len);
  * line->next whatever the result, errors included (an erroneous line is
  * skipped, as the spec does).
  *
- *   LMTP_REPLY_NEED_MORE     no LF in buf[*scan..len) and len - start <= max_line
- *   LMTP_REPLY_ERR_TOO_LONG  no LF and len - start > max_line, or the line's
- *                            content (CR excluded) is longer than max_line
+ *   LMTP_REPLY_NEED_MORE     no LF in buf[*scan..len) and the line can still fit:
+ *                            len - start <= max_line, or max_line + 1 ending in CR
+ *   LMTP_REPLY_ERR_TOO_LONG  no LF and the line cannot fit any more, or the
+ *                            line's content (CR excluded) is longer than max_line
  *   LMTP_REPLY_ERR_MALFORMED line->end is set: the bad line is buf[start..end)
  *   LMTP_REPLY_LINE          every field is set
  *

@@ -10,9 +10,8 @@ Hypothesis tests use the pure-Python engine (the spec) as the oracle for the
 compiled one: same replies for any valid stream, same errors for any stream,
 same trace for random sessions.
 
-Tests marked ``xfail(strict=True)`` pin known bugs in the spec
-(``_pyproto.py``/``_common.py``): they pass once the spec is fixed, and then
-the marker must go.
+A bug found in the spec (``_pyproto.py``/``_common.py``) is pinned here as a
+strict xfail until its owner fixes it; then the marker goes.
 """
 
 from __future__ import annotations
@@ -880,6 +879,7 @@ def t_starttls(s: Script) -> None:
     assert s.server(b"220 2.0.0 Ready to start TLS\r\n") == [
         ("reply", "STARTTLS", Reply(220, "2.0.0", ("2.0.0 Ready to start TLS",)))
     ]
+    assert not c.usable  # until the handshake is done
     c.start_tls_done()
     assert c.capabilities is None and not c.pipelining and c.usable
     assert s.drain() == []
@@ -1047,6 +1047,113 @@ def t_lone_dot_reply_then_eof(s: Script) -> None:
     assert txn.results == [R("a@example.net", 550, None, "no", "rcpt")]
 
 
+def t_max_length_line_with_crlf(s: Script) -> None:
+    c = session(s, max_line_length=32)
+    c.command("NOOP")
+    s.sent()
+    # Exactly 32 bytes of line: allowed even when its CR arrives before its LF.
+    exact = b"250 " + b"y" * 28
+    assert s.server(exact + b"\r\n") == [("reply", "NOOP", Reply(250, None, ("y" * 28,)))]
+    c.command("NOOP")
+    s.sent()
+    assert s.server(exact + b"y\r") == [
+        broken(RemoteProtocolError, "reply line longer than 32 bytes")
+    ]
+
+
+def t_starttls_leftover_complete_lines(s: Script) -> None:
+    c = session(s, caps=CAPS_TLS)
+    c.command("STARTTLS")
+    s.sent()
+    # Complete continuation lines are leftovers too, not the start of a TLS-protected reply.
+    assert [e[:2] for e in s.server(b"220 2.0.0 go\r\n250-injected\r\n")] == [("reply", "STARTTLS")]
+    c.start_tls_done()
+    assert s.drain() == [broken(RemoteProtocolError, "server sent data after its STARTTLS reply")]
+
+
+def t_starttls_blocks_everything_until_done(s: Script) -> None:
+    c = session(s, caps=CAPS_TLS)
+    c.command("STARTTLS")
+    assert not c.usable
+    with pytest.raises(LocalProtocolError, match="STARTTLS in progress"):
+        c.start_transaction(FROM, ["a@example.net"])
+    with pytest.raises(LocalProtocolError, match="STARTTLS in progress"):
+        c.lhlo()
+    assert s.sent() == b"STARTTLS\r\n"
+    assert [e[:2] for e in s.server(b"220 2.0.0 go\r\n")] == [("reply", "STARTTLS")]
+    assert s.sent() == b""  # nothing in the clear before the handshake
+    assert not c.usable
+    c.start_tls_done()
+    assert c.usable and s.drain() == []
+
+
+def t_starttls_refused(s: Script) -> None:
+    c = session(s, caps=CAPS_TLS)
+    c.command("STARTTLS")
+    s.sent()
+    assert s.server(b"454 4.7.0 TLS not available\r\n") == [
+        ("reply", "STARTTLS", Reply(454, "4.7.0", ("4.7.0 TLS not available",)))
+    ]
+    # Refused: the session goes on in the clear, capabilities kept.
+    assert c.usable and c.capabilities is not None and c.pipelining
+    c.start_transaction(FROM, ["a@example.net"])
+    assert s.sent() == mail_burst(FROM, "a@example.net")
+
+
+def t_end_data_only_after_354(s: Script) -> None:
+    c = session(s)
+    txn = c.start_transaction(FROM, ["a@example.net"])
+    s.sent()
+    assert c.content_owed is txn  # DATA is out, but the server has not said 354
+    with pytest.raises(LocalProtocolError, match="not owed content"):
+        c.end_data(txn)
+    assert s.sent() == b""
+    assert s.server(b"250 ok\r\n250 ok\r\n354 go\r\n") == [("ready", 1)]
+    c.end_data(txn)
+    assert s.sent() == b".\r\n"
+    assert s.server(b"250 saved\r\n") == [("done", 1)]
+
+
+def t_end_data_after_break_is_noop(s: Script) -> None:
+    c = session(s)
+    txn = c.start_transaction(FROM, ["a@example.net"])
+    s.sent()
+    assert s.server(b"250 ok\r\n250 ok\r\n354 go\r\n") == [("ready", 1)]
+    c.fail(ConnectionResetError("reset"))
+    assert s.drain() == [broken(ConnectionResetError, "reset", 1)]
+    c.end_data(txn)  # the content writer finishing late: the transaction is decided
+    assert s.sent() == b""
+    assert txn.results == [R("a@example.net", 451, "4.4.2", "reset", "content", local=True)]
+
+
+def t_nothing_after_quit(s: Script) -> None:
+    c = session(s)
+    c.command("QUIT")
+    assert not c.usable and not c.closed
+    with pytest.raises(LocalProtocolError, match=r"connection is closed \(QUIT was sent\)"):
+        c.start_transaction(FROM, ["a@example.net"])
+    with pytest.raises(LocalProtocolError, match="QUIT was sent"):
+        c.command("NOOP")
+    assert s.sent() == b"QUIT\r\n"
+    assert [e[:2] for e in s.server(b"221 2.0.0 bye\r\n")] == [("reply", "QUIT")]
+    assert s.sent() == b"" and c.closed
+
+
+def t_quit_after_transaction(s: Script) -> None:
+    c = session(s)
+    txn = c.start_transaction(FROM, ["a@example.net"])
+    c.command("QUIT")
+    assert s.sent() == mail_burst(FROM, "a@example.net")
+    assert s.server(b"250 ok\r\n250 ok\r\n354 go\r\n") == [("ready", 1)]
+    c.end_data(txn)  # allowed: the transaction was queued before QUIT
+    assert s.sent() == b".\r\nQUIT\r\n"
+    assert s.server(b"250 2.0.0 saved\r\n221 2.0.0 bye\r\n") == [
+        ("done", 1),
+        ("reply", "QUIT", Reply(221, "2.0.0", ("2.0.0 bye",))),
+    ]
+    assert c.closed and txn.results[0].delivered
+
+
 TRANSCRIPTS: list[tuple[str, Callable[[Script], None]]] = [
     ("greeting_lhlo_capabilities", t_greeting_lhlo_capabilities),
     ("ignore_pipelining_keyword", t_ignore_pipelining_keyword),
@@ -1096,6 +1203,14 @@ TRANSCRIPTS: list[tuple[str, Callable[[Script], None]]] = [
     ("internal_rset_refused", t_internal_rset_refused),
     ("end_data_wrong_transaction", t_end_data_wrong_transaction),
     ("reply_text_decoding", t_reply_text_decoding),
+    ("max_length_line_with_crlf", t_max_length_line_with_crlf),
+    ("starttls_leftover_complete_lines", t_starttls_leftover_complete_lines),
+    ("starttls_blocks_everything_until_done", t_starttls_blocks_everything_until_done),
+    ("starttls_refused", t_starttls_refused),
+    ("end_data_only_after_354", t_end_data_only_after_354),
+    ("end_data_after_break_is_noop", t_end_data_after_break_is_noop),
+    ("nothing_after_quit", t_nothing_after_quit),
+    ("quit_after_transaction", t_quit_after_transaction),
 ]
 
 
@@ -1119,115 +1234,10 @@ def test_transcript(impl: ModuleType, transcript: Callable[[Script], None], how:
     run_every_way(impl, transcript, how)
 
 
-# --- known bugs in the spec (xfail until _pyproto/_common are fixed) ------------------
-
-
-def t_bug_max_length_line_with_crlf(s: Script) -> None:
-    c = session(s, max_line_length=32)
-    c.command("NOOP")
-    s.sent()
-    exact = b"250 " + b"y" * 28  # exactly 32 bytes of line: allowed when CRLF comes in one piece
-    assert s.server(exact + b"\r\n") == [("reply", "NOOP", Reply(250, None, ("y" * 28,)))]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec bug: a line of exactly max_line_length bytes is refused when its CR "
-    "arrives before its LF (the no-LF check counts the CR)",
-)
-@pytest.mark.parametrize("how", ["bytewise", "every"])
-def test_bug_max_length_line_split_before_lf(impl: ModuleType, how: str) -> None:
-    run_every_way(impl, t_bug_max_length_line_with_crlf, how)
-
-
-def test_max_length_line_with_crlf_whole(impl: ModuleType) -> None:
-    run_every_way(impl, t_bug_max_length_line_with_crlf, "whole")
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec bug: complete continuation lines received after the STARTTLS reply are "
-    "consumed into the parser's pending reply, so start_tls_done() does not see them",
-)
-def test_bug_starttls_leftover_continuation_lines(impl: ModuleType) -> None:
-    s = Script(impl, Cut("whole"))
-    c = session(s, caps=CAPS_TLS)
-    c.command("STARTTLS")
-    s.sent()
-    assert [e[:2] for e in s.server(b"220 2.0.0 go\r\n250-injected\r\n")] == [("reply", "STARTTLS")]
-    c.start_tls_done()
-    assert s.drain() == [broken(RemoteProtocolError, "server sent data after its STARTTLS reply")]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec bug: end_data() is accepted before the 354 arrives (content_owed is set "
-    "when DATA is written), so the dot goes out early and no post-dot reply is expected",
-)
-def test_bug_end_data_before_354(impl: ModuleType) -> None:
-    s = Script(impl, Cut("whole"))
-    c = session(s)
-    txn = c.start_transaction(FROM, ["a@example.net"])
-    s.sent()
-    with pytest.raises(LocalProtocolError):
-        c.end_data(txn)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec bug: commands queued behind QUIT are written after the QUIT reply",
-)
-def test_bug_nothing_written_after_quit(impl: ModuleType) -> None:
-    s = Script(impl, Cut("whole"))
-    c = session(s)
-    c.command("QUIT")
-    try:
-        c.start_transaction(FROM, ["a@example.net"])
-    except LocalProtocolError:
-        return  # refusing it is a fix too
-    assert s.sent() == b"QUIT\r\n"
-    s.server(b"221 bye\r\n")
-    assert s.sent() == b""
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec bug: end_data() after the connection broke raises instead of being the "
-    "no-op its 'if self.error is not None: return' means (_break cleared content_owed)",
-)
-def test_bug_end_data_after_break_is_noop(impl: ModuleType) -> None:
-    s = Script(impl, Cut("whole"))
-    c = session(s)
-    txn = c.start_transaction(FROM, ["a@example.net"])
-    s.sent()
-    s.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
-    c.fail(ConnectionResetError("reset"))
-    c.end_data(txn)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec bug (_common.Reply.text): a later line that starts with a longer code "
-    "('2.1.50 b' under '2.1.5') loses the first five characters",
-)
-def test_bug_reply_text_keeps_longer_enhanced_code() -> None:
-    # Shared code, so one run covers both engines.
-    assert Reply(250, "2.1.5", ("2.1.5 a", "2.1.50 b")).text == "a\n2.1.50 b"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec bug: commands queued behind STARTTLS are written in the clear as soon as "
-    "its 220 arrives, before start_tls_done()",
-)
-def test_bug_nothing_written_between_starttls_and_handshake(impl: ModuleType) -> None:
-    s = Script(impl, Cut("whole"))
-    c = session(s, caps=CAPS_TLS)
-    c.command("STARTTLS")
-    c.start_transaction(FROM, ["a@example.net"])
-    assert s.sent() == b"STARTTLS\r\n"
-    s.server(b"220 2.0.0 go\r\n")
-    assert s.sent() == b""
+def test_reply_text_strips_only_the_enhanced_code() -> None:
+    # Shared code (_common.Reply.text), so one run covers both engines.
+    reply = Reply(250, "2.1.5", ("2.1.5 a", "2.1.50 b", "2.1.5", "x 2.1.5"))
+    assert reply.text == "a\n2.1.50 b\n\nx 2.1.5"
 
 
 # --- other engine behaviour --------------------------------------------------------------

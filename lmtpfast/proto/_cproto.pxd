@@ -80,7 +80,10 @@ cdef class Connection:
     cdef _Fifo _outq       # the send cursor: commands not yet written
     cdef list _wbuf
     cdef _Fifo _events
-    cdef object _content_owed
+    cdef object _content_owed   # DATA sent, content not yet
+    cdef object _data_ready     # 354 received, content not yet
+    cdef bint _quit_queued
+    cdef bint _tls_pending      # STARTTLS queued; nothing more until start_tls_done()
     cdef Py_ssize_t _sync_pending
     cdef Py_ssize_t _txn_seq
     cdef list _open

@@ -3,6 +3,8 @@
 from collections.abc import Iterable, Sequence
 from typing import final
 
+from typing_extensions import disjoint_base
+
 from ._common import Capabilities, Reply, Transaction
 
 __all__ = ["Connection", "ReplyParser"]
@@ -23,6 +25,7 @@ class ReplyParser:
     def next_reply(self) -> Reply | None: ...
     def take_buffered(self) -> bytes: ...
 
+@disjoint_base
 class Connection:
     """The client side of one LMTP connection, without I/O."""
 

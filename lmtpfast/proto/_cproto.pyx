@@ -468,6 +468,9 @@ cdef class Connection:
         self._wbuf = []
         self._events.clear()
         self._content_owed = None  # DATA sent, content not yet
+        self._data_ready = None  # 354 received, content not yet
+        self._quit_queued = False
+        self._tls_pending = False  # STARTTLS queued; nothing more until start_tls_done()
         self._sync_pending = 1  # greeting: nothing goes out before it
         self._txn_seq = 0
         self._open = []  # transactions not yet done, in order
@@ -508,7 +511,10 @@ cdef class Connection:
     @property
     def usable(self):
         """The connection can take new commands."""
-        return self.error is None and not self.closed
+        return (
+            self.error is None and not self.closed and not self._quit_queued
+            and not self._tls_pending
+        )
 
     @property
     def open_transactions(self):
@@ -586,6 +592,10 @@ cdef class Connection:
             if argument:
                 line += b" " + check_command_argument(argument)
             line += _CRLF
+        if verb == "QUIT":
+            self._quit_queued = True
+        elif verb == "STARTTLS":
+            self._tls_pending = True
         self._queue(line, _COMMAND, None, 0, verb)
         self._pump()
 
@@ -637,12 +647,17 @@ cdef class Connection:
         return txn
 
     def end_data(self, txn):
-        """The content of ``txn`` has been written: queue the final dot."""
-        if self._content_owed is not txn:
-            raise LocalProtocolError("end_data() for a transaction that is not owed content")
-        self._content_owed = None
+        """The content of ``txn`` has been written: queue the final dot.
+
+        Only valid after :class:`ReadyForData` for ``txn``; a no-op once the
+        connection is broken (the transaction is already decided).
+        """
         if self.error is not None:
             return
+        if self._data_ready is not txn:
+            raise LocalProtocolError("end_data() for a transaction that is not owed content")
+        self._data_ready = None
+        self._content_owed = None
         self._wbuf.append(_DOT_LINE)
         txn.dot_sent = True
         for idx in txn.accepted:
@@ -656,8 +671,10 @@ cdef class Connection:
         sent in the clear and could be an injection (CVE-2011-0411): they
         break the connection instead of being read as TLS-protected replies.
         """
+        partial = self._parser.in_reply
         leftover = self._parser.take_buffered()
-        if leftover:
+        self._tls_pending = False
+        if leftover or partial:
             self._break(
                 RemoteProtocolError("server sent data after its STARTTLS reply"), 451, "4.5.0"
             )
@@ -670,8 +687,10 @@ cdef class Connection:
     cdef int _check_usable(self) except -1:
         if self.error is not None:
             raise LocalProtocolError(f"connection is broken: {self.error}")
-        if self.closed:
-            raise LocalProtocolError("connection is closed")
+        if self.closed or self._quit_queued:
+            raise LocalProtocolError("connection is closed (QUIT was sent)")
+        if self._tls_pending:
+            raise LocalProtocolError("STARTTLS in progress: call start_tls_done() first")
         return 0
 
     cdef int _queue(self, bytes line, int kind, object txn, Py_ssize_t idx, str name) except -1:
@@ -761,6 +780,8 @@ cdef class Connection:
                 self._sync_pending -= 1
             if c.name == "QUIT":
                 self.closed = True
+            elif c.name == "STARTTLS" and not _ok(code):
+                self._tls_pending = False  # refused: go on in the clear
             self._events.push(CommandReply(c.name, reply))
         self._pump()
         return 0
@@ -770,6 +791,7 @@ cdef class Connection:
         mail_ok = _reply_ok(txn.mail_reply)
         if code == 354:
             if txn.accepted:
+                self._data_ready = txn
                 self._events.push(ReadyForData(txn))
                 return 0  # _content_owed stays set until end_data()
             # 354 although nothing was accepted (possible with pipelining):
@@ -821,5 +843,6 @@ cdef class Connection:
         self._outq.clear()
         self._wbuf = []
         self._content_owed = None
+        self._data_ready = None
         self._events.push(ConnectionBroken(error, failed))
         return 0
