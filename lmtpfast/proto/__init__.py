@@ -43,10 +43,10 @@ def _load_compiled() -> ModuleType | None:
     if os.environ.get("LMTPFAST_NO_EXTENSIONS") == "1":
         return None
     try:
-        from . import _cproto  # type: ignore[attr-defined]
+        from . import _cproto
     except ImportError:
         return None
-    return _cproto  # type: ignore[no-any-return]
+    return _cproto
 
 
 _compiled = _load_compiled()

@@ -65,7 +65,8 @@ class Reply:
             return "\n".join(self.lines)
         cut = len(enh)
         return "\n".join(
-            (ln[cut:].lstrip(" ") if ln.startswith(enh) else ln) for ln in self.lines
+            ln[cut:].lstrip(" ") if ln.startswith(enh) and ln[cut : cut + 1] in ("", " ") else ln
+            for ln in self.lines
         )
 
     @property

@@ -89,7 +89,11 @@ class ReplyParser:
             nl = buf.find(b"\n", self._scan)
             if nl < 0:
                 self._scan = len(buf)
-                if self._scan - self._start > self.max_line_length:
+                pending = self._scan - self._start
+                # A line of exactly the maximum may have its CR here and its LF later.
+                if pending > self.max_line_length and not (
+                    pending == self.max_line_length + 1 and buf[-1] == 13
+                ):
                     raise RemoteProtocolError(
                         f"reply line longer than {self.max_line_length} bytes"
                     )
@@ -222,6 +226,9 @@ class Connection:
         self._wbuf: list[bytes] = []
         self._events: deque[object] = deque()
         self._content_owed: Transaction | None = None  # DATA sent, content not yet
+        self._data_ready: Transaction | None = None  # 354 received, content not yet
+        self._quit_queued = False
+        self._tls_pending = False  # STARTTLS queued; nothing more until start_tls_done()
         self._sync_pending = 1  # greeting: nothing goes out before it
         self._txn_seq = 0
         self._open: list[Transaction] = []  # transactions not yet done, in order
@@ -254,7 +261,10 @@ class Connection:
     @property
     def usable(self) -> bool:
         """The connection can take new commands."""
-        return self.error is None and not self.closed
+        return (
+            self.error is None and not self.closed and not self._quit_queued
+            and not self._tls_pending
+        )
 
     @property
     def open_transactions(self) -> int:
@@ -331,6 +341,10 @@ class Connection:
             if argument:
                 line += b" " + check_command_argument(argument)
             line += _CRLF
+        if verb == "QUIT":
+            self._quit_queued = True
+        elif verb == "STARTTLS":
+            self._tls_pending = True
         self._queue(line, _COMMAND, None, 0, verb)
         self._pump()
 
@@ -376,12 +390,17 @@ class Connection:
         return txn
 
     def end_data(self, txn: Transaction) -> None:
-        """The content of ``txn`` has been written: queue the final dot."""
-        if self._content_owed is not txn:
-            raise LocalProtocolError("end_data() for a transaction that is not owed content")
-        self._content_owed = None
+        """The content of ``txn`` has been written: queue the final dot.
+
+        Only valid after :class:`ReadyForData` for ``txn``; a no-op once the
+        connection is broken (the transaction is already decided).
+        """
         if self.error is not None:
             return
+        if self._data_ready is not txn:
+            raise LocalProtocolError("end_data() for a transaction that is not owed content")
+        self._data_ready = None
+        self._content_owed = None
         self._wbuf.append(b".\r\n")
         txn.dot_sent = True
         for idx in txn.accepted:
@@ -395,8 +414,10 @@ class Connection:
         sent in the clear and could be an injection (CVE-2011-0411): they
         break the connection instead of being read as TLS-protected replies.
         """
+        partial = self._parser.in_reply
         leftover = self._parser.take_buffered()
-        if leftover:
+        self._tls_pending = False
+        if leftover or partial:
             self._break(
                 RemoteProtocolError("server sent data after its STARTTLS reply"), 451, "4.5.0"
             )
@@ -409,8 +430,10 @@ class Connection:
     def _check_usable(self) -> None:
         if self.error is not None:
             raise LocalProtocolError(f"connection is broken: {self.error}")
-        if self.closed:
-            raise LocalProtocolError("connection is closed")
+        if self.closed or self._quit_queued:
+            raise LocalProtocolError("connection is closed (QUIT was sent)")
+        if self._tls_pending:
+            raise LocalProtocolError("STARTTLS in progress: call start_tls_done() first")
 
     def _queue(
         self, line: bytes, kind: int, txn: Transaction | None, idx: int, name: str
@@ -497,6 +520,8 @@ class Connection:
                 self._sync_pending -= 1
             if name == "QUIT":
                 self.closed = True
+            elif name == "STARTTLS" and not 200 <= reply.code < 300:
+                self._tls_pending = False  # refused: go on in the clear
             self._events.append(CommandReply(name, reply))
         self._pump()
 
@@ -505,6 +530,7 @@ class Connection:
         mail_ok = txn.mail_reply is not None and 200 <= txn.mail_reply.code < 300
         if reply.code == 354:
             if txn.accepted:
+                self._data_ready = txn
                 self._events.append(ReadyForData(txn))
                 return  # _content_owed stays set until end_data()
             # 354 although nothing was accepted (possible with pipelining):
@@ -556,4 +582,5 @@ class Connection:
         self._outq.clear()
         self._wbuf.clear()
         self._content_owed = None
+        self._data_ready = None
         self._events.append(ConnectionBroken(error, failed))
