@@ -61,8 +61,14 @@ class Reply:
     @property
     def text(self) -> str:
         enh = self.enhanced
+        lines = self.lines
+        if len(lines) == 1:  # the common case, once per recipient: keep it cheap
+            line = lines[0]
+            if enh is None or not line.startswith(enh):
+                return line
+            return line[len(enh) :].lstrip(" ")
         if enh is None:
-            return "\n".join(self.lines)
+            return "\n".join(lines)
         cut = len(enh)
         return "\n".join(
             ln[cut:].lstrip(" ") if ln.startswith(enh) and ln[cut : cut + 1] in ("", " ") else ln
@@ -192,9 +198,6 @@ class Capabilities:
 
 # --- envelope arguments -------------------------------------------------------
 
-_FORBIDDEN_IN_ADDRESS = frozenset("\r\n\0<> \t")
-
-
 def encode_address(address: str, *, allow_empty: bool = False, utf8: bool = False) -> bytes:
     """``address`` as the bytes that go between ``<`` and ``>``.
 
@@ -207,7 +210,8 @@ def encode_address(address: str, *, allow_empty: bool = False, utf8: bool = Fals
         if allow_empty:
             return b""
         raise LocalProtocolError("empty recipient address")
-    if not _FORBIDDEN_IN_ADDRESS.isdisjoint(address):
+    # isprintable() refuses CR, LF, NUL, TAB and every other control character.
+    if not address.isprintable() or " " in address or "<" in address or ">" in address:
         raise LocalProtocolError(
             f"address {address!r} contains a forbidden character (CR, LF, NUL, <, > or space)"
         )
