@@ -12,9 +12,11 @@ Both sides of the comparison use K connections and C concurrent callers:
 * ``plain``: K connections opened up front with ``lmtpfast.connect()``;
   caller j always sends on connection j mod K (``Client.send`` pipelines
   the callers that share a connection);
-* ``agent``: ``Agent.for_server(dest, max_connections=K)``; the callers call
-  ``agent.deliver()`` and the pool hands out connections (warm-up: one
-  delivery before the clock starts, the pool opens the rest as needed).
+* ``agent``: ``Agent.for_server(dest, max_connections=K,
+  pipeline_depth=ceil(C/K))``, so both sides have as many transactions in
+  flight per connection; the callers call ``agent.deliver()`` and the pool
+  hands out connections (warm-up: one delivery before the clock starts, the
+  pool opens the rest as needed).
 
 Each figure is the median of R runs; ``ratio`` is agent/plain. ``--policy``
 adds a table of pool pipelining settings (``pipeline_depth``) for choosing
@@ -164,6 +166,10 @@ def main() -> None:
         print(f"server {args.server}, loop {args.loop}, engine {IMPLEMENTATION}, "
               f"{args.messages} messages of {len(msg)} bytes, {args.connections} connections, "
               f"{args.concurrency} concurrent callers, median of {args.runs} runs\n")
+        # As many transactions in flight per connection as plain has, so the
+        # difference is the agent layer, not the pipelining depth.
+        depth = max(1, -(-args.concurrency // args.connections))
+        print(f"agent: pipeline_depth {depth} (plain has {depth} callers per connection)\n")
         print(f"{'recipients':>10} {'plain msg/s':>12} {'agent msg/s':>12} "
               f"{'agent rcpt/s':>13} {'ratio':>6}")
         for nrcpt in args.recipients:
@@ -173,7 +179,7 @@ def main() -> None:
                 plain.append(args.messages / _run(run_plain(server.destination, args, rcpts, msg),
                                                   args.loop))
                 agent.append(args.messages / _run(
-                    run_agent(server.destination, args, rcpts, msg, 4), args.loop))
+                    run_agent(server.destination, args, rcpts, msg, depth), args.loop))
             mp, ma = statistics.median(plain), statistics.median(agent)
             print(f"{nrcpt:>10} {mp:>12,.0f} {ma:>12,.0f} {ma * nrcpt:>13,.0f} {ma / mp:>6.2f}")
         if args.policy:

@@ -88,6 +88,8 @@ class AgentStats:
     dead_idle: int = 0
     #: The most connections one pool had open at once.
     peak_connections: int = 0
+    #: The most transactions in flight on one connection at once.
+    peak_pipelined: int = 0
 
 
 def _refusal(recipient: str, code: int, enhanced: str, text: str, stage: str) -> RecipientResult:
@@ -361,6 +363,7 @@ class Agent:
             total.retries += s.retries
             total.dead_idle += s.dead_idle
             total.peak_connections = max(total.peak_connections, s.peak_connections)
+            total.peak_pipelined = max(total.peak_pipelined, s.peak_pipelined)
         return total
 
     def pools(self) -> dict[tuple[str, Destination], Pool]:

@@ -129,6 +129,8 @@ class PoolStats:
     peak_connections: int = 0
     #: Idle connections found dead (closed by the server) when taken or probed.
     dead_idle: int = 0
+    #: Most transactions in flight on one connection at once.
+    peak_pipelined: int = 0
 
 
 class PoolClosed(LMTPError):
@@ -256,6 +258,8 @@ class Pool:
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             try:
                 conn, reused = await self._acquire()
+                if conn.load > self.stats.peak_pipelined:
+                    self.stats.peak_pipelined = conn.load
             except (LMTPError, OSError) as exc:
                 if isinstance(exc, LocalProtocolError):
                     raise
@@ -267,6 +271,13 @@ class Pool:
             except LocalProtocolError:
                 ok = conn.client.usable  # nothing was sent; the connection is intact
                 raise
+            except (LMTPError, OSError) as exc:
+                # The connection broke between being handed out and this send:
+                # nothing of the transaction went out.
+                if attempt < _MAX_ATTEMPTS:
+                    self.stats.retries += 1
+                    continue
+                return _failed(recipients, exc, dest)
             finally:
                 self._release(conn, ok)
             self.stats.transactions += 1
@@ -414,6 +425,17 @@ class Pool:
         conn.load = 1
         self._conns.add(conn)
         self.stats.connections_opened += 1
+        # Callers that queued while connections were being opened (they are
+        # not shareable before LHLO) may pipeline on this one right away;
+        # else they would only trickle in, one per finished transaction.
+        depth = self.settings.pipeline_depth
+        if conn.pipelining and depth > 1:
+            waiters = self._waiters
+            while waiters and conn.load < depth:
+                fut = waiters.popleft()
+                if not fut.done():
+                    conn.load += 1
+                    fut.set_result(conn)
         return conn
 
     async def _probe(self, conn: _Conn) -> bool:

@@ -229,7 +229,22 @@ async def test_pipelining_on_one_connection_at_the_limit(smtp_sink) -> None:
             agent.deliver(MSG, sender="s@example.org", recipients=[f"a{i}@example.com"])
             for i in range(200)))
         assert agent.stats.connections_opened == 1
+        assert agent.stats.peak_pipelined == 8
     assert all(b[0].delivered for b in batches)
+
+
+async def test_callers_queued_during_connect_pipeline_at_once(smtp_sink) -> None:
+    # 16 callers, 2 connections being opened: the 14 that queue meanwhile must
+    # fill both pipelines as soon as the connections are up, not trickle in
+    # one per finished transaction.
+    sink = smtp_sink()
+    async with Agent.for_server(sink.destination, max_connections=2, pipeline_depth=8) as agent:
+        batches = await asyncio.gather(*(
+            agent.deliver(MSG, sender="s@example.org", recipients=[f"a{i}@example.com"])
+            for i in range(16)))
+        stats = agent.stats
+    assert all(b[0].delivered for b in batches)
+    assert (stats.connections_opened, stats.peak_pipelined) == (2, 8)
 
 
 async def test_backend_restart_costs_no_failed_delivery(dovecot_factory) -> None:
