@@ -164,7 +164,7 @@ class Agent:
         self._delimiter = config.recipient_delimiter
         self._pools: dict[tuple[str, Destination], Pool] = {}
         # Routing depends only on the (immutable) maps: remember recent answers.
-        self._route_cache: dict[str, Routing] = {}
+        self._route_cache: dict[str, tuple[Routing, Pool | None, int]] = {}
         self._closed = False
         self._deliveries = 0
         self._recipients = 0
@@ -252,15 +252,22 @@ class Agent:
             dest = Destination("inet", host=domain.strip("[]"), port=DEFAULT_PORT)
         return Routing(recipient, address, name, dest, key)
 
-    def _cached_route(self, recipient: str) -> Routing:
+    def _cached_route(self, recipient: str) -> tuple[Routing, Pool | None, int]:
+        """The routing of ``recipient``, its pool and recipient limit (cached)."""
         cache = self._route_cache
-        r = cache.get(recipient) if isinstance(recipient, str) else None
-        if r is None:
+        hit = cache.get(recipient) if isinstance(recipient, str) else None
+        if hit is None:
             r = self.route(recipient)
+            if r.failure is None:
+                assert r.destination is not None
+                hit = (r, self._pool(r.transport, r.destination),
+                       self._transports[r.transport].recipient_limit)
+            else:
+                hit = (r, None, 0)
             if len(cache) >= _ROUTE_CACHE_SIZE:
                 cache.clear()
-            cache[recipient] = r
-        return r
+            cache[recipient] = hit
+        return hit
 
     def _pool(self, name: str, dest: Destination) -> Pool:
         pool = self._pools.get((name, dest))
@@ -299,51 +306,60 @@ class Agent:
             raise ContentError(f"message contains a NUL byte at offset {nul}; it cannot be sent")
         self._deliveries += 1
         self._recipients += len(recipients)
-        if len(recipients) == 1:  # the common case, without the grouping machinery
+        replace = msgspec.structs.replace
+        n = len(recipients)
+        if n == 1:  # the common cases first, without the grouping machinery
             rcpt = recipients[0]
-            r = self._cached_route(rcpt)
-            if r.failure is not None:
+            r, pool, _ = self._cached_route(rcpt)
+            if pool is None:
+                assert r.failure is not None
                 return [r.failure]
-            assert r.destination is not None
-            pool = self._pools.get((r.transport, r.destination)) or self._pool(
-                r.transport, r.destination)
             (result,) = await pool.deliver(sender, [r.address], raw, mail_params=mail_params)
-            return [result if result.address == rcpt else msgspec.structs.replace(
-                result, address=rcpt)]
-        out: list[RecipientResult | None] = [None] * len(recipients)
-        # (transport, destination) -> final address -> input positions
-        groups: dict[tuple[str, Destination], dict[str, list[int]]] = {}
-        for i, rcpt in enumerate(recipients):
-            r = self._cached_route(rcpt)
-            if r.failure is not None:
+            return [result if result.address == rcpt else replace(result, address=rcpt)]
+        routed = [self._cached_route(rcpt) for rcpt in recipients]
+        pool = routed[0][1]
+        if pool is not None and n <= routed[0][2] and all(e[1] is pool for e in routed):
+            addresses = [e[0].address for e in routed]
+            if len(set(addresses)) == n:  # one back end, no duplicates: one transaction
+                results = await pool.deliver(sender, addresses, raw, mail_params=mail_params)
+                return [res if res.address == rcpt else replace(res, address=rcpt)
+                        for res, rcpt in zip(results, recipients, strict=True)]
+        out: list[RecipientResult | None] = [None] * n
+        # pool (one per transport and destination) -> final address -> input positions
+        groups: dict[Pool, tuple[int, dict[str, list[int]]]] = {}
+        for i, (r, rpool, limit) in enumerate(routed):
+            if rpool is None:
                 out[i] = r.failure
                 continue
-            assert r.destination is not None
-            groups.setdefault((r.transport, r.destination), {}).setdefault(r.address, []).append(i)
+            entry = groups.get(rpool)
+            if entry is None:
+                entry = groups[rpool] = (limit, {})
+            positions = entry[1].get(r.address)
+            if positions is None:
+                entry[1][r.address] = [i]
+            else:
+                positions.append(i)
 
         batches: list[tuple[Pool, dict[str, list[int]], list[str]]] = []
-        for (name, dest), by_address in groups.items():
-            limit = self._transports[name].recipient_limit
+        for gpool, (limit, by_address) in groups.items():
             addresses = list(by_address)
-            pool = self._pool(name, dest)
             for start in range(0, len(addresses), limit):
-                batches.append((pool, by_address, addresses[start : start + limit]))
+                batches.append((gpool, by_address, addresses[start : start + limit]))
 
         if len(batches) == 1:
-            pool, by_address, chunk = batches[0]
-            outcomes = [await pool.deliver(sender, chunk, raw, mail_params=mail_params)]
+            bpool, _, chunk = batches[0]
+            outcomes = [await bpool.deliver(sender, chunk, raw, mail_params=mail_params)]
         elif batches:
             outcomes = await asyncio.gather(*(
-                pool.deliver(sender, chunk, raw, mail_params=mail_params)
-                for pool, _, chunk in batches))
+                bpool.deliver(sender, chunk, raw, mail_params=mail_params)
+                for bpool, _, chunk in batches))
         else:
             outcomes = []
         for (_, by_address, chunk), results in zip(batches, outcomes, strict=True):
             for address, result in zip(chunk, results, strict=True):
                 for i in by_address[address]:
                     rcpt = recipients[i]
-                    out[i] = result if rcpt == result.address else msgspec.structs.replace(
-                        result, address=rcpt)
+                    out[i] = result if rcpt == result.address else replace(result, address=rcpt)
         return out  # type: ignore[return-value]  # every slot is filled above
 
     # -- state, closing ----------------------------------------------------------------

@@ -156,7 +156,7 @@ _SLOT: Any = object()
 
 
 def _now() -> float:
-    return asyncio.get_running_loop().time()
+    return asyncio.get_running_loop().time()  # (a pool is only used on its loop)
 
 
 class Pool:
@@ -238,55 +238,55 @@ class Pool:
         filled. A :class:`LocalProtocolError` (bad sender or address, NUL in the
         message) still raises: nothing was sent and retrying cannot help.
         """
-        self._bind_loop()
+        if self._loop is not asyncio.get_running_loop():
+            self._bind_loop()
         if self._closed:
             raise PoolClosed(f"pool for {self._dest_text} is closed")
-        raw = message_bytes(message)
+        raw = message if type(message) is bytes else message_bytes(message)
+        dest = self._dest_text
+        stats = self.stats
         self._deliveries += 1
         try:
-            return await self._deliver(sender, list(recipients), raw, mail_params)
+            for attempt in range(1, _MAX_ATTEMPTS + 1):
+                # Most deliveries find a connection without waiting: skip the coroutine.
+                got = self._acquire_nowait()
+                try:
+                    conn, reused = got if got is not None else await self._acquire()
+                except (LMTPError, OSError) as exc:
+                    if isinstance(exc, LocalProtocolError):
+                        raise
+                    return _failed(recipients, exc, dest)
+                if conn.load > stats.peak_pipelined:
+                    stats.peak_pipelined = conn.load
+                ok = False
+                try:
+                    results = await conn.client.send(sender, recipients, raw,
+                                                     mail_params=mail_params)
+                    ok = True
+                except LocalProtocolError:
+                    ok = conn.client.usable  # nothing was sent; the connection is intact
+                    raise
+                except (LMTPError, OSError) as exc:
+                    # The connection broke between being handed out and this
+                    # send: nothing of the transaction went out.
+                    if attempt < _MAX_ATTEMPTS:
+                        stats.retries += 1
+                        continue
+                    return _failed(recipients, exc, dest)
+                finally:
+                    self._release(conn, ok)
+                stats.transactions += 1
+                if reused and attempt < _MAX_ATTEMPTS and _died_before_reply(results):
+                    # The server had closed this cached connection: nothing reached it.
+                    stats.retries += 1
+                    continue
+                replace = msgspec.structs.replace
+                return [replace(r, destination=dest) for r in results]
+            raise AssertionError("unreachable")
         finally:
             self._deliveries -= 1
             if self._deliveries == 0 and self._drained is not None and not self._drained.done():
                 self._drained.set_result(None)
-
-    async def _deliver(
-        self, sender: str, recipients: list[str], raw: bytes | memoryview,
-        mail_params: Sequence[str],
-    ) -> list[RecipientResult]:
-        dest = self._dest_text
-        for attempt in range(1, _MAX_ATTEMPTS + 1):
-            try:
-                conn, reused = await self._acquire()
-                if conn.load > self.stats.peak_pipelined:
-                    self.stats.peak_pipelined = conn.load
-            except (LMTPError, OSError) as exc:
-                if isinstance(exc, LocalProtocolError):
-                    raise
-                return _failed(recipients, exc, dest)
-            ok = False
-            try:
-                results = await conn.client.send(sender, recipients, raw, mail_params=mail_params)
-                ok = True
-            except LocalProtocolError:
-                ok = conn.client.usable  # nothing was sent; the connection is intact
-                raise
-            except (LMTPError, OSError) as exc:
-                # The connection broke between being handed out and this send:
-                # nothing of the transaction went out.
-                if attempt < _MAX_ATTEMPTS:
-                    self.stats.retries += 1
-                    continue
-                return _failed(recipients, exc, dest)
-            finally:
-                self._release(conn, ok)
-            self.stats.transactions += 1
-            if reused and attempt < _MAX_ATTEMPTS and _died_before_reply(results):
-                # The server had closed this cached connection: nothing reached it.
-                self.stats.retries += 1
-                continue
-            return [msgspec.structs.replace(r, destination=dest) for r in results]
-        raise AssertionError("unreachable")
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Client]:
@@ -313,6 +313,20 @@ class Pool:
                 self._drained.set_result(None)
 
     # -- acquire / release -------------------------------------------------------
+
+    def _acquire_nowait(self) -> tuple[_Conn, bool] | None:
+        """What :meth:`_acquire` gives when that needs no waiting, else ``None``."""
+        if self.settings.probe != "none" or self._waiters:
+            return None  # a probe needs I/O; queued callers go first
+        conn = self._take_idle()
+        if conn is None:
+            if self.size < self.settings.max_connections:
+                return None  # a new connection is opened (by _acquire)
+            conn = self._share()
+            if conn is None:
+                return None
+        self.stats.connections_reused += 1
+        return conn, True
 
     async def _acquire(self) -> tuple[_Conn, bool]:
         """A connection with one more transaction counted on it, and whether it existed."""
@@ -348,7 +362,7 @@ class Pool:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if not conn.client.usable:
+            if not _alive(conn.client):
                 self.stats.dead_idle += 1
                 self._discard(conn)
                 continue
@@ -583,6 +597,12 @@ class Pool:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _alive(client: Client) -> bool:
+    """``Client.alive()`` (a poll for an unread EOF) where the client has it, else ``usable``."""
+    alive = getattr(client, "alive", None)
+    return bool(alive()) if alive is not None else client.usable
 
 
 def _died_before_reply(results: list[RecipientResult]) -> bool:

@@ -34,6 +34,14 @@ __all__ = ["SyncAgent", "deliver"]
 T = TypeVar("T")
 
 
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
 def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
     """Finalizer for a SyncAgent dropped without close(): stop its thread."""
     if thread.is_alive() and not loop.is_closed():
@@ -51,7 +59,10 @@ class SyncAgent:
         self._closed = False
         factory = loop_factory() if use_uvloop else None
         self._loop: asyncio.AbstractEventLoop = factory() if factory else asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="lmtpfast-sync", daemon=True)
+        # The thread must not hold a reference to self, or the finalizer
+        # below could never run for a SyncAgent dropped without close().
+        self._thread = threading.Thread(target=_run_loop, args=(self._loop,),
+                                        name="lmtpfast-sync", daemon=True)
         ready = threading.Event()
         self._loop.call_soon(ready.set)
         self._thread.start()
@@ -75,13 +86,6 @@ class SyncAgent:
         """See :meth:`Agent.for_server` (``use_uvloop`` is taken out of ``settings``)."""
         use_uvloop = settings.pop("use_uvloop", True)
         return cls(Agent.for_server(destination, **settings), use_uvloop=use_uvloop)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.close()
 
     def _call(
         self, coro: Coroutine[Any, Any, T], timeout: float | None = None, *,

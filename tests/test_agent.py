@@ -294,7 +294,10 @@ async def test_idle_connections_killed_by_server_are_replaced(dovecot_factory, n
     if notice == "loop-saw-it":
         assert stats.dead_idle >= 1
     else:
-        assert stats.retries >= 1
+        # Client.alive() polls the socket before reuse and usually catches the
+        # unread EOF (dead_idle); if not, the transaction fails before any
+        # reply and is retried.
+        assert stats.retries + stats.dead_idle >= 1
 
 
 async def test_reuse_limits_and_probe(smtp_sink) -> None:

@@ -187,3 +187,16 @@ def test_sync_timeout_and_one_shot(smtp_sink) -> None:
                       server=fast.destination, use_uvloop=False)
     assert [r.code for r in results] == [250, 250]
     assert results[0].destination == fast.destination
+
+
+def test_sync_agent_dropped_without_close_stops_its_thread(smtp_sink) -> None:
+    import gc
+
+    sink = smtp_sink()
+    agent = SyncAgent.for_server(sink.destination)
+    assert agent.deliver(MSG, sender="s@example.org", recipients=["a@example.com"])[0].delivered
+    thread = agent._thread
+    del agent
+    gc.collect()
+    thread.join(5)
+    assert not thread.is_alive()
