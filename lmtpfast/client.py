@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import email.message
 import email.policy
+import logging
 import socket
 from collections.abc import Sequence
 
@@ -24,13 +25,20 @@ from .errors import (
     LocalProtocolError,
     ReplyError,
     ServerDisconnected,
+    TLSError,
 )
 from .proto import Capabilities, Connection, Reply
 from .proto.content import encode_content
 from .results import RecipientResult, status_of
+from .sasl import AuthPolicy, Credentials
+from .sasl import login as sasl_login
+from .tls import TLSInfo, TLSPolicy
+from .tls import negotiate as negotiate_tls
 from .transport import STREAM_CHUNK, LMTPProtocol, StreamedContent, Timeouts
 
 __all__ = ["Client", "Message", "connect", "deliver", "message_bytes"]
+
+log = logging.getLogger("lmtpfast.client")
 
 Message = bytes | bytearray | memoryview | str | email.message.Message
 
@@ -84,6 +92,7 @@ class Client:
         self.greeting = greeting
         self.lhlo_reply = lhlo_reply
         self.transactions = 0  # started on this connection
+        self._use_chunking = True
 
     @property
     def capabilities(self) -> Capabilities:
@@ -96,6 +105,21 @@ class Client:
         return self._protocol.engine.pipelining
 
     @property
+    def chunking(self) -> bool:
+        """True when messages go as BDAT chunks (RFC 3030) rather than DATA."""
+        return self._use_chunking and self.capabilities.chunking
+
+    #: The SASL identity this session authenticated as (``None``: no AUTH was done).
+    authenticated_as: str | None = None
+    #: The SASL mechanism that authenticated it.
+    auth_mechanism: str | None = None
+
+    @property
+    def tls(self) -> TLSInfo | None:
+        """What STARTTLS negotiated (version, cipher, peer certificate), or ``None`` in plain text."""
+        return self._protocol.tls
+
+    @property
     def usable(self) -> bool:
         """True while the connection can take another transaction."""
         return self._protocol.usable
@@ -103,6 +127,20 @@ class Client:
     @property
     def idle(self) -> bool:
         return self._protocol.usable and self._protocol.engine.idle
+
+    def alive(self) -> bool:
+        """Usable, and (when idle) the server has not closed or written to the socket.
+
+        Pools call this before reusing an idle connection: it catches a server
+        that closed the connection a moment ago, before the event loop has
+        read the EOF, at the cost of one poll(2). With BDAT a whole
+        transaction leaves in one write, so writing into such a connection
+        would leave its recipients "possibly delivered" instead of retried.
+        """
+        proto = self._protocol
+        if not proto.usable:
+            return False
+        return not proto.engine.idle or proto.peer_silent()
 
     def __repr__(self) -> str:
         state = "open" if self.usable else "closed"
@@ -149,11 +187,13 @@ class Client:
         elif needs_utf8 and "SMTPUTF8" not in upper:
             params.append("SMTPUTF8")
 
+        chunking = self.chunking
         if len(raw) > STREAM_THRESHOLD:
-            content: bytes | StreamedContent = StreamedContent(memoryview(raw).cast("B"))
+            content: bytes | StreamedContent = StreamedContent(memoryview(raw).cast("B"),
+                                                               chunking=chunking)
             size = len(raw)
         else:
-            content = encode_content(raw)
+            content = encode_content(raw, dot_stuff=not chunking)
             size = len(content)
         eight_bit = not ascii_only
         limit = caps.size
@@ -177,7 +217,7 @@ class Client:
         self.transactions += 1
         fut = self._protocol.transaction(
             sender, send_rcpts, content, mail_params=params, rcpt_params=send_params,
-            smtputf8="SMTPUTF8" in params,
+            smtputf8="SMTPUTF8" in params, chunking=chunking,
         )
         try:
             results = await asyncio.shield(fut)
@@ -236,16 +276,35 @@ async def connect(
     lhlo_name: str | None = None,
     timeouts: Timeouts | None = None,
     pipelining: bool = True,
+    chunking: bool = True,
     ignore_keywords: Sequence[str] = (),
     max_line_length: int | None = None,
     max_reply_lines: int | None = None,
+    tls: TLSPolicy | str | None = None,
+    auth: Credentials | AuthPolicy | None = None,
 ) -> Client:
     """Connect to an LMTP server, read its greeting and say LHLO.
 
+    ``pipelining`` and ``chunking`` (BDAT, RFC 3030) are used when the server
+    advertises them, unless turned off here.
+
     Raises :class:`ConnectError` (:class:`ConnectTimeout`) when the server
     cannot be reached, :class:`ReplyError` when the greeting or LHLO is refused.
+
+    ``tls`` is a :class:`~lmtpfast.tls.TLSPolicy` or a security level name
+    (``none``, ``may``, ``encrypt``, ``verify``); after STARTTLS, LHLO is said
+    again and only its capabilities count. :class:`TLSError` when TLS is
+    required and cannot be had (not offered, refused, handshake or certificate
+    failure); at ``may`` a failed handshake is retried once in plain text.
+    ``auth`` (:class:`~lmtpfast.sasl.Credentials` or
+    :class:`~lmtpfast.sasl.AuthPolicy`) authenticates with the best mechanism
+    the server offers; a refusal is a :class:`ReplyError` at stage ``auth``,
+    a local problem an :class:`~lmtpfast.errors.AuthenticationError`.
     """
+    options = dict(locals())  # for the plain-text retry of level "may"
     dest = parse_destination(destination)
+    tls_policy = TLSPolicy.parse(tls)
+    auth_policy = AuthPolicy.parse(auth)
     timeouts = timeouts or Timeouts()
     loop = asyncio.get_running_loop()
     kwargs = {}
@@ -277,10 +336,25 @@ async def connect(
         lhlo = await protocol.command("LHLO")
         if not 200 <= lhlo.code < 300:
             raise ReplyError(lhlo.code, lhlo.enhanced, lhlo.text, "lhlo")
+        lhlo, tls_info = await negotiate_tls(protocol, tls_policy, dest, lhlo)
+        mechanism = await sasl_login(protocol, auth_policy, dest, encrypted=tls_info is not None)
+    except TLSError as exc:
+        protocol.abort(ServerDisconnected("session setup failed"))
+        if tls_policy.level != "may":
+            raise
+        # Postfix's opportunistic TLS: a failed handshake is retried in plain text.
+        log.warning("%s; tls_security_level = may: retrying in plain text", exc)
+        options["tls"] = None
+        return await connect(**options)
     except BaseException:
         protocol.abort(ServerDisconnected("session setup failed"))
         raise
-    return Client(protocol, dest, greeting, lhlo)
+    client = Client(protocol, dest, greeting, lhlo)
+    if mechanism is not None and auth_policy is not None:
+        client.authenticated_as = auth_policy.identity
+        client.auth_mechanism = mechanism.name
+    client._use_chunking = chunking
+    return client
 
 
 async def deliver(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import msgspec
 
 from .client import Client, connect
-from .errors import LMTPError
+from .errors import ConfigurationError, LMTPError
 from .transport import Timeouts
 
 __all__ = ["BenchConfig", "BenchReport", "make_message", "run_bench"]
@@ -33,11 +33,14 @@ class BenchConfig(msgspec.Struct, frozen=True):
     sender: str = "bench@example.org"
     size: int = 1024
     pipelining: bool = True
+    chunking: str = "auto"  # auto: BDAT when advertised; on: require it; off: DATA
     rate: float | None = None  # messages per second across all connections
 
 
 class BenchReport(msgspec.Struct):
     server: str
+    chunking: bool
+    pipelining: bool
     connections: int
     recipients_per_message: int
     message_size: int
@@ -125,9 +128,13 @@ async def run_bench(
                 await asyncio.sleep(max(0.0, interval - (time.perf_counter() - start)))
 
     conns = await asyncio.gather(*[
-        connect(config.server, pipelining=config.pipelining, timeouts=timeouts)
+        connect(config.server, pipelining=config.pipelining, timeouts=timeouts,
+                chunking=config.chunking != "off")
         for _ in range(config.connections)
     ])
+    if config.chunking == "on" and not conns[0].chunking:
+        await asyncio.gather(*[c.quit() for c in conns], return_exceptions=True)
+        raise ConfigurationError("--chunking on: the server does not offer CHUNKING")
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if config.duration is not None:
@@ -144,6 +151,8 @@ async def run_bench(
     rcpts = sum(outcomes.values())
     return BenchReport(
         server=config.server,
+        chunking=conns[0].chunking,
+        pipelining=conns[0].pipelining,
         connections=config.connections,
         recipients_per_message=config.recipients,
         message_size=len(message),
@@ -164,7 +173,8 @@ async def run_bench(
 def format_report(report: BenchReport) -> Sequence[str]:
     lat = report.latency_ms
     lines = [
-        f"server {report.server}: {report.connections} connections, "
+        f"server {report.server}: {report.connections} connections"
+        f"{', pipelining' if report.pipelining else ''}{', BDAT' if report.chunking else ''}, "
         f"{report.recipients_per_message} recipient(s), {report.message_size} bytes",
         f"messages   {report.messages} in {report.elapsed:.3f}s = "
         f"{report.messages_per_second:,.0f} msg/s",

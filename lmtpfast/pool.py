@@ -43,14 +43,18 @@ import msgspec
 from .client import Client, Message, connect, message_bytes
 from .destination import Destination, parse_destination
 from .errors import (
+    AuthenticationError,
     ConfigurationError,
     ConnectError,
     ConnectTimeout,
     LMTPError,
     LocalProtocolError,
     ReplyError,
+    TLSError,
 )
 from .results import RecipientResult, status_of
+from .sasl import AuthPolicy, Credentials
+from .tls import TLSPolicy
 from .transport import Timeouts
 
 __all__ = ["Pool", "PoolClosed", "PoolSettings", "PoolStats"]
@@ -172,13 +176,20 @@ class Pool:
         pipelining: bool = True,
         ignore_keywords: Sequence[str] = (),
         stats: PoolStats | None = None,
+        tls: TLSPolicy | str | None = None,
+        auth: Credentials | AuthPolicy | None = None,
     ) -> None:
         self.destination = parse_destination(destination)
         self.settings = settings or PoolSettings()
         self.stats = stats or PoolStats()
+        # Every connection of a pool has this TLS policy and SASL identity;
+        # they are part of its key, so a connection authenticated as one
+        # user never serves another.
+        self.tls = TLSPolicy.parse(tls)
+        self.auth = AuthPolicy.parse(auth)
         self._connect_kwargs: dict[str, Any] = {
             "lhlo_name": lhlo_name, "timeouts": timeouts, "pipelining": pipelining,
-            "ignore_keywords": tuple(ignore_keywords),
+            "ignore_keywords": tuple(ignore_keywords), "tls": self.tls, "auth": self.auth,
         }
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: list[_Conn] = []  # LIFO: the end is the most recently used
@@ -197,6 +208,11 @@ class Pool:
     def __repr__(self) -> str:
         return (f"<lmtpfast.Pool {self._dest_text} open={len(self._conns)} "
                 f"idle={len(self._idle)} waiting={len(self._waiters)}>")
+
+    @property
+    def key(self) -> tuple[Destination, TLSPolicy, str | None]:
+        """What every connection here is: destination, TLS policy, SASL identity (or ``None``)."""
+        return (self.destination, self.tls, self.auth.identity if self.auth else None)
 
     # -- state -------------------------------------------------------------------
 
@@ -613,7 +629,21 @@ def _died_before_reply(results: list[RecipientResult]) -> bool:
 
 def _failed(recipients: Sequence[str], exc: BaseException, dest: str) -> list[RecipientResult]:
     """Results for recipients that never reached a server (connect, greeting, LHLO failed)."""
-    if isinstance(exc, ReplyError):
+    if isinstance(exc, ReplyError) and exc.stage == "auth":
+        # A refused AUTH defers, as Postfix does (smtp_sasl_auth_soft_bounce):
+        # credentials or the server's user database get fixed, then mail flows.
+        reply = " ".join(str(p) for p in (exc.code, exc.enhanced, exc.text) if p)
+        text = f"SASL authentication to {dest} failed; server said: {reply}"
+        enhanced: str | None = "4.7.0"
+        code, stage, local = 454, "auth", True
+        if exc.transient:
+            code, enhanced, local = exc.code, exc.enhanced, False
+    elif isinstance(exc, AuthenticationError):
+        code, enhanced, stage, local = 454, "4.7.0", "auth", True
+        text = f"SASL authentication to {dest} failed: {exc}"
+    elif isinstance(exc, TLSError):
+        code, enhanced, stage, text, local = 454, "4.7.5", "starttls", str(exc), True
+    elif isinstance(exc, ReplyError):
         code, enhanced, stage = exc.code, exc.enhanced, exc.stage or "connect"
         text = f"{dest} refused the session: {exc.code} {exc.text}".rstrip()
         local = False

@@ -8,7 +8,9 @@ future results here; nothing about LMTP itself is decided in this file.
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
+import ssl
 from collections import deque
 from dataclasses import dataclass, fields
 from typing import cast
@@ -18,6 +20,7 @@ from .errors import (
     LMTPError,
     ReadTimeout,
     ServerDisconnected,
+    TLSError,
 )
 from .proto import (
     NEED_DATA,
@@ -31,6 +34,7 @@ from .proto import (
 )
 from .proto.content import ContentEncoder
 from .results import RecipientResult
+from .tls import TLSInfo, tls_info
 
 __all__ = ["LMTPProtocol", "StreamedContent", "Timeouts"]
 
@@ -72,7 +76,8 @@ class Timeouts:
                                          field=f.name)
 
     def for_stage(self, stage: str) -> float:
-        value = getattr(self, stage, None)
+        # "auth-response" (the SASL exchange after AUTH) counts as "auth".
+        value = getattr(self, stage.partition("-")[0], None)
         return float(value) if isinstance(value, int | float) else self.command
 
     @classmethod
@@ -82,13 +87,17 @@ class Timeouts:
 
 
 class StreamedContent:
-    """A large message, encoded chunk by chunk as it is written."""
+    """A large message, encoded chunk by chunk as it is written.
 
-    __slots__ = ("dot_stuff", "raw")
+    With ``chunking`` each encoded piece goes out as a BDAT chunk (RFC 3030,
+    no dot-stuffing); otherwise as DATA content ending in the final dot.
+    """
 
-    def __init__(self, raw: memoryview, dot_stuff: bool = True) -> None:
+    __slots__ = ("chunking", "raw")
+
+    def __init__(self, raw: memoryview, chunking: bool = False) -> None:
         self.raw = raw
-        self.dot_stuff = dot_stuff
+        self.chunking = chunking
 
 
 class LMTPProtocol(asyncio.Protocol):
@@ -115,6 +124,8 @@ class LMTPProtocol(asyncio.Protocol):
         self._last_progress = 0.0
         self._content_task: asyncio.Task[None] | None = None
         self.error: Exception | None = None
+        #: What STARTTLS negotiated (``None`` while the connection is in plain text).
+        self.tls: TLSInfo | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -188,17 +199,25 @@ class LMTPProtocol(asyncio.Protocol):
         mail_params: list[str] | tuple[str, ...] = (),
         rcpt_params: list[list[str]] | None = None,
         smtputf8: bool = False,
+        chunking: bool = False,
     ) -> asyncio.Future[list[RecipientResult]]:
-        """Queue a transaction; the future gets one result per recipient."""
+        """Queue a transaction; the future gets one result per recipient.
+
+        ``content`` is the encoded message (dot-stuffed for DATA, only
+        CRLF-normalised for ``chunking``) or a :class:`StreamedContent`.
+        """
         self._check_usable()
+        streamed = isinstance(content, StreamedContent)
         txn = self.engine.start_transaction(
             sender, recipients, mail_params=mail_params, rcpt_params=rcpt_params,
-            smtputf8=smtputf8,
+            smtputf8=smtputf8, chunking=chunking and streamed,
+            body=content if chunking and not streamed else None,  # type: ignore[arg-type]
         )
         fut: asyncio.Future[list[RecipientResult]] = self._loop.create_future()
-        txn.content = content
+        if not (chunking and not streamed):
+            txn.content = content
         txn.waiter = fut
-        self._flush()
+        self._process()  # a streamed BDAT transaction is ready for content at once
         return fut
 
     def abort(self, error: Exception) -> None:
@@ -221,6 +240,69 @@ class LMTPProtocol(asyncio.Protocol):
     @property
     def usable(self) -> bool:
         return self.error is None and self.engine.usable and not self._closed.done()
+
+    def peer_silent(self) -> bool:
+        """True unless the socket has something to read right now.
+
+        An idle connection has nothing to read: readable means the server
+        closed it (EOF), reset it, or said goodbye (a 421 before closing) and
+        the event loop has not run to notice yet. One poll(2), no waiting.
+        """
+        transport = self._transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return True
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+            return not poller.poll(0)
+        except (OSError, ValueError):
+            return False
+
+    async def start_tls(
+        self, context: ssl.SSLContext, server_hostname: str | None, verified: bool,
+    ) -> TLSInfo:
+        """Upgrade the live connection after the server's 220 to STARTTLS (RFC 3207).
+
+        The handshake has the ``starttls`` time limit. The transport is
+        swapped, then the engine is told: it refuses any byte that arrived in
+        the clear after the 220 (an injection). A failure raises
+        :class:`TLSError` (OpenSSL's reason in the message) with the connection
+        aborted; the caller says LHLO again on success.
+        """
+        transport = self._transport
+        assert transport is not None
+        if self.error is not None or self._closed.done():
+            # E.g. bytes injected after the 220 already broke the session.
+            raise self.error or ServerDisconnected(f"connection to {self.peer} lost before TLS")
+        try:
+            new = await self._loop.start_tls(
+                transport, self, context, server_side=False, server_hostname=server_hostname,
+                ssl_handshake_timeout=self.timeouts.starttls)
+        except asyncio.CancelledError:
+            self.abort(ServerDisconnected("TLS handshake cancelled"))
+            raise
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, TimeoutError | ConnectionAbortedError) and "handshake" not in reason:
+                reason = f"handshake not done within {self.timeouts.starttls:g}s ({reason})"
+            error = TLSError(f"TLS handshake with {self.peer} failed: {reason}")
+            self.abort(error)
+            if not self._closed.done():  # the SSL layer may never call connection_lost
+                self._closed.set_result(None)
+            raise error from exc
+        if new is None:  # pragma: no cover - only if the loop closed under us
+            raise ServerDisconnected(f"connection to {self.peer} closed during the TLS handshake")
+        self._transport = new
+        self.engine.start_tls_done()
+        self._process()  # a refusal of injected bytes surfaces here
+        if not self.usable:
+            raise self.error or ServerDisconnected(f"connection to {self.peer} lost after TLS")
+        ssl_object = new.get_extra_info("ssl_object")
+        if ssl_object is None:  # pragma: no cover - every loop we support provides it
+            raise TLSError(f"TLS with {self.peer}: the event loop gives no SSL object")
+        self.tls = tls_info(ssl_object, verified, server_hostname)
+        return self.tls
 
     # -- internals -------------------------------------------------------------------
 
@@ -318,17 +400,27 @@ class LMTPProtocol(asyncio.Protocol):
         txn.content = None
         transport = self._transport
         assert transport is not None
-        encoder = ContentEncoder(dot_stuff=content.dot_stuff)
+        bdat = content.chunking
+        engine = self.engine
+        encoder = ContentEncoder(dot_stuff=not bdat)
         raw = content.raw
         try:
             for start in range(0, len(raw), STREAM_CHUNK):
-                transport.write(encoder.encode(raw[start : start + STREAM_CHUNK]))
+                piece = encoder.encode(raw[start : start + STREAM_CHUNK])
+                if bdat:
+                    engine.send_chunk(txn, piece)
+                    piece = engine.data_to_send()
+                transport.write(piece)
                 self._last_progress = self._loop.time()
                 if self._paused:
                     await self._drain()
-                if not self.engine.usable:
+                if not engine.usable:
                     return
             tail = encoder.finish()
+            if bdat:
+                engine.send_chunk(txn, tail, last=True)
+                self._process()
+                return
             if tail:
                 transport.write(tail)
         except LMTPError as exc:

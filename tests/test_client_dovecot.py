@@ -25,12 +25,14 @@ def _stored_as_sent(raw: bytes) -> bytes:
     return b"\r\n".join(ln[1:] if ln.startswith(b".") else ln for ln in lines)
 
 
+@pytest.mark.parametrize("chunking", [False, True], ids=["DATA", "BDAT"])
 @pytest.mark.parametrize("via", ["unix", "tcp"])
-async def test_partial_refusal_positions(dovecot, engine: str, via: str) -> None:
+async def test_partial_refusal_positions(dovecot, engine: str, via: str, chunking: bool) -> None:
     dest = dovecot.destination_unix if via == "unix" else dovecot.destination_tcp
     msg = b"From: s@example.org\r\nSubject: three\r\n\r\nHello.\r\n"
-    async with await connect(dest, lhlo_name="client.example") as conn:
+    async with await connect(dest, lhlo_name="client.example", chunking=chunking) as conn:
         assert conn.pipelining
+        assert conn.chunking == chunking
         results = await conn.send(
             "s@example.org", ["alice@example.com", "nosuchuser@example.com", "bob@example.com"], msg
         )
@@ -57,11 +59,12 @@ SMUGGLING = [
 ]
 
 
+@pytest.mark.parametrize("chunking", [False, True], ids=["DATA", "BDAT"])
 @pytest.mark.parametrize("raw", SMUGGLING, ids=range(len(SMUGGLING)))
-async def test_nothing_ends_data_early(dovecot, engine: str, raw: bytes) -> None:
+async def test_nothing_ends_data_early(dovecot, engine: str, raw: bytes, chunking: bool) -> None:
     results = await lmtpfast.deliver(
         raw, sender="s@example.org", recipients=["carol@example.com"],
-        server=dovecot.destination_unix,
+        server=dovecot.destination_unix, chunking=chunking,
     )
     assert [r.code for r in results] == [250]
     stored = dovecot.messages("carol")
@@ -96,11 +99,31 @@ async def test_without_pipelining(dovecot, engine: str) -> None:
     assert len(dovecot.messages("alice")) == 1
 
 
-async def test_big_message_streams_intact(dovecot, engine: str) -> None:
+@pytest.mark.parametrize("chunking", [False, True], ids=["DATA", "BDAT"])
+async def test_big_message_streams_intact(dovecot, engine: str, chunking: bool) -> None:
     line = b"0123456789" * 7 + b"\n"
     raw = b"Subject: big\n\n" + line * 60_000 + b".\n" + line * 10  # ~4.3 MB, streamed
     results = await lmtpfast.deliver(raw, sender="s@example.org",
-                                     recipients=["alice@example.com"],
-                                     server=dovecot.destination_unix)
-    assert results[0].delivered
-    assert body_as_sent(dovecot.messages("alice")[0]) == _stored_as_sent(raw)
+                                     recipients=["alice@example.com", "nobody@example.com",
+                                                 "bob@example.com"],
+                                     server=dovecot.destination_unix, chunking=chunking)
+    assert [r.code for r in results] == [250, 550, 250]
+    for user in ("alice", "bob"):
+        assert body_as_sent(dovecot.messages(user)[0]) == _stored_as_sent(raw)
+
+
+# RFC 3030 sizes around the edges: empty, one byte, exactly one stream chunk, 20 MiB.
+BDAT_SIZES = [0, 1, 256 * 1024, 20 * 1024 * 1024]
+
+
+@pytest.mark.parametrize("size", BDAT_SIZES)
+async def test_bdat_sizes_byte_identical(dovecot, engine: str, size: int) -> None:
+    line = b"abcdefghij" * 7 + b"\r\n"
+    raw = (line * (size // len(line) + 1))[:size]
+    async with await connect(dovecot.destination_unix, chunking=True) as conn:
+        assert conn.chunking
+        results = await conn.send("s@example.org", ["dave@example.com", "ghost@example.com"], raw)
+    assert [r.code for r in results] == [250, 550]
+    stored = dovecot.messages("dave")
+    assert len(stored) == 1
+    assert body_as_sent(stored[0]) == _stored_as_sent(raw)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -63,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lmtpfast {args.command}: interrupted", file=sys.stderr)
         return _exit.EX_TEMPFAIL
+    except BrokenPipeError:
+        # The reader went away (| head): not worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _exit.EX_IOERR
     return status
 
 

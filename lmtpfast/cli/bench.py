@@ -53,6 +53,8 @@ def register(sub: Any) -> None:
     p.add_argument("--rate", type=_positive_float, default=None, metavar="MSG/S",
                    help="limit the total message rate")
     p.add_argument("--pipelining", choices=("auto", "off"), default="auto")
+    p.add_argument("--chunking", choices=("auto", "on", "off"), default="auto",
+                   help="BDAT (RFC 3030): when advertised (auto), required (on) or never (off)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -77,12 +79,16 @@ def run(args: argparse.Namespace) -> int:
         sender=args.sender,
         size=args.size,
         pipelining=args.pipelining == "auto",
+        chunking=args.chunking,
         rate=args.rate,
     )
     if config.messages is None and config.duration is None:
         config = msgspec.structs.replace(config, messages=10_000)
     try:
         report = _loop.run(run_bench(config))
+    except ConfigurationError as exc:
+        print(f"lmtpfast bench: {exc}", file=sys.stderr)
+        return _exit.EX_UNAVAILABLE
     except (LMTPError, OSError) as exc:
         print(f"lmtpfast bench: {args.server}: {exc}", file=sys.stderr)
         return _exit.EX_TEMPFAIL

@@ -366,7 +366,9 @@ def fail_transaction(txn: Transaction, code: int, enhanced: str, why: str, stage
                     text=why,
                     stage=where,
                     local=True,
-                    possibly_delivered=txn.dot_sent and rcpt is not None,
+                    # With BDAT the content may be sent before the RCPT reply
+                    # came back: the server may have delivered either way.
+                    possibly_delivered=txn.dot_sent,
                 )
             )
     txn.results = results

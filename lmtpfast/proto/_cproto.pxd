@@ -94,6 +94,7 @@ cdef class Connection:
     cdef int _pump(self) except -1
     cdef int _on_reply(self, object reply, int code) except -1
     cdef int _on_data_reply(self, object txn, object reply, int code) except -1
+    cdef int _on_bdat_last(self, object txn, object reply) except -1
     cdef int _finish(self, object txn) except -1
     cdef int _on_eof(self) except -1
     cdef int _break(self, object error, int code, object enhanced) except -1

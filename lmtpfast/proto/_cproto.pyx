@@ -344,8 +344,14 @@ cdef enum:
     _LONE_DOT = 6     # the reply to a "." sent after 354 when no recipient was accepted
     _RSET_INTERNAL = 7  # RSET we sent to clean up after a failed transaction
     _COMMAND = 8      # a session command the caller asked for
+    _BDAT_CHUNK = 9   # the reply to a BDAT chunk that is not the last
+    _BDAT_LAST = 10   # the replies to BDAT LAST: one per accepted recipient (or one, if none)
+    _BDAT_START = 11  # queue marker, never sent: the caller streams BDAT chunks from here
 
-cdef tuple _STAGE_NAMES = ("greeting", "lhlo", "mail", "rcpt", "data", "final", "data", "rset")
+cdef tuple _STAGE_NAMES = (
+    "greeting", "lhlo", "mail", "rcpt", "data", "final", "data", "rset", "command", "data",
+    "final",
+)
 
 # Commands after which nothing else may be sent until their reply arrives
 # (RFC 2920 3.1: LHLO/EHLO, STARTTLS, AUTH, QUIT, NOOP end a group).
@@ -607,8 +613,12 @@ cdef class Connection:
         mail_params=(),
         rcpt_params=None,
         smtputf8=False,
+        chunking=False,
+        body=None,
     ):
-        """Queue MAIL, one RCPT per recipient and DATA; return the transaction.
+        """Queue MAIL, one RCPT per recipient and DATA (or BDAT); return the transaction.
+
+        See ``_pyproto.Connection.start_transaction`` for ``chunking`` and ``body``.
 
         Every argument is checked before anything is queued, so a bad address
         raises :class:`LocalProtocolError` and leaves the connection as it was.
@@ -642,9 +652,32 @@ cdef class Connection:
         for line in rcpt_lines:
             self._queue(line, _RCPT, txn, i, "RCPT")
             i += 1
-        self._queue(_DATA_LINE, _DATA, txn, 0, "DATA")
+        if body is not None:
+            self._queue(b"BDAT %d LAST\r\n" % len(body) + body, _BDAT_LAST, txn, 0, "BDAT")
+        elif chunking:
+            self._queue(b"", _BDAT_START, txn, 0, "BDAT")
+        else:
+            self._queue(_DATA_LINE, _DATA, txn, 0, "DATA")
         self._pump()
         return txn
+
+    def send_chunk(self, txn, bytes data, bint last=False):
+        """Queue one BDAT chunk of a streamed CHUNKING transaction (after its ReadyForData)."""
+        if self.error is not None:
+            return
+        if self._data_ready is not txn or self._content_owed is not txn:
+            raise LocalProtocolError("send_chunk() for a transaction that is not streaming BDAT")
+        if last:
+            self._wbuf.append(b"BDAT %d LAST\r\n" % len(data))
+            self._wbuf.append(data)
+            self._expect.push(_cmd(None, _BDAT_LAST, txn, 0, "BDAT"))
+            self._data_ready = self._content_owed = None
+            txn.dot_sent = True
+            self._pump()
+        elif data:
+            self._wbuf.append(b"BDAT %d\r\n" % len(data))
+            self._wbuf.append(data)
+            self._expect.push(_cmd(None, _BDAT_CHUNK, txn, 0, "BDAT"))
 
     def end_data(self, txn):
         """The content of ``txn`` has been written: queue the final dot.
@@ -705,10 +738,17 @@ cdef class Connection:
             if not self.pipelining and self._expect.size():
                 return 0
             c = <_Cmd>outq.pop()
+            if c.kind == _BDAT_START:
+                # Nothing is sent: the caller streams the chunks now.
+                self._content_owed = self._data_ready = c.txn
+                self._events.push(ReadyForData(c.txn))
+                continue
             self._wbuf.append(c.line)
             c.line = None
             self._expect.push(c)
-            if c.kind == _MAIL:
+            if c.kind == _BDAT_LAST:
+                c.txn.dot_sent = True  # the whole content is on its way
+            elif c.kind == _MAIL:
                 c.txn.mail_sent = True
             elif c.kind == _DATA:
                 # Nothing may follow DATA until its content has been sent.
@@ -758,6 +798,11 @@ cdef class Connection:
             self._on_data_reply(txn, reply, code)
         elif c.kind == _LONE_DOT:
             self._finish(txn)
+        elif c.kind == _BDAT_CHUNK:
+            if not _ok(code) and txn.data_reply is None:
+                txn.data_reply = reply  # decides every accepted recipient
+        elif c.kind == _BDAT_LAST:
+            self._on_bdat_last(txn, reply)
         elif c.kind == _RSET_INTERNAL:
             if not _ok(code):
                 self._break(
@@ -803,6 +848,26 @@ cdef class Connection:
         self._content_owed = None
         if mail_ok:
             # The server still holds the MAIL transaction: clear it before the next one.
+            self._outq.push_front(_cmd(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET"))
+        self._finish(txn)
+        return 0
+
+    cdef int _on_bdat_last(self, object txn, object reply) except -1:
+        # As in _pyproto: the accepted recipients are known only now.
+        cdef list accepted = txn.accepted
+        cdef Py_ssize_t n = len(accepted), k
+        if n and txn.data_reply is None:
+            txn.final_replies[accepted[0]] = reply
+            k = n - 1
+            while k >= 1:
+                self._expect.push_front(_cmd(None, _DOT, txn, accepted[k], "."))
+                k -= 1
+            if n == 1:
+                self._finish(txn)
+            return 0
+        if txn.data_reply is None:
+            txn.data_reply = reply
+        if _reply_ok(txn.mail_reply):
             self._outq.push_front(_cmd(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET"))
         self._finish(txn)
         return 0

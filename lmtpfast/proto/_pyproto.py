@@ -165,6 +165,9 @@ _DOT = 5  # one reply after the final dot, for one accepted recipient
 _LONE_DOT = 6  # the reply to a "." sent after 354 when no recipient was accepted
 _RSET_INTERNAL = 7  # RSET we sent to clean up after a failed transaction
 _COMMAND = 8  # a session command the caller asked for (RSET, NOOP, QUIT, STARTTLS, AUTH...)
+_BDAT_CHUNK = 9  # the reply to a BDAT chunk that is not the last
+_BDAT_LAST = 10  # the replies to BDAT LAST: one per accepted recipient (or one, if none)
+_BDAT_START = 11  # queue marker, never sent: the caller streams BDAT chunks from here
 
 _STAGES = {
     _GREETING: "greeting",
@@ -174,6 +177,8 @@ _STAGES = {
     _DATA: "data",
     _DOT: "final",
     _LONE_DOT: "data",
+    _BDAT_CHUNK: "data",
+    _BDAT_LAST: "final",
     _RSET_INTERNAL: "rset",
 }
 
@@ -356,8 +361,17 @@ class Connection:
         mail_params: Sequence[str] = (),
         rcpt_params: Sequence[Sequence[str]] | None = None,
         smtputf8: bool = False,
+        chunking: bool = False,
+        body: bytes | None = None,
     ) -> Transaction:
         """Queue MAIL, one RCPT per recipient and DATA; return the transaction.
+
+        With ``body`` (content already CRLF-normalised, not dot-stuffed) the
+        transaction uses CHUNKING (RFC 3030) instead: ``BDAT n LAST`` and the
+        body follow the RCPTs at once, so with PIPELINING a whole transaction
+        is one write and nothing waits for a 354. With ``chunking`` and no
+        body, :class:`ReadyForData` comes as soon as the RCPTs are sent and
+        the caller streams the content with :meth:`send_chunk`.
 
         Every argument is checked before anything is queued, so a bad address
         raises :class:`LocalProtocolError` and leaves the connection as it was.
@@ -385,9 +399,36 @@ class Connection:
         self._queue(mail + _CRLF, _MAIL, txn, 0, "MAIL")
         for i, line in enumerate(rcpt_lines):
             self._queue(line, _RCPT, txn, i, "RCPT")
-        self._queue(b"DATA\r\n", _DATA, txn, 0, "DATA")
+        if body is not None:
+            self._queue(b"BDAT %d LAST\r\n" % len(body) + body, _BDAT_LAST, txn, 0, "BDAT")
+        elif chunking:
+            self._queue(b"", _BDAT_START, txn, 0, "BDAT")
+        else:
+            self._queue(b"DATA\r\n", _DATA, txn, 0, "DATA")
         self._pump()
         return txn
+
+    def send_chunk(self, txn: Transaction, data: bytes, last: bool = False) -> None:
+        """Queue one BDAT chunk of a streamed CHUNKING transaction (after its ReadyForData).
+
+        ``data`` must be CRLF-normalised (not dot-stuffed); the last call has
+        ``last=True`` (``data`` may then be empty: ``BDAT 0 LAST``).
+        """
+        if self.error is not None:
+            return
+        if self._data_ready is not txn or self._content_owed is not txn:
+            raise LocalProtocolError("send_chunk() for a transaction that is not streaming BDAT")
+        if last:
+            self._wbuf.append(b"BDAT %d LAST\r\n" % len(data))
+            self._wbuf.append(data)
+            self._expect.append((_BDAT_LAST, txn, 0, "BDAT"))
+            self._data_ready = self._content_owed = None
+            txn.dot_sent = True
+            self._pump()
+        elif data:
+            self._wbuf.append(b"BDAT %d\r\n" % len(data))
+            self._wbuf.append(data)
+            self._expect.append((_BDAT_CHUNK, txn, 0, "BDAT"))
 
     def end_data(self, txn: Transaction) -> None:
         """The content of ``txn`` has been written: queue the final dot.
@@ -447,9 +488,18 @@ class Connection:
             if not self.pipelining and self._expect:
                 return
             line, kind, txn, idx, name = outq.popleft()
+            if kind == _BDAT_START:
+                # Nothing is sent: the caller streams the chunks now.
+                self._content_owed = self._data_ready = txn
+                assert txn is not None
+                self._events.append(ReadyForData(txn))
+                continue
             self._wbuf.append(line)
             self._expect.append((kind, txn, idx, name))
-            if kind == _MAIL:
+            if kind == _BDAT_LAST:
+                assert txn is not None
+                txn.dot_sent = True  # the whole content is on its way
+            elif kind == _MAIL:
                 assert txn is not None
                 txn.mail_sent = True
             elif kind == _DATA:
@@ -498,6 +548,13 @@ class Connection:
         elif kind == _LONE_DOT:
             assert txn is not None
             self._finish(txn)
+        elif kind == _BDAT_CHUNK:
+            assert txn is not None
+            if not 200 <= reply.code < 300 and txn.data_reply is None:
+                txn.data_reply = reply  # decides every accepted recipient
+        elif kind == _BDAT_LAST:
+            assert txn is not None
+            self._on_bdat_last(txn, reply)
         elif kind == _RSET_INTERNAL:
             if not 200 <= reply.code < 300:
                 self._break(
@@ -542,6 +599,26 @@ class Connection:
         self._content_owed = None
         if mail_ok:
             # The server still holds the MAIL transaction: clear it before the next one.
+            self._outq.appendleft((b"RSET\r\n", _RSET_INTERNAL, None, 0, "RSET"))
+        self._finish(txn)
+
+    def _on_bdat_last(self, txn: Transaction, reply: Reply) -> None:
+        # RFC 2033 4.2 / RFC 3030: one reply per accepted recipient after the
+        # last chunk. Which recipients were accepted is known only now (the
+        # RCPT replies came first), so the remaining expectations go in here.
+        accepted = txn.accepted
+        if accepted and txn.data_reply is None:
+            txn.final_replies[accepted[0]] = reply
+            for idx in reversed(accepted[1:]):
+                self._expect.appendleft((_DOT, txn, idx, "."))
+            if len(accepted) == 1:
+                self._finish(txn)
+            return
+        # Nothing accepted, or a chunk was refused: the server owes one reply.
+        if txn.data_reply is None:
+            txn.data_reply = reply
+        mail = txn.mail_reply
+        if mail is not None and 200 <= mail.code < 300:
             self._outq.appendleft((b"RSET\r\n", _RSET_INTERNAL, None, 0, "RSET"))
         self._finish(txn)
 
