@@ -18,6 +18,7 @@ import socket
 from collections.abc import Sequence
 
 from .destination import Destination, parse_destination
+from .dsn import DSN
 from .errors import (
     ConnectError,
     ConnectTimeout,
@@ -154,8 +155,13 @@ class Client:
         *,
         mail_params: Sequence[str] = (),
         rcpt_params: Sequence[Sequence[str]] | None = None,
+        dsn: DSN | None = None,
     ) -> list[RecipientResult]:
         """Deliver ``message``; one result per recipient, in RCPT order.
+
+        ``dsn`` (RFC 3461) is passed on when the server advertises DSN and
+        dropped otherwise. ``mail_params``/``rcpt_params`` add raw ESMTP
+        parameters; SIZE, BODY and SMTPUTF8 are added here as needed.
 
         Partial failure is data, not an exception. A :class:`LocalProtocolError`
         means the arguments themselves are wrong (nothing was sent);
@@ -172,6 +178,13 @@ class Client:
             raise ContentError(f"message contains a NUL byte at offset {nul}; it cannot be sent")
         caps = self.capabilities
         params = list(mail_params)
+        if rcpt_params is not None and len(rcpt_params) != len(recipients):
+            raise LocalProtocolError("rcpt_params must have one entry per recipient")
+        if dsn is not None and caps.dsn:
+            params += dsn.mail_params()
+            extra = dsn.rcpt_params(recipients)
+            rcpt_params = (extra if rcpt_params is None else
+                           [[*a, *b] for a, b in zip(rcpt_params, extra, strict=True)])
         upper = {p.split("=", 1)[0].upper() for p in params}
 
         # SMTPUTF8 (RFC 6531): needed when an address is not ASCII.
