@@ -233,7 +233,8 @@ class Client:
             smtputf8="SMTPUTF8" in params, chunking=chunking,
         )
         try:
-            results = await asyncio.shield(fut)
+            # Cancelling the caller cancels fut too; the transport skips done futures.
+            results = await fut
         except asyncio.CancelledError:
             # The server may be mid-transaction: the connection cannot be reused.
             self._protocol.abort(ServerDisconnected("delivery cancelled by the caller"))

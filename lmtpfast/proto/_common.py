@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from ..errors import LocalProtocolError
-from ..results import RecipientResult, status_of
+from ..results import RecipientResult, Status, status_of
 
 __all__ = [
     "DEFAULT_MAX_LINE_LENGTH",
@@ -289,14 +289,12 @@ class Transaction:
 
 
 def result_from_reply(address: str, reply: Reply, stage: str) -> RecipientResult:
-    return RecipientResult(
-        address=address,
-        status=status_of(reply.code),
-        code=reply.code,
-        enhanced=reply.enhanced,
-        text=reply.text,
-        stage=stage,
+    # Once per recipient: positional arguments and an inline status keep it cheap.
+    code = reply.code
+    status: Status = (
+        "delivered" if 200 <= code < 300 else "permanent" if 500 <= code < 600 else "transient"
     )
+    return RecipientResult(address, status, code, reply.enhanced, reply.text, stage)
 
 
 def finish_transaction(txn: Transaction) -> None:
