@@ -11,7 +11,7 @@ import asyncio
 import resource
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 
@@ -32,6 +32,7 @@ class BenchConfig(msgspec.Struct, frozen=True):
     recipient_pattern: str = "user{n}@example.com"
     sender: str = "bench@example.org"
     size: int = 1024
+    message: bytes | None = None  # send this instead of a generated message of ``size``
     pipelining: bool = True
     chunking: str = "auto"  # auto: BDAT when advertised; on: require it; off: DATA
     rate: float | None = None  # messages per second across all connections
@@ -85,10 +86,13 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
 
 async def run_bench(
     config: BenchConfig, *, timeouts: Timeouts | None = None,
-    progress: asyncio.Queue[int] | None = None,
+    progress: Callable[[int, float], None] | None = None,
 ) -> BenchReport:
-    """Run one load test and report what happened."""
-    message = make_message(config.size)
+    """Run one load test and report what happened.
+
+    ``progress(messages_done, elapsed)`` is called about once a second.
+    """
+    message = config.message if config.message is not None else make_message(config.size)
     recipients = [config.recipient_pattern.format(n=i + 1) for i in range(config.recipients)]
     latencies: list[float] = []
     outcomes: Counter[str] = Counter()
@@ -122,8 +126,6 @@ async def run_bench(
             for r in results:
                 outcomes[f"{r.code} {r.enhanced or ''}".strip()] += 1
             done_msgs += 1
-            if progress is not None:
-                progress.put_nowait(1)
             if interval:
                 await asyncio.sleep(max(0.0, interval - (time.perf_counter() - start)))
 
@@ -139,11 +141,21 @@ async def run_bench(
     t0 = time.perf_counter()
     if config.duration is not None:
         deadline = loop.time() + config.duration
+    ticker = None
+    if progress is not None:
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                progress(done_msgs, time.perf_counter() - t0)
+
+        ticker = asyncio.ensure_future(tick())
     try:
         await asyncio.gather(*[
             worker(conn) for conn in conns for _ in range(config.window)
         ])
     finally:
+        if ticker is not None:
+            ticker.cancel()
         elapsed = time.perf_counter() - t0
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         await asyncio.gather(*[c.quit() for c in conns], return_exceptions=True)

@@ -131,3 +131,18 @@ async def test_bench_usage(args: list[str]) -> None:
     code, _, err = await lmtpfast(*args)
     assert code == 64, err
     assert "Traceback" not in err
+
+
+async def test_bench_message_file(tmp_path: Path) -> None:
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(b"Subject: from file\n\n.dot line\n" * 10)
+    async with Sink("127.0.0.1:0", collect=True) as sink:
+        code, out, err = await lmtpfast("bench", "--server", sink.destinations[0], "--messages",
+                                        "20", "--connections", "1", "--message", str(msg),
+                                        "--chunking", "off", "--json")
+        assert code == 0, err
+        assert json.loads(out)["messages"] == 20
+        assert all(m.content == msg.read_bytes().replace(b"\n", b"\r\n")
+                   for m in sink.messages)
+    code, _, err = await lmtpfast("bench", "--server", "h", "--message", str(tmp_path / "no"))
+    assert code == 66 and "cannot read" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -31,6 +32,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _progress_line() -> Callable[[int, float], None]:
+    """A live ``N messages, R msg/s`` line on the terminal (stderr), rewritten in place."""
+    last = [0, 0.0]
+
+    def show(done: int, elapsed: float) -> None:
+        rate = (done - last[0]) / max(elapsed - last[1], 1e-9)
+        last[:] = [done, elapsed]
+        sys.stderr.write(f"\r{done:>10,} messages  {rate:>10,.0f} msg/s  {elapsed:6.1f}s ")
+        sys.stderr.flush()
+
+    return show
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("bench", help="generate LMTP load and report rates and latency",
                        description="Deliver generated messages as fast as the server takes "
@@ -49,7 +63,10 @@ def register(sub: Any) -> None:
     p.add_argument("--recipient-pattern", default="user{n}@example.com", metavar="PAT",
                    help="recipient addresses; {n} is 1..R (default user{n}@example.com)")
     p.add_argument("--from", dest="sender", default="bench@example.org", metavar="ADDR")
-    p.add_argument("--size", type=_positive_int, default=1024, metavar="BYTES")
+    body = p.add_mutually_exclusive_group()
+    body.add_argument("--size", type=_positive_int, default=1024, metavar="BYTES",
+                      help="generated message size (default 1024)")
+    body.add_argument("--message", metavar="FILE", help="send this message file instead")
     p.add_argument("--rate", type=_positive_float, default=None, metavar="MSG/S",
                    help="limit the total message rate")
     p.add_argument("--pipelining", choices=("auto", "off"), default="auto")
@@ -68,6 +85,15 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigurationError, KeyError, IndexError, ValueError) as exc:
         print(f"lmtpfast bench: {exc}", file=sys.stderr)
         return _exit.EX_USAGE
+    message = None
+    if args.message:
+        try:
+            with open(args.message, "rb") as f:
+                message = f.read()
+        except OSError as exc:
+            print(f"lmtpfast bench: cannot read {args.message}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return _exit.EX_NOINPUT
     config = BenchConfig(
         server=args.server,
         messages=args.messages if args.duration is None else None,
@@ -78,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         recipient_pattern=args.recipient_pattern,
         sender=args.sender,
         size=args.size,
+        message=message,
         pipelining=args.pipelining == "auto",
         chunking=args.chunking,
         rate=args.rate,
@@ -85,13 +112,16 @@ def run(args: argparse.Namespace) -> int:
     if config.messages is None and config.duration is None:
         config = msgspec.structs.replace(config, messages=10_000)
     try:
-        report = _loop.run(run_bench(config))
+        report = _loop.run(run_bench(config, progress=_progress_line() if sys.stderr.isatty()
+                                     and not args.json else None))
     except ConfigurationError as exc:
         print(f"lmtpfast bench: {exc}", file=sys.stderr)
         return _exit.EX_UNAVAILABLE
     except (LMTPError, OSError) as exc:
         print(f"lmtpfast bench: {args.server}: {exc}", file=sys.stderr)
         return _exit.EX_TEMPFAIL
+    if sys.stderr.isatty() and not args.json:
+        sys.stderr.write("\n")
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
     else:
