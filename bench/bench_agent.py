@@ -7,7 +7,9 @@ against plain ``connect().send()`` on the same workload.
 
 The server (``lmtpfast sink``, or Postfix's ``smtp-sink -L``) runs in a
 subprocess on a unix socket, so it does not share the client's event loop.
-Both sides of the comparison use K connections and C concurrent callers:
+Both sides of the comparison use K connections and C concurrent callers,
+and DATA (the sink hides CHUNKING unless ``--chunking``: the pool does not
+pipeline callers over BDAT connections yet, see ``lmtpfast/pool.py``):
 
 * ``plain``: K connections opened up front with ``lmtpfast.connect()``;
   caller j always sends on connection j mod K (``Client.send`` pipelines
@@ -54,13 +56,15 @@ PEERS = Path(os.environ.get("LMTPFAST_PEERS_DIR") or "/opt/lmtpfast-peers") / "p
 class Server:
     """The LMTP server under test, in a subprocess."""
 
-    def __init__(self, kind: str, workdir: Path) -> None:
+    def __init__(self, kind: str, workdir: Path, chunking: bool = False) -> None:
         self.path = workdir / "lmtp.sock"
         self.destination = f"unix:{self.path}"
         if kind == "lmtpfast":
             ready = workdir / "ready"
             cmd = [sys.executable, "-m", "lmtpfast", "sink", "--listen", self.destination,
                    "--ready-file", str(ready), "--quiet"]
+            if not chunking:
+                cmd += ["--hide", "CHUNKING"]
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
             self._wait(lambda: ready.exists())
         else:
@@ -168,12 +172,16 @@ def main() -> None:
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     p.add_argument("--server", choices=("lmtpfast", "smtp-sink"), default="lmtpfast")
     p.add_argument("--policy", action="store_true", help="also compare pipeline_depth settings")
+    p.add_argument("--chunking", action="store_true",
+                   help="let the lmtpfast sink offer CHUNKING (the pool does not pipeline "
+                        "callers over BDAT yet, plain sends do: unequal)")
     args = p.parse_args()
     msg = _message(args.size)
     workdir = Path(tempfile.mkdtemp(prefix="lmtpfast-bench-agent-"))
-    server = Server(args.server, workdir)
+    server = Server(args.server, workdir, args.chunking)
     try:
-        print(f"server {args.server}, loop {args.loop}, engine {IMPLEMENTATION}, "
+        chunk = "BDAT" if args.chunking and args.server == "lmtpfast" else "DATA"
+        print(f"server {args.server} ({chunk}), loop {args.loop}, engine {IMPLEMENTATION}, "
               f"{args.messages} messages of {len(msg)} bytes, {args.connections} connections, "
               f"{args.concurrency} concurrent callers, median of {args.runs} runs\n")
         # As many transactions in flight per connection as plain has, so the

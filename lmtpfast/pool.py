@@ -11,7 +11,8 @@ warmest one is reused first, the coldest ones age out), callers that find
 every slot busy wait on futures served in order.
 
 Pipelining across callers: ``Client.send`` may be called concurrently on one
-connection, and the transactions then travel back to back. The pool uses that
+connection, and the transactions then travel back to back (with DATA; not yet
+with BDAT, see ``_Conn.pipelining``). The pool uses that
 only when it has to: an idle connection first; else a new connection while
 fewer than ``max_connections`` are open; only when the concurrency limit is
 reached does a busy connection take more transactions, up to
@@ -148,7 +149,12 @@ class _Conn:
 
     def __init__(self, client: Client, now: float) -> None:
         self.client = client
-        self.pipelining = client.pipelining
+        # Whether other callers' transactions may be pipelined behind this
+        # one's. Not with BDAT for now: a BDAT transaction whose recipients
+        # are all refused leaves the server's MAIL open, and a MAIL already
+        # pipelined behind it gets "503 nested MAIL" (a permanent failure for
+        # innocent recipients; the engine does not send RSET there yet).
+        self.pipelining = client.pipelining and not getattr(client, "chunking", False)
         self.opened_at = now
         self.idle_since = now
         self.load = 0  # transactions in flight
