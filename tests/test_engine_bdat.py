@@ -33,16 +33,17 @@ def t_bdat_one_piece(s: Script) -> None:
     body = b"Subject: x\r\n\r\n.not stuffed\r\n"
     t1 = c.start_transaction(FROM, ["a@x", "b@x", "a@x"], body=body)
     t2 = c.start_transaction(FROM, ["c@x"], body=b"")
-    # Both whole transactions in one write: nothing waits for a reply.
+    # Both whole transactions in one write: nothing waits for a reply. The
+    # second starts with RSET: if the first fails, the server is still in it.
     assert s.sent() == (
         head("a@x", "b@x", "a@x") + b"BDAT %d LAST\r\n" % len(body) + body
-        + head("c@x") + b"BDAT 0 LAST\r\n"
+        + b"RSET\r\n" + head("c@x") + b"BDAT 0 LAST\r\n"
     )
     assert t1.dot_sent and t2.dot_sent
     assert c.waiting_for == "mail"
     evs = s.server(
         b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no\r\n250 2.1.5 ok\r\n"
-        b"250 2.0.0 a saved\r\n452 4.2.2 full\r\n"
+        b"250 2.0.0 a saved\r\n452 4.2.2 full\r\n250 2.0.0 reset\r\n"
         b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.0.0 c saved\r\n"
     )
     assert evs == [("done", t1.id), ("done", t2.id)]
@@ -80,11 +81,13 @@ def t_bdat_streamed(s: Script) -> None:
     c.send_chunk(txn, b"end\r\n", last=True)
     later = c.start_transaction(FROM, ["c@x"], body=b"y\r\n")
     assert s.sent() == (
-        b"BDAT 7\r\npart1\r\nBDAT 5 LAST\r\nend\r\n" + head("c@x") + b"BDAT 3 LAST\r\ny\r\n"
+        b"BDAT 7\r\npart1\r\nBDAT 5 LAST\r\nend\r\n"
+        + b"RSET\r\n" + head("c@x") + b"BDAT 3 LAST\r\ny\r\n"
     )
     evs = s.server(
         b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.1.5 ok\r\n250 2.0.0 7 octets\r\n"
-        b"250 2.0.0 a\r\n250 2.0.0 b\r\n250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.0.0 c\r\n"
+        b"250 2.0.0 a\r\n250 2.0.0 b\r\n250 2.0.0 reset\r\n"
+        b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.0.0 c\r\n"
     )
     assert evs == [("done", txn.id), ("done", later.id)]
     assert [r.text for r in txn.results] == ["a", "b"]
@@ -103,6 +106,21 @@ def t_bdat_chunk_refused(s: Script) -> None:
     assert evs == [("done", txn.id)]
     assert txn.results == [R("a@x", 552, "5.3.4", "too big", "data")]
     assert s.sent() == b"RSET\r\n"
+
+
+def t_bdat_failed_then_next(s: Script) -> None:
+    c = session(s, caps=CAPS_CHUNKING)
+    t1 = c.start_transaction(FROM, ["nobody@x"], body=b"1\r\n")
+    t2 = c.start_transaction(FROM, ["a@x"], body=b"2\r\n")
+    assert s.sent() == (head("nobody@x") + b"BDAT 3 LAST\r\n1\r\n"
+                        + b"RSET\r\n" + head("a@x") + b"BDAT 3 LAST\r\n2\r\n")
+    evs = s.server(b"250 2.1.0 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n"
+                   b"250 2.0.0 reset\r\n250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.0.0 a\r\n")
+    assert evs == [("done", t1.id), ("done", t2.id)]
+    assert [r.code for r in t1.results] == [550]
+    assert [r.code for r in t2.results] == [250]
+    # The RSET sent before t2 already reset the server: no second one.
+    assert s.sent() == b"" and c.idle
 
 
 def t_bdat_lost_after_last_chunk(s: Script) -> None:
@@ -136,7 +154,7 @@ def t_bdat_without_pipelining(s: Script) -> None:
 
 
 TRANSCRIPTS = [t_bdat_one_piece, t_bdat_nothing_accepted, t_bdat_streamed, t_bdat_chunk_refused,
-               t_bdat_lost_after_last_chunk, t_bdat_without_pipelining]
+               t_bdat_failed_then_next, t_bdat_lost_after_last_chunk, t_bdat_without_pipelining]
 
 
 @pytest.mark.parametrize("how", ["whole", "bytewise", "every"])

@@ -127,10 +127,6 @@ async def test_mixed_outcomes_into_dovecot(dovecot: TempDovecot, tmp_path: Path)
     assert stored == {"alice": ["m1", "m3"], "bob": ["m5"], "carol": ["m4", "m5"]}
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "client bug since the CHUNKING commit (edaed0f): a pipelined transaction whose recipients "
-    "are all refused sends no BDAT and no RSET, so the next MAIL on that connection gets "
-    "'503 5.5.1 nested MAIL command' (a permanent failure for its recipients)"))
 async def test_tempfailed_recipients_succeed_on_a_later_pass(tmp_path: Path) -> None:
     """A sink that tempfails bob three times and refuses nobody@: mixed outcomes in one back end."""
     spool = Spool(tmp_path / "spool", create=True)

@@ -84,6 +84,8 @@ cdef class Connection:
     cdef object _data_ready     # 354 received, content not yet
     cdef bint _quit_queued
     cdef bint _tls_pending      # STARTTLS queued; nothing more until start_tls_done()
+    cdef list _bdat_unsettled   # BDAT LAST sent, outcome unknown (see _pyproto)
+    cdef set _reset_covered     # ids of those an RSET already followed
     cdef Py_ssize_t _sync_pending
     cdef Py_ssize_t _txn_seq
     cdef list _open

@@ -477,6 +477,8 @@ cdef class Connection:
         self._data_ready = None  # 354 received, content not yet
         self._quit_queued = False
         self._tls_pending = False  # STARTTLS queued; nothing more until start_tls_done()
+        self._bdat_unsettled = []
+        self._reset_covered = set()
         self._sync_pending = 1  # greeting: nothing goes out before it
         self._txn_seq = 0
         self._open = []  # transactions not yet done, in order
@@ -673,6 +675,7 @@ cdef class Connection:
             self._expect.push(_cmd(None, _BDAT_LAST, txn, 0, "BDAT"))
             self._data_ready = self._content_owed = None
             txn.dot_sent = True
+            self._bdat_unsettled.append(txn)
             self._pump()
         elif data:
             self._wbuf.append(b"BDAT %d\r\n" % len(data))
@@ -743,11 +746,19 @@ cdef class Connection:
                 self._content_owed = self._data_ready = c.txn
                 self._events.push(ReadyForData(c.txn))
                 continue
+            if c.kind == _MAIL and self._bdat_unsettled:
+                # A failed BDAT transaction leaves the server inside it (RFC 3030 2).
+                self._wbuf.append(_RSET_LINE)
+                self._expect.push(_cmd(None, _RSET_INTERNAL, None, 0, "RSET"))
+                for t in self._bdat_unsettled:
+                    self._reset_covered.add(t.id)
+                del self._bdat_unsettled[:]
             self._wbuf.append(c.line)
             c.line = None
             self._expect.push(c)
             if c.kind == _BDAT_LAST:
                 c.txn.dot_sent = True  # the whole content is on its way
+                self._bdat_unsettled.append(c.txn)
             elif c.kind == _MAIL:
                 c.txn.mail_sent = True
             elif c.kind == _DATA:
@@ -867,12 +878,16 @@ cdef class Connection:
             return 0
         if txn.data_reply is None:
             txn.data_reply = reply
-        if _reply_ok(txn.mail_reply):
+        if _reply_ok(txn.mail_reply) and txn.id not in self._reset_covered:
             self._outq.push_front(_cmd(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET"))
         self._finish(txn)
         return 0
 
     cdef int _finish(self, object txn) except -1:
+        if txn.dot_sent:
+            if txn in self._bdat_unsettled:
+                self._bdat_unsettled.remove(txn)
+            self._reset_covered.discard(txn.id)
         finish_transaction(txn)
         self._open.remove(txn)
         self._events.push(TransactionDone(txn))

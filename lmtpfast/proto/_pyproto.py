@@ -233,6 +233,12 @@ class Connection:
         self._content_owed: Transaction | None = None  # DATA sent, content not yet
         self._data_ready: Transaction | None = None  # 354 received, content not yet
         self._quit_queued = False
+        # BDAT transactions whose last chunk is sent but whose outcome is not
+        # known: a failed one leaves the server inside the transaction, so the
+        # next MAIL must be preceded by RSET (RFC 3030 2). _reset_covered: the
+        # ones such an RSET already followed.
+        self._bdat_unsettled: list[Transaction] = []
+        self._reset_covered: set[int] = set()
         self._tls_pending = False  # STARTTLS queued; nothing more until start_tls_done()
         self._sync_pending = 1  # greeting: nothing goes out before it
         self._txn_seq = 0
@@ -424,6 +430,7 @@ class Connection:
             self._expect.append((_BDAT_LAST, txn, 0, "BDAT"))
             self._data_ready = self._content_owed = None
             txn.dot_sent = True
+            self._bdat_unsettled.append(txn)
             self._pump()
         elif data:
             self._wbuf.append(b"BDAT %d\r\n" % len(data))
@@ -494,11 +501,17 @@ class Connection:
                 assert txn is not None
                 self._events.append(ReadyForData(txn))
                 continue
+            if kind == _MAIL and self._bdat_unsettled:
+                self._wbuf.append(b"RSET\r\n")
+                self._expect.append((_RSET_INTERNAL, None, 0, "RSET"))
+                self._reset_covered.update(t.id for t in self._bdat_unsettled)
+                self._bdat_unsettled.clear()
             self._wbuf.append(line)
             self._expect.append((kind, txn, idx, name))
             if kind == _BDAT_LAST:
                 assert txn is not None
                 txn.dot_sent = True  # the whole content is on its way
+                self._bdat_unsettled.append(txn)
             elif kind == _MAIL:
                 assert txn is not None
                 txn.mail_sent = True
@@ -618,7 +631,7 @@ class Connection:
         if txn.data_reply is None:
             txn.data_reply = reply
         mail = txn.mail_reply
-        if mail is not None and 200 <= mail.code < 300:
+        if mail is not None and 200 <= mail.code < 300 and txn.id not in self._reset_covered:
             self._outq.appendleft((b"RSET\r\n", _RSET_INTERNAL, None, 0, "RSET"))
         self._finish(txn)
 
@@ -626,6 +639,10 @@ class Connection:
         self._outq = deque(item for item in self._outq if item[2] is not txn)
 
     def _finish(self, txn: Transaction) -> None:
+        if txn.dot_sent:
+            if txn in self._bdat_unsettled:
+                self._bdat_unsettled.remove(txn)
+            self._reset_covered.discard(txn.id)
         finish_transaction(txn)
         self._open.remove(txn)
         self._events.append(TransactionDone(txn))
