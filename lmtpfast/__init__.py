@@ -7,6 +7,7 @@ A delivery returns one :class:`RecipientResult` per recipient, in RCPT order;
 exceptions are for what cannot be decided per recipient (see ``errors``).
 """
 
+from .agent import Agent
 from .client import Client, connect, deliver
 from .destination import Destination, parse_destination
 from .errors import (
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DELIVERED",
+    "Agent",
     "PERMANENT",
     "TRANSIENT",
     "Client",
