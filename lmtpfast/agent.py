@@ -275,7 +275,10 @@ class Agent:
             t = self._transports[name]
             pool = Pool(dest, t.pool, lhlo_name=t.lhlo_name or self.config.lhlo_name,
                         timeouts=t.timeouts, pipelining=t.pipelining,
-                        ignore_keywords=t.ignore_keywords)
+                        ignore_keywords=t.ignore_keywords,
+                        tls=t.tls, auth=t.auth_for(dest))
+            # The TLS policy and SASL identity are functions of (transport,
+            # destination), so this key separates identities (see Pool.key).
             self._pools[(name, dest)] = pool
         return pool
 

@@ -15,6 +15,13 @@ The file (see ``examples/lmtpfast.toml`` and ``docs/agent.md``)::
     destination = "unix:/path/name"
     timeouts = { final = 120 }
 
+    [transports.cyrus]                              # TLS and SASL (docs/security.md)
+    destination = "backend.example.org:24"
+    tls_security_level = "verify"                   # none, may, encrypt, verify
+    tls_ca_file = "/etc/lmtpfast/backend-ca.pem"    # default: the system store
+    sasl_password_maps = "sasl_passwd"              # mode 0600, relative to this file
+    sasl_mechanisms = ["SCRAM-SHA-256", "SCRAM-SHA-1"]
+
 It is parsed with :mod:`tomllib` and validated with msgspec; every error is a
 :class:`~lmtpfast.ConfigurationError` naming the file, the key (or map line)
 and the problem. Map files are read and checked when the config is loaded,
@@ -35,8 +42,11 @@ import msgspec
 
 from .destination import Destination, parse_destination
 from .errors import ConfigurationError
+from .passwords import PasswordMap
 from .pool import PoolSettings
 from .routing import ERROR_TRANSPORTS, Route, TransportMap, VirtualMap, parse_route
+from .sasl import DEFAULT_MECHANISMS, AuthPolicy, Credentials, parse_mechanisms
+from .tls import TLSPolicy
 from .transport import Timeouts
 
 __all__ = [
@@ -73,6 +83,18 @@ class Transport:
     ignore_keywords: tuple[str, ...] = ()
     pool: PoolSettings = field(default_factory=PoolSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    #: STARTTLS policy: a :class:`~lmtpfast.tls.TLSPolicy` or a level name
+    #: (file keys ``tls_security_level``, ``tls_ca_file``, ``tls_cert_file`` ...).
+    tls: TLSPolicy = field(default_factory=TLSPolicy)
+    #: Password maps searched in order per destination (``sasl_password_maps``).
+    sasl_password_maps: tuple[PasswordMap, ...] = ()
+    #: Credentials for every destination of this transport (Python only: a
+    #: config file names a password map, never a password).
+    sasl_credentials: Credentials | None = None
+    #: SASL mechanisms allowed, best first (``sasl_mechanisms``).
+    sasl_mechanisms: tuple[str, ...] = DEFAULT_MECHANISMS
+    #: PLAIN/LOGIN allowed? ``None``: not on unencrypted TCP (Postfix's noplaintext).
+    sasl_allow_plaintext: bool | None = None
 
     def __post_init__(self) -> None:
         if self.destination is not None and not isinstance(self.destination, Destination):
@@ -87,11 +109,34 @@ class Transport:
             raise ConfigurationError("must be a PoolSettings", field="pool")
         if not isinstance(self.timeouts, Timeouts):
             raise ConfigurationError("must be a Timeouts", field="timeouts")
+        if not isinstance(self.tls, TLSPolicy):
+            object.__setattr__(self, "tls", TLSPolicy.parse(self.tls))
+        maps: Any = self.sasl_password_maps
+        if isinstance(maps, PasswordMap | str | os.PathLike):
+            maps = (maps,)
+        object.__setattr__(self, "sasl_password_maps", tuple(
+            m if isinstance(m, PasswordMap) else PasswordMap.from_file(m) for m in maps))
+        if self.sasl_credentials is not None and not isinstance(self.sasl_credentials, Credentials):
+            raise ConfigurationError("must be a lmtpfast.sasl.Credentials", field="sasl_credentials")
+        object.__setattr__(self, "sasl_mechanisms", parse_mechanisms(self.sasl_mechanisms))
 
     @property
     def dest(self) -> Destination | None:
         """``destination`` parsed (``None`` when not set)."""
         return self.destination if isinstance(self.destination, Destination) else None
+
+    def auth_for(self, destination: str | Destination) -> AuthPolicy | None:
+        """How to authenticate to ``destination``: ``sasl_credentials``, else the first
+        password map that has it; ``None`` when neither does (no AUTH then)."""
+        creds = self.sasl_credentials
+        if creds is None:
+            for pmap in self.sasl_password_maps:
+                creds = pmap.lookup(destination)
+                if creds is not None:
+                    break
+        if creds is None:
+            return None
+        return AuthPolicy(creds, self.sasl_mechanisms, self.sasl_allow_plaintext)
 
 
 @dataclass(frozen=True)
@@ -182,6 +227,17 @@ class _TransportTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ignore_keywords: list[str] = []
     pool: PoolSettings = PoolSettings()
     timeouts: _TimeoutsTable = _TimeoutsTable()
+    tls_security_level: str = "none"
+    tls_ca_file: str | None = None
+    tls_ca_path: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_server_hostname: str | None = None
+    tls_verify: bool | None = None
+    tls_min_version: str = "TLSv1.2"
+    sasl_password_maps: str | list[str] = []
+    sasl_mechanisms: str | list[str] | None = None
+    sasl_allow_plaintext: bool | None = None
 
 
 class _FileTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -226,7 +282,50 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _transport_from_table(table: _TransportTable, source: str, key: str) -> Transport:
+def _security_from_table(
+    table: _TransportTable, source: str, key: str, base: Path,
+) -> tuple[TLSPolicy, tuple[PasswordMap, ...], tuple[str, ...]]:
+    """The ``tls_*`` and ``sasl_*`` keys; file paths are relative to ``base``."""
+    def path(value: str | None, name: str) -> str | None:
+        if value is None:
+            return None
+        if not value:
+            raise ConfigurationError("empty path", source=source, field=name)
+        return str(base / value)
+
+    try:
+        tls = TLSPolicy(
+            level=table.tls_security_level.strip().lower(),  # type: ignore[arg-type]
+            ca_file=path(table.tls_ca_file, "tls_ca_file"),
+            ca_path=path(table.tls_ca_path, "tls_ca_path"),
+            cert_file=path(table.tls_cert_file, "tls_cert_file"),
+            key_file=path(table.tls_key_file, "tls_key_file"),
+            server_hostname=table.tls_server_hostname, verify=table.tls_verify,
+            min_version=table.tls_min_version,  # type: ignore[arg-type]
+        )
+        mechanisms = (DEFAULT_MECHANISMS if table.sasl_mechanisms is None
+                      else parse_mechanisms(table.sasl_mechanisms))
+    except ConfigurationError as exc:
+        sub = f"{key}.{exc.field}" if exc.field else key
+        raise ConfigurationError(exc.problem, source=source, field=sub) from None
+    names = table.sasl_password_maps
+    if isinstance(names, str):
+        names = [names]
+    maps = []
+    for name in names:
+        try:
+            file = path(name, "sasl_password_maps")
+        except ConfigurationError as exc:
+            raise ConfigurationError(exc.problem, source=source,
+                                     field=f"{key}.sasl_password_maps") from None
+        assert file is not None
+        maps.append(PasswordMap.from_file(file))  # its errors name the map file
+    return tls, tuple(maps), mechanisms
+
+
+def _transport_from_table(
+    table: _TransportTable, source: str, key: str, base: Path | None = None,
+) -> Transport:
     try:
         dest = None if table.destination is None else parse_destination(table.destination)
     except ConfigurationError as exc:
@@ -235,12 +334,15 @@ def _transport_from_table(table: _TransportTable, source: str, key: str) -> Tran
     if name is not None and (not name or any(c.isspace() or c == "\0" for c in name)):
         raise ConfigurationError(f"bad LHLO name {name!r}", source=source,
                                  field=f"{key}.lhlo_name")
+    tls, maps, mechanisms = _security_from_table(table, source, key, base or Path.cwd())
     try:
         return Transport(
             destination=dest, recipient_limit=table.recipient_limit,
             lhlo_name=name, pipelining=table.pipelining,
             ignore_keywords=tuple(table.ignore_keywords), pool=table.pool,
             timeouts=table.timeouts.to_timeouts(),
+            tls=tls, sasl_password_maps=maps, sasl_mechanisms=mechanisms,
+            sasl_allow_plaintext=table.sasl_allow_plaintext,
         )
     except ConfigurationError as exc:
         sub = f"{key}.{exc.field}" if exc.field else key
@@ -270,10 +372,10 @@ def config_from_dict(
         if not isinstance(raw, Mapping):
             raise ConfigurationError("must be a table", source=source, field=key)
         table: _TransportTable = _convert(_merge(top.defaults, raw), _TransportTable, source, key)
-        transports[lname] = _transport_from_table(table, source, key)
+        transports[lname] = _transport_from_table(table, source, key, base)
     if DEFAULT_TRANSPORT not in transports and top.defaults:
         table = _convert(dict(top.defaults), _TransportTable, source, "defaults")
-        transports[DEFAULT_TRANSPORT] = _transport_from_table(table, source, "defaults")
+        transports[DEFAULT_TRANSPORT] = _transport_from_table(table, source, "defaults", base)
 
     def read(kind: str, value: str | dict[str, str] | None) -> Any:
         cls = TransportMap if kind == "transport_map" else VirtualMap

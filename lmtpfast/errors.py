@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .results import RecipientResult
 
 __all__ = [
+    "AuthenticationError",
     "ConfigurationError",
     "ConnectError",
     "ConnectTimeout",
@@ -28,6 +29,7 @@ __all__ = [
     "RemoteProtocolError",
     "ReplyError",
     "ServerDisconnected",
+    "TLSError",
 ]
 
 
@@ -57,6 +59,29 @@ class ConnectError(LMTPError, ConnectionError):
 
 class ConnectTimeout(ConnectError, TimeoutError):
     """Connecting, or waiting for the greeting, took too long."""
+
+
+class TLSError(ConnectError):
+    """TLS could not be set up as the policy demands.
+
+    STARTTLS not offered or refused where TLS is required, a failed handshake,
+    or a certificate that does not verify (the OpenSSL reason, e.g.
+    ``CERTIFICATE_VERIFY_FAILED``, is in the message). Transient for the
+    recipients, as Postfix defers them.
+    """
+
+
+class AuthenticationError(LMTPError):
+    """SASL authentication could not be done, for a reason found on this side.
+
+    No mechanism both sides accept (e.g. only PLAIN offered over plain TCP
+    under ``noplaintext``), a malformed challenge, or a SCRAM server signature
+    that does not verify. A server refusing the credentials is a
+    :class:`ReplyError` with ``stage == "auth"`` instead. Messages never
+    contain credentials.
+    """
+
+    stage = "auth"
 
 
 class ServerDisconnected(LMTPError, ConnectionError):

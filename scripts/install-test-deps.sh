@@ -10,6 +10,10 @@
 #     /opt/lmtpfast-peers/postfix); no Postfix MTA is installed. The shared
 #     libraries that postfix's binaries link against (its lib* Depends) are
 #     installed with apt so the unpacked tools run.
+#   - Cyrus lmtpd (SASL over TCP): cyrus-imapd cyrus-common cyrus-admin
+#     cyrus-clients sasl2-bin libsasl2-modules. Tests run private instances
+#     (lmtpfast/_testing/cyrus.py); the Debian cyrus-imapd service is kept from
+#     starting and stopped here if an earlier install started it.
 #
 # Debian 12, root. Idempotent: when everything is already in place it does no
 # apt work at all and finishes in well under a second.
@@ -17,7 +21,8 @@ set -euo pipefail
 
 PEERS_DIR="${LMTPFAST_PEERS_DIR:-/opt/lmtpfast-peers}"
 POSTFIX_DIR="$PEERS_DIR/postfix"
-DEB_PKGS=(dovecot-core dovecot-lmtpd openssl)
+DEB_PKGS=(dovecot-core dovecot-lmtpd openssl
+          cyrus-imapd cyrus-common cyrus-admin cyrus-clients sasl2-bin libsasl2-modules)
 
 log() { printf 'install-test-deps: %s\n' "$*"; }
 die() { printf 'install-test-deps: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -110,9 +115,9 @@ else
     fi
 fi
 
-# The Debian dovecot service must not run: tests start private instances only.
+# The Debian dovecot and cyrus services must not run: tests start private instances only.
 if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
-    for unit in dovecot.service dovecot.socket; do
+    for unit in dovecot.service dovecot.socket cyrus-imapd.service; do
         if systemctl list-unit-files "$unit" >/dev/null 2>&1; then
             systemctl disable --now "$unit" >/dev/null 2>&1 || true
         fi
@@ -127,6 +132,13 @@ if [[ -s /run/dovecot/master.pid ]]; then
         /usr/sbin/dovecot stop || kill "$pid"
     fi
 fi
+if [[ -s /run/cyrus-master.pid ]]; then
+    pid=$(cat /run/cyrus-master.pid)
+    if kill -0 "$pid" 2>/dev/null && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == cyrmaster ]]; then
+        log "stopping the system cyrus master (pid $pid)"
+        kill "$pid"
+    fi
+fi
 
 # Summary.
 for p in "${DEB_PKGS[@]}"; do
@@ -139,6 +151,7 @@ log "dovecot        $dv (/usr/sbin/dovecot, lmtp: $(ls /usr/lib/dovecot/lmtp 2>/
 log "smtp-sink      $POSTFIX_DIR/usr/sbin/smtp-sink (postfix ${pfv:-?})"
 log "smtp-source    $POSTFIX_DIR/usr/sbin/smtp-source"
 log "LD_LIBRARY_PATH for them: $POSTFIX_DIR/usr/lib/postfix"
+log "cyrus lmtpd    $(ls /usr/lib/cyrus/bin/lmtpd 2>/dev/null || echo missing) ($(dpkg-query -W -f='${Version}' cyrus-imapd 2>/dev/null || echo '?'))"
 log "openssl        $(openssl version)"
 ms=$((($(date +%s%N) - start_ns) / 1000000))
 log "done in $((ms / 1000)).$(printf '%03d' $((ms % 1000)))s"

@@ -1,4 +1,5 @@
-"""``lmtpfast probe``: connect, show the greeting and capabilities, time the round trips."""
+"""``lmtpfast probe``: connect, show the greeting and capabilities, TLS and the
+authenticated identity, time the round trips."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ..client import connect
 from ..destination import parse_destination
 from ..errors import ConfigurationError, LMTPError
 from ..transport import Timeouts
-from . import _exit
+from . import _exit, _security
 
 __all__ = ["register", "run"]
 
@@ -20,13 +21,17 @@ __all__ = ["register", "run"]
 def register(sub: Any) -> None:
     p = sub.add_parser("probe", help="show a server's greeting, capabilities and latency",
                        description="Connect, print the greeting and LHLO capabilities, time "
-                       "connect + greeting, LHLO and NOOP round trips, then QUIT. "
+                       "connect + greeting, LHLO and NOOP round trips, then QUIT. With "
+                       "--tls the capabilities are those after STARTTLS, and the TLS version, "
+                       "cipher and server certificate are shown; with SASL options, the "
+                       "authenticated identity. "
                        "Exit status 0, or 75 if the server cannot be used.")
     p.add_argument("server", metavar="DEST", help="unix:/path, host, host:port, [ipv6]:port")
     p.add_argument("--lhlo-name", metavar="NAME")
     p.add_argument("--count", type=int, default=5, metavar="N", help="NOOP round trips to time")
     p.add_argument("--timeout-scale", type=float, default=0.1, metavar="F",
                    help="multiply Postfix's default timeouts by F (default 0.1)")
+    _security.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -40,10 +45,16 @@ def run(args: argparse.Namespace) -> int:
     if args.count < 0:
         print("lmtpfast probe: --count must not be negative", file=sys.stderr)
         return _exit.EX_USAGE
+    try:
+        tls, auth = _security.policies(args, dest)
+    except ConfigurationError as exc:
+        print(f"lmtpfast probe: {exc}", file=sys.stderr)
+        return _exit.EX_CONFIG if exc.source else _exit.EX_USAGE
 
     async def probe() -> None:
         t0 = time.perf_counter()
-        conn = await connect(dest, lhlo_name=args.lhlo_name, timeouts=timeouts)
+        conn = await connect(dest, lhlo_name=args.lhlo_name, timeouts=timeouts, tls=tls,
+                             auth=auth)
         t1 = time.perf_counter()
         try:
             print(f"server:       {dest}")
@@ -52,6 +63,23 @@ def run(args: argparse.Namespace) -> int:
             for key, value in conn.capabilities.keywords.items():
                 print(f"  capability: {key}{' ' + value if value else ''}")
             print(f"pipelining:   {'yes' if conn.pipelining else 'no'}")
+            info = conn.tls
+            if info is None:
+                print(f"tls:          none (plain text; level {tls.level})")
+            else:
+                print(f"tls:          {info.version} {info.cipher} ({info.bits} bits)")
+                state = "verified" if info.verified else "not verified"
+                print(f"  peer:       {info.peer_subject or '?'} ({state}"
+                      + (f", issuer {info.peer_issuer})" if info.peer_issuer else ")"))
+                if info.peer_alt_names:
+                    print(f"  names:      {' '.join(info.peer_alt_names)}")
+                print(f"  sha256:     {info.fingerprint}")
+            if conn.authenticated_as is not None:
+                print(f"auth:         {conn.authenticated_as} ({conn.auth_mechanism})")
+            elif auth is not None:
+                print("auth:         none (the server offers no AUTH)")
+            else:
+                print("auth:         none")
             print(f"connect+greeting+lhlo: {(t1 - t0) * 1000:.2f} ms")
             rtts = []
             for _ in range(args.count):

@@ -19,7 +19,7 @@ from ..errors import (
 )
 from ..results import RecipientResult
 from ..transport import Timeouts
-from . import _exit
+from . import _exit, _security
 
 __all__ = ["register", "run"]
 
@@ -44,6 +44,7 @@ def register(sub: Any) -> None:
     p.add_argument("--timeout-scale", type=float, default=1.0, metavar="F",
                    help="multiply every Postfix default timeout by F")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _security.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -80,10 +81,15 @@ def run(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"lmtpfast send: --timeout-scale: {exc}", file=sys.stderr)
         return _exit.EX_USAGE
+    try:
+        tls, auth = _security.policies(args, dest)
+    except ConfigurationError as exc:
+        print(f"lmtpfast send: {exc}", file=sys.stderr)
+        return _exit.EX_CONFIG if exc.source else _exit.EX_USAGE
 
     async def deliver() -> list[RecipientResult]:
         conn = await connect(dest, lhlo_name=args.lhlo_name, timeouts=timeouts,
-                             pipelining=not args.no_pipelining)
+                             pipelining=not args.no_pipelining, tls=tls, auth=auth)
         try:
             return await conn.send(args.sender, args.recipients, message)
         finally:
