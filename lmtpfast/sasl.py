@@ -33,7 +33,10 @@ DIGEST-MD5 CRAM-MD5 NTLM PLAIN LOGIN`` is advertised over TCP (the
 libsasl2-modules of Debian 12 add the SHA-2 SCRAMs to what older notes
 list); success is ``235 Authenticated!``; a wrong password, whatever the
 mechanism, is ``501 5.5.4 undefined error!`` (the reason only reaches
-syslog); a second AUTH is ``503 5.5.0 already authenticated``; the SASL realm
+syslog); a second AUTH is ``503 5.5.0 already authenticated``; after STARTTLS the
+list adds PLAIN and LOGIN (with ``allowplaintext: no``) and the ``-PLUS``
+(channel binding) SCRAM variants, which are not implemented here: the plain
+SCRAM of the same hash is chosen, which TLS protects anyway; the SASL realm
 is the server's ``servername``, so sasldb users must be created with
 ``saslpasswd2 -u SERVERNAME`` and authenticate with the bare user name.
 """

@@ -43,6 +43,7 @@ from lmtpfast.sasl import (
     authenticate,
     saslprep,
 )
+from lmtpfast.tls import TLSPolicy
 
 LMTP_USER = "lmtpuser"
 LMTP_PASSWORD = "Pw-lmtp-" + secrets.token_urlsafe(12)
@@ -516,6 +517,42 @@ sasl_mechanisms = "SCRAM-SHA-1"
                                                                            "SCRAM-SHA-1")
                 assert (c.authenticated_as, c.auth_mechanism) == want
         saw(agent, pools, results)
+
+
+async def test_cyrus_starttls_then_plain(tmp_path: Path) -> None:
+    """With allowplaintext: no, Cyrus offers PLAIN only after STARTTLS; the
+    post-TLS capabilities are the ones used, and noplaintext allows PLAIN under TLS."""
+    trustme = pytest.importorskip("trustme")
+    if find_cyrus() is not None:
+        pytest.skip("Cyrus unavailable")  # the module fixture reports it (and fails under CI)
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    tls = TLSPolicy(level="verify", ca_file=str(tmp_path / "ca.pem"), server_hostname="localhost")
+    plain = AuthPolicy(Credentials(LMTP_USER, LMTP_PASSWORD), ("PLAIN",))
+    with TempCyrus({LMTP_USER: LMTP_PASSWORD}, allowplaintext=False,
+                   ssl_cert=tmp_path / "cert.pem", ssl_key=tmp_path / "key.pem") as cy:
+        async with await connect(cy.destination_tcp) as c:
+            assert c.capabilities.starttls
+            assert "PLAIN" not in c.capabilities.auth and "CRAM-MD5" in c.capabilities.auth
+        with pytest.raises(AuthenticationError, match="it offers SCRAM-SHA-512") as err:
+            await connect(cy.destination_tcp, auth=AuthPolicy(plain.credentials, ("PLAIN",),
+                                                              allow_plaintext=True))
+        saw(err.value)
+        async with await connect(cy.destination_tcp, tls=tls, auth=plain) as c:
+            assert c.tls is not None and c.tls.verified
+            assert {"PLAIN", "LOGIN", "SCRAM-SHA-256-PLUS"} <= c.capabilities.auth
+            assert (c.authenticated_as, c.auth_mechanism) == (LMTP_USER, "PLAIN")
+            (r,) = await c.send("s@example.org", ["bob@example.com"], MSG)
+            saw(r, c)
+        assert r.delivered
+        # The default order picks SCRAM-SHA-256, not its -PLUS variant (no channel binding).
+        async with await connect(cy.destination_tcp, tls=tls,
+                                 auth=Credentials(LMTP_USER, LMTP_PASSWORD)) as c:
+            assert c.auth_mechanism == "SCRAM-SHA-256"
+        assert len(cy.messages("bob")) == 1
 
 
 async def _cli(*args: str) -> tuple[int, str, str]:

@@ -28,6 +28,14 @@ Facts checked against cyrus-imapd 3.6.1 (Debian 12, libsasl2 2.1.28):
   required``. AUTH: ``235 Authenticated!``; a wrong password with any
   mechanism ``501 5.5.4 undefined error!``; AUTH again ``503 5.5.0 already
   authenticated``. The unix socket accepts delivery without AUTH.
+* With ``tls_server_cert``/``tls_server_key`` and ``allowplaintext: no``,
+  LHLO adds ``STARTTLS`` and AUTH lists no PLAIN/LOGIN before TLS; after
+  STARTTLS (TLS 1.3) it lists ``SCRAM-SHA-512-PLUS SCRAM-SHA-512 ...
+  SCRAM-SHA-1-PLUS SCRAM-SHA-1 DIGEST-MD5 CRAM-MD5 NTLM PLAIN LOGIN``. The
+  certificate and key are copied into the instance folder (Cyrus reads them
+  as the cyrus user).
+* A valid user who is not in ``lmtp_admins`` also gets ``501 5.5.4 undefined
+  error!`` (syslog: ``only admins may authenticate``).
 * Replies: ``250 2.1.0 ok`` (MAIL), ``250 2.1.5 ok`` (RCPT), an unknown
   mailbox is a three-line ``550`` whose enhanced code ``5.1.1`` is only on
   the *last* line, ``354 go ahead``, per recipient after the dot ``250 2.1.5
