@@ -403,7 +403,8 @@ def cyrus() -> Iterator[TempCyrus]:
 
 
 @pytest.mark.parametrize("mechanism", DEFAULT_MECHANISMS)
-async def test_each_mechanism_then_delivery(cyrus: TempCyrus, mechanism: str) -> None:
+async def test_each_mechanism_then_delivery(cyrus: TempCyrus, mechanism: str,
+                                            engine: str) -> None:
     policy = AuthPolicy(Credentials(LMTP_USER, LMTP_PASSWORD), (mechanism,),
                         allow_plaintext=True)
     before = len(cyrus.messages("alice"))

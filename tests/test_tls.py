@@ -86,7 +86,7 @@ async def test_none_stays_plain_although_offered(dv: TempDovecot) -> None:
 
 
 @pytest.mark.parametrize("via", ["tcp", "unix"])
-async def test_may_uses_tls_without_verifying(dv: TempDovecot, via: str) -> None:
+async def test_may_uses_tls_without_verifying(dv: TempDovecot, via: str, engine: str) -> None:
     dest = dv.destination_tcp if via == "tcp" else dv.destination_unix
     async with await connect(dest, tls="may") as c:
         assert c.tls is not None
@@ -288,7 +288,8 @@ async def test_may_retries_in_plain_text_after_a_failed_handshake(
 
 @pytest.mark.parametrize("injected", [b"250-PIPELINING", b"250 injected reply\r\n"],
                          ids=["partial-line", "whole-reply"])
-async def test_bytes_after_the_220_are_refused(certs: Certs, injected: bytes) -> None:
+async def test_bytes_after_the_220_are_refused(certs: Certs, injected: bytes,
+                                               engine: str) -> None:
     """CVE-2011-0411: plain-text bytes queued behind the 220 must not count as TLS replies."""
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 fake.example LMTP\r\n")
