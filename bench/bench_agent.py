@@ -7,9 +7,8 @@ against plain ``connect().send()`` on the same workload.
 
 The server (``lmtpfast sink``, or Postfix's ``smtp-sink -L``) runs in a
 subprocess on a unix socket, so it does not share the client's event loop.
-Both sides of the comparison use K connections and C concurrent callers,
-and DATA (the sink hides CHUNKING unless ``--chunking``: the pool does not
-pipeline callers over BDAT connections yet, see ``lmtpfast/pool.py``):
+Both sides of the comparison use K connections and C concurrent callers
+(and BDAT, which the lmtpfast sink offers; ``--data`` hides it):
 
 * ``plain``: K connections opened up front with ``lmtpfast.connect()``;
   caller j always sends on connection j mod K (``Client.send`` pipelines
@@ -56,7 +55,7 @@ PEERS = Path(os.environ.get("LMTPFAST_PEERS_DIR") or "/opt/lmtpfast-peers") / "p
 class Server:
     """The LMTP server under test, in a subprocess."""
 
-    def __init__(self, kind: str, workdir: Path, chunking: bool = False) -> None:
+    def __init__(self, kind: str, workdir: Path, chunking: bool = True) -> None:
         self.path = workdir / "lmtp.sock"
         self.destination = f"unix:{self.path}"
         if kind == "lmtpfast":
@@ -172,15 +171,14 @@ def main() -> None:
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     p.add_argument("--server", choices=("lmtpfast", "smtp-sink"), default="lmtpfast")
     p.add_argument("--policy", action="store_true", help="also compare pipeline_depth settings")
-    p.add_argument("--chunking", action="store_true",
-                   help="let the lmtpfast sink offer CHUNKING (the pool does not pipeline "
-                        "callers over BDAT yet, plain sends do: unequal)")
+    p.add_argument("--data", action="store_true",
+                   help="make the lmtpfast sink hide CHUNKING, so DATA is used instead of BDAT")
     args = p.parse_args()
     msg = _message(args.size)
     workdir = Path(tempfile.mkdtemp(prefix="lmtpfast-bench-agent-"))
-    server = Server(args.server, workdir, args.chunking)
+    server = Server(args.server, workdir, not args.data)
     try:
-        chunk = "BDAT" if args.chunking and args.server == "lmtpfast" else "DATA"
+        chunk = "BDAT" if not args.data and args.server == "lmtpfast" else "DATA"
         print(f"server {args.server} ({chunk}), loop {args.loop}, engine {IMPLEMENTATION}, "
               f"{args.messages} messages of {len(msg)} bytes, {args.connections} connections, "
               f"{args.concurrency} concurrent callers, median of {args.runs} runs\n")

@@ -11,8 +11,7 @@ warmest one is reused first, the coldest ones age out), callers that find
 every slot busy wait on futures served in order.
 
 Pipelining across callers: ``Client.send`` may be called concurrently on one
-connection, and the transactions then travel back to back (with DATA; not yet
-with BDAT, see ``_Conn.pipelining``). The pool uses that
+connection, and the transactions then travel back to back. The pool uses that
 only when it has to: an idle connection first; else a new connection while
 fewer than ``max_connections`` are open; only when the concurrency limit is
 reached does a busy connection take more transactions, up to
@@ -145,19 +144,15 @@ class PoolClosed(LMTPError):
 class _Conn:
     """A pooled connection and its bookkeeping."""
 
-    __slots__ = ("client", "idle_since", "load", "opened_at", "pipelining", "retired")
+    __slots__ = ("client", "idle_since", "load", "opened_at", "pipelining", "retired", "uses")
 
     def __init__(self, client: Client, now: float) -> None:
         self.client = client
-        # Whether other callers' transactions may be pipelined behind this
-        # one's. Not with BDAT for now: a BDAT transaction whose recipients
-        # are all refused leaves the server's MAIL open, and a MAIL already
-        # pipelined behind it gets "503 nested MAIL" (a permanent failure for
-        # innocent recipients; the engine does not send RSET there yet).
-        self.pipelining = client.pipelining and not getattr(client, "chunking", False)
+        self.pipelining = client.pipelining
         self.opened_at = now
         self.idle_since = now
         self.load = 0  # transactions in flight
+        self.uses = 0  # transactions given to it so far (sent or still queued)
         self.retired = False  # take no new work; close when load drops to 0
 
 
@@ -392,6 +387,7 @@ class Pool:
                 self._discard(conn)
                 continue
             conn.load = 1
+            conn.uses += 1
             return conn
         return None
 
@@ -400,21 +396,22 @@ class Pool:
         depth = self.settings.pipeline_depth
         if depth <= 1:
             return None
-        best: _Conn | None = None
-        low = depth
-        for conn in self._conns:
-            load = conn.load
-            if 0 < load < low and conn.pipelining and not conn.retired:
-                best, low = conn, load
-                if load == 1:
-                    break
-        if best is None:
-            return None
-        if not best.client.usable or self._expired(best):
-            best.retired = True
-            return None
-        best.load += 1
-        return best
+        while True:
+            best: _Conn | None = None
+            low = depth
+            for conn in self._conns:
+                load = conn.load
+                if 0 < load < low and conn.pipelining and not conn.retired:
+                    best, low = conn, load
+                    if load == 1:
+                        break
+            if best is None:
+                return None
+            if best.client.usable and not self._expired(best):
+                best.load += 1
+                best.uses += 1
+                return best
+            best.retired = True  # it takes no more; look again
 
     async def _wait(self) -> Any:
         fut: asyncio.Future[Any] = self._bind_loop().create_future()
@@ -428,6 +425,7 @@ class Pool:
                     self._opening -= 1
                     self._slot_freed()
                 else:
+                    got.uses -= 1  # handed over but never used
                     self._release(got, True)
             else:
                 with contextlib.suppress(ValueError):
@@ -459,6 +457,7 @@ class Pool:
         self._down_error = None
         conn = _Conn(client, _now())
         conn.load = 1
+        conn.uses = 1
         self._conns.add(conn)
         self.stats.connections_opened += 1
         # Callers that queued while connections were being opened (they are
@@ -467,10 +466,11 @@ class Pool:
         depth = self.settings.pipeline_depth
         if conn.pipelining and depth > 1:
             waiters = self._waiters
-            while waiters and conn.load < depth:
+            while waiters and conn.load < depth and not self._expired(conn):
                 fut = waiters.popleft()
                 if not fut.done():
                     conn.load += 1
+                    conn.uses += 1
                     fut.set_result(conn)
         return conn
 
@@ -492,7 +492,7 @@ class Pool:
 
     def _expired(self, conn: _Conn) -> bool:
         settings = self.settings
-        if settings.max_transactions and conn.client.transactions >= settings.max_transactions:
+        if settings.max_transactions and conn.uses >= settings.max_transactions:
             return True
         return _now() - conn.opened_at >= settings.reuse_time_limit
 
@@ -509,6 +509,7 @@ class Pool:
             fut = waiters.popleft()
             if not fut.done():
                 conn.load += 1
+                conn.uses += 1
                 fut.set_result(conn)
                 return
         if conn.load == 0:
