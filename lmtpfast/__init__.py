@@ -31,9 +31,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DELIVERED",
-    "Agent",
     "PERMANENT",
     "TRANSIENT",
+    "Agent",
     "Client",
     "ConfigurationError",
     "ConnectError",

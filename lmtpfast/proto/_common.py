@@ -64,9 +64,12 @@ class Reply:
         lines = self.lines
         if len(lines) == 1:  # the common case, once per recipient: keep it cheap
             line = lines[0]
-            if enh is None or not line.startswith(enh):
+            if enh is None:
                 return line
-            return line[len(enh) :].lstrip(" ")
+            cut = len(enh)
+            if line.startswith(enh) and line[cut : cut + 1] in ("", " "):
+                return line[cut:].lstrip(" ")
+            return line
         if enh is None:
             return "\n".join(lines)
         cut = len(enh)
@@ -232,7 +235,8 @@ def encode_param(param: str) -> bytes:
 def check_command_argument(arg: str) -> bytes:
     """A free-form command argument (LHLO name, AUTH data): no CR, LF or NUL."""
     if "\r" in arg or "\n" in arg or "\0" in arg:
-        raise LocalProtocolError(f"command argument {arg!r} contains CR, LF or NUL")
+        # The value is not quoted: it may be a SASL response carrying a secret.
+        raise LocalProtocolError("command argument contains CR, LF or NUL")
     return arg.encode("utf-8")
 
 

@@ -309,6 +309,9 @@ cdef class ReplyParser:
                     lines = tuple(self._lines)
                     self._lines = []
                     enhanced = self._enhanced
+                    if enhanced is None:
+                        # Some servers (Cyrus) put the code on the last line only.
+                        enhanced = self._enhanced_of(ln.text, ln.end, code)
                     self._enhanced = None
                     self._code = 0
                 self._reply_code = code

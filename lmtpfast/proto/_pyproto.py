@@ -115,7 +115,11 @@ class ReplyParser:
                 lines = tuple(self._lines)
                 self._lines = []
                 self._code = 0
-                return Reply(code, parse_enhanced(code, lines[0]), lines)
+                enhanced = parse_enhanced(code, lines[0])
+                if enhanced is None and len(lines) > 1:
+                    # RFC 2034 wants it on every line; Cyrus puts it on the last only.
+                    enhanced = parse_enhanced(code, lines[-1])
+                return Reply(code, enhanced, lines)
             if len(self._lines) >= self.max_reply_lines:
                 raise RemoteProtocolError(f"reply longer than {self.max_reply_lines} lines")
 
