@@ -10,7 +10,9 @@ exceptions are for what cannot be decided per recipient (see ``errors``).
 from .agent import Agent
 from .client import Client, connect, deliver
 from .destination import Destination, parse_destination
+from .dsn import DSN
 from .errors import (
+    AuthenticationError,
     ConfigurationError,
     ConnectError,
     ConnectTimeout,
@@ -23,22 +25,29 @@ from .errors import (
     RemoteProtocolError,
     ReplyError,
     ServerDisconnected,
+    TLSError,
 )
 from .results import DELIVERED, PERMANENT, TRANSIENT, RecipientResult
+from .sasl import AuthPolicy, Credentials
+from .tls import TLSPolicy
 from .transport import Timeouts
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DELIVERED",
+    "DSN",
     "PERMANENT",
     "TRANSIENT",
     "Agent",
+    "AuthPolicy",
+    "AuthenticationError",
     "Client",
     "ConfigurationError",
     "ConnectError",
     "ConnectTimeout",
     "ContentError",
+    "Credentials",
     "DeliveryFailed",
     "Destination",
     "LMTPError",
@@ -49,6 +58,8 @@ __all__ = [
     "RemoteProtocolError",
     "ReplyError",
     "ServerDisconnected",
+    "TLSError",
+    "TLSPolicy",
     "Timeouts",
     "__version__",
     "connect",
