@@ -33,6 +33,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from .destination import Destination, parse_destination
 from .errors import ConfigurationError
@@ -167,20 +168,15 @@ def _check_domain(domain: str, what: str, source: str, line: int | None) -> None
         raise _fail(f"bad {what} {domain!r}", source, line)
 
 
-class TransportMap:
-    """A transport map: recipient address or domain -> :class:`Route`.
-
-    Build it from a file (:meth:`from_file`), from map text (:meth:`parse`)
-    or from a ``{key: value}`` mapping. Keys: ``user@domain``, ``domain``,
-    ``.domain`` (subdomains of domain), ``*``.
-    """
+class _MapFile:
+    """What every map shares: built from a mapping, map text or a file, entry by entry."""
 
     def __init__(
         self, entries: Mapping[str, str] | Iterable[MapEntry] = (), *, source: str = "<python>",
     ) -> None:
         self.source = source
-        self._routes: dict[str, Route] = {}
         self._entries: dict[str, MapEntry] = {}
+        self._clear()
         items: Iterable[MapEntry]
         if isinstance(entries, Mapping):
             items = [MapEntry(str(k), str(v), source, None) for k, v in entries.items()]
@@ -190,14 +186,32 @@ class TransportMap:
             self._add(entry)
 
     @classmethod
-    def parse(cls, text: str, source: str = "<string>") -> TransportMap:
+    def parse(cls, text: str, source: str = "<string>") -> Self:
         return cls((MapEntry(k, v, source, n) for n, k, v in read_map_lines(text, source)),
                    source=source)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> TransportMap:
+    def from_file(cls, path: str | os.PathLike[str]) -> Self:
         text, source = _read_file(path)
         return cls.parse(text, source)
+
+    def _clear(self) -> None:
+        raise NotImplementedError
+
+    def _add(self, entry: MapEntry) -> None:
+        raise NotImplementedError
+
+
+class TransportMap(_MapFile):
+    """A transport map: recipient address or domain -> :class:`Route`.
+
+    Build it from a file (:meth:`from_file`), from map text (:meth:`parse`)
+    or from a ``{key: value}`` mapping. Keys: ``user@domain``, ``domain``,
+    ``.domain`` (subdomains of domain), ``*``.
+    """
+
+    def _clear(self) -> None:
+        self._routes: dict[str, Route] = {}
 
     def _add(self, entry: MapEntry) -> None:
         key = entry.key.strip().lower()
@@ -283,7 +297,7 @@ def _strip_extension(local: str, delimiter: str) -> str:
     return local[:cut] if cut > 0 else local
 
 
-class VirtualMap:
+class VirtualMap(_MapFile):
     """A virtual (rewrite) map: ``user@domain`` or ``@domain`` -> one address.
 
     A value ``@otherdomain`` keeps the local part (virtual(5)). Unlike
@@ -293,29 +307,8 @@ class VirtualMap:
     address that maps to itself stops it).
     """
 
-    def __init__(
-        self, entries: Mapping[str, str] | Iterable[MapEntry] = (), *, source: str = "<python>",
-    ) -> None:
-        self.source = source
+    def _clear(self) -> None:
         self._map: dict[str, str] = {}
-        self._entries: dict[str, MapEntry] = {}
-        items: Iterable[MapEntry]
-        if isinstance(entries, Mapping):
-            items = [MapEntry(str(k), str(v), source, None) for k, v in entries.items()]
-        else:
-            items = entries
-        for entry in items:
-            self._add(entry)
-
-    @classmethod
-    def parse(cls, text: str, source: str = "<string>") -> VirtualMap:
-        return cls((MapEntry(k, v, source, n) for n, k, v in read_map_lines(text, source)),
-                   source=source)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> VirtualMap:
-        text, source = _read_file(path)
-        return cls.parse(text, source)
 
     def _add(self, entry: MapEntry) -> None:
         key = entry.key.strip().lower()
