@@ -185,7 +185,8 @@ class Client:
             extra = dsn.rcpt_params(recipients)
             rcpt_params = (extra if rcpt_params is None else
                            [[*a, *b] for a, b in zip(rcpt_params, extra, strict=True)])
-        upper = {p.split("=", 1)[0].upper() for p in params}
+        # Parameter names the caller gave (the common case gives none).
+        upper = {p.split("=", 1)[0].upper() for p in params} if params else set()
 
         # SMTPUTF8 (RFC 6531): needed when an address is not ASCII.
         needs_utf8 = not sender.isascii() or not all(r.isascii() for r in recipients)
@@ -218,15 +219,17 @@ class Client:
         if eight_bit and caps.eightbitmime and "BODY" not in upper:
             params.append("BODY=8BITMIME")
 
-        send_idx = [i for i in range(len(recipients)) if i not in local]
-        if not send_idx:
-            return [local[i] for i in range(len(recipients))]
-        send_rcpts = [recipients[i] for i in send_idx]
+        if local:
+            send_idx = [i for i in range(len(recipients)) if i not in local]
+            if not send_idx:
+                return [local[i] for i in range(len(recipients))]
+            send_rcpts = [recipients[i] for i in send_idx]
+        else:  # the common case: every recipient goes to the server
+            send_idx = None
+            send_rcpts = recipients
         send_params = None
         if rcpt_params is not None:
-            if len(rcpt_params) != len(recipients):
-                raise LocalProtocolError("rcpt_params must have one entry per recipient")
-            send_params = [list(rcpt_params[i]) for i in send_idx]
+            send_params = [list(rcpt_params[i]) for i in (send_idx or range(len(recipients)))]
         self.transactions += 1
         fut = self._protocol.transaction(
             sender, send_rcpts, content, mail_params=params, rcpt_params=send_params,
@@ -239,7 +242,7 @@ class Client:
             # The server may be mid-transaction: the connection cannot be reused.
             self._protocol.abort(ServerDisconnected("delivery cancelled by the caller"))
             raise
-        if local:
+        if send_idx is not None:
             merged = dict(zip(send_idx, results, strict=True))
             merged.update(local)
             results = [merged[i] for i in range(len(recipients))]

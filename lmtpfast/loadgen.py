@@ -95,7 +95,7 @@ async def run_bench(
     message = config.message if config.message is not None else make_message(config.size)
     recipients = [config.recipient_pattern.format(n=i + 1) for i in range(config.recipients)]
     latencies: list[float] = []
-    outcomes: Counter[str] = Counter()
+    outcomes: Counter[tuple[int, str | None]] = Counter()
     errors: list[str] = []
     sent = 0
     done_msgs = 0
@@ -124,7 +124,7 @@ async def run_bench(
                 return
             latencies.append(time.perf_counter() - start)
             for r in results:
-                outcomes[f"{r.code} {r.enhanced or ''}".strip()] += 1
+                outcomes[(r.code, r.enhanced)] += 1  # formatted once, at the end
             done_msgs += 1
             if interval:
                 await asyncio.sleep(max(0.0, interval - (time.perf_counter() - start)))
@@ -175,7 +175,7 @@ async def run_bench(
         recipients_per_second=rcpts / elapsed if elapsed else 0.0,
         megabytes_per_second=done_msgs * len(message) / elapsed / 1e6 if elapsed else 0.0,
         latency_ms=_percentiles(latencies),
-        outcomes=dict(outcomes),
+        outcomes={f"{code} {enh or ''}".strip(): n for (code, enh), n in outcomes.items()},
         cpu_seconds=cpu,
         cpu_per_message_us=cpu / done_msgs * 1e6 if done_msgs else 0.0,
         errors=errors[:10],

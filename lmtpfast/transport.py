@@ -121,6 +121,8 @@ class LMTPProtocol(asyncio.Protocol):
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_stage: str | None = None  # the stage the timer was last checked for
+        self._limits: dict[str, float] = {}  # stage -> seconds, from timeouts
         self._last_progress = 0.0
         self._content_task: asyncio.Task[None] | None = None
         self.error: Exception | None = None
@@ -217,7 +219,10 @@ class LMTPProtocol(asyncio.Protocol):
         if not (chunking and not streamed):
             txn.content = content
         txn.waiter = fut
-        self._process()  # a streamed BDAT transaction is ready for content at once
+        if chunking and streamed:
+            self._process()  # a streamed BDAT transaction is ready for content at once
+        else:
+            self._flush()
         return fut
 
     def abort(self, error: Exception) -> None:
@@ -458,9 +463,15 @@ class LMTPProtocol(asyncio.Protocol):
         stage = self._current_stage()
         if stage is None:
             return
-        now = self._loop.time()
-        due = now + self.timeouts.for_stage(stage)
         timer = self._timer
+        if timer is not None and stage == self._timer_stage:
+            return  # the usual case on a busy connection: nothing to do
+        limit = self._limits.get(stage)
+        if limit is None:
+            limit = self._limits[stage] = self.timeouts.for_stage(stage)
+        now = self._loop.time()
+        due = now + limit
+        self._timer_stage = stage
         if timer is not None:
             if timer.when() <= due:
                 return
