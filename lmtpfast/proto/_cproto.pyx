@@ -34,8 +34,8 @@ from ._common import (
     encode_address,
     encode_param,
     fail_transaction,
-    finish_transaction,
 )
+from ..results import RecipientResult
 
 __all__ = ["Connection", "ReplyParser"]
 
@@ -891,7 +891,7 @@ cdef class Connection:
             if txn in self._bdat_unsettled:
                 self._bdat_unsettled.remove(txn)
             self._reset_covered.discard(txn.id)
-        finish_transaction(txn)
+        _finish_transaction(txn)
         self._open.remove(txn)
         self._events.push(TransactionDone(txn))
         return 0
@@ -929,3 +929,49 @@ cdef class Connection:
         self._data_ready = None
         self._events.push(ConnectionBroken(error, failed))
         return 0
+
+
+# -- per-recipient results ----------------------------------------------------------
+# The compiled twin of _common.finish_transaction / result_from_reply: once per
+# recipient, so no Python frame per result.
+
+cdef inline object _result(object address, object reply, str stage):
+    cdef int code = reply.code
+    if 200 <= code < 300:
+        status = "delivered"
+    elif 500 <= code < 600:
+        status = "permanent"
+    else:
+        status = "transient"
+    return RecipientResult(address, status, code, reply.enhanced, reply.text, stage)
+
+
+cdef int _finish_transaction(object txn) except -1:
+    cdef list results = []
+    cdef list rcpt_replies = txn.rcpt_replies
+    cdef list final_replies = txn.final_replies
+    cdef Py_ssize_t i = 0
+    mail = txn.mail_reply
+    mail_failed = mail is not None and not _ok(mail.code)
+    data = txn.data_reply
+    for address in txn.recipients:
+        if mail_failed:
+            results.append(_result(address, mail, "mail"))
+        else:
+            rcpt = rcpt_replies[i]
+            if rcpt is None:
+                raise AssertionError("transaction finished without a RCPT reply")
+            if not _ok(rcpt.code):
+                results.append(_result(address, rcpt, "rcpt"))
+            else:
+                final = final_replies[i]
+                if final is not None:
+                    results.append(_result(address, final, "final"))
+                elif data is not None and data.code != 354:
+                    results.append(_result(address, data, "data"))
+                else:
+                    raise AssertionError("accepted recipient finished without a reply")
+        i += 1
+    txn.results = results
+    txn.done = True
+    return 0
