@@ -22,4 +22,5 @@ python3 -c 'import lmtpfast.proto._cproto, lmtpfast.proto._ccontent' 2>/dev/null
 
 python3 -m ruff check lmtpfast tests bench
 python3 -m mypy lmtpfast
+bash scripts/sanitize.sh  # core tests under ASan/UBSan in a temp copy (never in this tree)
 exec python3 -m pytest -q "$@"
