@@ -301,6 +301,8 @@ class Agent:
             raise RuntimeError("the agent is closed")
         if isinstance(recipients, str):
             raise TypeError("recipients must be a sequence of addresses, not one string")
+        if not recipients:
+            raise LocalProtocolError("no recipients: a delivery needs at least one")
         if not isinstance(sender, str) or not _FORBIDDEN.isdisjoint(sender):
             raise LocalProtocolError(f"bad sender address {sender!r}")
         raw = message_bytes(message)

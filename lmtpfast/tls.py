@@ -295,6 +295,10 @@ async def negotiate(
     hostname = policy.hostname_for(destination.host)
     context = policy.context()
     reply = await protocol.command("STARTTLS")
+    if reply.code == 421:
+        # The server is closing the connection: going on in plain text would
+        # send MAIL into a connection that is going away.
+        raise ReplyError(reply.code, reply.enhanced, reply.text, "starttls")
     if reply.code != 220:
         if policy.required:
             raise TLSError(f"TLS is required (tls_security_level = {policy.level}) but {peer} "

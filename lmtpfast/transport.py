@@ -8,6 +8,7 @@ future results here; nothing about LMTP itself is decided in this file.
 from __future__ import annotations
 
 import asyncio
+import math
 import select
 import socket
 import ssl
@@ -71,7 +72,8 @@ class Timeouts:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, int | float) or value <= 0:
+            # NaN passes "<= 0"; inf is "no limit" (a timer that never fires).
+            if not isinstance(value, int | float) or math.isnan(value) or value <= 0:
                 raise ConfigurationError(f"timeout must be a positive number, got {value!r}",
                                          field=f.name)
 
@@ -155,7 +157,7 @@ class LMTPProtocol(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.engine.usable:
+        if self._waiting():
             self.engine.fail(ServerDisconnected(
                 f"connection to {self.peer} lost" + (f": {exc}" if exc else "")))
             self._process()
@@ -229,7 +231,7 @@ class LMTPProtocol(asyncio.Protocol):
         """Give up on the connection: open transactions get transient results."""
         if self.error is None:
             self.error = error
-        if self.engine.usable:
+        if self._waiting():
             self.engine.fail(error)
             self._process()
         if self._transport is not None:
@@ -419,9 +421,14 @@ class LMTPProtocol(asyncio.Protocol):
                 self._last_progress = self._loop.time()
                 if self._paused:
                     await self._drain()
-                if not engine.usable:
+                # After a write error asyncio drops further writes silently:
+                # stop here, so the last chunk or the dot is never "sent"
+                # (which would flag the recipients possibly delivered).
+                if not engine.usable or transport.is_closing():
                     return
             tail = encoder.finish()
+            if transport.is_closing():
+                return
             if bdat:
                 engine.send_chunk(txn, tail, last=True)
                 self._process()
@@ -455,10 +462,19 @@ class LMTPProtocol(asyncio.Protocol):
             return "content"
         return stage
 
+    def _waiting(self) -> bool:
+        """The engine can still get replies: not broken, not closed.
+
+        Not ``usable``: while QUIT or STARTTLS is pending the engine takes no
+        new commands, but their replies still need a time limit.
+        """
+        engine = self.engine
+        return engine.error is None and not engine.closed
+
     def _arm_timer(self) -> None:
         # One timer per connection, re-armed lazily: data_received only
         # records the time, the timer checks it when it fires.
-        if not self.engine.usable:
+        if not self._waiting():
             return
         stage = self._current_stage()
         if stage is None:
@@ -488,7 +504,7 @@ class LMTPProtocol(asyncio.Protocol):
     def _on_timer(self) -> None:
         self._timer = None
         stage = self._current_stage()
-        if stage is None or not self.engine.usable:
+        if stage is None or not self._waiting():
             return
         limit = self.timeouts.for_stage(stage)
         due = self._last_progress + limit

@@ -117,13 +117,7 @@ def one(results: list[Any], status: str, code: int, text: str) -> None:
 
 Case = Callable[[], Awaitable[None] | None]
 CASES: dict[str, Case] = {}
-XFAIL: dict[str, str] = {
-    "A6": "K7: Agent.deliver(recipients=[]) raises IndexError (a traceback) instead of a "
-          "clear error",
-    "C8": "K6: Timeouts accepts NaN: no time limit on asyncio, ValueError from uvloop's "
-          "timer at the first stall",
-    "F3": "K6: lmtpfast send --timeout-scale nan ends in a ValueError traceback",
-}
+XFAIL: dict[str, str] = {}  # K6 and K7 were fixed; a new known bug goes here
 
 
 def case(rid: str) -> Callable[[Case], Case]:

@@ -1721,3 +1721,4 @@ def test_secret_not_quoted_in_argument_errors(impl: ModuleType) -> None:
     with pytest.raises(LocalProtocolError) as info:
         c.command("AUTH-RESPONSE", "c2VjcmV0\r\nx")
     assert "c2VjcmV0" not in str(info.value)
+

@@ -87,7 +87,6 @@ async def test_fault_matrix(case: Case, engine: str) -> None:
 # --- bugs found by the matrix that are not in the table ---------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="K4: Client.quit() waits forever for a QUIT reply")
 async def test_quit_is_bounded_by_its_timeout(engine: str) -> None:
     async with Sink("127.0.0.1:0", faults=FaultPlan.parse(["quit=stall"])) as sink:
         client = await connect(sink.destinations[0], timeouts=Timeouts(quit=LIMIT))
@@ -99,8 +98,6 @@ async def test_quit_is_bounded_by_its_timeout(engine: str) -> None:
             client.abort()
 
 
-@pytest.mark.xfail(strict=True, reason="K5: the sink never closes a stalled connection "
-                   "after the client hangs up (eof_received keeps it half-open)")
 async def test_sink_closes_stalled_connection_when_client_hangs_up() -> None:
     d = tempfile.mkdtemp(prefix="lmtpfm-", dir="/tmp")
     try:

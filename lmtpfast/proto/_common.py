@@ -189,7 +189,8 @@ class Capabilities:
         if "SIZE" not in self.keywords:
             return None
         value = self.keywords["SIZE"]
-        return int(value) if value.isdigit() else 0
+        # isdigit() alone accepts "²" and other digits int() refuses (found by fuzzing).
+        return int(value) if value.isascii() and value.isdigit() else 0
 
     @property
     def auth(self) -> frozenset[str]:

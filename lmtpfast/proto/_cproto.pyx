@@ -846,6 +846,11 @@ cdef class Connection:
         return 0
 
     cdef int _on_data_reply(self, object txn, object reply, int code) except -1:
+        if code != 354 and code < 400:
+            # As in _pyproto: replies out of step; never a delivery.
+            self._break(RemoteProtocolError(
+                f"{code} reply to DATA, 354 expected: replies out of step"), 451, "4.5.0")
+            return 0
         txn.data_reply = reply
         mail_ok = _reply_ok(txn.mail_reply)
         if code == 354:

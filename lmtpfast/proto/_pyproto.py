@@ -600,6 +600,13 @@ class Connection:
         self._pump()
 
     def _on_data_reply(self, txn: Transaction, reply: Reply) -> None:
+        if reply.code != 354 and reply.code < 400:
+            # A success that is not 354 cannot answer DATA: the replies are out
+            # of step (an unsolicited reply shifted them). Never read it as a
+            # final reply: that would report a delivery nobody stored.
+            self._break(RemoteProtocolError(
+                f"{reply.code} reply to DATA, 354 expected: replies out of step"), 451, "4.5.0")
+            return
         txn.data_reply = reply
         mail_ok = txn.mail_reply is not None and 200 <= txn.mail_reply.code < 300
         if reply.code == 354:

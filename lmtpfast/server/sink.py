@@ -354,6 +354,10 @@ class _SinkProtocol(asyncio.Protocol):
             self._dispatch(items)
 
     def eof_received(self) -> bool:
+        if self._blocked and self._queue is None:
+            # Stalled (or already closing): nothing will ever be written again,
+            # so the client's hang-up ends the connection now, not at stop().
+            return False
         if self._session is not None:
             # The client may half-close and still read replies (or a delay may
             # be pending): queue the close behind them instead of closing now.
