@@ -366,6 +366,7 @@ async def connect(
     except BaseException:
         protocol.abort(ServerDisconnected("session setup failed"))
         raise
+    protocol.setup_stage = None  # the session is ready: later failures are not set-up ones
     client = Client(protocol, dest, greeting, lhlo)
     if mechanism is not None and auth_policy is not None:
         client.authenticated_as = auth_policy.identity

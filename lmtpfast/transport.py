@@ -117,7 +117,11 @@ class LMTPProtocol(asyncio.Protocol):
         self.peer = peer
         self._loop = loop
         self._transport: asyncio.Transport | None = None
-        self._command_waiters: deque[asyncio.Future[Reply]] = deque()
+        # The session set-up stage under way (greeting, lhlo, starttls, auth);
+        # connect() sets it to None once the session is ready.
+        self.setup_stage: str | None = "greeting"
+        # Futures for session command replies, in order, with the stage each is.
+        self._command_waiters: deque[tuple[str, asyncio.Future[Reply]]] = deque()
         self._greeting: asyncio.Future[Reply] = loop.create_future()
         self._closed: asyncio.Future[None] = loop.create_future()
         self._paused = False
@@ -190,7 +194,11 @@ class LMTPProtocol(asyncio.Protocol):
         else:
             self.engine.command(verb, argument)
         fut: asyncio.Future[Reply] = self._loop.create_future()
-        self._command_waiters.append(fut)
+        # "AUTH-RESPONSE" lines are part of the AUTH stage.
+        stage = verb.lower().partition("-")[0]
+        self._command_waiters.append((stage, fut))
+        if self.setup_stage is not None:
+            self.setup_stage = stage
         self._flush()
         return fut
 
@@ -372,7 +380,7 @@ class LMTPProtocol(asyncio.Protocol):
                 self._greeting.set_result(ev.reply)
             return
         if self._command_waiters:
-            fut = self._command_waiters.popleft()
+            _, fut = self._command_waiters.popleft()
             if not fut.done():
                 fut.set_result(ev.reply)
 
@@ -388,11 +396,21 @@ class LMTPProtocol(asyncio.Protocol):
             self._transport.abort()
 
     def _fail_waiters(self, error: Exception) -> None:
+        # Say which session stage the failure interrupted (for per-recipient
+        # results made from it), unless the error knows already (ReadTimeout).
+        if not self._greeting.done():
+            stage = "greeting"
+        elif self._command_waiters:
+            stage = self._command_waiters[0][0]
+        else:
+            stage = self.setup_stage or ""
+        if stage and isinstance(error, LMTPError) and not getattr(error, "stage", ""):
+            setattr(error, "stage", stage)  # noqa: B010 - not every LMTPError declares it
         if not self._greeting.done():
             self._greeting.set_exception(error)
             self._greeting.exception()  # mark retrieved: nobody may be waiting yet
         while self._command_waiters:
-            fut = self._command_waiters.popleft()
+            _, fut = self._command_waiters.popleft()
             if not fut.done():
                 fut.set_exception(error)
 

@@ -26,21 +26,7 @@ CASES = load_cases()
 
 # Known bugs, by the label in the table's "known bug" column (docs/reliability.md
 # lists them with a reproduction each).
-BUGS = {
-    "K1": "a 2xx reply to DATA (instead of 354) is taken as the final reply: every "
-          "recipient is reported delivered though no content was sent",
-    "K2": "the stage of a failure is misreported: 'connect' for a disconnect or a "
-          "malformed reply during greeting/LHLO/STARTTLS/AUTH, 'data' for a cut while "
-          "streaming BDAT content",
-    "K3": "a write error in the middle of a streamed message is noticed only after the "
-          "final dot is queued: recipients are flagged possibly delivered",
-    "K4": "Client.quit() has no time limit: Timeouts.quit never applies (the pool cuts "
-          "it after 5 s, Client.quit() and lmtpfast.deliver() wait forever)",
-    "K8": "a 421 reply to STARTTLS (level may) is taken as 'go on in plain text': MAIL is "
-          "sent on a connection the server is closing, the failure shows at stage mail",
-    "K9": "the STARTTLS reply has no time limit (Timeouts.starttls never applies while "
-          "STARTTLS is pending): a server that stalls there hangs the delivery forever",
-}
+BUGS: dict[str, str] = {}  # K1-K9 are fixed; a new one gets its label and reason here
 
 # A row must finish well within this (a stall costs one stage timeout); a
 # known hang is cut sooner so its xfail stays cheap.

@@ -352,7 +352,7 @@ def fail_transaction(txn: Transaction, code: int, enhanced: str, why: str, stage
         else:
             if txn.dot_sent:
                 where = "final"
-            elif txn.data_reply is not None:
+            elif txn.data_reply is not None or stage == "content":
                 where = "content"
             elif rcpt is not None:
                 where = "data"

@@ -926,7 +926,9 @@ cdef class Connection:
         stage = self.waiting_for or "mail"
         why = str(error)
         for txn in failed:
-            fail_transaction(txn, code, enhanced, why, stage)
+            # The transaction whose content was being streamed (DATA or BDAT).
+            where = "content" if txn is self._data_ready else stage
+            fail_transaction(txn, code, enhanced, why, where)
         self._expect.clear()
         self._outq.clear()
         self._wbuf = []
