@@ -18,6 +18,8 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 __all__ = [
     "PeerStartError",
@@ -207,3 +209,32 @@ def tail(path: str | os.PathLike[str], lines: int = 30) -> str:
     except OSError as exc:
         return f"<{path}: {exc.strerror}>"
     return "\n".join(text.splitlines()[-lines:])
+
+
+class TempPeer:
+    """A server started for tests in a temp folder: ``with Peer(...) as peer:``.
+
+    Subclasses provide ``start()`` (returns self) and ``close()`` (stops the
+    server and removes its folder).
+    """
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # __exit__ will not run: do not leak the temp folder
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

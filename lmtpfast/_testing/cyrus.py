@@ -64,10 +64,9 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
-from ._procs import PeerStartError, free_tcp_port, guarded, stop_process, tail, wait_for
+from ._procs import PeerStartError, TempPeer, free_tcp_port, guarded, stop_process, tail, wait_for
 
 __all__ = [
     "CYRUS_MASTER",
@@ -141,7 +140,7 @@ def capture_syslog(path: str | os.PathLike[str]) -> Iterator[bool]:
             os.unlink("/dev/log")
 
 
-class TempCyrus:
+class TempCyrus(TempPeer):
     """A private Cyrus lmtpd on 127.0.0.1:PORT (SASL required) and on a unix socket.
 
     *sasl_users* maps SASL user names to passwords (created in the sasldb);
@@ -387,17 +386,6 @@ EVENTS {{
         """Stop and delete the instance's folder."""
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -72,10 +72,9 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
-from ._procs import PeerStartError, free_tcp_port, guarded, stop_process, tail, wait_for
+from ._procs import PeerStartError, TempPeer, free_tcp_port, guarded, stop_process, tail, wait_for
 
 __all__ = ["DEFAULT_USERS", "PeerStartError", "TempDovecot", "body_as_sent", "find_dovecot"]
 
@@ -137,7 +136,7 @@ def _local_user(user: str) -> str:
     return user.partition("@")[0].lower()
 
 
-class TempDovecot:
+class TempDovecot(TempPeer):
     """A private Dovecot LMTP server on a unix socket and on 127.0.0.1:PORT.
 
     Usable as a context manager (``with TempDovecot() as dv: ...``). Recipients
@@ -363,21 +362,6 @@ protocol lmtp {{
         """Stop the instance and delete its folder (config, sockets, mail, log)."""
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()  # __exit__ will not run: do not leak the temp folder
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

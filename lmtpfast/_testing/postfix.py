@@ -50,11 +50,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from ._procs import (
     PeerStartError,
+    TempPeer,
     free_tcp_port,
     guarded,
     listening_tcp,
@@ -132,7 +132,7 @@ def split_capture(dump: bytes) -> tuple[dict[str, list[str]], bytes]:
     return meta, message
 
 
-class SmtpSink:
+class SmtpSink(TempPeer):
     """``smtp-sink -L`` on a unix socket (default) or on 127.0.0.1 at a free port.
 
     *flags* are passed through before the address, e.g. ``SmtpSink("-q", ".")``
@@ -288,21 +288,6 @@ class SmtpSink:
         files = [p for p in self.dump_dir.iterdir() if p.is_file()]
         files.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
         return [p.read_bytes() for p in files]
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()  # __exit__ will not run: do not leak the temp folder
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
