@@ -26,6 +26,7 @@ results, not exceptions.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -73,23 +74,19 @@ class Routing:
 
 
 @dataclass
-class AgentStats:
-    """Totals over every pool of an agent (a snapshot; see :attr:`Agent.stats`)."""
+class AgentStats(PoolStats):
+    """Totals over every pool of an agent (a snapshot; see :attr:`Agent.stats`).
+
+    The pool counters are summed; the ``peak_*`` ones are the largest of any
+    one pool.
+    """
 
     deliveries: int = 0
     recipients: int = 0
     pools: int = 0
-    connections_opened: int = 0
-    connections_reused: int = 0
-    connections_closed: int = 0
-    connect_failures: int = 0
-    transactions: int = 0
-    retries: int = 0
-    dead_idle: int = 0
-    #: The most connections one pool had open at once.
-    peak_connections: int = 0
-    #: The most transactions in flight on one connection at once.
-    peak_pipelined: int = 0
+
+
+_POOL_COUNTERS = tuple(f.name for f in dataclasses.fields(PoolStats))
 
 
 def _refusal(recipient: str, code: int, enhanced: str, text: str, stage: str) -> RecipientResult:
@@ -375,16 +372,9 @@ class Agent:
         total = AgentStats(deliveries=self._deliveries, recipients=self._recipients,
                            pools=len(self._pools))
         for pool in self._pools.values():
-            s: PoolStats = pool.stats
-            total.connections_opened += s.connections_opened
-            total.connections_reused += s.connections_reused
-            total.connections_closed += s.connections_closed
-            total.connect_failures += s.connect_failures
-            total.transactions += s.transactions
-            total.retries += s.retries
-            total.dead_idle += s.dead_idle
-            total.peak_connections = max(total.peak_connections, s.peak_connections)
-            total.peak_pipelined = max(total.peak_pipelined, s.peak_pipelined)
+            for f in _POOL_COUNTERS:
+                mine, theirs = getattr(total, f), getattr(pool.stats, f)
+                setattr(total, f, max(mine, theirs) if f.startswith("peak_") else mine + theirs)
         return total
 
     def pools(self) -> dict[tuple[str, Destination], Pool]:
