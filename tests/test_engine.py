@@ -1722,3 +1722,20 @@ def test_secret_not_quoted_in_argument_errors(impl: ModuleType) -> None:
         c.command("AUTH-RESPONSE", "c2VjcmV0\r\nx")
     assert "c2VjcmV0" not in str(info.value)
 
+
+
+@pytest.mark.parametrize("verb", ["MAIL", "rcpt", "DATA", "BDAT", "LHLO"])
+def test_command_refuses_what_would_put_replies_out_of_step(impl: ModuleType, verb: str) -> None:
+    s = Script(impl, Cut("whole"))
+    c = session(s)
+    with pytest.raises(LocalProtocolError, match="out of step"):
+        c.command(verb, "FROM:<a@b>")
+    with pytest.raises(LocalProtocolError, match="bad command verb"):
+        c.command("NOOP X", None)
+    assert s.sent() == b"" and c.usable and c.idle
+
+
+@pytest.mark.parametrize("name", ["a\tb", "h\u00f6st", "a b", ""])
+def test_lhlo_name_is_printable_ascii(impl: ModuleType, name: str) -> None:
+    with pytest.raises(LocalProtocolError, match="bad LHLO name"):
+        impl.Connection(name)

@@ -23,7 +23,9 @@ __all__ = [
     "Reply",
     "Transaction",
     "TransactionDone",
+    "check_session_verb",
     "encode_address",
+    "encode_local_name",
     "encode_param",
 ]
 
@@ -231,6 +233,32 @@ def encode_param(param: str) -> bytes:
     if not param or not param.isascii() or not param.isprintable() or " " in param:
         raise LocalProtocolError(f"bad ESMTP parameter {param!r}")
     return param.encode("ascii")
+
+
+def encode_local_name(name: str) -> bytes:
+    """The LHLO argument: a domain or address literal, printable ASCII, no spaces."""
+    if (not isinstance(name, str) or not name or not name.isascii() or not name.isprintable()
+            or " " in name):
+        raise LocalProtocolError(f"bad LHLO name {name!r}: printable ASCII without spaces")
+    return name.encode("ascii")
+
+
+# Commands that only the engine's own methods may send: through command()
+# they would put the queue of expected replies out of step with the server.
+_ENGINE_VERBS = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "LHLO"})
+
+
+def check_session_verb(verb: str) -> str:
+    """``verb`` upper-cased, if it may be sent with ``Connection.command()``."""
+    upper = verb.upper() if isinstance(verb, str) else ""
+    if not upper or not upper.isascii() or not upper.replace("-", "").isalnum():
+        raise LocalProtocolError(f"bad command verb {verb!r}")
+    if upper in _ENGINE_VERBS:
+        raise LocalProtocolError(
+            f"{upper} is sent by lhlo()/start_transaction(), not command(): the replies "
+            "would be out of step"
+        )
+    return upper
 
 
 def check_command_argument(arg: str) -> bytes:

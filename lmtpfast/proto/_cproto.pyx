@@ -31,7 +31,9 @@ from ._common import (
     Transaction,
     TransactionDone,
     check_command_argument,
+    check_session_verb,
     encode_address,
+    encode_local_name,
     encode_param,
     fail_transaction,
 )
@@ -465,9 +467,7 @@ cdef class Connection:
         max_reply_lines=DEFAULT_MAX_REPLY_LINES,
     ):
         self.local_name = local_name
-        self._local_name_bytes = check_command_argument(local_name)
-        if not local_name or b" " in self._local_name_bytes:
-            raise LocalProtocolError(f"bad LHLO name {local_name!r}")
+        self._local_name_bytes = encode_local_name(local_name)
         self._allow_pipelining = pipelining
         self.ignore_keywords = tuple(ignore_keywords)
         self._parser = ReplyParser(max_line_length, max_reply_lines)
@@ -595,7 +595,7 @@ cdef class Connection:
         sends ``argument`` alone as a line (a SASL response).
         """
         self._check_usable()
-        verb = verb.upper()
+        verb = check_session_verb(verb)
         if verb == "AUTH-RESPONSE":
             line = check_command_argument(argument or "") + _CRLF
         else:
