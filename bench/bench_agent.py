@@ -46,10 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 from lmtpfast import connect  # noqa: E402
 from lmtpfast._loop import loop_factory  # noqa: E402
+from lmtpfast._testing.postfix import postfix_env, smtp_tool  # noqa: E402
 from lmtpfast.agent import Agent  # noqa: E402
 from lmtpfast.proto import IMPLEMENTATION  # noqa: E402
-
-PEERS = Path(os.environ.get("LMTPFAST_PEERS_DIR") or "/opt/lmtpfast-peers") / "postfix" / "usr"
 
 
 class Server:
@@ -67,10 +66,10 @@ class Server:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
             self._wait(lambda: ready.exists())
         else:
-            sink = PEERS / "sbin" / "smtp-sink"
-            if not sink.exists():
-                sys.exit(f"smtp-sink not found under {PEERS} (scripts/install-test-deps.sh)")
-            env = dict(os.environ, LD_LIBRARY_PATH=str(PEERS / "lib" / "postfix"))
+            sink = smtp_tool("smtp-sink")
+            if sink is None:
+                sys.exit("smtp-sink not found (scripts/install-test-deps.sh)")
+            env = postfix_env()
             user = ["-u", "nobody"] if os.geteuid() == 0 else []
             os.chmod(workdir, 0o777)
             self.proc = subprocess.Popen([str(sink), "-L", *user, self.destination, "4096"],

@@ -34,10 +34,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = Path("/opt/lmtpfast-peers/postfix/usr")
-SMTP_SOURCE = PEERS / "sbin/smtp-source"
-SMTP_SINK = PEERS / "sbin/smtp-sink"
-POSTFIX_ENV = dict(os.environ, LD_LIBRARY_PATH=str(PEERS / "lib/postfix"))
+sys.path.insert(0, str(ROOT))
+
+from lmtpfast._testing.postfix import postfix_env, smtp_tool  # noqa: E402
+
+SMTP_SOURCE = smtp_tool("smtp-source") or Path("/usr/sbin/smtp-source")
+SMTP_SINK = smtp_tool("smtp-sink") or Path("/usr/sbin/smtp-sink")
+POSTFIX_ENV = postfix_env()
 
 CLI = textwrap.dedent(
     """

@@ -31,6 +31,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmtpfast._testing.postfix import postfix_env, smtp_tool
 from lmtpfast.cli import sink as sink_cli
 from lmtpfast.errors import ConfigurationError
 from lmtpfast.server import DotDecoder, FaultPlan, FaultRule, ServerSession, SessionConfig, Sink
@@ -50,8 +51,7 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
     pass
 
 TIMEOUT = 10.0
-SMTP_SOURCE = "/opt/lmtpfast-peers/postfix/usr/sbin/smtp-source"
-POSTFIX_LIB = "/opt/lmtpfast-peers/postfix/usr/lib/postfix"
+SMTP_SOURCE = str(smtp_tool("smtp-source") or "/usr/sbin/smtp-source")
 
 
 @pytest.fixture(params=LOOPS)
@@ -1126,7 +1126,7 @@ def test_smtp_source_drives_the_sink(cli_sink: Any, sockdir: str, tmp_path: Path
         pytest.skip(f"{SMTP_SOURCE} is not installed")
     stats_file = tmp_path / "stats.json"
     proc, dests = cli_sink("--listen", f"unix:{sockdir}/s", "--stats-json", str(stats_file))
-    env = dict(os.environ, LD_LIBRARY_PATH=POSTFIX_LIB)
+    env = postfix_env()
     src = subprocess.run(
         [SMTP_SOURCE, "-L", "-d", "-s", "4", "-m", "2000", "-r", "5", dests[0]],
         env=env,

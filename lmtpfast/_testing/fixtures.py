@@ -95,7 +95,7 @@ def require_peer(name: str) -> None:
         tools = ("smtp-sink", "smtp-source") if name == "postfix" else (name,)
         for tool in tools:
             if smtp_tool(tool) is None:
-                _unavailable(f"Postfix {tool} not unpacked: {_INSTALL_HINT}")
+                _unavailable(f"Postfix {tool} not installed (package postfix): {_INSTALL_HINT}")
         if "smtp-sink" in tools and os.geteuid() != 0:
             # smtp-sink -u only works for root; as another user it would need no -u.
             _unavailable("SmtpSink needs root (smtp-sink -u nobody)")

@@ -1,9 +1,11 @@
 """Postfix's ``smtp-sink`` (LMTP server) and ``smtp-source`` (LMTP load generator) for tests.
 
-The binaries come unpacked from the Debian ``postfix`` package (no Postfix MTA)
-by ``scripts/install-test-deps.sh`` into ``$LMTPFAST_PEERS_DIR/postfix``
-(default ``/opt/lmtpfast-peers/postfix``); they need ``LD_LIBRARY_PATH`` set to
-``usr/lib/postfix`` there for ``libpostfix-*.so``.
+The binaries are ``/usr/sbin/smtp-sink`` and ``/usr/sbin/smtp-source`` from the
+Debian ``postfix`` package (installed by ``scripts/install-test-deps.sh``; the
+system Postfix instance is never started). With ``$LMTPFAST_PEERS_DIR`` set,
+the tools are taken from ``$LMTPFAST_PEERS_DIR/postfix/usr/sbin`` instead (a
+package unpacked with ``dpkg -x``, e.g. another Postfix version), with
+``LD_LIBRARY_PATH`` pointing at its ``usr/lib/postfix`` for ``libpostfix-*.so``.
 
 Facts checked against Postfix 3.7.11 (Debian 12):
 
@@ -76,23 +78,31 @@ __all__ = [
 ]
 
 
-def peers_dir() -> Path:
-    """``$LMTPFAST_PEERS_DIR`` or ``/opt/lmtpfast-peers``."""
-    return Path(os.environ.get("LMTPFAST_PEERS_DIR") or "/opt/lmtpfast-peers")
+def peers_dir() -> Path | None:
+    """``$LMTPFAST_PEERS_DIR`` (an unpacked Postfix in its ``postfix/``), or None."""
+    value = os.environ.get("LMTPFAST_PEERS_DIR")
+    return Path(value) if value else None
+
+
+def _sbin() -> Path:
+    base = peers_dir()
+    return Path("/usr/sbin") if base is None else base / "postfix" / "usr" / "sbin"
 
 
 def smtp_tool(name: str) -> Path | None:
-    """Path of the unpacked ``smtp-sink`` / ``smtp-source``, or None when missing."""
-    path = peers_dir() / "postfix" / "usr" / "sbin" / name
+    """Path of ``smtp-sink`` / ``smtp-source``, or None when missing."""
+    path = _sbin() / name
     return path if os.access(path, os.X_OK) else None
 
 
 def postfix_env() -> dict[str, str]:
-    """The environment for the unpacked Postfix tools (``LD_LIBRARY_PATH`` added)."""
+    """The environment for the Postfix tools (``LD_LIBRARY_PATH`` for an unpacked copy)."""
     env = dict(os.environ)
-    lib = str(peers_dir() / "postfix" / "usr" / "lib" / "postfix")
-    old = env.get("LD_LIBRARY_PATH")
-    env["LD_LIBRARY_PATH"] = f"{lib}:{old}" if old else lib
+    base = peers_dir()
+    if base is not None:
+        lib = str(base / "postfix" / "usr" / "lib" / "postfix")
+        old = env.get("LD_LIBRARY_PATH")
+        env["LD_LIBRARY_PATH"] = f"{lib}:{old}" if old else lib
     return env
 
 
@@ -100,8 +110,8 @@ def _require_tool(name: str) -> Path:
     path = smtp_tool(name)
     if path is None:
         raise PeerStartError(
-            f"{name} not found under {peers_dir()}/postfix/usr/sbin: "
-            "run scripts/install-test-deps.sh (or set LMTPFAST_PEERS_DIR)"
+            f"{name} not found in {_sbin()}: run scripts/install-test-deps.sh "
+            "(package postfix) or set LMTPFAST_PEERS_DIR to an unpacked copy"
         )
     return path
 
