@@ -22,9 +22,23 @@ Fixtures:
     ``smtp_sink(*flags, tcp=False, **kwargs) -> SmtpSink``: a started
     ``smtp-sink -L`` (fault flags passed through, e.g. ``smtp_sink("-q", ".")``),
     stopped at teardown.
+``postgres`` (session scope)
+    The session's shared :class:`~lmtpfast._testing.postgres.TempPostgres`
+    (unix socket + 127.0.0.1; ``dsn``, ``unix_dsn``, ``psql()``). A test may
+    ``stop()`` and ``start()`` it, but must leave it running; prefer
+    ``postgres_db`` (which restarts it if an earlier test did not) or
+    ``postgres_factory`` for a cluster of its own.
+``postgres_db`` (function scope)
+    A fresh database on the shared cluster, owned by a fresh role with a
+    password: a :class:`PgDatabase` (``name``, ``user``, ``password``, ``dsn``,
+    ``unix_dsn``, ``server``), dropped at teardown.
+``postgres_factory`` (function scope)
+    ``postgres_factory(**kwargs) -> TempPostgres``: a fresh, started cluster of
+    its own (about 1 s: initdb), deleted at teardown.
 
 Tests using the Dovecot fixtures get the ``dovecot`` marker, tests using
-``smtp_sink`` the ``postfix`` marker (``-m "not dovecot"`` deselects them).
+``smtp_sink`` the ``postfix`` marker, tests using the PostgreSQL fixtures the
+``postgres`` marker (``-m "not dovecot"`` deselects them).
 
 A missing peer is a skip on a developer machine but a failure when ``CI`` is set
 (any value but empty, ``0``, ``false`` or ``no``): CI must never pass by
@@ -35,21 +49,30 @@ rule for tests that call peers directly (e.g. ``run_smtp_source``).
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
 import pytest
 
+from ._procs import TempPeer
 from .dovecot import TempDovecot, find_dovecot
 from .postfix import SmtpSink, smtp_tool
+from .postgres import TempPostgres, find_postgres
 
 __all__ = [
     "DovecotFactory",
+    "PgDatabase",
+    "PostgresFactory",
     "SmtpSinkFactory",
     "dovecot",
     "dovecot_factory",
     "dovecot_session",
     "in_ci",
+    "postgres",
+    "postgres_db",
+    "postgres_factory",
     "require_peer",
     "smtp_sink",
 ]
@@ -69,6 +92,37 @@ class SmtpSinkFactory(Protocol):
     def __call__(self, *flags: str, tcp: bool = False, **kwargs: Any) -> SmtpSink: ...
 
 
+class PostgresFactory(Protocol):
+    """Type of the ``postgres_factory`` fixture."""
+
+    def __call__(self, **kwargs: Any) -> TempPostgres: ...
+
+
+@dataclass(frozen=True)
+class PgDatabase:
+    """A fresh database on the shared cluster (the ``postgres_db`` fixture)."""
+
+    server: TempPostgres
+    name: str
+    user: str
+    password: str = field(repr=False)
+
+    @property
+    def dsn(self) -> str:
+        """TCP DSN as the owning role (password included)."""
+        return self.server.dsn_for(self.user, self.password, self.name)
+
+    @property
+    def unix_dsn(self) -> str:
+        """Unix-socket DSN as the owning role (trust: no password)."""
+        return self.server.dsn_for(self.user, database=self.name, unix=True)
+
+    def psql(self, sql: str, **kwargs: Any) -> str:
+        """``server.psql`` in this database as its owner."""
+        kwargs.setdefault("user", self.user)
+        return self.server.psql(sql, database=self.name, **kwargs)
+
+
 def in_ci() -> bool:
     """True when the ``CI`` environment variable is set to a true-ish value."""
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
@@ -83,8 +137,8 @@ def _unavailable(reason: str) -> NoReturn:
 def require_peer(name: str) -> None:
     """Skip the calling test (fail it under CI) unless peer *name* can run.
 
-    *name*: ``"dovecot"``, ``"smtp-sink"``, ``"smtp-source"`` or ``"postfix"``
-    (both Postfix tools).
+    *name*: ``"dovecot"``, ``"smtp-sink"``, ``"smtp-source"``, ``"postfix"``
+    (both Postfix tools) or ``"postgres"``.
     """
     if name == "dovecot":
         if find_dovecot() is None or not os.access("/usr/lib/dovecot/lmtp", os.X_OK):
@@ -99,6 +153,10 @@ def require_peer(name: str) -> None:
         if "smtp-sink" in tools and os.geteuid() != 0:
             # smtp-sink -u only works for root; as another user it would need no -u.
             _unavailable("SmtpSink needs root (smtp-sink -u nobody)")
+    elif name == "postgres":
+        why = find_postgres()
+        if why is not None:
+            _unavailable(f"PostgreSQL: {why}: {_INSTALL_HINT}")
     else:
         raise ValueError(f"unknown peer {name!r}")
 
@@ -150,7 +208,47 @@ def smtp_sink() -> Iterator[SmtpSinkFactory]:
     _close_all(made)
 
 
-def _close_all(peers: Sequence[TempDovecot | SmtpSink]) -> None:
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[TempPostgres]:
+    """One PostgreSQL cluster shared by the whole test session."""
+    require_peer("postgres")
+    with TempPostgres() as pg:
+        yield pg
+
+
+@pytest.fixture
+def postgres_db(postgres: TempPostgres) -> Iterator[PgDatabase]:
+    """A fresh database and owning role on the shared cluster, dropped afterwards."""
+    if not postgres.running:
+        # An earlier test stopped it and did not start it again.
+        postgres.start()
+    tag = secrets.token_hex(4)
+    db = PgDatabase(postgres, f"t_{tag}", f"u_{tag}", secrets.token_urlsafe(12))
+    postgres.create_user(db.user, db.password)
+    postgres.create_database(db.name, owner=db.user)
+    yield db
+    if not postgres.running:
+        postgres.start()
+    postgres.drop_database(db.name)
+    postgres.psql(f'DROP ROLE IF EXISTS "{db.user}";')
+
+
+@pytest.fixture
+def postgres_factory() -> Iterator[PostgresFactory]:
+    """Factory of fresh PostgreSQL clusters, each stopped and deleted at teardown."""
+    require_peer("postgres")
+    made: list[TempPostgres] = []
+
+    def make(**kwargs: Any) -> TempPostgres:
+        pg = TempPostgres(**kwargs)
+        made.append(pg)
+        return pg.start()
+
+    yield make
+    _close_all(made)
+
+
+def _close_all(peers: Sequence[TempPeer]) -> None:
     # Close every peer even if one of them fails to stop; report the first error.
     errors: list[BaseException] = []
     for peer in reversed(peers):
@@ -167,6 +265,9 @@ _MARKERS: dict[str, str] = {
     "dovecot_session": "dovecot",
     "dovecot_factory": "dovecot",
     "smtp_sink": "postfix",
+    "postgres": "postgres",
+    "postgres_db": "postgres",
+    "postgres_factory": "postgres",
 }
 
 
@@ -174,6 +275,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Register the markers this plugin applies (harmless if pyproject has them too)."""
     config.addinivalue_line("markers", "dovecot: needs Dovecot's LMTP server")
     config.addinivalue_line("markers", "postfix: needs Postfix's smtp-sink/smtp-source")
+    config.addinivalue_line("markers", "postgres: needs a private PostgreSQL cluster")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
