@@ -7,13 +7,17 @@ first instead of in the tests built on it.
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 
 import asyncpg
 import pytest
 
-from lmtpfast._testing.fixtures import PgDatabase, PostgresFactory
+from lmtpfast._testing._procs import PeerStartError
+from lmtpfast._testing.fixtures import PgDatabase, PostgresFactory, SlapdFactory
+from lmtpfast._testing.mariadb import TempMariaDB
 from lmtpfast._testing.postgres import PG_BIN, TempPostgres
+from lmtpfast._testing.slapd import BASE_DN, TempSlapd
 
 # -- PostgreSQL ---------------------------------------------------------------
 
@@ -72,3 +76,83 @@ def test_postgres_factory_unix_only(postgres_factory: PostgresFactory) -> None:
     base = pg.base
     pg.close()
     assert not base.exists()
+
+
+# -- OpenLDAP slapd -----------------------------------------------------------
+
+
+def test_slapd_ldapsearch_over_tcp_finds_the_dit(slapd: TempSlapd) -> None:
+    # ldapsearch on its own (not our helper), anonymous, over TCP.
+    out = subprocess.run(
+        ["ldapsearch", "-x", "-LLL", "-H", slapd.url, "-b", BASE_DN,
+         "(mailLocalAddress=a.example@example.com)", "mailRoutingAddress", "mailHost"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert out.splitlines()[:3] == [
+        f"dn: uid=alice,ou=people,{BASE_DN}",
+        "mailRoutingAddress: alice@mail1.example.com",
+        "mailHost: mail1.example.com",
+    ]
+    bob = slapd.search("(uid=bob)", "lmtpfastMaildrop")
+    assert bob.count("lmtpfastMaildrop: ") == 2
+
+
+def test_slapd_load_ldif_bind_and_restart(slapd_factory: SlapdFactory) -> None:
+    ldap = slapd_factory()  # empty: no DIT
+    assert ldap.search(base="", scope="base", filter="(objectClass=*)").startswith("dn:")
+    ldap.load_ldif(
+        f"dn: {BASE_DN}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\n"
+        "o: t\n\n"
+        f"dn: uid=zed,{BASE_DN}\nobjectClass: account\nobjectClass: inetLocalMailRecipient\n"
+        "uid: zed\nmailLocalAddress: zed@example.com\n"
+    )
+    wrong = subprocess.run(
+        ["ldapwhoami", "-x", "-H", ldap.url, "-D", ldap.root_dn, "-w", "wrong"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert wrong.returncode == 49, wrong.stderr  # invalidCredentials
+    port = ldap.port
+    ldap.stop()
+    assert not ldap.running
+    with pytest.raises(subprocess.CalledProcessError):
+        ldap.search("(uid=zed)")
+    ldap.start()
+    assert ldap.port == port
+    assert "mailLocalAddress: zed@example.com" in ldap.search("(uid=zed)", bind=True)
+
+
+# -- MariaDB --------------------------------------------------------------------
+
+
+def test_mariadb_client_query_and_restart(mariadb: TempMariaDB) -> None:
+    name = "t_" + secrets.token_hex(4)
+    password = secrets.token_urlsafe(12)
+    mariadb.create_database(name)
+    try:
+        mariadb.create_user(name, password, grant_on=name)
+        mariadb.sql("CREATE TABLE m (k VARCHAR(64) PRIMARY KEY, v TEXT);"
+                    "INSERT INTO m VALUES ('alice@example.com', 'lmtp:unix:/x');", database=name)
+        # The mariadb client on its own, over TCP as the new user.
+        out = subprocess.run(
+            ["mariadb", "--no-defaults", "-h", "127.0.0.1", "-P", str(mariadb.port), "-u", name,
+             f"--password={password}", "-BN", name, "-e", "SELECT v FROM m"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        assert out == "lmtp:unix:/x\n"
+        mariadb.stop()
+        assert not mariadb.running
+        with pytest.raises(subprocess.CalledProcessError):
+            mariadb.sql("SELECT 1", timeout=30)
+        mariadb.start()
+        assert mariadb.sql("SELECT count(*) FROM m", database=name) == "1\n"
+    finally:
+        if not mariadb.running:
+            mariadb.start()
+        mariadb.drop_database(name)
+        mariadb.sql(f"DROP USER '{name}'@'localhost', '{name}'@'127.0.0.1';")
+
+
+def test_a_bed_that_cannot_start_says_why(slapd_factory: SlapdFactory) -> None:
+    # slapd exits at once on a bad config line: the error carries its log tail.
+    with pytest.raises(PeerStartError, match="(?s)slapd did not start.*no-such-directive"):
+        slapd_factory(extra_config="no-such-directive yes\n")

@@ -23,11 +23,13 @@ from typing import Self
 
 __all__ = [
     "PeerStartError",
+    "ToolError",
     "free_tcp_port",
     "guarded",
     "kill_session",
     "listening_tcp",
     "listening_unix",
+    "run_tool",
     "session_pids",
     "stop_process",
     "tail",
@@ -37,6 +39,32 @@ __all__ = [
 
 class PeerStartError(RuntimeError):
     """A real peer (Dovecot, smtp-sink) did not come up; the message has its log tail."""
+
+
+class ToolError(subprocess.CalledProcessError):
+    """A peer's client tool (psql, ldapsearch, mariadb, postqueue ...) failed.
+
+    A :class:`subprocess.CalledProcessError` whose message ends with what the
+    tool printed on stderr, so a failing test shows the tool's own words.
+    """
+
+    def __str__(self) -> str:
+        err = self.stderr
+        if isinstance(err, bytes):
+            err = err.decode("utf-8", "replace")
+        return f"{super().__str__()}\n{(err or '').strip()[-2000:]}"
+
+
+def run_tool(
+    cmd: list[str], *, input: str | None = None, timeout: float = 60.0, check: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Run a client tool with text I/O and a timeout; :class:`ToolError` on failure if *check*."""
+    proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout,
+                          check=False, env=env, stdin=None if input is not None else subprocess.DEVNULL)  # fmt: skip
+    if check and proc.returncode != 0:
+        raise ToolError(proc.returncode, cmd, proc.stdout, proc.stderr)
+    return proc
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
@@ -215,14 +243,52 @@ class TempPeer:
     """A server started for tests in a temp folder: ``with Peer(...) as peer:``.
 
     Subclasses provide ``start()`` (returns self) and ``close()`` (stops the
-    server and removes its folder).
+    server and removes its folder), and set ``log_path`` to the server's log.
     """
+
+    log_path: Path
+    #: The TCP port, once chosen (subclasses that listen on one).
+    _port: int | None = None
 
     def start(self) -> Self:
         raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def log_text(self) -> str:
+        """The whole log of this instance (empty before it started)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _start_on_port(
+        self, start_once: Callable[[], None], fixed_port: int | None, *, attempts: int = 3
+    ) -> None:
+        """Run *start_once* with ``self._port`` set, re-picking a free port on a clash.
+
+        The port is chosen once and kept over later restarts (clients keep
+        their addresses); only a clash in the log written by a failed first
+        start (``already in use``) picks another one, unless *fixed_port*.
+        """
+        if fixed_port is not None or self._port is not None:
+            attempts = 1
+        for attempt in range(attempts):
+            if self._port is None or (attempt > 0 and fixed_port is None):
+                self._port = free_tcp_port()
+            exists = self.log_path.exists()
+            offset = self.log_path.stat().st_size if exists else 0
+            try:
+                start_once()
+                return
+            except PeerStartError:
+                with open(self.log_path, "rb") as f:
+                    f.seek(offset)
+                    new = f.read().decode("utf-8", "replace")
+                if attempt + 1 < attempts and "already in use" in new:
+                    continue
+                raise
 
     def __enter__(self) -> Self:
         try:

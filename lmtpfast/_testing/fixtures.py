@@ -36,9 +36,24 @@ Fixtures:
     ``postgres_factory(**kwargs) -> TempPostgres``: a fresh, started cluster of
     its own (about 1 s: initdb), deleted at teardown.
 
+``slapd`` (session scope)
+    The session's shared :class:`~lmtpfast._testing.slapd.TempSlapd` with
+    :data:`~lmtpfast._testing.slapd.MAIL_DIT` loaded (``url``, ``ldapi_url``,
+    ``root_dn``, ``root_password``, ``search()``, ``load_ldif()``). A test that
+    adds entries removes them again (or uses ``slapd_factory``).
+``slapd_factory`` (function scope)
+    ``slapd_factory(**kwargs) -> TempSlapd``: a fresh, started slapd (``dit=``).
+``mariadb`` (session scope)
+    The session's shared :class:`~lmtpfast._testing.mariadb.TempMariaDB`
+    (``socket_path``, ``port``, ``sql()``, ``create_database()``,
+    ``create_user()``). Tests make their own database in it.
+``mariadb_factory`` (function scope)
+    ``mariadb_factory(**kwargs) -> TempMariaDB``: a fresh, started server.
+
 Tests using the Dovecot fixtures get the ``dovecot`` marker, tests using
-``smtp_sink`` the ``postfix`` marker, tests using the PostgreSQL fixtures the
-``postgres`` marker (``-m "not dovecot"`` deselects them).
+``smtp_sink`` the ``postfix`` marker, and the PostgreSQL, slapd and MariaDB
+fixtures the ``postgres``, ``slapd``, ``mariadb`` markers (``-m "not
+dovecot"`` deselects them).
 
 A missing peer is a skip on a developer machine but a failure when ``CI`` is set
 (any value but empty, ``0``, ``false`` or ``no``): CI must never pass by
@@ -52,30 +67,40 @@ import os
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import pytest
 
 from ._procs import TempPeer
 from .dovecot import TempDovecot, find_dovecot
+from .mariadb import TempMariaDB, find_mariadb
 from .postfix import SmtpSink, smtp_tool
 from .postgres import TempPostgres, find_postgres
+from .slapd import MAIL_DIT, TempSlapd, find_slapd
 
 __all__ = [
     "DovecotFactory",
+    "MariaDBFactory",
     "PgDatabase",
     "PostgresFactory",
+    "SlapdFactory",
     "SmtpSinkFactory",
     "dovecot",
     "dovecot_factory",
     "dovecot_session",
     "in_ci",
+    "mariadb",
+    "mariadb_factory",
     "postgres",
     "postgres_db",
     "postgres_factory",
     "require_peer",
+    "slapd",
+    "slapd_factory",
     "smtp_sink",
 ]
+
+P = TypeVar("P", bound=TempPeer)
 
 _INSTALL_HINT = "run scripts/install-test-deps.sh as root"
 
@@ -96,6 +121,18 @@ class PostgresFactory(Protocol):
     """Type of the ``postgres_factory`` fixture."""
 
     def __call__(self, **kwargs: Any) -> TempPostgres: ...
+
+
+class SlapdFactory(Protocol):
+    """Type of the ``slapd_factory`` fixture."""
+
+    def __call__(self, **kwargs: Any) -> TempSlapd: ...
+
+
+class MariaDBFactory(Protocol):
+    """Type of the ``mariadb_factory`` fixture."""
+
+    def __call__(self, **kwargs: Any) -> TempMariaDB: ...
 
 
 @dataclass(frozen=True)
@@ -134,11 +171,14 @@ def _unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+_FINDERS = {"postgres": find_postgres, "slapd": find_slapd, "mariadb": find_mariadb}
+
+
 def require_peer(name: str) -> None:
     """Skip the calling test (fail it under CI) unless peer *name* can run.
 
     *name*: ``"dovecot"``, ``"smtp-sink"``, ``"smtp-source"``, ``"postfix"``
-    (both Postfix tools) or ``"postgres"``.
+    (both Postfix tools), ``"postgres"``, ``"slapd"``, ``"mariadb"``.
     """
     if name == "dovecot":
         if find_dovecot() is None or not os.access("/usr/lib/dovecot/lmtp", os.X_OK):
@@ -153,10 +193,10 @@ def require_peer(name: str) -> None:
         if "smtp-sink" in tools and os.geteuid() != 0:
             # smtp-sink -u only works for root; as another user it would need no -u.
             _unavailable("SmtpSink needs root (smtp-sink -u nobody)")
-    elif name == "postgres":
-        why = find_postgres()
+    elif name in _FINDERS:
+        why = _FINDERS[name]()
         if why is not None:
-            _unavailable(f"PostgreSQL: {why}: {_INSTALL_HINT}")
+            _unavailable(f"{name}: {why}: {_INSTALL_HINT}")
     else:
         raise ValueError(f"unknown peer {name!r}")
 
@@ -182,15 +222,7 @@ def dovecot(dovecot_session: TempDovecot) -> TempDovecot:
 def dovecot_factory() -> Iterator[DovecotFactory]:
     """Factory of fresh Dovecot instances, each stopped and deleted at teardown."""
     require_peer("dovecot")
-    made: list[TempDovecot] = []
-
-    def make(**kwargs: Any) -> TempDovecot:
-        dv = TempDovecot(**kwargs)
-        made.append(dv)
-        return dv.start()
-
-    yield make
-    _close_all(made)
+    yield from _factory(TempDovecot)
 
 
 @pytest.fixture
@@ -233,19 +265,54 @@ def postgres_db(postgres: TempPostgres) -> Iterator[PgDatabase]:
     postgres.psql(f'DROP ROLE IF EXISTS "{db.user}";')
 
 
+def _factory(peer: type[P]) -> Iterator[Any]:
+    """Body of a ``*_factory`` fixture: ``make(**kwargs)`` starts a *peer*; all closed after."""
+    made: list[P] = []
+
+    def make(**kwargs: Any) -> P:
+        instance = peer(**kwargs)
+        made.append(instance)
+        return instance.start()
+
+    yield make
+    _close_all(made)
+
+
 @pytest.fixture
 def postgres_factory() -> Iterator[PostgresFactory]:
     """Factory of fresh PostgreSQL clusters, each stopped and deleted at teardown."""
     require_peer("postgres")
-    made: list[TempPostgres] = []
+    yield from _factory(TempPostgres)
 
-    def make(**kwargs: Any) -> TempPostgres:
-        pg = TempPostgres(**kwargs)
-        made.append(pg)
-        return pg.start()
 
-    yield make
-    _close_all(made)
+@pytest.fixture(scope="session")
+def slapd() -> Iterator[TempSlapd]:
+    """One slapd with :data:`MAIL_DIT` loaded, shared by the whole test session."""
+    require_peer("slapd")
+    with TempSlapd(dit=MAIL_DIT) as server:
+        yield server
+
+
+@pytest.fixture
+def slapd_factory() -> Iterator[SlapdFactory]:
+    """Factory of fresh slapd servers, each stopped and deleted at teardown."""
+    require_peer("slapd")
+    yield from _factory(TempSlapd)
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[TempMariaDB]:
+    """One MariaDB server shared by the whole test session."""
+    require_peer("mariadb")
+    with TempMariaDB() as server:
+        yield server
+
+
+@pytest.fixture
+def mariadb_factory() -> Iterator[MariaDBFactory]:
+    """Factory of fresh MariaDB servers, each stopped and deleted at teardown."""
+    require_peer("mariadb")
+    yield from _factory(TempMariaDB)
 
 
 def _close_all(peers: Sequence[TempPeer]) -> None:
@@ -268,6 +335,10 @@ _MARKERS: dict[str, str] = {
     "postgres": "postgres",
     "postgres_db": "postgres",
     "postgres_factory": "postgres",
+    "slapd": "slapd",
+    "slapd_factory": "slapd",
+    "mariadb": "mariadb",
+    "mariadb_factory": "mariadb",
 }
 
 
@@ -276,6 +347,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dovecot: needs Dovecot's LMTP server")
     config.addinivalue_line("markers", "postfix: needs Postfix's smtp-sink/smtp-source")
     config.addinivalue_line("markers", "postgres: needs a private PostgreSQL cluster")
+    config.addinivalue_line("markers", "slapd: needs a private OpenLDAP slapd")
+    config.addinivalue_line("markers", "mariadb: needs a private MariaDB server")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -64,16 +64,17 @@ from typing import Literal, Self
 from ._procs import (
     PeerStartError,
     TempPeer,
-    free_tcp_port,
+    ToolError,
     guarded,
     listening_tcp,
     listening_unix,
+    run_tool,
     stop_process,
     tail,
     wait_for,
 )
 
-__all__ = ["PG_BIN", "PeerStartError", "TempPostgres", "find_postgres"]
+__all__ = ["PG_BIN", "PeerStartError", "TempPostgres", "ToolError", "find_postgres"]
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 _SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
@@ -214,21 +215,8 @@ class TempPostgres(TempPeer):
             return self
         if not self._initialised:
             self._initdb()
-        fixed = self._fixed_port is not None or self._port is not None
-        attempts = 1 if fixed else 3
-        for attempt in range(attempts):
-            if self._port is None or (attempt > 0 and self._fixed_port is None):
-                self._port = free_tcp_port()
-            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            try:
-                self._start_once()
-                return self
-            except PeerStartError:
-                new = self.log_path.read_text(errors="replace")[log_offset:]
-                if attempt + 1 < attempts and "already in use" in new:
-                    continue
-                raise
-        raise AssertionError("unreachable")
+        self._start_on_port(self._start_once, self._fixed_port)
+        return self
 
     def _start_once(self) -> None:
         listen = "127.0.0.1" if self.tcp else ""
@@ -349,19 +337,14 @@ class TempPostgres(TempPeer):
         """Run *sql* with ``psql -X -At -v ON_ERROR_STOP=1`` over the unix socket.
 
         Returns psql's output (unaligned, tuples only: one row per line, ``|``
-        between columns). Raises :class:`subprocess.CalledProcessError` (with
+        between columns). Raises :class:`ToolError` (a ``CalledProcessError``; with
         psql's error text in ``stderr``) on failure when *check*.
         """
         cmd = [str(PG_BIN / "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-q",
                "-h", str(self.socket_dir), "-p", str(self.port),
                "-U", user or self.superuser, "-d", database, "-f", "-"]  # fmt: skip
-        proc = subprocess.run(
-            cmd, input=sql, capture_output=True, text=True, timeout=timeout, check=False,
-            env={**os.environ, "PGCONNECT_TIMEOUT": "10"},
-        )  # fmt: skip
-        if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
-        return proc.stdout
+        env = {**os.environ, "PGCONNECT_TIMEOUT": "10"}
+        return run_tool(cmd, input=sql, timeout=timeout, check=check, env=env).stdout
 
     def create_user(self, name: str, password: str | None = None, *, superuser: bool = False) -> str:
         """Create a login role (with *password* for TCP logins); returns its TCP DSN."""
@@ -379,10 +362,3 @@ class TempPostgres(TempPeer):
     def drop_database(self, name: str) -> None:
         """``DROP DATABASE IF EXISTS name WITH (FORCE)`` (ends its sessions first)."""
         self.psql(f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE);")
-
-    def log_text(self) -> str:
-        """The whole server log of this instance."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
