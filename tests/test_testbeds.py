@@ -154,5 +154,5 @@ def test_mariadb_client_query_and_restart(mariadb: TempMariaDB) -> None:
 
 def test_a_bed_that_cannot_start_says_why(slapd_factory: SlapdFactory) -> None:
     # slapd exits at once on a bad config line: the error carries its log tail.
-    with pytest.raises(PeerStartError, match="(?s)slapd did not start.*no-such-directive"):
+    with pytest.raises(PeerStartError, match=r"(?s)slapd did not start.*no-such-directive"):
         slapd_factory(extra_config="no-such-directive yes\n")

@@ -247,14 +247,57 @@ class TempPeer:
     """
 
     log_path: Path
+    base: Path
+    #: Seconds :meth:`_spawn` waits for the server to be ready.
+    start_timeout: float = 20.0
     #: The TCP port, once chosen (subclasses that listen on one).
     _port: int | None = None
+    #: The server process we started (a session leader), if any.
+    _proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Self:
         raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        """True while the server process we started is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def port(self) -> int:
+        """The TCP port on 127.0.0.1 (chosen by start(), kept over a restart)."""
+        if self._port is None:
+            raise RuntimeError("the port is chosen by start()")
+        return self._port
+
+    def _spawn(self, cmd: list[str], ready: Callable[[], bool], *, what: str) -> None:
+        """Start *cmd* (output appended to ``log_path``) and wait until *ready*.
+
+        The process is a session leader (see :func:`stop_process`). On a
+        timeout or an early exit it is stopped and :class:`PeerStartError`
+        carries the command and the log tail.
+        """
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.base,
+                start_new_session=True, close_fds=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + self.start_timeout
+        try:
+            wait_for(f"{what} to be ready", ready, deadline, alive=lambda: self.running)
+        except (PeerStartError, TimeoutError) as exc:
+            stop_process(self._proc)
+            raise PeerStartError(
+                f"{what} did not start: {exc}\ncommand: {' '.join(cmd)}\n"
+                f"--- {self.log_path} ---\n{tail(self.log_path)}"
+            ) from None
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<{type(self).__name__} port={self._port} {state} {self.base}>"
 
     def log_text(self) -> str:
         """The whole log of this instance (empty before it started)."""

@@ -38,7 +38,6 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Self
@@ -52,8 +51,6 @@ from ._procs import (
     listening_unix,
     run_tool,
     stop_process,
-    tail,
-    wait_for,
 )
 
 __all__ = ["MARIADBD", "PeerStartError", "TempMariaDB", "ToolError", "find_mariadb"]
@@ -107,7 +104,6 @@ class TempMariaDB(TempPeer):
         self.start_timeout = start_timeout
         self._fixed_port = port
         self._port: int | None = port
-        self._proc: subprocess.Popen[bytes] | None = None
         self._initialised = False
         self.base = Path(tempfile.mkdtemp(prefix="lmtpfast-mariadb-", dir="/var/tmp"))
         self.base.chmod(0o755)
@@ -135,11 +131,6 @@ class TempMariaDB(TempPeer):
 
     # -- lifecycle ------------------------------------------------------------
 
-    @property
-    def running(self) -> bool:
-        """True while mariadbd runs."""
-        return self._proc is not None and self._proc.poll() is None
-
     def start(self) -> Self:
         """Start mariadbd (``mariadb-install-db`` the first time) and wait for its sockets."""
         if self.running:
@@ -163,20 +154,7 @@ class TempMariaDB(TempPeer):
 
     def _start_once(self) -> None:
         cmd, _ = guarded(self.command(), user="mysql")
-        with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.base,
-                start_new_session=True, close_fds=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + self.start_timeout
-        try:
-            wait_for("mariadbd to listen", self._ready, deadline, alive=lambda: self.running)
-        except (PeerStartError, TimeoutError) as exc:
-            self.stop()
-            raise PeerStartError(
-                f"MariaDB did not start: {exc}\ncommand: {' '.join(cmd)}\n"
-                f"--- {self.log_path} ---\n{tail(self.log_path)}"
-            ) from None
+        self._spawn(cmd, self._ready, what="MariaDB")
 
     def _ready(self) -> bool:
         return listening_unix(self.socket_path) and listening_tcp("127.0.0.1", self.port)
@@ -200,18 +178,7 @@ class TempMariaDB(TempPeer):
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
 
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<TempMariaDB port={self._port} {state} {self.base}>"
-
     # -- addresses --------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The TCP port on 127.0.0.1 (chosen by start(), kept over a restart)."""
-        if self._port is None:
-            raise RuntimeError("the port is chosen by start()")
-        return self._port
 
     @property
     def socket_path(self) -> Path:

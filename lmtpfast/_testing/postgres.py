@@ -55,7 +55,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
@@ -70,8 +69,6 @@ from ._procs import (
     listening_unix,
     run_tool,
     stop_process,
-    tail,
-    wait_for,
 )
 
 __all__ = ["PG_BIN", "PeerStartError", "TempPostgres", "ToolError", "find_postgres"]
@@ -141,7 +138,6 @@ class TempPostgres(TempPeer):
         self._fixed_port = port
         self._port: int | None = port
         self._password = secrets.token_urlsafe(18)
-        self._proc: subprocess.Popen[bytes] | None = None
         self._initialised = False
         self.base = Path(tempfile.mkdtemp(prefix="lmtpfast-pg-", dir="/var/tmp"))
         self.base.chmod(0o755)
@@ -200,11 +196,6 @@ class TempPostgres(TempPeer):
 
     # -- lifecycle ---------------------------------------------------------------
 
-    @property
-    def running(self) -> bool:
-        """True while the postmaster process is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
     def start(self) -> Self:
         """Start the cluster (``initdb`` the first time) and wait until it accepts connections.
 
@@ -224,21 +215,7 @@ class TempPostgres(TempPeer):
                "-c", f"listen_addresses={listen}"]  # fmt: skip
         user = self.run_as.pw_name if os.geteuid() == 0 else None
         cmd, _ = guarded(cmd, user=user)
-        with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.base,
-                start_new_session=True, close_fds=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + self.start_timeout
-        try:
-            wait_for("PostgreSQL to accept connections", self._ready, deadline,
-                     alive=lambda: self.running)  # fmt: skip
-        except (PeerStartError, TimeoutError) as exc:
-            self._kill()
-            raise PeerStartError(
-                f"PostgreSQL did not start: {exc}\ncommand: {' '.join(cmd)}\n"
-                f"--- {self.log_path} ---\n{tail(self.log_path)}"
-            ) from None
+        self._spawn(cmd, self._ready, what="PostgreSQL")
 
     def _ready(self) -> bool:
         try:
@@ -250,10 +227,6 @@ class TempPostgres(TempPeer):
         if not listening_unix(self.socket_path):
             return False
         return not self.tcp or listening_tcp("127.0.0.1", self.port)
-
-    def _kill(self) -> None:
-        if self._proc is not None:
-            stop_process(self._proc)
 
     def stop(self, mode: StopMode = "fast", *, timeout: float = 30.0) -> None:
         """Shut the cluster down (*mode* as ``pg_ctl stop -m``); idempotent.
@@ -280,18 +253,7 @@ class TempPostgres(TempPeer):
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
 
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<TempPostgres port={self._port} {state} {self.base}>"
-
     # -- addresses -----------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The port (TCP on 127.0.0.1 and the unix socket's number); chosen by start()."""
-        if self._port is None:
-            raise RuntimeError("the port is chosen by start()")
-        return self._port
 
     @property
     def socket_path(self) -> Path:

@@ -42,9 +42,7 @@ import os
 import pwd
 import secrets
 import shutil
-import subprocess
 import tempfile
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Self
@@ -58,8 +56,6 @@ from ._procs import (
     listening_unix,
     run_tool,
     stop_process,
-    tail,
-    wait_for,
 )
 
 __all__ = ["BASE_DN", "MAIL_DIT", "SCHEMA_DIR", "SLAPD", "PeerStartError", "TempSlapd", "ToolError", "find_slapd"]
@@ -219,7 +215,6 @@ class TempSlapd(TempPeer):
         self.start_timeout = start_timeout
         self._fixed_port = port
         self._port: int | None = port
-        self._proc: subprocess.Popen[bytes] | None = None
         self._loaded = False
         self.run_as = "openldap" if os.geteuid() == 0 else None
         self.base = Path(tempfile.mkdtemp(prefix="lmtpfast-slapd-", dir="/var/tmp"))
@@ -268,11 +263,6 @@ index uid,mail,mailLocalAddress,cn eq
 
     # -- lifecycle ------------------------------------------------------------
 
-    @property
-    def running(self) -> bool:
-        """True while slapd runs."""
-        return self._proc is not None and self._proc.poll() is None
-
     def start(self) -> Self:
         """Start slapd, wait for both listeners, load *dit* the first time."""
         if self.running:
@@ -287,20 +277,7 @@ index uid,mail,mailLocalAddress,cn eq
         urls = f"{self.url}/ {self.ldapi_url}"
         cmd = [SLAPD, "-f", str(self.config_path), "-h", urls, "-d", self.loglevel]
         cmd, _ = guarded(cmd, user=self.run_as)
-        with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.base,
-                start_new_session=True, close_fds=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + self.start_timeout
-        try:
-            wait_for("slapd to listen", self._ready, deadline, alive=lambda: self.running)
-        except (PeerStartError, TimeoutError) as exc:
-            self.stop()
-            raise PeerStartError(
-                f"slapd did not start: {exc}\ncommand: {' '.join(cmd)}\n"
-                f"--- {self.log_path} ---\n{tail(self.log_path)}"
-            ) from None
+        self._spawn(cmd, self._ready, what="slapd")
 
     def _ready(self) -> bool:
         return listening_tcp("127.0.0.1", self.port) and listening_unix(self.ldapi_path)
@@ -315,18 +292,7 @@ index uid,mail,mailLocalAddress,cn eq
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
 
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<TempSlapd {self.suffix} port={self._port} {state} {self.base}>"
-
     # -- addresses ----------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The TCP port on 127.0.0.1 (chosen by start(), kept over a restart)."""
-        if self._port is None:
-            raise RuntimeError("the port is chosen by start()")
-        return self._port
 
     @property
     def url(self) -> str:
