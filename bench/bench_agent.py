@@ -44,10 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmtpfast import connect  # noqa: E402
-from lmtpfast._loop import loop_factory  # noqa: E402
+from lmtpfast import Agent, connect, loop_factory  # noqa: E402
 from lmtpfast._testing.postfix import postfix_env, smtp_tool  # noqa: E402
-from lmtpfast.agent import Agent  # noqa: E402
 from lmtpfast.proto import IMPLEMENTATION  # noqa: E402
 
 

@@ -53,10 +53,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmtpfast import Timeouts  # noqa: E402
-from lmtpfast.agent import Agent  # noqa: E402
-from lmtpfast.config import Transport  # noqa: E402
-from lmtpfast.pool import PoolSettings  # noqa: E402
+from lmtpfast import Agent, PoolSettings, Timeouts, Transport  # noqa: E402
 
 # (command, effect, weight): the fault kinds, each drawn at its share of the rate.
 FAULTS: list[tuple[str, str, float]] = [

@@ -38,12 +38,12 @@ if _under_atheris():
     # loaded module costs a long start-up). The compiled twins run without
     # feedback: that needs clang's -fsanitize=fuzzer, and gcc is what we have.
     with atheris.instrument_imports(include=["lmtpfast"]):
-        import lmtpfast.errors
+        import lmtpfast._errors
         import lmtpfast.proto
         import lmtpfast.proto._pycontent
         import lmtpfast.proto._pyproto
         import lmtpfast.proto.content
-        import lmtpfast.server.data  # noqa: F401
+        import lmtpfast.server._data  # noqa: F401
 
 from lmtpfast.proto import IMPLEMENTATIONS as ENGINES  # noqa: E402
 from lmtpfast.proto.content import IMPLEMENTATIONS as _CONTENT  # noqa: E402

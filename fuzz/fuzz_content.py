@@ -7,7 +7,7 @@ Oracles, for any message bytes cut into any chunks:
   ``bytes_out`` and ``saw_8bit``, or the same ``ContentError`` at the same offset;
 * chunking invariance: the streamed output equals the whole-message output;
 * smuggling: the DATA encoding followed by ``.\\r\\n`` decodes (with the
-  strict server decoder ``lmtpfast.server.data.DotDecoder``, fed in chunks)
+  strict server decoder ``lmtpfast.server._data.DotDecoder``, fed in chunks)
   to exactly the normalised message, and the end of data is found exactly at
   the end, never earlier; the BDAT encoding (no dot-stuffing) is exactly the
   normalised message. "Normalised": every CRLF, bare CR and bare LF is one
@@ -25,8 +25,8 @@ try:
 except ImportError:
     from _common import CONTENT, header, run_atheris, splits  # type: ignore[no-redef]
 
-from lmtpfast.errors import ContentError
-from lmtpfast.server.data import DotDecoder
+from lmtpfast import ContentError
+from lmtpfast.server._data import DotDecoder
 
 _EOL = re.compile(rb"\r\n|\r|\n")
 

@@ -24,7 +24,7 @@ try:
 except ImportError:
     from _common import ENGINES, header, run_atheris, splits  # type: ignore[no-redef]
 
-from lmtpfast.errors import LMTPError
+from lmtpfast import LMTPError
 from lmtpfast.proto import NEED_DATA, Capabilities, CommandReply, ConnectionBroken, Reply
 
 PROPS = ("pipelining", "chunking", "eightbitmime", "smtputf8", "enhancedstatuscodes",

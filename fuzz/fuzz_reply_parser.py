@@ -23,7 +23,7 @@ try:
 except ImportError:
     from _common import ENGINES, header, run_atheris, splits  # type: ignore[no-redef]
 
-from lmtpfast.errors import LMTPError
+from lmtpfast import LMTPError
 from lmtpfast.proto import (
     NEED_DATA,
     CommandReply,

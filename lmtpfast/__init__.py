@@ -4,42 +4,98 @@
 ...                                  recipients=["b@example.org"], server="unix:/run/dovecot/lmtp")
 
 A delivery returns one :class:`RecipientResult` per recipient, in RCPT order;
-exceptions are for what cannot be decided per recipient (see ``errors``).
+exceptions are for what cannot be decided per recipient (:class:`LMTPError`
+and its subclasses).
+
+Every public name is here; the modules behind them are private (``_``) and
+may change. Names are imported on first use, so a program that needs only
+the client (``lmtpfast send`` run once per message by an MTA) never pays for
+the agent, the spool or the configuration reader.
 """
 
-from .agent import Agent
-from .client import Client, connect, deliver
-from .destination import Destination, parse_destination
-from .dsn import DSN
-from .errors import (
-    AuthenticationError,
-    ConfigurationError,
-    ConnectError,
-    ConnectTimeout,
-    ContentError,
-    DeliveryFailed,
-    LMTPError,
-    LocalProtocolError,
-    ProtocolError,
-    ReadTimeout,
-    RemoteProtocolError,
-    ReplyError,
-    ServerDisconnected,
-    TLSError,
-)
-from .results import DELIVERED, PERMANENT, TRANSIENT, RecipientResult
-from .sasl import AuthPolicy, Credentials
-from .tls import TLSPolicy
-from .transport import Timeouts
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
+# public name -> the private module that defines it
+_EXPORTS: dict[str, str] = {
+    # delivery: one session, the agent, its pools
+    "Client": "_session",
+    "connect": "_session",
+    "deliver": "_session",
+    "Message": "_session",
+    "Agent": "_agent",
+    "AgentStats": "_agent",
+    "Routing": "_agent",
+    "SyncAgent": "_sync",
+    "deliver_sync": "_sync",
+    "Pool": "_pool",
+    "PoolClosed": "_pool",
+    "PoolStats": "_pool",
+    # settings and configuration
+    "PoolSettings": "_settings",
+    "Timeouts": "_settings",
+    "AgentConfig": "_config",
+    "Transport": "_config",
+    "DEFAULT_TRANSPORT": "_config",
+    "load_config": "_config",
+    "config_from_dict": "_config",
+    "Route": "_routing",
+    "TransportMap": "_routing",
+    "VirtualMap": "_routing",
+    "parse_route": "_routing",
+    "Destination": "_destination",
+    "parse_destination": "_destination",
+    "DSN": "_dsn",
+    "loop_factory": "_loop",
+    # security
+    "TLSPolicy": "_tls",
+    "TLSInfo": "_tls",
+    "SECURITY_LEVELS": "_tls",
+    "AuthPolicy": "_sasl",
+    "Credentials": "_sasl",
+    "DEFAULT_MECHANISMS": "_sasl",
+    "parse_mechanisms": "_sasl",
+    "PasswordMap": "_passwords",
+    "read_private_file": "_passwords",
+    # outcomes
+    "RecipientResult": "_results",
+    "Status": "_results",
+    "DELIVERED": "_results",
+    "TRANSIENT": "_results",
+    "PERMANENT": "_results",
+    # errors
+    "LMTPError": "_errors",
+    "ProtocolError": "_errors",
+    "LocalProtocolError": "_errors",
+    "RemoteProtocolError": "_errors",
+    "ContentError": "_errors",
+    "ConnectError": "_errors",
+    "ConnectTimeout": "_errors",
+    "TLSError": "_errors",
+    "AuthenticationError": "_errors",
+    "ServerDisconnected": "_errors",
+    "ReadTimeout": "_errors",
+    "ReplyError": "_errors",
+    "DeliveryFailed": "_errors",
+    "ConfigurationError": "_errors",
+}
+
 __all__ = [
+    "DEFAULT_MECHANISMS",
+    "DEFAULT_TRANSPORT",
     "DELIVERED",
     "DSN",
     "PERMANENT",
+    "SECURITY_LEVELS",
     "TRANSIENT",
     "Agent",
+    "AgentConfig",
+    "AgentStats",
     "AuthPolicy",
     "AuthenticationError",
     "Client",
@@ -52,17 +108,78 @@ __all__ = [
     "Destination",
     "LMTPError",
     "LocalProtocolError",
+    "Message",
+    "PasswordMap",
+    "Pool",
+    "PoolClosed",
+    "PoolSettings",
+    "PoolStats",
     "ProtocolError",
     "ReadTimeout",
     "RecipientResult",
     "RemoteProtocolError",
     "ReplyError",
+    "Route",
+    "Routing",
     "ServerDisconnected",
+    "Status",
+    "SyncAgent",
     "TLSError",
+    "TLSInfo",
     "TLSPolicy",
     "Timeouts",
+    "Transport",
+    "TransportMap",
+    "VirtualMap",
     "__version__",
+    "config_from_dict",
     "connect",
     "deliver",
+    "deliver_sync",
+    "load_config",
+    "loop_factory",
     "parse_destination",
+    "parse_mechanisms",
+    "parse_route",
+    "read_private_file",
 ]
+
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from ._agent import Agent, AgentStats, Routing
+    from ._config import DEFAULT_TRANSPORT, AgentConfig, Transport, config_from_dict, load_config
+    from ._destination import Destination, parse_destination
+    from ._dsn import DSN
+    from ._errors import (
+        AuthenticationError,
+        ConfigurationError,
+        ConnectError,
+        ConnectTimeout,
+        ContentError,
+        DeliveryFailed,
+        LMTPError,
+        LocalProtocolError,
+        ProtocolError,
+        ReadTimeout,
+        RemoteProtocolError,
+        ReplyError,
+        ServerDisconnected,
+        TLSError,
+    )
+    from ._loop import loop_factory
+    from ._passwords import PasswordMap, read_private_file
+    from ._pool import Pool, PoolClosed, PoolStats
+    from ._results import DELIVERED, PERMANENT, TRANSIENT, RecipientResult, Status
+    from ._routing import Route, TransportMap, VirtualMap, parse_route
+    from ._sasl import DEFAULT_MECHANISMS, AuthPolicy, Credentials, parse_mechanisms
+    from ._session import Client, Message, connect, deliver
+    from ._settings import PoolSettings, Timeouts
+    from ._sync import SyncAgent, deliver_sync
+    from ._tls import SECURITY_LEVELS, TLSInfo, TLSPolicy

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from collections.abc import Callable
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -18,9 +15,3 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
 
-
-def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
-    """Run ``main`` to completion on a fresh loop (uvloop when available)."""
-    factory = loop_factory() if use_uvloop else None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)

@@ -57,7 +57,7 @@ from smtplib import (
 from types import TracebackType
 from typing import Any
 
-from .errors import LMTPError
+from ._errors import LMTPError
 from .proto import NEED_DATA, CommandReply, Connection, ConnectionBroken, ReadyForData, Reply
 from .proto import TransactionDone as _TransactionDone
 from .proto._common import encode_address

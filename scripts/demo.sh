@@ -1,5 +1,5 @@
 #!/bin/sh
-# The replay quick start, step by step: copy the bundled example spool, start
+# The replay quick start, step by step: write the 20-message demo spool, start
 # `lmtpfast sink` on a unix socket with faults (unknown users get 550, carol's
 # full mailbox 452), replay the spool once, print the per-recipient report,
 # stop the sink. `lmtpfast replay --demo` does the same from an installed package.
@@ -11,8 +11,7 @@ command -v "$LMTPFAST" >/dev/null 2>&1 || LMTPFAST="python3 -m lmtpfast"
 PY=$(echo "$LMTPFAST" | grep -q python && echo "${LMTPFAST% -m lmtpfast}" || echo python3)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/lmtpfast-demo.XXXXXX")
-example=$($PY -c 'import importlib.resources as r; print(r.files("lmtpfast") / "examples" / "spool")')
-cp -r "$example" "$work/spool"
+$PY -m lmtpfast.cli._demo "$work/spool"
 
 $LMTPFAST sink --listen "unix:$work/lmtp.sock" --maildir "$work/maildir" \
     --ready-file "$work/ready" --duration 300 --quiet \

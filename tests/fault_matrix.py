@@ -28,10 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmtpfast import RecipientResult, Timeouts
+from lmtpfast import Agent, Credentials, RecipientResult, Timeouts
 from lmtpfast._testing.proxy import FaultProxy, ProxyFault
-from lmtpfast.agent import Agent
-from lmtpfast.sasl import Credentials
 from lmtpfast.server import DEFAULT_EXTENSIONS, FaultPlan, Sink
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"

@@ -14,11 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lmtpfast.agent import Agent
-from lmtpfast.config import Transport
-from lmtpfast.errors import ContentError, LocalProtocolError
-from lmtpfast.pool import PoolSettings
-from lmtpfast.transport import Timeouts
+from lmtpfast import Agent, ContentError, LocalProtocolError, PoolSettings, Timeouts, Transport
 
 MSG = b"From: s@example.org\r\nSubject: agent\r\n\r\nHello.\r\n"
 _RECEIVED_ID = re.compile(rb"\r\n\tid ([^\r\n]+)\r\n")
@@ -250,7 +246,7 @@ async def test_refused_transaction_does_not_fail_the_next_pipelined_one(dovecot)
 
 
 async def test_client_bdat_refused_then_pipelined_transaction(dovecot) -> None:
-    from lmtpfast.client import connect
+    from lmtpfast._session import connect
 
     async with await connect(dovecot.destination_unix) as conn:
         ghost, bob = await asyncio.gather(

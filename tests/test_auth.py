@@ -22,15 +22,18 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from lmtpfast._testing.cyrus import TempCyrus, find_cyrus
-from lmtpfast._testing.fixtures import in_ci
-from lmtpfast.agent import Agent
-from lmtpfast.client import connect
-from lmtpfast.config import Transport, load_config
-from lmtpfast.errors import AuthenticationError, ConfigurationError, ReplyError
-from lmtpfast.passwords import PasswordMap
-from lmtpfast.proto import Reply
-from lmtpfast.sasl import (
+from lmtpfast import (
+    Agent,
+    AuthenticationError,
+    ConfigurationError,
+    PasswordMap,
+    ReplyError,
+    TLSPolicy,
+    Transport,
+    connect,
+    load_config,
+)
+from lmtpfast._sasl import (
     DEFAULT_MECHANISMS,
     MECHANISMS,
     AuthPolicy,
@@ -43,7 +46,9 @@ from lmtpfast.sasl import (
     authenticate,
     saslprep,
 )
-from lmtpfast.tls import TLSPolicy
+from lmtpfast._testing.cyrus import TempCyrus, find_cyrus
+from lmtpfast._testing.fixtures import in_ci
+from lmtpfast.proto import Reply
 
 LMTP_USER = "lmtpuser"
 LMTP_PASSWORD = "Pw-lmtp-" + secrets.token_urlsafe(12)

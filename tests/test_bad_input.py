@@ -26,18 +26,20 @@ from typing import Any
 import pytest
 
 from lmtpfast import (
+    Agent,
     ConfigurationError,
     ContentError,
     LocalProtocolError,
+    PoolSettings,
     Timeouts,
+    TransportMap,
+    VirtualMap,
+    config_from_dict,
     connect,
+    load_config,
     parse_destination,
 )
-from lmtpfast.agent import Agent
 from lmtpfast.cli import main as cli_main
-from lmtpfast.config import config_from_dict, load_config
-from lmtpfast.pool import PoolSettings
-from lmtpfast.routing import TransportMap, VirtualMap
 from lmtpfast.server import DEFAULT_EXTENSIONS, Sink
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"

@@ -12,8 +12,8 @@ import asyncio
 import pytest
 
 import lmtpfast
+from lmtpfast import connect
 from lmtpfast._testing.dovecot import body_as_sent
-from lmtpfast.client import connect
 from lmtpfast.proto.content import encode_content
 
 pytestmark = pytest.mark.dovecot

@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 
-from lmtpfast.client import connect
-from lmtpfast.transport import Timeouts
+from lmtpfast import Timeouts, connect
 
 pytestmark = pytest.mark.postfix
 

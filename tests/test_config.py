@@ -7,19 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from lmtpfast.agent import Agent
-from lmtpfast.config import (
+from lmtpfast import Agent, ConfigurationError, Destination, PoolSettings, Route, Timeouts
+from lmtpfast._config import (
     AgentConfig,
     Transport,
     _TimeoutsTable,
     config_from_dict,
     load_config,
 )
-from lmtpfast.destination import Destination
-from lmtpfast.errors import ConfigurationError
-from lmtpfast.pool import PoolSettings
-from lmtpfast.routing import Route
-from lmtpfast.transport import Timeouts
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lmtpfast.toml"
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmtpfast.errors import ContentError, LocalProtocolError
+from lmtpfast import ContentError, LocalProtocolError
 from lmtpfast.proto import content
 from lmtpfast.proto.content import IMPLEMENTATIONS
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmtpfast.destination import Destination, parse_destination
-from lmtpfast.errors import ConfigurationError
+from lmtpfast import ConfigurationError, Destination, parse_destination
 
 
 @pytest.mark.parametrize(

@@ -26,12 +26,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmtpfast import proto
-from lmtpfast.errors import (
+from lmtpfast import (
     LocalProtocolError,
     ReadTimeout,
+    RecipientResult,
     RemoteProtocolError,
     ServerDisconnected,
+    proto,
 )
 from lmtpfast.proto import (
     NEED_DATA,
@@ -43,7 +44,6 @@ from lmtpfast.proto import (
     TransactionDone,
 )
 from lmtpfast.proto._common import parse_enhanced
-from lmtpfast.results import RecipientResult
 
 ENGINES = ["python", "c"]
 

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from lmtpfast.errors import LocalProtocolError, ServerDisconnected
+from lmtpfast import LocalProtocolError, ServerDisconnected
 
 from .test_engine import FROM, R, Script, broken, impl, run_every_way, session  # noqa: F401
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from lmtpfast import LocalProtocolError, connect
+from lmtpfast._dsn import DSN, xtext
 from lmtpfast._testing.postfix import split_capture
-from lmtpfast.client import connect
-from lmtpfast.dsn import DSN, xtext
-from lmtpfast.errors import LocalProtocolError
 from lmtpfast.server import Sink
 
 ASCII = b"Subject: plain\r\n\r\nhello\r\n"

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from lmtpfast.pool import Pool, PoolClosed, PoolSettings
+from lmtpfast import Pool, PoolClosed, PoolSettings
 from lmtpfast.server import FaultPlan, Sink
 
 MSG = b"Subject: pool\r\n\r\nbody\r\n"

@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from lmtpfast import ConfigurationError
 from lmtpfast._testing.proxy import FaultProxy, ProxyFault
-from lmtpfast.errors import ConfigurationError
 
 TIMEOUT = 5.0
 

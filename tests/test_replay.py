@@ -22,10 +22,17 @@ from pathlib import Path
 import pytest
 
 from lmtpfast._testing.dovecot import TempDovecot
-from lmtpfast.replay import Observer, Outcome, Replayer, RetryPolicy, exit_status, open_deliverer
-from lmtpfast.server.faults import FaultPlan
-from lmtpfast.server.sink import Sink
+from lmtpfast.server._faults import FaultPlan
+from lmtpfast.server._sink import Sink
 from lmtpfast.spool import Spool, decode_envelope
+from lmtpfast.spool._replay import (
+    Observer,
+    Outcome,
+    Replayer,
+    RetryPolicy,
+    exit_status,
+    open_deliverer,
+)
 
 MSGID = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
 
@@ -396,7 +403,7 @@ def test_demo_runs_in_one_command() -> None:
 
 async def test_fallback_deliverer_without_the_agent(tmp_path: Path) -> None:
     """ServerDeliverer: pipelined connections to one server, destination filled, connect errors transient."""
-    from lmtpfast.replay import ServerDeliverer
+    from lmtpfast.spool._replay import ServerDeliverer
 
     spool = Spool(tmp_path / "spool", create=True)
     for i in range(40):

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lmtpfast.destination import Destination
-from lmtpfast.errors import ConfigurationError
-from lmtpfast.routing import Route, TransportMap, VirtualMap, parse_route, read_map_lines
+from lmtpfast import ConfigurationError, Destination
+from lmtpfast._routing import Route, TransportMap, VirtualMap, parse_route, read_map_lines
 
 # LMTP_README sections 6, 8 and 9, verbatim.
 SEED_TRANSPORT = """\

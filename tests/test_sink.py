@@ -31,13 +31,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmtpfast import ConfigurationError
 from lmtpfast._testing.postfix import postfix_env, smtp_tool
 from lmtpfast.cli import sink as sink_cli
-from lmtpfast.errors import ConfigurationError
 from lmtpfast.server import DotDecoder, FaultPlan, FaultRule, ServerSession, SessionConfig, Sink
-from lmtpfast.server.faults import FaultEngine, parse_fault
-from lmtpfast.server.session import CLOSE, STALL, Delay
-from lmtpfast.server.sink import _mailbox_name, _parse_listen
+from lmtpfast.server._faults import FaultEngine, parse_fault
+from lmtpfast.server._session import CLOSE, STALL, Delay
+from lmtpfast.server._sink import _mailbox_name, _parse_listen
 
 T = TypeVar("T")
 Run = Callable[[Awaitable[T]], T]

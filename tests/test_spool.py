@@ -13,7 +13,6 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from lmtpfast.bounce import build_bounce, write_bounce
 from lmtpfast.cli import main as cli_main
 from lmtpfast.spool import (
     BadEnvelope,
@@ -30,7 +29,8 @@ from lmtpfast.spool import (
     iter_mbox,
     new_envelope,
 )
-from lmtpfast.spool.importers import Source
+from lmtpfast.spool._bounce import build_bounce, write_bounce
+from lmtpfast.spool._importers import Source
 
 MSG = b"From: a@example.org\r\nSubject: hi\r\nMessage-ID: <1@x>\r\n\r\nhello\r\n"
 

@@ -1,4 +1,4 @@
-"""The blocking facade (lmtpfast.sync) and the smtplib.LMTP drop-in (lmtpfast.compat)."""
+"""The blocking facade (lmtpfast._sync) and the smtplib.LMTP drop-in (lmtpfast.compat)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from lmtpfast import compat
-from lmtpfast.sync import SyncAgent, deliver
+from lmtpfast import SyncAgent, compat, deliver_sync
 
 MSG = "From: s@example.org\r\nSubject: compat\r\n\r\nHello.\r\n"
 
@@ -183,7 +182,7 @@ def test_sync_timeout_and_one_shot(smtp_sink) -> None:
     with SyncAgent.for_server(slow.destination) as agent, pytest.raises(TimeoutError):
         agent.deliver(MSG, sender="s@example.org", recipients=["a@example.com"], timeout=0.3)
     fast = smtp_sink()
-    results = deliver(MSG, sender="s@example.org", recipients=["a@example.com", "b@example.com"],
+    results = deliver_sync(MSG, sender="s@example.org", recipients=["a@example.com", "b@example.com"],
                       server=fast.destination, use_uvloop=False)
     assert [r.code for r in results] == [250, 250]
     assert results[0].destination == fast.destination

@@ -17,13 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from lmtpfast import Agent, ConfigurationError, Pool, RemoteProtocolError, TLSError, connect
 from lmtpfast._testing.dovecot import TempDovecot, body_as_sent
 from lmtpfast._testing.fixtures import require_peer
-from lmtpfast.agent import Agent
-from lmtpfast.client import connect
-from lmtpfast.errors import ConfigurationError, RemoteProtocolError, TLSError
-from lmtpfast.pool import Pool
-from lmtpfast.tls import TLSPolicy, make_context
+from lmtpfast._tls import TLSPolicy, make_context
 
 trustme = pytest.importorskip("trustme")
 

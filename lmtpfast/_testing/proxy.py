@@ -54,8 +54,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
 
-from ..destination import parse_destination
-from ..errors import ConfigurationError
+from .._destination import parse_destination
+from .._errors import ConfigurationError
 
 __all__ = ["FaultProxy", "ProxyFault"]
 

@@ -13,7 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..errors import ConfigurationError
+from lmtpfast import ConfigurationError
+
 from . import _exit
 
 __all__ = ["main"]
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lmtpfast",
         description="Fast, correct LMTP delivery: send, probe, sink.",
     )
-    from .. import __version__
+    from lmtpfast import __version__
 
     parser.add_argument("--version", action="version", version=f"lmtpfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

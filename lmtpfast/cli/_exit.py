@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..results import RecipientResult
+from lmtpfast import RecipientResult
 
 EX_OK = 0
 EX_USAGE = 64  # bad command line

@@ -10,11 +10,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..destination import Destination
-from ..errors import ConfigurationError
-from ..passwords import PasswordMap, read_private_file
-from ..sasl import DEFAULT_MECHANISMS, AuthPolicy, Credentials, parse_mechanisms
-from ..tls import SECURITY_LEVELS, TLSPolicy
+from lmtpfast import (
+    DEFAULT_MECHANISMS,
+    SECURITY_LEVELS,
+    AuthPolicy,
+    ConfigurationError,
+    Credentials,
+    Destination,
+    PasswordMap,
+    TLSPolicy,
+    parse_mechanisms,
+    read_private_file,
+)
 
 __all__ = ["add_arguments", "policies"]
 

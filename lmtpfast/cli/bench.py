@@ -9,11 +9,10 @@ from typing import Any
 
 import msgspec
 
-from .. import _loop
-from ..destination import parse_destination
-from ..errors import ConfigurationError, LMTPError
-from ..loadgen import BenchConfig, format_report, run_bench
-from . import _exit
+from lmtpfast import ConfigurationError, LMTPError, parse_destination
+
+from . import _exit, _run
+from ._loadgen import BenchConfig, format_report, run_bench
 
 __all__ = ["register", "run"]
 
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if config.messages is None and config.duration is None:
         config = msgspec.structs.replace(config, messages=10_000)
     try:
-        report = _loop.run(run_bench(config, progress=_progress_line() if sys.stderr.isatty()
+        report = _run.run(run_bench(config, progress=_progress_line() if sys.stderr.isatty()
                                      and not args.json else None))
     except ConfigurationError as exc:
         print(f"lmtpfast bench: {exc}", file=sys.stderr)

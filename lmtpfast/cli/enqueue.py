@@ -7,8 +7,18 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from ..spool import BadEnvelope, Spool, SpoolError, check_address
-from ..spool.importers import Source, import_messages, iter_eml_dir, iter_maildir, iter_mbox
+from lmtpfast.spool import (
+    BadEnvelope,
+    Source,
+    Spool,
+    SpoolError,
+    check_address,
+    import_messages,
+    iter_eml_dir,
+    iter_maildir,
+    iter_mbox,
+)
+
 from . import _exit
 
 __all__ = ["register", "run"]

@@ -8,12 +8,9 @@ import sys
 import time
 from typing import Any
 
-from .. import _loop
-from ..client import connect
-from ..destination import parse_destination
-from ..errors import ConfigurationError, LMTPError
-from ..transport import Timeouts
-from . import _exit, _security
+from lmtpfast import ConfigurationError, LMTPError, Timeouts, connect, parse_destination
+
+from . import _exit, _run, _security
 
 __all__ = ["register", "run"]
 
@@ -94,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             await conn.quit()
 
     try:
-        _loop.run(probe())
+        _run.run(probe())
     except (LMTPError, OSError) as exc:
         print(f"lmtpfast probe: {dest}: {exc}", file=sys.stderr)
         return _exit.EX_TEMPFAIL

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +17,20 @@ from typing import IO, Any
 
 import msgspec
 
-from .. import _loop
-from ..errors import ConfigurationError
-from ..replay import Observer, Outcome, Replayer, RetryPolicy, Totals, exit_status, open_deliverer
-from ..spool import Spool, SpoolError
-from ..transport import Timeouts
-from . import _exit
+from lmtpfast import ConfigurationError, Timeouts
+from lmtpfast.spool import (
+    Observer,
+    Outcome,
+    Replayer,
+    RetryPolicy,
+    Spool,
+    SpoolError,
+    Totals,
+    exit_status,
+    open_deliverer,
+)
+
+from . import _exit, _run
 
 __all__ = ["parse_duration", "register", "run"]
 
@@ -338,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return _exit.EX_NOINPUT
     if args.server is not None:
-        from ..destination import parse_destination
+        from lmtpfast import parse_destination
 
         try:
             parse_destination(args.server)
@@ -375,7 +382,7 @@ def _replay(args: argparse.Namespace, spool: Spool, policy: RetryPolicy,
             return await replayer.run(watch=args.watch, interval=args.interval, stop=stop)
 
     try:
-        totals = _loop.run(main(), use_uvloop=args.loop != "asyncio")
+        totals = _run.run(main(), use_uvloop=args.loop != "asyncio")
     except BaseException:
         obs.close(Totals())
         if report is not None:
@@ -412,16 +419,11 @@ _DEMO_FAULTS = (
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Copy the example spool, start `lmtpfast sink` with faults, replay once, report."""
-    from importlib.resources import as_file, files
+    """Write the demo spool, start `lmtpfast sink` with faults, replay once, report."""
+    from ._demo import write_demo_spool
 
     work = Path(tempfile.mkdtemp(prefix="lmtpfast-demo-"))
-    source = files("lmtpfast") / "examples" / "spool"
-    with as_file(source) as src:
-        if not Path(src, "incoming").is_dir():
-            print(f"lmtpfast replay --demo: example spool missing at {src}", file=sys.stderr)
-            return _exit.EX_SOFTWARE
-        shutil.copytree(src, work / "spool")
+    write_demo_spool(str(work / "spool"))
     sock = work / "lmtp.sock"
     maildir = work / "maildir"
     ready = work / "ready"
@@ -430,7 +432,7 @@ def _demo(args: argparse.Namespace) -> int:
            "--quiet"]
     for spec in _DEMO_FAULTS:
         cmd += ["--fault", spec]
-    print(f"$ cp -r {source} {work / 'spool'}")
+    print(f"$ python -m lmtpfast.cli._demo {work / 'spool'}   # 20 example messages")
     print("$ " + " ".join(_quote(c) for c in cmd) + " &")
     sink = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:

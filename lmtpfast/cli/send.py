@@ -6,20 +6,20 @@ import argparse
 import sys
 from typing import Any
 
-from .. import _loop
-from ..client import connect
-from ..destination import parse_destination
-from ..errors import (
+from lmtpfast import (
     ConfigurationError,
     ConnectError,
     ContentError,
     LMTPError,
     LocalProtocolError,
+    RecipientResult,
     ReplyError,
+    Timeouts,
+    connect,
+    parse_destination,
 )
-from ..results import RecipientResult
-from ..transport import Timeouts
-from . import _exit, _security
+
+from . import _exit, _run, _security
 
 __all__ = ["register", "run"]
 
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             await conn.quit()
 
     try:
-        results = _loop.run(deliver())
+        results = _run.run(deliver())
     except ContentError as exc:
         print(f"lmtpfast send: {exc}", file=sys.stderr)
         return _exit.EX_DATAERR

@@ -18,10 +18,8 @@ from typing import TextIO
 
 import msgspec
 
-from ..errors import ConfigurationError
-from ..server.faults import FaultPlan
-from ..server.session import DEFAULT_EXTENSIONS, DEFAULT_MAX_SIZE, SinkStats
-from ..server.sink import Sink
+from lmtpfast import ConfigurationError
+from lmtpfast.server import DEFAULT_EXTENSIONS, DEFAULT_MAX_SIZE, FaultPlan, Sink, SinkStats
 
 __all__ = ["DEFAULT_LISTEN", "register", "run"]
 

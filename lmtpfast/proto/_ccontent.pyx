@@ -164,7 +164,7 @@ cdef class ContentEncoder:
 
     ``dot_stuff=True`` for DATA, ``False`` for BDAT (same line-end
     normalisation, no dot-stuffing). A chunk holding a NUL raises
-    :class:`~lmtpfast.errors.ContentError` and is refused as a whole: the
+    :class:`~lmtpfast.ContentError` and is refused as a whole: the
     encoder's state is as before the call. Not thread-safe: one encoder per message.
     """
 

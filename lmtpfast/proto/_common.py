@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from ..errors import LocalProtocolError
-from ..results import RecipientResult, Status, status_of
+from .._errors import LocalProtocolError
+from .._results import RecipientResult, Status, status_of
 
 __all__ = [
     "DEFAULT_MAX_LINE_LENGTH",

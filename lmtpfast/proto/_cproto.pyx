@@ -18,7 +18,7 @@ from cpython.ref cimport Py_INCREF
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.string cimport memcmp, memcpy, memmove
 
-from ..errors import LocalProtocolError, RemoteProtocolError, ServerDisconnected
+from .._errors import LocalProtocolError, RemoteProtocolError, ServerDisconnected
 from ._common import (
     DEFAULT_MAX_LINE_LENGTH,
     DEFAULT_MAX_REPLY_LINES,
@@ -37,7 +37,7 @@ from ._common import (
     encode_param,
     fail_transaction,
 )
-from ..results import RecipientResult
+from .._results import RecipientResult
 
 __all__ = ["Connection", "ReplyParser"]
 

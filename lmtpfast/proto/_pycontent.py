@@ -9,7 +9,7 @@ in ``BDAT`` chunks (RFC 3030), so nothing in a message can end the data early
 * with ``dot_stuff`` (DATA), a line that starts with ``.`` gets one more ``.``;
 * :meth:`ContentEncoder.finish` adds CRLF if non-empty content does not end
   with a line end (the caller then sends ``b".\\r\\n"`` for DATA);
-* a NUL byte is refused with :class:`~lmtpfast.errors.ContentError`, whose
+* a NUL byte is refused with :class:`~lmtpfast.ContentError`, whose
   ``offset`` is the NUL's position in the whole message.
 
 The input may arrive in chunks split anywhere; the output is the same as for
@@ -19,7 +19,7 @@ identically, byte for byte and error for error.
 
 from __future__ import annotations
 
-from ..errors import ContentError
+from .._errors import ContentError
 
 __all__ = ["ContentEncoder", "encode_content"]
 
@@ -50,7 +50,7 @@ class ContentEncoder:
 
     ``dot_stuff=True`` for DATA, ``False`` for BDAT (same line-end
     normalisation, no dot-stuffing). A chunk holding a NUL raises
-    :class:`~lmtpfast.errors.ContentError` and is refused as a whole: the
+    :class:`~lmtpfast.ContentError` and is refused as a whole: the
     encoder's state is as before the call. Not thread-safe: one encoder per message.
     """
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Sequence
 
-from ..errors import LocalProtocolError, RemoteProtocolError, ServerDisconnected
+from .._errors import LocalProtocolError, RemoteProtocolError, ServerDisconnected
 from ._common import (
     DEFAULT_MAX_LINE_LENGTH,
     DEFAULT_MAX_REPLY_LINES,

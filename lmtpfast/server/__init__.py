@@ -5,10 +5,10 @@ describe what it should do wrong; ``ServerSession`` is the sans-IO state
 machine underneath and ``DotDecoder`` its DATA decoder. See ``docs/sink.md``.
 """
 
-from .data import DotDecoder
-from .faults import FaultPlan, FaultRule, parse_fault
-from .session import DEFAULT_EXTENSIONS, DEFAULT_MAX_SIZE, ServerSession, SessionConfig, SinkStats
-from .sink import ReceivedMessage, Sink
+from ._data import DotDecoder
+from ._faults import FaultPlan, FaultRule, parse_fault
+from ._session import DEFAULT_EXTENSIONS, DEFAULT_MAX_SIZE, ServerSession, SessionConfig, SinkStats
+from ._sink import ReceivedMessage, Sink
 
 __all__ = [
     "DEFAULT_EXTENSIONS",

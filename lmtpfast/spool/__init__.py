@@ -1,4 +1,4 @@
-"""The lmtpfast spool: a directory of queued messages that replay delivers.
+"""The lmtpfast spool: queued messages, and the replay that delivers them.
 
 >>> from lmtpfast.spool import enqueue                                 # doctest: +SKIP
 >>> enqueue("/var/spool/lmtpfast", raw, sender="a@example.org", recipients=["b@example.org"])
@@ -6,52 +6,130 @@
 The format is described in ``docs/spool.md``: one immutable message file per
 entry in ``msg/``, one small JSON envelope (msgspec) in ``incoming/`` or
 ``deferred/``; the lock on the message file is the claim of the replay that
-delivers it.
+delivers it. :class:`Replayer` delivers a spool's due entries through an
+:class:`~lmtpfast.Agent`.
+
+Names are imported on first use: ``lmtpfast enqueue`` never loads the
+delivery side.
 """
 
-from ._format import (
-    FORMAT_VERSION,
-    BadEnvelope,
-    Envelope,
-    Reason,
-    Recipient,
-    check_address,
-    decode_envelope,
-    encode_envelope,
-    new_envelope,
-)
-from ._store import Claim, Quarantined, Scan, Spool, SpoolError, enqueue
-from .importers import (
-    ImportStats,
-    Source,
-    envelope_from_headers,
-    import_messages,
-    iter_eml_dir,
-    iter_maildir,
-    iter_mbox,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = {
+    "FORMAT_VERSION": "_format",
+    "BadEnvelope": "_format",
+    "Envelope": "_format",
+    "Reason": "_format",
+    "Recipient": "_format",
+    "check_address": "_format",
+    "decode_envelope": "_format",
+    "encode_envelope": "_format",
+    "new_envelope": "_format",
+    "Claim": "_store",
+    "Quarantined": "_store",
+    "Scan": "_store",
+    "Spool": "_store",
+    "SpoolError": "_store",
+    "enqueue": "_store",
+    "ImportStats": "_importers",
+    "Source": "_importers",
+    "envelope_from_headers": "_importers",
+    "import_messages": "_importers",
+    "iter_eml_dir": "_importers",
+    "iter_maildir": "_importers",
+    "iter_mbox": "_importers",
+    "Deliverer": "_replay",
+    "Observer": "_replay",
+    "Outcome": "_replay",
+    "Replayer": "_replay",
+    "RetryPolicy": "_replay",
+    "ServerDeliverer": "_replay",
+    "Totals": "_replay",
+    "exit_status": "_replay",
+    "open_deliverer": "_replay",
+    "build_bounce": "_bounce",
+    "write_bounce": "_bounce",
+}
 
 __all__ = [
     "FORMAT_VERSION",
     "BadEnvelope",
     "Claim",
+    "Deliverer",
     "Envelope",
     "ImportStats",
+    "Observer",
+    "Outcome",
     "Quarantined",
     "Reason",
     "Recipient",
+    "Replayer",
+    "RetryPolicy",
     "Scan",
+    "ServerDeliverer",
     "Source",
     "Spool",
     "SpoolError",
+    "Totals",
+    "build_bounce",
     "check_address",
     "decode_envelope",
     "encode_envelope",
     "enqueue",
     "envelope_from_headers",
+    "exit_status",
     "import_messages",
     "iter_eml_dir",
     "iter_maildir",
     "iter_mbox",
     "new_envelope",
+    "open_deliverer",
+    "write_bounce",
 ]
+
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from ._bounce import build_bounce, write_bounce
+    from ._format import (
+        FORMAT_VERSION,
+        BadEnvelope,
+        Envelope,
+        Reason,
+        Recipient,
+        check_address,
+        decode_envelope,
+        encode_envelope,
+        new_envelope,
+    )
+    from ._importers import (
+        ImportStats,
+        Source,
+        envelope_from_headers,
+        import_messages,
+        iter_eml_dir,
+        iter_maildir,
+        iter_mbox,
+    )
+    from ._replay import (
+        Deliverer,
+        Observer,
+        Outcome,
+        Replayer,
+        RetryPolicy,
+        ServerDeliverer,
+        Totals,
+        exit_status,
+        open_deliverer,
+    )
+    from ._store import Claim, Quarantined, Scan, Spool, SpoolError, enqueue

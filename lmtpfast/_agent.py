@@ -1,0 +1,403 @@
+"""The delivery agent: route each recipient, batch per back end, deliver through pools.
+
+>>> async with lmtpfast.Agent.from_config("lmtpfast.toml") as agent:     # doctest: +SKIP
+...     results = await agent.deliver(message, sender="a@example.org",
+...                                   recipients=["u1@domain1.name", "u2@domain2.name"])
+
+What Postfix's queue manager and lmtp(8) do for the seed's front end (LMTP_README
+sections 6, 8, 9), in one object:
+
+1. each recipient is rewritten by the virtual map, then routed by the
+   transport map (per address, per domain, per parent domain, ``*``) or the
+   default route to a (transport, destination);
+2. recipients with the same (transport, destination) go into one transaction
+   (the single-instance store of section 8), split at the transport's
+   recipient limit; duplicates after rewriting are sent once;
+3. the transactions go out concurrently, each through the pool of its
+   (transport, destination), so a connection never switches back ends and the
+   transport's concurrency limit holds however many ``deliver()`` calls run.
+
+``deliver()`` returns one :class:`~lmtpfast.RecipientResult` per input
+recipient, in input order, with ``address`` as given and ``destination``
+saying which server decided it. No route, connect failures and refusals are
+results, not exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import msgspec
+
+from ._config import (
+    DEFAULT_TRANSPORT,
+    AgentConfig,
+    Transport,
+    config_from_dict,
+    load_config,
+)
+from ._destination import DEFAULT_PORT, Destination, parse_destination
+from ._errors import ConfigurationError, ContentError, LocalProtocolError
+from ._pool import Pool, PoolStats
+from ._results import RecipientResult, status_of
+from ._routing import Route, TransportMap, VirtualMap, parse_route
+from ._session import Message, message_bytes
+from ._settings import PoolSettings
+
+__all__ = ["Agent", "AgentStats", "Routing"]
+
+_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
+_FORBIDDEN = frozenset("\r\n\0<> \t")
+_ROUTE_CACHE_SIZE = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """How one recipient was routed (see :meth:`Agent.route`).
+
+    ``address`` is the recipient after the virtual map; ``key`` the map key
+    that matched (``"default"`` for the default route). When ``failure`` is
+    set the recipient is not delivered: it holds the result to give.
+    """
+
+    recipient: str
+    address: str
+    transport: str = ""
+    destination: Destination | None = None
+    key: str = ""
+    failure: RecipientResult | None = None
+
+
+@dataclass
+class AgentStats(PoolStats):
+    """Totals over every pool of an agent (a snapshot; see :attr:`Agent.stats`).
+
+    The pool counters are summed; the ``peak_*`` ones are the largest of any
+    one pool.
+    """
+
+    deliveries: int = 0
+    recipients: int = 0
+    pools: int = 0
+
+
+_POOL_COUNTERS = tuple(f.name for f in dataclasses.fields(PoolStats))
+
+
+def _refusal(recipient: str, code: int, enhanced: str, text: str, stage: str) -> RecipientResult:
+    return RecipientResult(address=recipient, status=status_of(code), code=code,
+                           enhanced=enhanced, text=text, stage=stage, local=True)
+
+
+def _as_map(value: Any, cls: type[Any], what: str) -> Any:
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, str | os.PathLike):
+        return cls.from_file(value)
+    if isinstance(value, Mapping):
+        return cls(value)
+    raise ConfigurationError(f"must be a {cls.__name__}, a mapping or a file path, "
+                             f"not {type(value).__name__}", field=what)
+
+
+def _as_transport(name: str, value: Any) -> Transport:
+    if isinstance(value, Transport):
+        return value
+    if isinstance(value, Mapping):
+        cfg = config_from_dict({"transports": {name: dict(value)}})
+        return cfg.transports[name.lower()]
+    raise ConfigurationError(f"must be a lmtpfast.Transport or a mapping, "
+                             f"not {type(value).__name__}", field=f"transports.{name}")
+
+
+class Agent:
+    """Routes recipients and delivers through per-(transport, destination) pools.
+
+    Build it from a TOML file (:meth:`from_config`), for a single server
+    (:meth:`for_server`), or from Python objects::
+
+        Agent(transports={"lmtp1": Transport(destination="unix:/path/name")},
+              transport_map={"domain1.name": "lmtp1:", "domain2.name": "lmtp2:lmtp2host"},
+              default="lmtp:unix:/var/imap/socket/lmtp")
+
+    ``transport_map`` and ``virtual_map`` take a map object, a ``{key: value}``
+    mapping or a map file path. The agent belongs to the event loop that
+    first uses it; :mod:`lmtpfast._sync` runs one from threads.
+    """
+
+    def __init__(
+        self,
+        transports: Mapping[str, Transport | Mapping[str, Any]] | None = None,
+        transport_map: TransportMap | Mapping[str, str] | str | os.PathLike[str] | None = None,
+        virtual_map: VirtualMap | Mapping[str, str] | str | os.PathLike[str] | None = None,
+        default: str | Route | None = None,
+        *,
+        lhlo_name: str | None = None,
+        recipient_delimiter: str = "",
+        config: AgentConfig | None = None,
+    ) -> None:
+        if config is None:
+            route = parse_route(default, source="default") if isinstance(default, str) else default
+            config = AgentConfig(
+                transports={n: _as_transport(n, t) for n, t in (transports or {}).items()},
+                transport_map=_as_map(transport_map, TransportMap, "transport_map"),
+                virtual_map=_as_map(virtual_map, VirtualMap, "virtual_map"),
+                default=route,
+                lhlo_name=lhlo_name,
+                recipient_delimiter=recipient_delimiter,
+            )
+        elif any(x is not None for x in (transports, transport_map, virtual_map, default)):
+            raise TypeError("give either config= or the individual settings, not both")
+        self.config = config
+        self._transports: Mapping[str, Transport] = config.transports
+        self._tmap = config.transport_map
+        self._vmap = config.virtual_map
+        self._default = config.default
+        self._delimiter = config.recipient_delimiter
+        self._pools: dict[tuple[str, Destination], Pool] = {}
+        # Routing depends only on the (immutable) maps: remember recent answers.
+        self._route_cache: dict[str, tuple[Routing, Pool | None, int]] = {}
+        self._closed = False
+        self._deliveries = 0
+        self._recipients = 0
+
+    # -- constructors --------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: str | os.PathLike[str] | AgentConfig | Mapping[str, Any]) -> Agent:
+        """An agent from a TOML file path, an :class:`AgentConfig`, or the file's data as a dict."""
+        if isinstance(config, AgentConfig):
+            return cls(config=config)
+        if isinstance(config, Mapping):
+            return cls(config=config_from_dict(config))
+        return cls(config=load_config(config))
+
+    @classmethod
+    def for_server(cls, destination: str | Destination, **settings: Any) -> Agent:
+        """An agent that sends every recipient to one server.
+
+        ``settings`` are :class:`Transport` fields (``recipient_limit``,
+        ``lhlo_name``, ``timeouts``, ``pipelining``, ``ignore_keywords``) and
+        :class:`PoolSettings` fields (``max_connections``, ``pipeline_depth`` ...).
+        """
+        pool_names = set(PoolSettings.__struct_fields__)
+        transport_names = {f.name for f in fields(Transport)} - {"destination"}
+        pool_kw = {k: settings.pop(k) for k in list(settings) if k in pool_names}
+        unknown = set(settings) - transport_names
+        if unknown:
+            raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        if pool_kw:
+            if "pool" in settings:
+                raise TypeError("give pool=PoolSettings(...) or pool fields, not both")
+            settings["pool"] = PoolSettings(**pool_kw)
+        transport = Transport(destination=parse_destination(destination), **settings)
+        return cls(transports={DEFAULT_TRANSPORT: transport}, default=Route(DEFAULT_TRANSPORT))
+
+    # -- routing -------------------------------------------------------------------
+
+    def route(self, recipient: str) -> Routing:
+        """Rewrite and route one recipient (what :meth:`deliver` does first)."""
+        if not isinstance(recipient, str):
+            raise TypeError(f"recipient must be str, not {type(recipient).__name__}")
+        if not recipient or not _FORBIDDEN.isdisjoint(recipient):
+            return Routing(recipient, recipient, failure=_refusal(
+                recipient, 501, "5.1.3", f"bad recipient address syntax: {recipient!r}", "local"))
+        address = recipient
+        if self._vmap is not None:
+            try:
+                address = self._vmap.rewrite(recipient, self._delimiter)
+            except ValueError as exc:
+                return Routing(recipient, recipient, failure=_refusal(
+                    recipient, 554, "5.4.6", str(exc), "route"))
+        found = self._tmap.lookup(address, self._delimiter) if self._tmap is not None else None
+        if found is not None:
+            key, route = found
+        elif self._default is not None:
+            key, route = "default", self._default
+        else:
+            return Routing(recipient, address, failure=_refusal(
+                recipient, 554, "5.4.4",
+                f"no route for {address}: no transport map entry matches and no default route "
+                "is configured", "route"))
+        name = route.transport or DEFAULT_TRANSPORT
+        if name in ("error", "retry"):
+            text = route.nexthop
+            m = _ENHANCED.match(text)
+            permanent = name == "error"
+            enhanced = m.group(1) if m else ("5.0.0" if permanent else "4.0.0")
+            text = text[m.end():] if m else text
+            code = 550 if permanent else 450
+            if m and enhanced[0] != str(code)[0]:
+                code = 550 if enhanced[0] == "5" else 450
+            return Routing(recipient, address, name, key=key, failure=_refusal(
+                recipient, code, enhanced, text or f"{name} transport ({key})", "route"))
+        transport = self._transports[name]
+        dest = route.destination or transport.dest
+        if dest is None:
+            # Postfix: no next hop and no transport destination means the domain itself.
+            domain = address.rpartition("@")[2]
+            if not domain or "@" not in address:
+                return Routing(recipient, address, name, key=key, failure=_refusal(
+                    recipient, 554, "5.4.4",
+                    f"no destination for {address}: route {str(route)!r} has no next hop and "
+                    f"transport {name!r} no destination", "route"))
+            dest = Destination("inet", host=domain.strip("[]"), port=DEFAULT_PORT)
+        return Routing(recipient, address, name, dest, key)
+
+    def _cached_route(self, recipient: str) -> tuple[Routing, Pool | None, int]:
+        """The routing of ``recipient``, its pool and recipient limit (cached)."""
+        cache = self._route_cache
+        hit = cache.get(recipient) if isinstance(recipient, str) else None
+        if hit is None:
+            r = self.route(recipient)
+            if r.failure is None:
+                assert r.destination is not None
+                hit = (r, self._pool(r.transport, r.destination),
+                       self._transports[r.transport].recipient_limit)
+            else:
+                hit = (r, None, 0)
+            if len(cache) >= _ROUTE_CACHE_SIZE:
+                cache.clear()
+            cache[recipient] = hit
+        return hit
+
+    def _pool(self, name: str, dest: Destination) -> Pool:
+        pool = self._pools.get((name, dest))
+        if pool is None:
+            t = self._transports[name]
+            pool = Pool(dest, t.pool, lhlo_name=t.lhlo_name or self.config.lhlo_name,
+                        timeouts=t.timeouts, pipelining=t.pipelining,
+                        ignore_keywords=t.ignore_keywords,
+                        tls=t.tls, auth=t.auth_for(dest))
+            # The TLS policy and SASL identity are functions of (transport,
+            # destination), so this key separates identities (see Pool.key).
+            self._pools[(name, dest)] = pool
+        return pool
+
+    # -- delivery --------------------------------------------------------------------
+
+    async def deliver(
+        self,
+        message: Message,
+        *,
+        sender: str,
+        recipients: Sequence[str],
+        mail_params: Sequence[str] = (),
+    ) -> list[RecipientResult]:
+        """Deliver ``message`` to ``recipients``; one result per recipient, in input order.
+
+        Raises :class:`LocalProtocolError` only for what no recipient could
+        change: a bad sender address or a NUL byte in the message.
+        """
+        if self._closed:
+            raise RuntimeError("the agent is closed")
+        if isinstance(recipients, str):
+            raise TypeError("recipients must be a sequence of addresses, not one string")
+        if not recipients:
+            raise LocalProtocolError("no recipients: a delivery needs at least one")
+        if not isinstance(sender, str) or not _FORBIDDEN.isdisjoint(sender):
+            raise LocalProtocolError(f"bad sender address {sender!r}")
+        raw = message_bytes(message)
+        nul = raw.find(b"\0") if isinstance(raw, bytes) else -1
+        if nul >= 0:
+            raise ContentError(f"message contains a NUL byte at offset {nul}; it cannot be sent")
+        self._deliveries += 1
+        self._recipients += len(recipients)
+        replace = msgspec.structs.replace
+        n = len(recipients)
+        if n == 1:  # the common cases first, without the grouping machinery
+            rcpt = recipients[0]
+            r, pool, _ = self._cached_route(rcpt)
+            if pool is None:
+                assert r.failure is not None
+                return [r.failure]
+            (result,) = await pool.deliver(sender, [r.address], raw, mail_params=mail_params)
+            return [result if result.address == rcpt else replace(result, address=rcpt)]
+        routed = [self._cached_route(rcpt) for rcpt in recipients]
+        pool = routed[0][1]
+        if pool is not None and n <= routed[0][2] and all(e[1] is pool for e in routed):
+            addresses = [e[0].address for e in routed]
+            if len(set(addresses)) == n:  # one back end, no duplicates: one transaction
+                results = await pool.deliver(sender, addresses, raw, mail_params=mail_params)
+                return [res if res.address == rcpt else replace(res, address=rcpt)
+                        for res, rcpt in zip(results, recipients, strict=True)]
+        out: list[RecipientResult | None] = [None] * n
+        # pool (one per transport and destination) -> final address -> input positions
+        groups: dict[Pool, tuple[int, dict[str, list[int]]]] = {}
+        for i, (r, rpool, limit) in enumerate(routed):
+            if rpool is None:
+                out[i] = r.failure
+                continue
+            entry = groups.get(rpool)
+            if entry is None:
+                entry = groups[rpool] = (limit, {})
+            positions = entry[1].get(r.address)
+            if positions is None:
+                entry[1][r.address] = [i]
+            else:
+                positions.append(i)
+
+        batches: list[tuple[Pool, dict[str, list[int]], list[str]]] = []
+        for gpool, (limit, by_address) in groups.items():
+            addresses = list(by_address)
+            for start in range(0, len(addresses), limit):
+                batches.append((gpool, by_address, addresses[start : start + limit]))
+
+        if len(batches) == 1:
+            bpool, _, chunk = batches[0]
+            outcomes = [await bpool.deliver(sender, chunk, raw, mail_params=mail_params)]
+        elif batches:
+            outcomes = await asyncio.gather(*(
+                bpool.deliver(sender, chunk, raw, mail_params=mail_params)
+                for bpool, _, chunk in batches))
+        else:
+            outcomes = []
+        for (_, by_address, chunk), results in zip(batches, outcomes, strict=True):
+            for address, result in zip(chunk, results, strict=True):
+                for i in by_address[address]:
+                    rcpt = recipients[i]
+                    out[i] = result if rcpt == result.address else replace(result, address=rcpt)
+        return out  # type: ignore[return-value]  # every slot is filled above
+
+    # -- state, closing ----------------------------------------------------------------
+
+    @property
+    def stats(self) -> AgentStats:
+        """Counters summed over every pool (peak: the largest of any one pool)."""
+        total = AgentStats(deliveries=self._deliveries, recipients=self._recipients,
+                           pools=len(self._pools))
+        for pool in self._pools.values():
+            for f in _POOL_COUNTERS:
+                mine, theirs = getattr(total, f), getattr(pool.stats, f)
+                setattr(total, f, max(mine, theirs) if f.startswith("peak_") else mine + theirs)
+        return total
+
+    def pools(self) -> dict[tuple[str, Destination], Pool]:
+        """The pools made so far, by (transport name, destination)."""
+        return dict(self._pools)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Refuse new deliveries, let those in flight finish (up to each pool's
+        ``close_timeout``, or ``timeout``), QUIT every connection."""
+        self._closed = True
+        if self._pools:
+            await asyncio.gather(*(p.close(timeout) for p in self._pools.values()))
+
+    async def __aenter__(self) -> Agent:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<lmtpfast.Agent transports={sorted(self._transports)} pools={len(self._pools)}>"

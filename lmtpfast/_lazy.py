@@ -1,0 +1,24 @@
+"""Lazy re-exports for a package facade (PEP 562): a name is imported on first use."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["lazy_exports"]
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """The ``__getattr__`` of *package*: each name in *exports* comes from its private module."""
+
+    def __getattr__(name: str) -> Any:
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{module}"), name)
+        setattr(sys.modules[package], name, value)  # the next lookup does not come here
+        return value
+
+    return __getattr__

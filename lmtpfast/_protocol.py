@@ -1,0 +1,494 @@
+"""asyncio transport for the sans-IO engine: pipelined writer, flow control, stage timers.
+
+:class:`LMTPProtocol` is an ``asyncio.Protocol`` (not streams: no extra task
+or buffer copy per reply). Everything the engine decides is turned into
+future results here; nothing about LMTP itself is decided in this file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import ssl
+from collections import deque
+from typing import cast
+
+from ._errors import (
+    LMTPError,
+    ReadTimeout,
+    ServerDisconnected,
+    TLSError,
+)
+from ._results import RecipientResult
+from ._settings import Timeouts
+from ._tls import TLSInfo, tls_info
+from .proto import (
+    NEED_DATA,
+    CommandReply,
+    Connection,
+    ConnectionBroken,
+    ReadyForData,
+    Reply,
+    Transaction,
+    TransactionDone,
+)
+from .proto.content import ContentEncoder
+
+__all__ = ["LMTPProtocol", "StreamedContent"]
+
+# Messages up to this size are encoded whole before sending and written with
+# the final dot (and the next transaction's commands) in one write. Larger
+# ones are encoded and written piece by piece under flow control, so a 50 MiB
+# message is never copied whole.
+STREAM_CHUNK = 256 * 1024
+
+
+
+class StreamedContent:
+    """A large message, encoded chunk by chunk as it is written.
+
+    With ``chunking`` each encoded piece goes out as a BDAT chunk (RFC 3030,
+    no dot-stuffing); otherwise as DATA content ending in the final dot.
+    """
+
+    __slots__ = ("chunking", "raw")
+
+    def __init__(self, raw: memoryview, chunking: bool = False) -> None:
+        self.raw = raw
+        self.chunking = chunking
+
+
+class LMTPProtocol(asyncio.Protocol):
+    """One LMTP connection on an event loop; any number of pipelined transactions."""
+
+    def __init__(
+        self,
+        engine: Connection,
+        timeouts: Timeouts,
+        loop: asyncio.AbstractEventLoop,
+        peer: str = "",
+    ) -> None:
+        self.engine = engine
+        self.timeouts = timeouts
+        self.peer = peer
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        # The session set-up stage under way (greeting, lhlo, starttls, auth);
+        # connect() sets it to None once the session is ready.
+        self.setup_stage: str | None = "greeting"
+        # Futures for session command replies, in order, with the stage each is.
+        self._command_waiters: deque[tuple[str, asyncio.Future[Reply]]] = deque()
+        self._greeting: asyncio.Future[Reply] = loop.create_future()
+        self._closed: asyncio.Future[None] = loop.create_future()
+        self._paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_stage: str | None = None  # the stage the timer was last checked for
+        self._limits: dict[str, float] = {}  # stage -> seconds, from timeouts
+        self._last_progress = 0.0
+        self._content_task: asyncio.Task[None] | None = None
+        self.error: Exception | None = None
+        #: What STARTTLS negotiated (``None`` while the connection is in plain text).
+        self.tls: TLSInfo | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Pipelined groups must not wait for Nagle's delayed ACK.
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_progress = self._loop.time()
+        engine = self.engine
+        engine.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        self.engine.receive_data(b"")
+        self._process()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._waiting():
+            self.engine.fail(ServerDisconnected(
+                f"connection to {self.peer} lost" + (f": {exc}" if exc else "")))
+            self._process()
+        self._cancel_timer()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(ServerDisconnected("connection lost while writing"))
+        if not self._closed.done():
+            self._closed.set_result(None)
+        self._fail_waiters(self.error or ServerDisconnected(f"connection to {self.peer} lost"))
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- operations ------------------------------------------------------------------
+
+    async def wait_greeting(self) -> Reply:
+        return await self._greeting
+
+    def command(self, verb: str, argument: str | None = None) -> asyncio.Future[Reply]:
+        """Send a session command; the future gets its reply (whatever the code)."""
+        self._check_usable()
+        if verb.upper() == "LHLO":
+            self.engine.lhlo()
+        else:
+            self.engine.command(verb, argument)
+        fut: asyncio.Future[Reply] = self._loop.create_future()
+        # "AUTH-RESPONSE" lines are part of the AUTH stage.
+        stage = verb.lower().partition("-")[0]
+        self._command_waiters.append((stage, fut))
+        if self.setup_stage is not None:
+            self.setup_stage = stage
+        self._flush()
+        return fut
+
+    def transaction(
+        self,
+        sender: str,
+        recipients: list[str],
+        content: bytes | StreamedContent,
+        *,
+        mail_params: list[str] | tuple[str, ...] = (),
+        rcpt_params: list[list[str]] | None = None,
+        smtputf8: bool = False,
+        chunking: bool = False,
+    ) -> asyncio.Future[list[RecipientResult]]:
+        """Queue a transaction; the future gets one result per recipient.
+
+        ``content`` is the encoded message (dot-stuffed for DATA, only
+        CRLF-normalised for ``chunking``) or a :class:`StreamedContent`.
+        """
+        self._check_usable()
+        streamed = isinstance(content, StreamedContent)
+        txn = self.engine.start_transaction(
+            sender, recipients, mail_params=mail_params, rcpt_params=rcpt_params,
+            smtputf8=smtputf8, chunking=chunking and streamed,
+            body=content if chunking and not streamed else None,  # type: ignore[arg-type]
+        )
+        fut: asyncio.Future[list[RecipientResult]] = self._loop.create_future()
+        if not (chunking and not streamed):
+            txn.content = content
+        txn.waiter = fut
+        if chunking and streamed:
+            self._process()  # a streamed BDAT transaction is ready for content at once
+        else:
+            self._flush()
+        return fut
+
+    def abort(self, error: Exception) -> None:
+        """Give up on the connection: open transactions get transient results."""
+        if self.error is None:
+            self.error = error
+        if self._waiting():
+            self.engine.fail(error)
+            self._process()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None and self.engine.usable and not self._closed.done()
+
+    def peer_silent(self) -> bool:
+        """True unless the socket has something to read right now.
+
+        An idle connection has nothing to read: readable means the server
+        closed it (EOF), reset it, or said goodbye (a 421 before closing) and
+        the event loop has not run to notice yet. One poll(2), no waiting.
+        """
+        transport = self._transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return True
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+            return not poller.poll(0)
+        except (OSError, ValueError):
+            return False
+
+    async def start_tls(
+        self, context: ssl.SSLContext, server_hostname: str | None, verified: bool,
+    ) -> TLSInfo:
+        """Upgrade the live connection after the server's 220 to STARTTLS (RFC 3207).
+
+        The handshake has the ``starttls`` time limit. The transport is
+        swapped, then the engine is told: it refuses any byte that arrived in
+        the clear after the 220 (an injection). A failure raises
+        :class:`TLSError` (OpenSSL's reason in the message) with the connection
+        aborted; the caller says LHLO again on success.
+        """
+        transport = self._transport
+        assert transport is not None
+        if self.error is not None or self._closed.done():
+            # E.g. bytes injected after the 220 already broke the session.
+            raise self.error or ServerDisconnected(f"connection to {self.peer} lost before TLS")
+        try:
+            new = await self._loop.start_tls(
+                transport, self, context, server_side=False, server_hostname=server_hostname,
+                ssl_handshake_timeout=self.timeouts.starttls)
+        except asyncio.CancelledError:
+            self.abort(ServerDisconnected("TLS handshake cancelled"))
+            raise
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, TimeoutError | ConnectionAbortedError) and "handshake" not in reason:
+                reason = f"handshake not done within {self.timeouts.starttls:g}s ({reason})"
+            error = TLSError(f"TLS handshake with {self.peer} failed: {reason}")
+            self.abort(error)
+            if not self._closed.done():  # the SSL layer may never call connection_lost
+                self._closed.set_result(None)
+            raise error from exc
+        if new is None:  # pragma: no cover - only if the loop closed under us
+            raise ServerDisconnected(f"connection to {self.peer} closed during the TLS handshake")
+        self._transport = new
+        self.engine.start_tls_done()
+        self._process()  # a refusal of injected bytes surfaces here
+        if not self.usable:
+            raise self.error or ServerDisconnected(f"connection to {self.peer} lost after TLS")
+        ssl_object = new.get_extra_info("ssl_object")
+        if ssl_object is None:  # pragma: no cover - every loop we support provides it
+            raise TLSError(f"TLS with {self.peer}: the event loop gives no SSL object")
+        self.tls = tls_info(ssl_object, verified, server_hostname)
+        return self.tls
+
+    # -- internals -------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if not self.usable:
+            raise self.error or ServerDisconnected(f"connection to {self.peer} is closed")
+
+    def _flush(self) -> None:
+        out = self.engine.data_to_send()
+        if out and self._transport is not None:
+            self._transport.write(out)
+        self._arm_timer()
+
+    def _process(self) -> None:
+        engine = self.engine
+        out: list[bytes] = []
+        while True:
+            ev = engine.next_event()
+            if ev is NEED_DATA:
+                break
+            if isinstance(ev, TransactionDone):
+                self._resolve(ev.transaction)
+            elif isinstance(ev, ReadyForData):
+                txn = ev.transaction
+                content = txn.content
+                if isinstance(content, bytes | bytearray):
+                    # Content, dot and the next group leave in one write.
+                    out.append(bytes(content))
+                    txn.content = None
+                    engine.end_data(txn)
+                else:
+                    self._flush_list(out)
+                    self._start_streaming(txn)
+            elif isinstance(ev, CommandReply):
+                self._on_command_reply(ev)
+            elif isinstance(ev, ConnectionBroken):
+                self._on_broken(ev)
+        wire = engine.data_to_send()
+        if wire:
+            out.append(wire)
+        self._flush_list(out)
+        self._arm_timer()
+
+    def _flush_list(self, out: list[bytes]) -> None:
+        if out and self._transport is not None and not self._transport.is_closing():
+            if len(out) == 1:
+                self._transport.write(out[0])
+            else:
+                self._transport.write(b"".join(out))
+        out.clear()
+
+    def _resolve(self, txn: Transaction) -> None:
+        fut = txn.waiter
+        if isinstance(fut, asyncio.Future) and not fut.done():
+            fut.set_result(txn.results)
+
+    def _on_command_reply(self, ev: CommandReply) -> None:
+        if ev.command == "greeting":
+            if not self._greeting.done():
+                self._greeting.set_result(ev.reply)
+            return
+        if self._command_waiters:
+            _, fut = self._command_waiters.popleft()
+            if not fut.done():
+                fut.set_result(ev.reply)
+
+    def _on_broken(self, ev: ConnectionBroken) -> None:
+        if self.error is None:
+            self.error = ev.error
+        for txn in ev.transactions:
+            self._resolve(txn)
+        self._fail_waiters(ev.error)
+        if self._content_task is not None:
+            self._content_task.cancel()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _fail_waiters(self, error: Exception) -> None:
+        # Say which session stage the failure interrupted (for per-recipient
+        # results made from it), unless the error knows already (ReadTimeout).
+        if not self._greeting.done():
+            stage = "greeting"
+        elif self._command_waiters:
+            stage = self._command_waiters[0][0]
+        else:
+            stage = self.setup_stage or ""
+        if stage and isinstance(error, LMTPError) and not getattr(error, "stage", ""):
+            setattr(error, "stage", stage)  # noqa: B010 - not every LMTPError declares it
+        if not self._greeting.done():
+            self._greeting.set_exception(error)
+            self._greeting.exception()  # mark retrieved: nobody may be waiting yet
+        while self._command_waiters:
+            _, fut = self._command_waiters.popleft()
+            if not fut.done():
+                fut.set_exception(error)
+
+    # -- content streaming ---------------------------------------------------------
+
+    def _start_streaming(self, txn: Transaction) -> None:
+        self._content_task = self._loop.create_task(self._stream_content(txn))
+
+    async def _stream_content(self, txn: Transaction) -> None:
+        content = txn.content
+        assert isinstance(content, StreamedContent)
+        txn.content = None
+        transport = self._transport
+        assert transport is not None
+        bdat = content.chunking
+        engine = self.engine
+        encoder = ContentEncoder(dot_stuff=not bdat)
+        raw = content.raw
+        try:
+            for start in range(0, len(raw), STREAM_CHUNK):
+                piece = encoder.encode(raw[start : start + STREAM_CHUNK])
+                if bdat:
+                    engine.send_chunk(txn, piece)
+                    piece = engine.data_to_send()
+                transport.write(piece)
+                self._last_progress = self._loop.time()
+                if self._paused:
+                    await self._drain()
+                # After a write error asyncio drops further writes silently:
+                # stop here, so the last chunk or the dot is never "sent"
+                # (which would flag the recipients possibly delivered).
+                if not engine.usable or transport.is_closing():
+                    return
+            tail = encoder.finish()
+            if transport.is_closing():
+                return
+            if bdat:
+                engine.send_chunk(txn, tail, last=True)
+                self._process()
+                return
+            if tail:
+                transport.write(tail)
+        except LMTPError as exc:
+            # A NUL found only now (callers check first): the server already
+            # has part of the message, so only dropping the connection is safe.
+            self.abort(exc)
+            return
+        except (ConnectionError, asyncio.CancelledError):
+            return
+        if self.engine.usable and self.engine.content_owed is txn:
+            self.engine.end_data(txn)
+            self._process()
+
+    async def _drain(self) -> None:
+        self._drain_waiter = self._loop.create_future()
+        self._arm_timer()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+
+    # -- timers ------------------------------------------------------------------------
+
+    def _current_stage(self) -> str | None:
+        stage = self.engine.waiting_for
+        if stage is None and self.engine.content_owed is not None and self._content_task:
+            return "content"
+        return stage
+
+    def _waiting(self) -> bool:
+        """The engine can still get replies: not broken, not closed.
+
+        Not ``usable``: while QUIT or STARTTLS is pending the engine takes no
+        new commands, but their replies still need a time limit.
+        """
+        engine = self.engine
+        return engine.error is None and not engine.closed
+
+    def _arm_timer(self) -> None:
+        # One timer per connection, re-armed lazily: data_received only
+        # records the time, the timer checks it when it fires.
+        if not self._waiting():
+            return
+        stage = self._current_stage()
+        if stage is None:
+            return
+        timer = self._timer
+        if timer is not None and stage == self._timer_stage:
+            return  # the usual case on a busy connection: nothing to do
+        limit = self._limits.get(stage)
+        if limit is None:
+            limit = self._limits[stage] = self.timeouts.for_stage(stage)
+        now = self._loop.time()
+        due = now + limit
+        self._timer_stage = stage
+        if timer is not None:
+            if timer.when() <= due:
+                return
+            timer.cancel()  # a shorter limit (say RSET after the dot) now applies
+        else:
+            self._last_progress = now
+        self._timer = self._loop.call_at(due, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        stage = self._current_stage()
+        if stage is None or not self._waiting():
+            return
+        limit = self.timeouts.for_stage(stage)
+        due = self._last_progress + limit
+        now = self._loop.time()
+        if now < due:
+            self._timer = self._loop.call_at(due, self._on_timer)
+            return
+        what = "sending message content" if stage == "content" else (
+            f"waiting for the {stage.upper()} reply")
+        self.abort(ReadTimeout(
+            f"conversation with {self.peer} timed out after {limit:g}s while {what}", stage))
+

@@ -1,0 +1,143 @@
+"""RFC 3464 delivery status notifications for messages replay gave up on.
+
+:func:`write_bounce` writes one ``multipart/report; report-type=delivery-status``
+message per failed spool entry into a folder, addressed to the envelope
+sender, for an MTA (or ``lmtpfast enqueue``) to send on. It honours the DSN
+parameters kept in the envelope: ``NOTIFY`` (no bounce for recipients that
+asked ``NEVER`` or did not ask ``FAILURE``), ``ORCPT``, ``ENVID`` and ``RET``
+(``HDRS``: only the header of the original; ``FULL``: all of it). No bounce
+is written for the null sender (a bounce is never bounced).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from datetime import UTC, datetime
+from email.utils import format_datetime, formatdate, make_msgid
+from pathlib import Path
+
+from ._format import Envelope, Recipient
+
+__all__ = ["build_bounce", "write_bounce"]
+
+
+def _date(ts: float | None) -> str:
+    if ts is None:
+        return formatdate(localtime=False)
+    return format_datetime(datetime.fromtimestamp(ts, UTC))
+
+
+def _wants_failure_notice(r: Recipient) -> bool:
+    return r.notify is None or "FAILURE" in r.notify
+
+
+def _header_of(message: bytes) -> bytes:
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        at = message.find(sep)
+        if at >= 0:
+            return message[: at + len(sep) // 2]
+    return message
+
+
+def _crlf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def build_bounce(
+    id: str, env: Envelope, message: bytes, *, reporting_mta: str | None = None,
+    postmaster: str | None = None,
+) -> bytes | None:
+    """The bounce for *env*'s failed recipients, or ``None`` when none is due."""
+    failed = [r for r in env.failed() if _wants_failure_notice(r)]
+    if not env.sender or not failed:
+        return None
+    mta = reporting_mta or socket.getfqdn() or "localhost"
+    from_addr = postmaster or f"MAILER-DAEMON@{mta}"
+    boundary = f"lmtpfast-{secrets.token_hex(12)}"
+    human = [
+        "This is the mail system at host " + mta + ".",
+        "",
+        "The message with queue ID " + id + " could not be delivered to one or more",
+        "recipients. The reasons follow.",
+        "",
+    ]
+    for r in failed:
+        human.append(f"<{r.address}>: {r.last.line() if r.last else 'delivery failed'}")
+    per_message = [f"Reporting-MTA: dns; {mta}", f"X-Lmtpfast-Queue-ID: {id}"]
+    if env.envid:
+        per_message.append(f"Original-Envelope-Id: {env.envid}")
+    per_message.append(f"Arrival-Date: {_date(env.arrival)}")
+    blocks = ["\r\n".join(per_message)]
+    for r in failed:
+        fields = []
+        if r.orcpt:
+            fields.append(f"Original-Recipient: {r.orcpt}")
+        fields += [f"Final-Recipient: rfc822; {r.address}", "Action: failed"]
+        last = r.last
+        status = last.enhanced if last and last.enhanced else ("5.0.0" if not last or last.code >= 500
+                                                              else "4.0.0")
+        fields.append(f"Status: {status}")
+        if last and last.destination and not last.local:
+            fields.append(f"Remote-MTA: dns; {last.destination}")
+        if last:
+            kind = "x-lmtpfast" if last.local else "smtp"
+            fields.append(f"Diagnostic-Code: {kind}; {last.line()}")
+            if last.at:
+                fields.append(f"Last-Attempt-Date: {_date(last.at)}")
+        blocks.append("\r\n".join(fields))
+    full = env.ret != "HDRS"
+    original = _crlf(message if full else _header_of(message))
+    head = "\r\n".join([
+        f"From: Mail Delivery System <{from_addr}>",
+        f"To: <{env.sender}>",
+        "Subject: Undelivered Mail Returned to Sender",
+        f"Date: {formatdate(time.time(), localtime=False)}",
+        f"Message-ID: {make_msgid(domain=mta)}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+        f"--{boundary}",
+        "Content-Description: Notification",
+        "Content-Type: text/plain; charset=utf-8",
+        "",
+        "\r\n".join(human),
+        "",
+        f"--{boundary}",
+        "Content-Description: Delivery report",
+        "Content-Type: message/delivery-status",
+        "",
+        "\r\n\r\n".join(blocks),
+        "",
+        f"--{boundary}",
+        "Content-Description: " + ("Undelivered Message" if full else "Undelivered Message Headers"),
+        "Content-Type: " + ("message/rfc822" if full else "text/rfc822-headers"),
+        "",
+        "",
+    ]).encode("utf-8")
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    return head + original + (b"" if original.endswith(b"\r\n") else b"\r\n") + tail
+
+
+def write_bounce(
+    directory: str | os.PathLike[str], id: str, env: Envelope, message: bytes, **options: str
+) -> Path | None:
+    """Write the bounce for *id* to ``DIRECTORY/ID.eml`` (atomically); its path, or ``None``."""
+    data = build_bounce(id, env, message, **options)
+    if data is None:
+        return None
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{id}.eml"
+    tmp = folder / f".{id}.{secrets.token_hex(4)}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, target)
+    return target

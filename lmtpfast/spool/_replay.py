@@ -1,0 +1,586 @@
+"""The replay engine: deliver a spool's due messages and record every outcome.
+
+>>> async with open_deliverer(server="unix:/run/dovecot/lmtp") as d:   # doctest: +SKIP
+...     totals = await Replayer(Spool("/var/spool/lmtpfast"), d).run()
+
+Per recipient: delivered → removed from the envelope; permanent → kept as
+``failed`` with its reply; transient → kept ``queued`` and the message is tried
+again after an exponential backoff, until the maximal queue lifetime makes the
+failure final (Postfix's ``maximal_queue_lifetime``). A message leaves the
+queue only when every recipient has a final outcome: deleted when all were
+delivered, moved to ``failed/`` otherwise.
+
+The scan is lazy and the number of messages in memory is bounded by
+``concurrency``, so memory does not grow with the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Protocol, Self
+
+import msgspec
+
+from .._destination import Destination, parse_destination
+from .._errors import (
+    ConfigurationError,
+    ContentError,
+    LMTPError,
+    LocalProtocolError,
+    ServerDisconnected,
+)
+from .._results import RecipientResult, status_of
+from .._session import Client, connect
+from .._settings import Timeouts
+from ._format import Reason
+from ._store import Claim, Quarantined, Spool
+
+__all__ = [
+    "Deliverer",
+    "Observer",
+    "Outcome",
+    "Replayer",
+    "RetryPolicy",
+    "ServerDeliverer",
+    "Totals",
+    "exit_status",
+    "open_deliverer",
+]
+
+
+class Deliverer(Protocol):
+    """What replay delivers through: :class:`lmtpfast.Agent`, or :class:`ServerDeliverer`."""
+
+    async def deliver(
+        self, message: bytes, *, sender: str, recipients: Sequence[str]
+    ) -> list[RecipientResult]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When to try a deferred message again, and when to give up (Postfix's defaults)."""
+
+    #: First retry delay (``minimal_backoff_time``); doubled at each attempt.
+    min_backoff: float = 300.0
+    #: Longest retry delay (``maximal_backoff_time``).
+    max_backoff: float = 4000.0
+    #: Age after which a temporary failure is final (``maximal_queue_lifetime``).
+    max_lifetime: float = 5 * 86400.0
+
+    def __post_init__(self) -> None:
+        for name in ("min_backoff", "max_backoff", "max_lifetime"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value < 0:
+                raise ConfigurationError(f"must be a number of seconds >= 0, got {value!r}",
+                                         field=name)
+
+    def backoff(self, attempts: int) -> float:
+        """Delay after the *attempts*-th attempt failed for some recipient."""
+        if self.min_backoff <= 0:
+            return 0.0
+        return float(min(self.max_backoff, self.min_backoff * 2 ** min(max(attempts - 1, 0), 30)))
+
+
+OutcomeKind = Literal["delivered", "deferred", "failed", "expired", "quarantined"]
+
+
+class Outcome(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
+    """What one attempt did for one recipient: one line of the report.
+
+    ``quarantined`` lines are about a whole entry (``recipient`` empty,
+    ``text`` the reason).
+    """
+
+    id: str
+    recipient: str
+    outcome: OutcomeKind
+    code: int
+    enhanced: str | None
+    text: str
+    stage: str
+    destination: str | None = None
+    attempts: int = 0
+    #: An earlier attempt may already have delivered it: this one may be a
+    #: duplicate (delivered), or the next one may be (deferred).
+    possibly_duplicated: bool = False
+    local: bool = False
+    next_attempt: float | None = None
+
+    def line(self) -> str:
+        if self.outcome == "quarantined":
+            return f"{self.id}: quarantined: {self.text}"
+        enh = f" {self.enhanced}" if self.enhanced else ""
+        dup = " (possibly duplicated)" if self.possibly_duplicated else ""
+        return f"{self.id} {self.recipient}: {self.outcome}: {self.code}{enh} {self.text}{dup}"
+
+
+class Totals(msgspec.Struct, omit_defaults=False):
+    """Counters of a replay run (the summary table and the JSON report's summary)."""
+
+    messages: int = 0
+    messages_delivered: int = 0
+    messages_failed: int = 0
+    messages_deferred: int = 0
+    messages_quarantined: int = 0
+    recipients_delivered: int = 0
+    recipients_failed: int = 0
+    recipients_expired: int = 0
+    recipients_deferred: int = 0
+    possibly_duplicated: int = 0
+    #: Entries skipped because another replay held them.
+    locked: int = 0
+    #: Deferred entries not yet due at the pass (still queued).
+    not_due: int = 0
+    #: Entries left as they were because of a file system error (still queued).
+    errors: int = 0
+    passes: int = 0
+    elapsed: float = 0.0
+
+
+class Observer:
+    """Hooks replay calls as it goes (no-ops here): progress bars, reports, logs."""
+
+    def pass_started(self, total: int | None) -> None:
+        """A pass begins; *total* is the number of due-or-not entries, if counted."""
+
+    def outcome(self, outcome: Outcome) -> None:
+        """One recipient's outcome of one attempt."""
+
+    def message_done(self, totals: Totals) -> None:
+        """A message was attempted (its recipients' outcomes were reported before)."""
+
+    def quarantined(self, id: str, reason: str) -> None:
+        """A corrupt entry was moved to ``quarantine/``."""
+
+    def skipped(self, totals: Totals) -> None:
+        """An entry was skipped (held by another replay)."""
+
+    def error(self, id: str, problem: str) -> None:
+        """An entry could not be updated (a file system error); it stays queued."""
+
+
+def exit_status(totals: Totals) -> int:
+    """sysexits status of a run, as ``lmtpfast send`` decides it.
+
+    75 when anything is still queued (deferred, not due, held by another
+    replay); else 65 when some recipient failed for good or an entry was
+    quarantined; else 0.
+    """
+    if (totals.recipients_deferred or totals.not_due or totals.locked or totals.messages_deferred
+            or totals.errors):
+        return 75
+    if (totals.recipients_failed or totals.recipients_expired or totals.messages_failed
+            or totals.messages_quarantined):
+        return 65
+    return 0
+
+
+def _local(address: str, code: int, enhanced: str, text: str, stage: str) -> RecipientResult:
+    return RecipientResult(address=address, status=status_of(code), code=code, enhanced=enhanced,
+                           text=text, stage=stage, local=True)
+
+
+def _reasons_text(id: str, claim: Claim) -> str:
+    env = claim.envelope
+    lines = [f"Message {id} from <{env.sender}>: every remaining recipient failed.", ""]
+    for r in env.failed():
+        last = r.last.line() if r.last else "no reply recorded"
+        lines.append(f"<{r.address}>: {last}")
+    return "\n".join(lines) + "\n"
+
+
+class Replayer:
+    """Delivers the due entries of *spool* through *deliverer*.
+
+    *concurrency* bounds the messages in flight (and so the memory). *flush*
+    tries deferred entries whatever their next attempt time (``postqueue -f``).
+    *bounce_dir*: write an RFC 3464 bounce there for each message that ends in
+    ``failed/`` (see :mod:`lmtpfast.spool._bounce`).
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        deliverer: Deliverer,
+        *,
+        concurrency: int = 64,
+        policy: RetryPolicy | None = None,
+        observer: Observer | None = None,
+        flush: bool = False,
+        bounce_dir: str | os.PathLike[str] | None = None,
+        count_first: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigurationError("concurrency must be 1 or more", field="concurrency")
+        self.spool = spool
+        self.deliverer = deliverer
+        self.concurrency = concurrency
+        self.policy = policy or RetryPolicy()
+        self.observer = observer or Observer()
+        self.flush = flush
+        self.bounce_dir = None if bounce_dir is None else os.fspath(bounce_dir)
+        self.count_first = count_first
+        self.clock = clock
+        self.totals = Totals()
+        #: Earliest next-attempt time seen among entries not yet due (last pass).
+        self.next_due: float | None = None
+
+    async def run(
+        self, *, watch: bool = False, interval: float = 1.0, stop: asyncio.Event | None = None
+    ) -> Totals:
+        """One pass (``watch=False``), or passes until *stop* is set (``watch=True``).
+
+        In watch mode, a pass that found nothing to do is followed by a pause
+        of *interval* seconds (shorter if a deferred entry falls due sooner).
+        """
+        start = time.monotonic()
+        stop = stop or asyncio.Event()
+        try:
+            while True:
+                before = self.totals.messages
+                await self.run_pass(stop)
+                if not watch or stop.is_set():
+                    break
+                if self.totals.messages == before:
+                    delay = interval
+                    if self.next_due is not None:
+                        delay = max(0.0, min(delay, self.next_due - self.clock()))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.01))
+                    if stop.is_set():
+                        break
+                # In watch mode "not due" and "locked" describe the latest pass only.
+                self.totals.not_due = 0
+                self.totals.locked = 0
+        finally:
+            self.totals.elapsed = time.monotonic() - start
+        return self.totals
+
+    async def run_pass(self, stop: asyncio.Event | None = None) -> Totals:
+        """Try every entry that is due now, once."""
+        totals = self.totals
+        totals.passes += 1
+        scan = self.spool.scan(due=self.clock(), flush=self.flush)
+        total = None
+        if self.count_first:
+            c = self.spool.count()
+            total = c["incoming"] + c["deferred"]
+        self.observer.pass_started(total)
+        queue: asyncio.Queue[tuple[Literal["incoming", "deferred"], str] | None] = asyncio.Queue(
+            maxsize=self.concurrency
+        )
+
+        async def worker() -> None:
+            while (item := await queue.get()) is not None:
+                await self._one(*item)
+
+        workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
+        try:
+            for item in scan:
+                if stop is not None and stop.is_set():
+                    break
+                await queue.put(item)
+            for _ in workers:
+                await queue.put(None)
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        totals.not_due += scan.not_due
+        self.next_due = scan.next_due
+        return totals
+
+    async def _one(self, queue: Literal["incoming", "deferred"], id: str) -> None:
+        try:
+            claim = self.spool.claim(queue, id)
+        except Quarantined as q:
+            self.totals.messages_quarantined += 1
+            self.observer.quarantined(q.id, q.reason)
+            return
+        if claim is None:
+            self.totals.locked += 1
+            self.observer.skipped(self.totals)
+            return
+        try:
+            await self._attempt(claim)
+        except OSError as exc:
+            # Disk full, permissions...: the entry stays as it was (nothing is
+            # lost; its outcomes may be delivered again next time).
+            self.totals.errors += 1
+            self.observer.error(id, f"{exc.strerror or exc}: {exc.filename or ''}")
+        finally:
+            claim.release()
+
+    async def _attempt(self, claim: Claim) -> None:
+        env = claim.envelope
+        totals = self.totals
+        pending = env.queued()
+        if pending:
+            try:
+                message = claim.read_message()
+            except OSError as exc:
+                try:
+                    claim.spool._quarantine(claim.queue, claim.id,
+                                            f"message file cannot be read: {exc.strerror or exc}",
+                                            have_lock=True)
+                except Quarantined as q:
+                    totals.messages_quarantined += 1
+                    self.observer.quarantined(q.id, q.reason)
+                return
+            results = await self._deliver(message, env.sender, [r.address for r in pending])
+        else:
+            results = []  # only failed recipients left: a crash came before the move
+        now = self.clock()
+        totals.messages += 1
+        if pending:
+            env.attempts += 1
+            env.last_attempt = now
+        keep = []
+        deferred = []
+        for r in env.recipients:
+            if r.state != "queued":
+                keep.append(r)
+        for r, res in zip(pending, results, strict=True):
+            r.attempts += 1
+            reason = Reason(code=res.code, enhanced=res.enhanced, text=res.text, stage=res.stage,
+                            local=res.local, destination=res.destination, at=now)
+            dup = r.possibly_delivered
+            if res.delivered:
+                env.delivered += 1
+                totals.recipients_delivered += 1
+                totals.possibly_duplicated += dup
+                self._report(claim, r.address, "delivered", res, r.attempts, dup)
+                continue
+            r.last = reason
+            if res.permanent:
+                r.state = "failed"
+                totals.recipients_failed += 1
+                self._report(claim, r.address, "failed", res, r.attempts, dup)
+            else:
+                r.possibly_delivered = dup or res.possibly_delivered
+                deferred.append((r, res))
+            keep.append(r)
+        env.recipients = keep
+
+        arrival = env.arrival if env.arrival is not None else now
+        if deferred and now - arrival >= self.policy.max_lifetime:
+            age = _age(now - arrival)
+            for r, res in deferred:
+                r.state = "failed"
+                assert r.last is not None
+                r.last = msgspec.structs.replace(
+                    r.last, text=f"{r.last.text} (gave up: message in queue for {age})")
+                totals.recipients_expired += 1
+                self._report(claim, r.address, "expired", res, r.attempts, r.possibly_delivered,
+                             text=r.last.text)
+            deferred = []
+
+        if deferred:
+            next_attempt = now + self.policy.backoff(env.attempts)
+            for r, res in deferred:
+                totals.recipients_deferred += 1
+                self._report(claim, r.address, "deferred", res, r.attempts, r.possibly_delivered,
+                             next_attempt=next_attempt)
+            claim.save(next_attempt=next_attempt)
+            totals.messages_deferred += 1
+        elif env.failed():
+            self._bounce(claim)
+            claim.failed(_reasons_text(claim.id, claim))
+            totals.messages_failed += 1
+        else:
+            claim.delivered()
+            totals.messages_delivered += 1
+        self.observer.message_done(totals)
+
+    async def _deliver(
+        self, message: bytes, sender: str, recipients: list[str]
+    ) -> list[RecipientResult]:
+        try:
+            results = await self.deliverer.deliver(message, sender=sender, recipients=recipients)
+        except ContentError as exc:
+            return [_local(a, 554, "5.6.0", str(exc), "local") for a in recipients]
+        except LocalProtocolError as exc:
+            return [_local(a, 553, "5.1.3", str(exc), "local") for a in recipients]
+        except (LMTPError, OSError) as exc:
+            return [_local(a, 451, "4.3.0", f"delivery failed: {exc}", "local")
+                    for a in recipients]
+        if len(results) != len(recipients):  # a deliverer bug must not lose anybody
+            text = f"deliverer returned {len(results)} results for {len(recipients)} recipients"
+            return [_local(a, 451, "4.3.0", text, "local") for a in recipients]
+        return results
+
+    def _report(
+        self, claim: Claim, address: str, kind: OutcomeKind, res: RecipientResult,
+        attempts: int, dup: bool, *, next_attempt: float | None = None, text: str | None = None,
+    ) -> None:
+        self.observer.outcome(Outcome(
+            id=claim.id, recipient=address, outcome=kind, code=res.code, enhanced=res.enhanced,
+            text=res.text if text is None else text, stage=res.stage,
+            destination=res.destination, attempts=attempts, possibly_duplicated=dup,
+            local=res.local, next_attempt=next_attempt,
+        ))
+
+    def _bounce(self, claim: Claim) -> None:
+        if self.bounce_dir is None:
+            return
+        from ._bounce import write_bounce
+
+        try:
+            write_bounce(self.bounce_dir, claim.id, claim.envelope, claim.read_message())
+        except OSError as exc:  # a bounce is a courtesy; the failed/ record is what counts
+            self.observer.quarantined(claim.id, f"bounce not written: {exc}")
+
+
+def _age(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds:.0f} seconds"
+
+
+# -- delivering without the agent ---------------------------------------------
+
+
+class ServerDeliverer:
+    """A few pipelined connections to one server, used round-robin.
+
+    The minimal stand-in for :class:`lmtpfast.Agent` when it is not
+    available: no routing, no batching, lazy connections replaced when they
+    break. Results get ``destination`` filled in.
+    """
+
+    def __init__(
+        self,
+        destination: str | Destination,
+        *,
+        connections: int = 8,
+        timeouts: Timeouts | None = None,
+        lhlo_name: str | None = None,
+    ) -> None:
+        if connections < 1:
+            raise ConfigurationError("connections must be 1 or more", field="connections")
+        self.destination = parse_destination(destination)
+        self.timeouts = timeouts
+        self.lhlo_name = lhlo_name
+        self._clients: list[Client | None] = [None] * connections
+        self._locks = [asyncio.Lock() for _ in range(connections)]
+        self._next = 0
+        self._closed = False
+
+    async def _client(self, slot: int) -> Client:
+        client = self._clients[slot]
+        if client is not None and client.usable:
+            return client
+        async with self._locks[slot]:
+            client = self._clients[slot]
+            if client is None or not client.usable:
+                if client is not None:
+                    client.abort()
+                self._clients[slot] = None
+                client = await connect(self.destination, timeouts=self.timeouts,
+                                       lhlo_name=self.lhlo_name)
+                self._clients[slot] = client
+            return client
+
+    async def deliver(
+        self, message: bytes, *, sender: str, recipients: Sequence[str]
+    ) -> list[RecipientResult]:
+        if self._closed:
+            raise ServerDisconnected("deliverer is closed")
+        dest = str(self.destination)
+        for attempt in range(2):
+            slot = self._next
+            self._next = (slot + 1) % len(self._clients)
+            try:
+                client = await self._client(slot)
+            except (LMTPError, OSError) as exc:
+                return [_local(a, 451, "4.4.1", str(exc), "connect") for a in recipients]
+            try:
+                results = await client.send(sender, recipients, message)
+            except (ServerDisconnected, LocalProtocolError) as exc:
+                # A connection that broke before this transaction was queued:
+                # nothing was sent, so one retry on a fresh connection is safe.
+                if client.usable or attempt:
+                    if isinstance(exc, LocalProtocolError) and client.usable:
+                        raise
+                    return [_local(a, 451, "4.4.2", str(exc), "connect") for a in recipients]
+                continue
+            return [r if r.destination else msgspec.structs.replace(r, destination=dest)
+                    for r in results]
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        self._closed = True
+        clients = [c for c in self._clients if c is not None]
+        self._clients = [None] * len(self._clients)
+        await asyncio.gather(*(c.quit() for c in clients), return_exceptions=True)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class _Closing:
+    """``async with`` around any deliverer."""
+
+    def __init__(self, deliverer: Deliverer) -> None:
+        self.deliverer = deliverer
+
+    async def __aenter__(self) -> Deliverer:
+        return self.deliverer
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.deliverer.close()
+
+
+def open_deliverer(
+    *,
+    server: str | None = None,
+    config: str | os.PathLike[str] | None = None,
+    connections: int = 8,
+    timeouts: Timeouts | None = None,
+) -> _Closing:
+    """The deliverer for ``--server`` or ``--config``, as ``async with`` context.
+
+    Uses :class:`lmtpfast.Agent` (routing, pool, recipient batching)
+    when this installation has it; otherwise ``--server`` falls back to
+    :class:`ServerDeliverer` and ``--config`` is refused.
+    """
+    if (server is None) == (config is None):
+        raise ConfigurationError("give exactly one of --server or --config")
+    agent_mod: Any = None
+    try:
+        agent_mod = importlib.import_module("lmtpfast._agent")
+    except ModuleNotFoundError as exc:
+        if exc.name != "lmtpfast._agent":
+            raise
+    if config is not None:
+        if agent_mod is None:
+            raise ConfigurationError("--config needs lmtpfast._agent, which this build lacks",
+                                     source=os.fspath(config))
+        deliverer: Deliverer = agent_mod.Agent.from_config(config)
+        return _Closing(deliverer)
+    assert server is not None
+    dest = parse_destination(server)
+    if agent_mod is not None:
+        settings: dict[str, Any] = {"max_connections": connections}
+        if timeouts is not None:
+            settings["timeouts"] = timeouts
+        return _Closing(agent_mod.Agent.for_server(dest, **settings))
+    return _Closing(ServerDeliverer(dest, connections=connections, timeouts=timeouts))
