@@ -7,15 +7,34 @@ first instead of in the tests built on it.
 
 from __future__ import annotations
 
+import re
 import secrets
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
-from lmtpfast._testing._procs import PeerStartError
-from lmtpfast._testing.fixtures import PgDatabase, PostgresFactory, SlapdFactory
+from lmtpfast._testing._procs import PeerStartError, ToolError, free_tcp_port
+from lmtpfast._testing.fixtures import (
+    PgDatabase,
+    PostfixFactory,
+    PostgresFactory,
+    SlapdFactory,
+    require_peer,
+)
 from lmtpfast._testing.mariadb import TempMariaDB
+from lmtpfast._testing.postfix import split_capture
+from lmtpfast._testing.postfix_mta import (
+    ldap_map_settings,
+    mysql_map_settings,
+    pgsql_map_settings,
+    postmap_query,
+    write_map_cf,
+)
 from lmtpfast._testing.postgres import PG_BIN, TempPostgres
 from lmtpfast._testing.slapd import BASE_DN, TempSlapd
 
@@ -156,3 +175,148 @@ def test_a_bed_that_cannot_start_says_why(slapd_factory: SlapdFactory) -> None:
     # slapd exits at once on a bad config line: the error carries its log tail.
     with pytest.raises(PeerStartError, match=r"(?s)slapd did not start.*no-such-directive"):
         slapd_factory(extra_config="no-such-directive yes\n")
+
+
+# -- Postfix MTA ------------------------------------------------------------------
+
+
+def _recorder(tmp: Path, name: str, exit_status: int = 0) -> tuple[Path, Path]:
+    """A shell script for pipe(8) that records its argv and stdin in a folder nobody can write."""
+    out = tmp / f"{name}-out"
+    out.mkdir()
+    shutil.chown(out, user="nobody")
+    script = tmp / f"{name}.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$@" > {out}/argv.$$\n'
+        f"cat > {out}/stdin.$$\n"
+        f"exit {exit_status}\n"
+    )
+    script.chmod(0o755)
+    return script, out
+
+
+def test_postfix_mta_lmtp_into_smtp_sink(postfix_mta: PostfixFactory, smtp_sink: Any) -> None:
+    sink = smtp_sink(capture=True)
+    mta = postfix_mta()
+    mta.add_lmtp_transport("tolmtp")
+    mta.route("example.com", f"tolmtp:{sink.destination}")
+    mta.reload()
+    qid = mta.sendmail(b"Subject: lmtp\r\n\r\nhello over lmtp\r\n", "s@example.org",
+                       ["a@example.com", "b@example.com"])  # fmt: skip
+    mta.wait_until_empty()
+    [dump] = sink.captures()
+    meta, message = split_capture(dump)
+    assert meta["X-Mail-Args"] == ["<s@example.org>"]
+    assert meta["X-Rcpt-Args"] == ["<a@example.com> ORCPT=rfc822;a@example.com",
+                                   "<b@example.com> ORCPT=rfc822;b@example.com"]  # fmt: skip
+    assert b"hello over lmtp" in message
+    log = mta.log_text()
+    for rcpt in ("a@example.com", "b@example.com"):
+        assert re.search(rf"{qid}: to=<{rcpt}>, relay=.*status=sent \(250 2\.2\.0 Ok\)", log)
+
+
+def test_postfix_mta_pipe_records_argv_and_stdin(
+    postfix_mta: PostfixFactory, tmp_path: Path
+) -> None:
+    tmp = Path(tempfile.mkdtemp(dir="/var/tmp"))  # tmp_path is under /root: nobody cannot run it
+    try:
+        ok, ok_out = _recorder(tmp, "ok")
+        soft, _ = _recorder(tmp, "soft", exit_status=75)
+        tmp.chmod(0o755)
+        mta = postfix_mta(start=False)
+        mta.add_pipe_transport("rec", [str(ok), "${sender}", "${recipient}"], user="nobody")
+        mta.add_pipe_transport("soft", [str(soft), "${recipient}"], user="nobody")
+        mta.route("pipe.example", "rec:")
+        mta.route("soft.example", "soft:")
+        mta.start()
+        qid = mta.sendmail(b"Subject: piped\r\n\r\nbody line\r\n", "s@example.org",
+                           ["x@pipe.example", "y@pipe.example", "z@soft.example"])  # fmt: skip
+        mta.wait_until_empty(include_deferred=False)
+        argvs = sorted(p.read_text() for p in ok_out.glob("argv.*"))
+        # recipient_limit=1: one run per recipient.
+        assert argvs == ["s@example.org\nx@pipe.example\n", "s@example.org\ny@pipe.example\n"]
+        for stdin in ok_out.glob("stdin.*"):
+            text = stdin.read_text()
+            assert text.startswith("Return-Path: <s@example.org>\n")  # flags=R
+            assert "Subject: piped\n" in text and text.endswith("body line\n")
+        [queued] = mta.queue()
+        assert queued["queue_id"] == qid and queued["queue_name"] == "deferred"
+        assert [r["address"] for r in queued["recipients"]] == ["z@soft.example"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_postfix_mta_pipe_runs_lmtpfast_send_from_the_world_venv(
+    postfix_mta: PostfixFactory, smtp_sink: Any, lmtpfast_venv: Path
+) -> None:
+    sink = smtp_sink(capture=True)
+    mta = postfix_mta()
+    mta.add_pipe_transport(
+        "lmtpfast",
+        [str(lmtpfast_venv / "bin" / "lmtpfast"), "send", "--server", sink.destination,
+         "--from", "${sender}", "--rcpt", "${recipient}", "-"],
+        user="nobody",
+    )  # fmt: skip
+    mta.route("example.net", "lmtpfast:")
+    mta.reload()
+    qid = mta.sendmail(b"Subject: via send\r\n\r\npiped to lmtpfast send\r\n", "s@example.org",
+                       ["v@example.net"])  # fmt: skip
+    mta.wait_until_empty()
+    [dump] = sink.captures()
+    meta, message = split_capture(dump)
+    assert meta["X-Rcpt-Args"] == ["<v@example.net>"]
+    assert b"piped to lmtpfast send" in message
+    assert re.search(rf"{qid}: to=<v@example.net>, relay=lmtpfast, .*status=sent", mta.log_text())
+
+
+def test_postmap_queries_pgsql_ldap_mysql_maps_on_the_beds(
+    postgres: TempPostgres, postgres_db: PgDatabase, slapd: TempSlapd, mariadb: TempMariaDB,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    postgres_db.psql("CREATE TABLE transport (domain text PRIMARY KEY, transport text);"
+                     "INSERT INTO transport VALUES ('example.com', 'lmtp:unix:/run/pg');")  # fmt: skip
+    pg_cf = write_map_cf(tmp_path / "pgsql.cf", pgsql_map_settings(
+        postgres, user=postgres_db.user, password=postgres_db.password, dbname=postgres_db.name,
+        query="SELECT transport FROM transport WHERE domain = '%s'"))  # fmt: skip
+    assert postmap_query("example.com", f"pgsql:{pg_cf}") == "lmtp:unix:/run/pg"
+    assert postmap_query("example.org", f"pgsql:{pg_cf}") is None
+
+    ldap_cf = write_map_cf(tmp_path / "ldap.cf", ldap_map_settings(
+        slapd, query_filter="(mailLocalAddress=%s)", result_attribute="mailRoutingAddress"))  # fmt: skip
+    assert postmap_query("a.example@example.com", f"ldap:{ldap_cf}") == "alice@mail1.example.com"
+    assert postmap_query("nobody@example.com", f"ldap:{ldap_cf}") is None
+    drops_cf = write_map_cf(tmp_path / "drops.cf", ldap_map_settings(
+        slapd, query_filter="(mail=%s)", result_attribute="lmtpfastMaildrop", bind=True))  # fmt: skip
+    drops = postmap_query("bob@example.com", f"ldap:{drops_cf}")
+    assert drops is not None
+    assert sorted(drops.split(",")) == ["bob-archive@mail2.example.com", "bob@mail2.example.com"]
+
+    name = "m_" + secrets.token_hex(4)
+    password = secrets.token_urlsafe(12)
+    mariadb.create_database(name)
+    try:
+        mariadb.create_user(name, password, grant_on=name, privileges="SELECT")
+        mariadb.sql("CREATE TABLE transport (domain VARCHAR(255) PRIMARY KEY, transport TEXT);"
+                    "INSERT INTO transport VALUES ('example.com', 'lmtp:inet:127.0.0.1:24');",
+                    database=name)  # fmt: skip
+        for unix in (False, True):
+            my_cf = write_map_cf(tmp_path / f"mysql-{unix}.cf", mysql_map_settings(
+                mariadb, user=name, password=password, dbname=name, unix=unix,
+                query="SELECT transport FROM transport WHERE domain = '%s'"))  # fmt: skip
+            assert postmap_query("example.com", f"mysql:{my_cf}") == "lmtp:inet:127.0.0.1:24"
+            assert postmap_query("example.org", f"mysql:{my_cf}") is None
+    finally:
+        mariadb.drop_database(name)
+        mariadb.sql(f"DROP USER '{name}'@'localhost', '{name}'@'127.0.0.1';")
+
+
+def test_postmap_reports_a_map_that_is_down(tmp_path: Path) -> None:
+    require_peer("postfix-mta")
+    port = free_tcp_port()  # nothing listens there
+    cf = write_map_cf(tmp_path / "down.cf", {
+        "server_host": f"ldap://127.0.0.1:{port}/", "search_base": "dc=example,dc=com",
+        "query_filter": "(mail=%s)", "result_attribute": "mail", "version": "3"})  # fmt: skip
+    with pytest.raises(ToolError) as info:
+        postmap_query("a@example.com", f"ldap:{cf}")
+    assert info.value.returncode != 0 and "ldap" in info.value.stderr.lower()

@@ -49,11 +49,20 @@ Fixtures:
     ``create_user()``). Tests make their own database in it.
 ``mariadb_factory`` (function scope)
     ``mariadb_factory(**kwargs) -> TempMariaDB``: a fresh, started server.
+``postfix_mta`` (function scope)
+    ``postfix_mta(start=True, **kwargs) -> TempPostfix``: a private Postfix MTA
+    (about 0.1 s to start). Add transports and routes, then ``reload()`` (or
+    pass ``start=False`` and ``start()`` after configuring). Stopped and
+    deleted at teardown.
+``lmtpfast_venv`` (session scope)
+    :func:`~lmtpfast._testing.postfix_mta.world_venv`: a venv of
+    ``/usr/bin/python3`` with this checkout in it that ``nobody`` can run
+    (``VENV/bin/lmtpfast``) for pipe(8) transports; a few seconds, once.
 
 Tests using the Dovecot fixtures get the ``dovecot`` marker, tests using
-``smtp_sink`` the ``postfix`` marker, and the PostgreSQL, slapd and MariaDB
-fixtures the ``postgres``, ``slapd``, ``mariadb`` markers (``-m "not
-dovecot"`` deselects them).
+``smtp_sink`` the ``postfix`` marker, and the PostgreSQL, slapd, MariaDB and
+Postfix MTA fixtures the ``postgres``, ``slapd``, ``mariadb``, ``postfix_mta``
+markers (``-m "not dovecot"`` deselects them).
 
 A missing peer is a skip on a developer machine but a failure when ``CI`` is set
 (any value but empty, ``0``, ``false`` or ``no``): CI must never pass by
@@ -67,6 +76,7 @@ import os
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import pytest
@@ -75,6 +85,7 @@ from ._procs import TempPeer
 from .dovecot import TempDovecot, find_dovecot
 from .mariadb import TempMariaDB, find_mariadb
 from .postfix import SmtpSink, smtp_tool
+from .postfix_mta import TempPostfix, find_postfix_mta, remove_world_venvs, world_venv
 from .postgres import TempPostgres, find_postgres
 from .slapd import MAIL_DIT, TempSlapd, find_slapd
 
@@ -82,6 +93,7 @@ __all__ = [
     "DovecotFactory",
     "MariaDBFactory",
     "PgDatabase",
+    "PostfixFactory",
     "PostgresFactory",
     "SlapdFactory",
     "SmtpSinkFactory",
@@ -89,8 +101,10 @@ __all__ = [
     "dovecot_factory",
     "dovecot_session",
     "in_ci",
+    "lmtpfast_venv",
     "mariadb",
     "mariadb_factory",
+    "postfix_mta",
     "postgres",
     "postgres_db",
     "postgres_factory",
@@ -127,6 +141,12 @@ class SlapdFactory(Protocol):
     """Type of the ``slapd_factory`` fixture."""
 
     def __call__(self, **kwargs: Any) -> TempSlapd: ...
+
+
+class PostfixFactory(Protocol):
+    """Type of the ``postfix_mta`` fixture."""
+
+    def __call__(self, *, start: bool = True, **kwargs: Any) -> TempPostfix: ...
 
 
 class MariaDBFactory(Protocol):
@@ -171,14 +191,16 @@ def _unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-_FINDERS = {"postgres": find_postgres, "slapd": find_slapd, "mariadb": find_mariadb}
+_FINDERS = {"postgres": find_postgres, "slapd": find_slapd, "mariadb": find_mariadb,
+            "postfix-mta": find_postfix_mta}  # fmt: skip
 
 
 def require_peer(name: str) -> None:
     """Skip the calling test (fail it under CI) unless peer *name* can run.
 
     *name*: ``"dovecot"``, ``"smtp-sink"``, ``"smtp-source"``, ``"postfix"``
-    (both Postfix tools), ``"postgres"``, ``"slapd"``, ``"mariadb"``.
+    (both Postfix tools), ``"postgres"``, ``"slapd"``, ``"mariadb"`` or
+    ``"postfix-mta"`` (the whole Postfix MTA).
     """
     if name == "dovecot":
         if find_dovecot() is None or not os.access("/usr/lib/dovecot/lmtp", os.X_OK):
@@ -315,6 +337,31 @@ def mariadb_factory() -> Iterator[MariaDBFactory]:
     yield from _factory(TempMariaDB)
 
 
+@pytest.fixture
+def postfix_mta() -> Iterator[PostfixFactory]:
+    """Factory of private Postfix MTAs (started unless ``start=False``), closed at teardown."""
+    require_peer("postfix-mta")
+    made: list[TempPostfix] = []
+
+    def make(*, start: bool = True, **kwargs: Any) -> TempPostfix:
+        mta = TempPostfix(**kwargs)
+        made.append(mta)
+        return mta.start() if start else mta
+
+    yield make
+    _close_all(made)
+
+
+@pytest.fixture(scope="session")
+def lmtpfast_venv() -> Iterator[Path]:
+    """A venv with this checkout that unprivileged users (pipe(8)'s ``user=``) can run."""
+    require_peer("postfix-mta")
+    try:
+        yield world_venv()
+    finally:
+        remove_world_venvs()
+
+
 def _close_all(peers: Sequence[TempPeer]) -> None:
     # Close every peer even if one of them fails to stop; report the first error.
     errors: list[BaseException] = []
@@ -339,6 +386,8 @@ _MARKERS: dict[str, str] = {
     "slapd_factory": "slapd",
     "mariadb": "mariadb",
     "mariadb_factory": "mariadb",
+    "postfix_mta": "postfix_mta",
+    "lmtpfast_venv": "postfix_mta",
 }
 
 
@@ -349,6 +398,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "postgres: needs a private PostgreSQL cluster")
     config.addinivalue_line("markers", "slapd: needs a private OpenLDAP slapd")
     config.addinivalue_line("markers", "mariadb: needs a private MariaDB server")
+    config.addinivalue_line("markers", "postfix_mta: needs a private Postfix MTA")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
