@@ -59,7 +59,9 @@ def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     """
     import os
 
-    from lmtpfast import client, proto, transport
+    from lmtpfast import _protocol as transport
+    from lmtpfast import _session as client
+    from lmtpfast import proto
     from lmtpfast.proto import content
 
     kind: str = request.param
