@@ -20,6 +20,7 @@ import pytest
 
 from lmtpfast._testing._procs import PeerStartError, ToolError, free_tcp_port
 from lmtpfast._testing.fixtures import (
+    NetnsFactory,
     PgDatabase,
     PostfixFactory,
     PostgresFactory,
@@ -27,6 +28,7 @@ from lmtpfast._testing.fixtures import (
     require_peer,
 )
 from lmtpfast._testing.mariadb import TempMariaDB
+from lmtpfast._testing.netns import NetNamespaces, namespaces_alive
 from lmtpfast._testing.postfix import split_capture
 from lmtpfast._testing.postfix_mta import (
     ldap_map_settings,
@@ -320,3 +322,36 @@ def test_postmap_reports_a_map_that_is_down(tmp_path: Path) -> None:
     with pytest.raises(ToolError) as info:
         postmap_query("a@example.com", f"ldap:{cf}")
     assert info.value.returncode != 0 and "ldap" in info.value.stderr.lower()
+
+
+# -- network namespaces ---------------------------------------------------------
+
+
+def test_netns_two_hosts_reach_postgres_in_a_third(netns: NetnsFactory) -> None:
+    net = netns(["db", "a", "b"])
+    with TempPostgres(host=net.address("db"), netns=net.namespace("db")) as pg:
+        pg.create_user("u", "pw")
+        for host in ("a", "b"):
+            out = net.run(host, [str(PG_BIN / "psql"), "-XAt", "-c",
+                                 "SELECT host(inet_client_addr())", pg.dsn_for("u", "pw")])  # fmt: skip
+            assert out.stdout == f"{net.address(host)}\n"
+        # Loopback inside "a" is a's own: the server is not there.
+        refused = net.run("a", [str(PG_BIN / "psql"), "-XAt", "-c", "SELECT 1",
+                                f"postgresql://u:pw@127.0.0.1:{pg.port}/postgres"], check=False)  # fmt: skip
+        assert refused.returncode != 0 and "refused" in refused.stderr
+        # The host itself has no route into the namespaces' subnet.
+        assert net.address("db") not in subprocess.run(
+            ["ip", "-br", "addr"], capture_output=True, text=True, check=True).stdout
+
+
+def test_netns_close_kills_what_runs_inside_and_removes_everything() -> None:
+    require_peer("netns")
+    net = NetNamespaces(["x"], subnet="10.78.0.0/24")
+    try:
+        sleeper = net.popen("x", ["sleep", "300"])
+        assert namespaces_alive(net.tag)  # hub and x
+    finally:
+        net.close()
+    assert sleeper.wait(10) == -9
+    assert namespaces_alive(net.tag) == []
+    net.close()  # idempotent

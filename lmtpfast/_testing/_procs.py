@@ -95,15 +95,21 @@ def wait_for(
         delay = min(delay * 2, 0.05)
 
 
-def listening_unix(path: str | os.PathLike[str]) -> bool:
+def _proc_net(pid: int | None) -> str:
+    # /proc/net is the reader's network namespace; /proc/PID/net is PID's.
+    return "/proc/net" if pid is None else f"/proc/{pid}/net"
+
+
+def listening_unix(path: str | os.PathLike[str], *, pid: int | None = None) -> bool:
     """True when a listening unix socket is bound at *path* (read from /proc/net/unix).
 
     Reading /proc avoids a probe connection, which smtp-sink would count as a
-    session (``-n``) and answer according to its fault options.
+    session (``-n``) and answer according to its fault options. With *pid*,
+    the table of that process's network namespace is read.
     """
     want = os.fsencode(os.fspath(path))
     try:
-        data = Path("/proc/net/unix").read_bytes()
+        data = Path(_proc_net(pid), "unix").read_bytes()
     except OSError:
         return False
     for line in data.splitlines()[1:]:
@@ -114,17 +120,20 @@ def listening_unix(path: str | os.PathLike[str]) -> bool:
     return False
 
 
-def listening_tcp(host: str, port: int) -> bool:
-    """True when a TCP socket listens on *host*:*port* (IPv4 or IPv6 literal, from /proc)."""
+def listening_tcp(host: str, port: int, *, pid: int | None = None) -> bool:
+    """True when a TCP socket listens on *host*:*port* (IPv4 or IPv6 literal, from /proc).
+
+    With *pid*, the table of that process's network namespace is read.
+    """
     import ipaddress
 
     addr = ipaddress.ip_address(host)
     if addr.version == 4:
-        table = "/proc/net/tcp"
+        table = f"{_proc_net(pid)}/tcp"
         # /proc prints the address as the native-endian u32: little-endian hex here.
         want_addr = addr.packed[::-1].hex().upper()
     else:
-        table = "/proc/net/tcp6"
+        table = f"{_proc_net(pid)}/tcp6"
         p = addr.packed
         want_addr = "".join(p[i : i + 4][::-1].hex() for i in range(0, 16, 4)).upper()
     want = f"{want_addr}:{port:04X}"

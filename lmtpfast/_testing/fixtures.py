@@ -54,6 +54,10 @@ Fixtures:
     (about 0.1 s to start). Add transports and routes, then ``reload()`` (or
     pass ``start=False`` and ``start()`` after configuring). Stopped and
     deleted at teardown.
+``netns`` (function scope)
+    ``netns(names, subnet="10.77.0.0/24") -> NetNamespaces``: private network
+    namespaces joined by a bridge (see :mod:`lmtpfast._testing.netns`),
+    deleted at teardown with everything still running inside.
 ``lmtpfast_venv`` (session scope)
     :func:`~lmtpfast._testing.postfix_mta.world_venv`: a venv of
     ``/usr/bin/python3`` with this checkout in it that ``nobody`` can run
@@ -84,6 +88,7 @@ import pytest
 from ._procs import TempPeer
 from .dovecot import TempDovecot, find_dovecot
 from .mariadb import TempMariaDB, find_mariadb
+from .netns import NetNamespaces, find_netns
 from .postfix import SmtpSink, smtp_tool
 from .postfix_mta import TempPostfix, find_postfix_mta, remove_world_venvs, world_venv
 from .postgres import TempPostgres, find_postgres
@@ -92,6 +97,7 @@ from .slapd import MAIL_DIT, TempSlapd, find_slapd
 __all__ = [
     "DovecotFactory",
     "MariaDBFactory",
+    "NetnsFactory",
     "PgDatabase",
     "PostfixFactory",
     "PostgresFactory",
@@ -104,6 +110,7 @@ __all__ = [
     "lmtpfast_venv",
     "mariadb",
     "mariadb_factory",
+    "netns",
     "postfix_mta",
     "postgres",
     "postgres_db",
@@ -192,7 +199,7 @@ def _unavailable(reason: str) -> NoReturn:
 
 
 _FINDERS = {"postgres": find_postgres, "slapd": find_slapd, "mariadb": find_mariadb,
-            "postfix-mta": find_postfix_mta}  # fmt: skip
+            "postfix-mta": find_postfix_mta, "netns": find_netns}  # fmt: skip
 
 
 def require_peer(name: str) -> None:
@@ -200,7 +207,7 @@ def require_peer(name: str) -> None:
 
     *name*: ``"dovecot"``, ``"smtp-sink"``, ``"smtp-source"``, ``"postfix"``
     (both Postfix tools), ``"postgres"``, ``"slapd"``, ``"mariadb"`` or
-    ``"postfix-mta"`` (the whole Postfix MTA).
+    ``"postfix-mta"`` (the whole Postfix MTA), ``"netns"``.
     """
     if name == "dovecot":
         if find_dovecot() is None or not os.access("/usr/lib/dovecot/lmtp", os.X_OK):
@@ -352,6 +359,28 @@ def postfix_mta() -> Iterator[PostfixFactory]:
     _close_all(made)
 
 
+class NetnsFactory(Protocol):
+    """Type of the ``netns`` fixture."""
+
+    def __call__(self, names: Sequence[str], **kwargs: Any) -> NetNamespaces: ...
+
+
+@pytest.fixture
+def netns() -> Iterator[NetnsFactory]:
+    """Factory of private network namespaces, deleted at teardown."""
+    require_peer("netns")
+    made: list[NetNamespaces] = []
+
+    def make(names: Sequence[str], **kwargs: Any) -> NetNamespaces:
+        net = NetNamespaces(names, **kwargs)
+        made.append(net)
+        return net
+
+    yield make
+    for net in reversed(made):
+        net.close()
+
+
 @pytest.fixture(scope="session")
 def lmtpfast_venv() -> Iterator[Path]:
     """A venv with this checkout that unprivileged users (pipe(8)'s ``user=``) can run."""
@@ -388,6 +417,7 @@ _MARKERS: dict[str, str] = {
     "mariadb_factory": "mariadb",
     "postfix_mta": "postfix_mta",
     "lmtpfast_venv": "postfix_mta",
+    "netns": "netns",
 }
 
 
@@ -399,6 +429,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slapd: needs a private OpenLDAP slapd")
     config.addinivalue_line("markers", "mariadb: needs a private MariaDB server")
     config.addinivalue_line("markers", "postfix_mta: needs a private Postfix MTA")
+    config.addinivalue_line("markers", "netns: needs network namespaces (root, iproute2)")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

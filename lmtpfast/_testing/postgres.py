@@ -112,6 +112,10 @@ class TempPostgres(TempPeer):
     *settings* are extra ``postgresql.conf`` lines (``{"max_connections": "50"}``);
     *fsync* keeps PostgreSQL's durability settings (default off: faster, and a
     test never survives a machine crash anyway). *port* fixes the port.
+    *host* is the TCP listen address; with *netns* (a namespace name, see
+    :mod:`lmtpfast._testing.netns`) the server runs inside that network
+    namespace, e.g. on its ``eth0`` address, and accepts password logins from
+    its subnet (``samenet``). The unix socket works from anywhere.
     """
 
     def __init__(
@@ -122,6 +126,8 @@ class TempPostgres(TempPeer):
         superuser: str = "postgres",
         settings: Mapping[str, str] | None = None,
         fsync: bool = False,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
         start_timeout: float = 30.0,
     ) -> None:
         why = find_postgres()
@@ -131,6 +137,8 @@ class TempPostgres(TempPeer):
         assert user is not None
         self.run_as = user
         self.tcp = tcp
+        self.host = host
+        self.netns = netns
         self.superuser = superuser
         self.settings = dict(settings or {})
         self.fsync = fsync
@@ -192,6 +200,9 @@ class TempPostgres(TempPeer):
         conf += [f"{k} = {v}" for k, v in self.settings.items()]
         with open(self.data_dir / "postgresql.conf", "a") as f:
             f.write("\n".join(conf) + "\n")
+        if self.host not in ("127.0.0.1", "::1", "localhost"):
+            with open(self.data_dir / "pg_hba.conf", "a") as f:
+                f.write("host all all samenet scram-sha-256\n")
         self._initialised = True
 
     # -- lifecycle ---------------------------------------------------------------
@@ -210,11 +221,14 @@ class TempPostgres(TempPeer):
         return self
 
     def _start_once(self) -> None:
-        listen = "127.0.0.1" if self.tcp else ""
+        listen = self.host if self.tcp else ""
         cmd = [str(PG_BIN / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
                "-c", f"listen_addresses={listen}"]  # fmt: skip
         user = self.run_as.pw_name if os.geteuid() == 0 else None
         cmd, _ = guarded(cmd, user=user)
+        if self.netns is not None:
+            # ip netns exec execs (no fork): the pid we start stays the postmaster.
+            cmd = ["/usr/sbin/ip", "netns", "exec", self.netns, *cmd]
         self._spawn(cmd, self._ready, what="PostgreSQL")
 
     def _ready(self) -> bool:
@@ -224,9 +238,10 @@ class TempPostgres(TempPeer):
             return False
         if len(lines) < 8 or lines[7].strip() != "ready":
             return False
-        if not listening_unix(self.socket_path):
+        pid = None if self.netns is None or self._proc is None else self._proc.pid
+        if not listening_unix(self.socket_path, pid=pid):
             return False
-        return not self.tcp or listening_tcp("127.0.0.1", self.port)
+        return not self.tcp or listening_tcp(self.host, self.port, pid=pid)
 
     def stop(self, mode: StopMode = "fast", *, timeout: float = 30.0) -> None:
         """Shut the cluster down (*mode* as ``pg_ctl stop -m``); idempotent.
@@ -278,11 +293,12 @@ class TempPostgres(TempPeer):
         if not self.tcp:
             raise RuntimeError("this instance has no TCP listener (tcp=False)")
         auth = q(user, safe="") + (f":{q(password, safe='')}" if password is not None else "")
-        return f"postgresql://{auth}@127.0.0.1:{self.port}/{db}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"postgresql://{auth}@{host}:{self.port}/{db}"
 
     @property
     def dsn(self) -> str:
-        """Superuser DSN over TCP (``postgresql://postgres:PASSWORD@127.0.0.1:PORT/postgres``)."""
+        """Superuser DSN over TCP (``postgresql://postgres:PASSWORD@HOST:PORT/postgres``)."""
         return self.dsn_for(self.superuser, self._password)
 
     @property
