@@ -11,7 +11,9 @@
 #   - Cyrus lmtpd (SASL over TCP): cyrus-imapd cyrus-common cyrus-admin
 #     cyrus-clients sasl2-bin libsasl2-modules.
 #   - PostgreSQL 15 (postgresql), OpenLDAP (slapd, ldap-utils), MariaDB
-#     (mariadb-server, mariadb-client), iproute2 (ip netns).
+#     (mariadb-server, mariadb-client), iproute2 (ip netns), and python3 +
+#     python3-venv: the venv pipe(8) runs `lmtpfast send` from is made of
+#     /usr/bin/python3 (a pyenv Python under /root cannot be run by nobody).
 #
 # Tests run private instances of every server from their own config in temp
 # folders (lmtpfast/_testing/). No Debian service is ever started: a
@@ -27,7 +29,7 @@ DEB_PKGS=(dovecot-core dovecot-lmtpd openssl
           cyrus-imapd cyrus-common cyrus-admin cyrus-clients sasl2-bin libsasl2-modules
           postfix postfix-pgsql postfix-ldap postfix-mysql postfix-cdb postfix-lmdb
           postgresql slapd ldap-utils mariadb-server mariadb-client
-          iproute2)
+          iproute2 python3 python3-venv)
 
 log() { printf 'install-test-deps: %s\n' "$*"; }
 die() { printf 'install-test-deps: ERROR: %s\n' "$*" >&2; exit 1; }
