@@ -29,6 +29,7 @@ import asyncio
 import dataclasses
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -42,11 +43,12 @@ from ._config import (
     config_from_dict,
     load_config,
 )
-from ._destination import DEFAULT_PORT, Destination, parse_destination
+from ._destination import Destination, parse_destination
 from ._errors import ConfigurationError, ContentError, LocalProtocolError
+from ._maps import Map, is_map_name
 from ._pool import Pool, PoolStats
 from ._results import RecipientResult, status_of
-from ._routing import Route, TransportMap, VirtualMap, parse_route
+from ._routing import Route, Router, Routing, TransportMap, VirtualMap, as_maps, parse_route
 from ._session import Message, message_bytes
 from ._settings import PoolSettings
 
@@ -55,23 +57,23 @@ __all__ = ["Agent", "AgentStats", "Routing"]
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
 _FORBIDDEN = frozenset("\r\n\0<> \t")
 _ROUTE_CACHE_SIZE = 65536
+_FOREVER = float("inf")
+_monotonic = time.monotonic
 
 
-@dataclass(frozen=True, slots=True)
-class Routing:
-    """How one recipient was routed (see :meth:`Agent.route`).
-
-    ``address`` is the recipient after the virtual map; ``key`` the map key
-    that matched (``"default"`` for the default route). When ``failure`` is
-    set the recipient is not delivered: it holds the result to give.
-    """
-
-    recipient: str
-    address: str
-    transport: str = ""
-    destination: Destination | None = None
-    key: str = ""
-    failure: RecipientResult | None = None
+def _route_ttl(router: Router, cache: Any) -> float:
+    """How long a routing may be reused: forever for file maps, else the shortest cache TTL."""
+    if router.static:
+        return _FOREVER
+    ttls = []
+    for m in router.maps:
+        if m.static:
+            continue
+        settings = getattr(m, "settings", None)
+        if settings is None:
+            return 0.0  # an uncached network map: ask every time
+        ttls.append(min(settings.ttl, settings.negative_ttl))
+    return min(ttls, default=_FOREVER)
 
 
 @dataclass
@@ -96,8 +98,10 @@ def _refusal(recipient: str, code: int, enhanced: str, text: str, stage: str) ->
 
 
 def _as_map(value: Any, cls: type[Any], what: str) -> Any:
-    if value is None or isinstance(value, cls):
+    if value is None or isinstance(value, cls | Map | list | tuple):
         return value
+    if isinstance(value, str) and (is_map_name(value) or "," in value):
+        return value  # TYPE:NAME (or a list): opened by as_maps
     if isinstance(value, str | os.PathLike):
         return cls.from_file(value)
     if isinstance(value, Mapping):
@@ -140,29 +144,47 @@ class Agent:
         *,
         lhlo_name: str | None = None,
         recipient_delimiter: str = "",
+        recipient_map: Map | str | Sequence[Map | str] | None = None,
         config: AgentConfig | None = None,
     ) -> None:
         if config is None:
             route = parse_route(default, source="default") if isinstance(default, str) else default
+            tmap = _as_map(transport_map, TransportMap, "transport_map")
+            vmap = _as_map(virtual_map, VirtualMap, "virtual_map")
             config = AgentConfig(
                 transports={n: _as_transport(n, t) for n, t in (transports or {}).items()},
-                transport_map=_as_map(transport_map, TransportMap, "transport_map"),
-                virtual_map=_as_map(virtual_map, VirtualMap, "virtual_map"),
+                transport_map=tmap if isinstance(tmap, TransportMap) else None,
+                virtual_map=vmap if isinstance(vmap, VirtualMap) else None,
+                transport_maps=() if isinstance(tmap, TransportMap) else as_maps(
+                    tmap, "transport_map"),
+                virtual_maps=() if isinstance(vmap, VirtualMap) else as_maps(vmap, "virtual_map"),
+                recipient_maps=None if recipient_map is None else as_maps(
+                    recipient_map, "recipient_map"),
                 default=route,
                 lhlo_name=lhlo_name,
                 recipient_delimiter=recipient_delimiter,
             )
-        elif any(x is not None for x in (transports, transport_map, virtual_map, default)):
+        elif any(x is not None for x in (transports, transport_map, virtual_map, default,
+                                          recipient_map)):
             raise TypeError("give either config= or the individual settings, not both")
         self.config = config
         self._transports: Mapping[str, Transport] = config.transports
-        self._tmap = config.transport_map
-        self._vmap = config.virtual_map
-        self._default = config.default
-        self._delimiter = config.recipient_delimiter
+        self._router = Router(
+            transport_maps=(*((config.transport_map.as_map(),) if config.transport_map else ()),
+                            *config.transport_maps),
+            virtual_maps=(*((config.virtual_map.as_map(),) if config.virtual_map else ()),
+                          *config.virtual_maps),
+            recipient_maps=config.recipient_maps,
+            default=config.default,
+            destinations={n: t.dest for n, t in config.transports.items()},
+            delimiter=config.recipient_delimiter,
+            default_transport=DEFAULT_TRANSPORT,
+        )
         self._pools: dict[tuple[str, Destination], Pool] = {}
-        # Routing depends only on the (immutable) maps: remember recent answers.
-        self._route_cache: dict[str, tuple[Routing, Pool | None, int]] = {}
+        # Routes from file maps never change; from network maps they are kept
+        # as long as the shortest cache TTL (the maps' caches decide freshness).
+        self._route_ttl = _route_ttl(self._router, config.map_cache)
+        self._route_cache: dict[str, tuple[Routing, Pool | None, int, float]] = {}
         self._closed = False
         self._deliveries = 0
         self._recipients = 0
@@ -202,70 +224,62 @@ class Agent:
     # -- routing -------------------------------------------------------------------
 
     def route(self, recipient: str) -> Routing:
-        """Rewrite and route one recipient (what :meth:`deliver` does first)."""
-        if not isinstance(recipient, str):
-            raise TypeError(f"recipient must be str, not {type(recipient).__name__}")
-        if not recipient or not _FORBIDDEN.isdisjoint(recipient):
-            return Routing(recipient, recipient, failure=_refusal(
-                recipient, 501, "5.1.3", f"bad recipient address syntax: {recipient!r}", "local"))
-        address = recipient
-        if self._vmap is not None:
-            try:
-                address = self._vmap.rewrite(recipient, self._delimiter)
-            except ValueError as exc:
-                return Routing(recipient, recipient, failure=_refusal(
-                    recipient, 554, "5.4.6", str(exc), "route"))
-        found = self._tmap.lookup(address, self._delimiter) if self._tmap is not None else None
-        if found is not None:
-            key, route = found
-        elif self._default is not None:
-            key, route = "default", self._default
-        else:
-            return Routing(recipient, address, failure=_refusal(
-                recipient, 554, "5.4.4",
-                f"no route for {address}: no transport map entry matches and no default route "
-                "is configured", "route"))
-        name = route.transport or DEFAULT_TRANSPORT
-        if name in ("error", "retry"):
-            text = route.nexthop
-            m = _ENHANCED.match(text)
-            permanent = name == "error"
-            enhanced = m.group(1) if m else ("5.0.0" if permanent else "4.0.0")
-            text = text[m.end():] if m else text
-            code = 550 if permanent else 450
-            if m and enhanced[0] != str(code)[0]:
-                code = 550 if enhanced[0] == "5" else 450
-            return Routing(recipient, address, name, key=key, failure=_refusal(
-                recipient, code, enhanced, text or f"{name} transport ({key})", "route"))
-        transport = self._transports[name]
-        dest = route.destination or transport.dest
-        if dest is None:
-            # Postfix: no next hop and no transport destination means the domain itself.
-            domain = address.rpartition("@")[2]
-            if not domain or "@" not in address:
-                return Routing(recipient, address, name, key=key, failure=_refusal(
-                    recipient, 554, "5.4.4",
-                    f"no destination for {address}: route {str(route)!r} has no next hop and "
-                    f"transport {name!r} no destination", "route"))
-            dest = Destination("inet", host=domain.strip("[]"), port=DEFAULT_PORT)
-        return Routing(recipient, address, name, dest, key)
+        """Rewrite and route one recipient (what :meth:`deliver` does first).
 
-    def _cached_route(self, recipient: str) -> tuple[Routing, Pool | None, int]:
-        """The routing of ``recipient``, its pool and recipient limit (cached)."""
+        Answers from the maps' memory; a recipient that needs a network map
+        lookup raises :class:`RuntimeError` (use :meth:`route_many`).
+        """
+        r = self._router.route_cached(recipient)
+        if r is None:
+            raise RuntimeError(f"routing {recipient!r} needs a map lookup: use "
+                               "'await agent.route_many([...])'")
+        return r
+
+    async def route_many(self, recipients: Sequence[str]) -> list[Routing]:
+        """Rewrite and route recipients, asking network maps (batched) as needed."""
+        return await self._router.route_many(recipients)
+
+    def _entry(self, r: Routing) -> tuple[Routing, Pool | None, int, float]:
+        expires = _monotonic() + self._route_ttl if self._route_ttl < _FOREVER else _FOREVER
+        if r.failure is None:
+            assert r.destination is not None
+            return (r, self._pool(r.transport, r.destination),
+                    self._transports[r.transport].recipient_limit, expires)
+        return (r, None, 0, expires)
+
+    def _remember(self, recipient: str, hit: tuple[Routing, Pool | None, int, float]) -> None:
+        r = hit[0]
+        if self._route_ttl <= 0 or (r.failure is not None and r.failure.transient):
+            return  # a lookup failure is never remembered
         cache = self._route_cache
-        hit = cache.get(recipient) if isinstance(recipient, str) else None
-        if hit is None:
-            r = self.route(recipient)
-            if r.failure is None:
-                assert r.destination is not None
-                hit = (r, self._pool(r.transport, r.destination),
-                       self._transports[r.transport].recipient_limit)
-            else:
-                hit = (r, None, 0)
-            if len(cache) >= _ROUTE_CACHE_SIZE:
-                cache.clear()
-            cache[recipient] = hit
+        if len(cache) >= _ROUTE_CACHE_SIZE:
+            cache.clear()
+        cache[recipient] = hit
+
+    def _cached_route(self, recipient: str) -> tuple[Routing, Pool | None, int, float] | None:
+        """The routing of ``recipient``, its pool and recipient limit, or None (needs I/O)."""
+        hit = self._route_cache.get(recipient) if isinstance(recipient, str) else None
+        if hit is not None and (hit[3] == _FOREVER or hit[3] > _monotonic()):
+            return hit
+        r = self._router.route_cached(recipient)
+        if r is None:
+            return None
+        hit = self._entry(r)
+        self._remember(recipient, hit)
         return hit
+
+    async def _routes(self, recipients: Sequence[str]
+                      ) -> list[tuple[Routing, Pool | None, int, float]]:
+        """Every recipient's routing: from memory, else one batched round of lookups."""
+        routed = [self._cached_route(rcpt) for rcpt in recipients]
+        missing = [i for i, e in enumerate(routed) if e is None]
+        if missing:
+            got = await self._router.route_many([recipients[i] for i in missing])
+            for i, r in zip(missing, got, strict=True):
+                hit = self._entry(r)
+                self._remember(recipients[i], hit)
+                routed[i] = hit
+        return routed  # type: ignore[return-value]
 
     def _pool(self, name: str, dest: Destination) -> Pool:
         pool = self._pools.get((name, dest))
@@ -313,13 +327,14 @@ class Agent:
         n = len(recipients)
         if n == 1:  # the common cases first, without the grouping machinery
             rcpt = recipients[0]
-            r, pool, _ = self._cached_route(rcpt)
+            hit = self._cached_route(rcpt) or (await self._routes(recipients))[0]
+            r, pool = hit[0], hit[1]
             if pool is None:
                 assert r.failure is not None
                 return [r.failure]
             (result,) = await pool.deliver(sender, [r.address], raw, mail_params=mail_params)
             return [result if result.address == rcpt else replace(result, address=rcpt)]
-        routed = [self._cached_route(rcpt) for rcpt in recipients]
+        routed = await self._routes(recipients)
         pool = routed[0][1]
         if pool is not None and n <= routed[0][2] and all(e[1] is pool for e in routed):
             addresses = [e[0].address for e in routed]
@@ -330,7 +345,7 @@ class Agent:
         out: list[RecipientResult | None] = [None] * n
         # pool (one per transport and destination) -> final address -> input positions
         groups: dict[Pool, tuple[int, dict[str, list[int]]]] = {}
-        for i, (r, rpool, limit) in enumerate(routed):
+        for i, (r, rpool, limit, _) in enumerate(routed):
             if rpool is None:
                 out[i] = r.failure
                 continue
@@ -388,10 +403,11 @@ class Agent:
 
     async def close(self, timeout: float | None = None) -> None:
         """Refuse new deliveries, let those in flight finish (up to each pool's
-        ``close_timeout``, or ``timeout``), QUIT every connection."""
+        ``close_timeout``, or ``timeout``), QUIT every connection, close the maps."""
         self._closed = True
         if self._pools:
             await asyncio.gather(*(p.close(timeout) for p in self._pools.values()))
+        await self._router.aclose()
 
     async def __aenter__(self) -> Agent:
         return self

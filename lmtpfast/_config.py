@@ -42,6 +42,7 @@ import msgspec
 
 from ._destination import Destination, parse_destination
 from ._errors import ConfigurationError
+from ._maps import CacheSettings, Map, is_map_name, open_map, split_map_name
 from ._passwords import PasswordMap
 from ._routing import ERROR_TRANSPORTS, Route, TransportMap, VirtualMap, parse_route
 from ._sasl import DEFAULT_MECHANISMS, AuthPolicy, Credentials, parse_mechanisms
@@ -145,6 +146,16 @@ class AgentConfig:
     transports: Mapping[str, Transport] = field(default_factory=dict)
     transport_map: TransportMap | None = None
     virtual_map: VirtualMap | None = None
+    #: Further ``TYPE:NAME`` maps searched after ``transport_map``/``virtual_map``
+    #: (all of them, in order, when those are ``None``): Postfix's
+    #: ``transport_maps``/``virtual_alias_maps`` lists.
+    transport_maps: tuple[Map, ...] = ()
+    virtual_maps: tuple[Map, ...] = ()
+    #: Recipients not found here are refused (``550 5.1.1``) before any LMTP
+    #: connection; ``None``: no recipient check (Postfix's ``relay_recipient_maps``).
+    recipient_maps: tuple[Map, ...] | None = None
+    #: How network maps' answers are cached (the ``[map_cache]`` table).
+    map_cache: CacheSettings = field(default_factory=CacheSettings)
     #: The route for recipients no map entry matches (``mailbox_transport``).
     default: Route | None = None
     lhlo_name: str | None = None
@@ -239,11 +250,21 @@ class _TransportTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     sasl_allow_plaintext: bool | None = None
 
 
+class _MapCacheTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Mirrors _maps.CacheSettings (same defaults).
+    ttl: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    negative_ttl: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    size: Annotated[int, msgspec.Meta(ge=0)] = 100_000
+    stale: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
+
+
 class _FileTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     lhlo_name: str | None = None
     default: str | None = None
-    transport_map: str | dict[str, str] | None = None
-    virtual_map: str | dict[str, str] | None = None
+    transport_map: str | list[str] | dict[str, str] | None = None
+    virtual_map: str | list[str] | dict[str, str] | None = None
+    recipient_map: str | list[str] | None = None
+    map_cache: _MapCacheTable = _MapCacheTable()
     recipient_delimiter: str = ""
     defaults: dict[str, Any] = {}
     transports: dict[str, Any] = {}
@@ -376,18 +397,39 @@ def config_from_dict(
         table = _convert(dict(top.defaults), _TransportTable, source, "defaults")
         transports[DEFAULT_TRANSPORT] = _transport_from_table(table, source, "defaults", base)
 
-    def read(kind: str, value: str | dict[str, str] | None) -> Any:
+    mc = top.map_cache
+    cache = CacheSettings(ttl=mc.ttl, negative_ttl=mc.negative_ttl, size=mc.size, stale=mc.stale)
+
+    def read(kind: str, value: str | list[str] | dict[str, str] | None
+             ) -> tuple[Any, tuple[Map, ...]]:
+        """``(checked text map or None, further maps)`` for one map setting."""
         cls = TransportMap if kind == "transport_map" else VirtualMap
         if value is None:
-            return None
+            return None, ()
         if isinstance(value, dict):  # an inline table: same keys and values as the file
             try:
-                return cls(value, source=source)
+                return cls(value, source=source), ()
             except ConfigurationError as exc:
                 raise ConfigurationError(exc.problem, source=source, field=kind) from None
-        if not value:
-            raise ConfigurationError("empty path", source=source, field=kind)
-        return cls.from_file(base / value)
+        names = _map_names(value, source, kind)
+        first: Any = None
+        rest: list[Map] = []
+        for i, name in enumerate(names):
+            parsed = split_map_name(name)
+            if i == 0 and (parsed is None or parsed[0] in ("texthash", "hash", "btree")):
+                # A text file: checked entry by entry when the config is loaded.
+                file = name if parsed is None else parsed[1]
+                first = cls.from_file(base / file)
+                continue
+            rest.append(_open(name, base, cache, source, kind))
+        return first, tuple(rest)
+
+    tmap, tmaps = read("transport_map", top.transport_map)
+    vmap, vmaps = read("virtual_map", top.virtual_map)
+    rmaps: tuple[Map, ...] | None = None
+    if top.recipient_map is not None:
+        rmaps = tuple(_open(n, base, cache, source, "recipient_map")
+                      for n in _map_names(top.recipient_map, source, "recipient_map"))
 
     default = None
     if top.default is not None:
@@ -400,13 +442,41 @@ def config_from_dict(
                                  field="lhlo_name")
     return AgentConfig(
         transports=transports,
-        transport_map=read("transport_map", top.transport_map),
-        virtual_map=read("virtual_map", top.virtual_map),
+        transport_map=tmap,
+        virtual_map=vmap,
+        transport_maps=tmaps,
+        virtual_maps=vmaps,
+        recipient_maps=rmaps,
+        map_cache=cache,
         default=default,
         lhlo_name=top.lhlo_name,
         recipient_delimiter=top.recipient_delimiter,
         source=source,
     )
+
+
+def _map_names(value: str | list[str], source: str, kind: str) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    names: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigurationError("empty map name", source=source, field=kind)
+        # A Postfix list: "hash:/a, pgsql:/b.cf" (a plain path never holds ", ").
+        parts = re.split(r"[\s,]+", item.strip())
+        if len(parts) > 1 and not all(is_map_name(p) for p in parts):
+            raise ConfigurationError(f"{item!r}: a list of maps is written 'TYPE:NAME, "
+                                     "TYPE:NAME' (or a TOML list)", source=source, field=kind)
+        names.extend(parts)
+    return names
+
+
+def _open(name: str, base: Path, cache: CacheSettings, source: str, kind: str) -> Map:
+    try:
+        return open_map(name, base_dir=base, cache=cache)
+    except ConfigurationError as exc:
+        if exc.source and exc.source != name:
+            raise  # the map's own file and line
+        raise ConfigurationError(exc.problem, source=source, field=kind) from None
 
 
 def load_config(path: str | os.PathLike[str]) -> AgentConfig:
