@@ -30,7 +30,7 @@ _EXPORTS: dict[str, str] = {
     "Message": "_session",
     "Agent": "_agent",
     "AgentStats": "_agent",
-    "Routing": "_agent",
+    "Routing": "_routing",
     "SyncAgent": "_sync",
     "deliver_sync": "_sync",
     "Pool": "_pool",
@@ -45,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "load_config": "_config",
     "config_from_dict": "_config",
     "Route": "_routing",
+    "Router": "_routing",
     "TransportMap": "_routing",
     "VirtualMap": "_routing",
     "parse_route": "_routing",
@@ -61,6 +62,14 @@ _EXPORTS: dict[str, str] = {
     "DEFAULT_MECHANISMS": "_sasl",
     "parse_mechanisms": "_sasl",
     "PasswordMap": "_passwords",
+    # lookup tables (TYPE:NAME)
+    "open_map": "_maps",
+    "Map": "_maps",
+    "MapError": "_maps",
+    "MapWarning": "_maps",
+    "CachedMap": "_maps",
+    "CacheSettings": "_maps",
+    "CacheStats": "_maps",
     "read_private_file": "_passwords",
     # outcomes
     "RecipientResult": "_results",
@@ -98,6 +107,9 @@ __all__ = [
     "AgentStats",
     "AuthPolicy",
     "AuthenticationError",
+    "CacheSettings",
+    "CacheStats",
+    "CachedMap",
     "Client",
     "ConfigurationError",
     "ConnectError",
@@ -108,6 +120,9 @@ __all__ = [
     "Destination",
     "LMTPError",
     "LocalProtocolError",
+    "Map",
+    "MapError",
+    "MapWarning",
     "Message",
     "PasswordMap",
     "Pool",
@@ -120,6 +135,7 @@ __all__ = [
     "RemoteProtocolError",
     "ReplyError",
     "Route",
+    "Router",
     "Routing",
     "ServerDisconnected",
     "Status",
@@ -138,6 +154,7 @@ __all__ = [
     "deliver_sync",
     "load_config",
     "loop_factory",
+    "open_map",
     "parse_destination",
     "parse_mechanisms",
     "parse_route",
@@ -153,7 +170,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from ._agent import Agent, AgentStats, Routing
+    from ._agent import Agent, AgentStats
     from ._config import DEFAULT_TRANSPORT, AgentConfig, Transport, config_from_dict, load_config
     from ._destination import Destination, parse_destination
     from ._dsn import DSN
@@ -174,10 +191,11 @@ if TYPE_CHECKING:
         TLSError,
     )
     from ._loop import loop_factory
+    from ._maps import CachedMap, CacheSettings, CacheStats, Map, MapError, MapWarning, open_map
     from ._passwords import PasswordMap, read_private_file
     from ._pool import Pool, PoolClosed, PoolStats
     from ._results import DELIVERED, PERMANENT, TRANSIENT, RecipientResult, Status
-    from ._routing import Route, TransportMap, VirtualMap, parse_route
+    from ._routing import Route, Router, Routing, TransportMap, VirtualMap, parse_route
     from ._sasl import DEFAULT_MECHANISMS, AuthPolicy, Credentials, parse_mechanisms
     from ._session import Client, Message, connect, deliver
     from ._settings import PoolSettings, Timeouts

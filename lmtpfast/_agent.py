@@ -52,7 +52,7 @@ from ._routing import Route, Router, Routing, TransportMap, VirtualMap, as_maps,
 from ._session import Message, message_bytes
 from ._settings import PoolSettings
 
-__all__ = ["Agent", "AgentStats", "Routing"]
+__all__ = ["Agent", "AgentStats", "Routing"]  # Routing lives in _routing
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
 _FORBIDDEN = frozenset("\r\n\0<> \t")

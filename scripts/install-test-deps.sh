@@ -14,6 +14,8 @@
 #     (mariadb-server, mariadb-client), iproute2 (ip netns), and python3 +
 #     python3-venv: the venv pipe(8) runs `lmtpfast send` from is made of
 #     /usr/bin/python3 (a pyenv Python under /root cannot be run by nobody).
+#   - Build headers for the LDAP map client (pip's bonsai compiles against
+#     libldap and libsasl2): libldap-dev, libsasl2-dev, gcc.
 #
 # Tests run private instances of every server from their own config in temp
 # folders (lmtpfast/_testing/). No Debian service is ever started: a
@@ -29,7 +31,7 @@ DEB_PKGS=(dovecot-core dovecot-lmtpd openssl
           cyrus-imapd cyrus-common cyrus-admin cyrus-clients sasl2-bin libsasl2-modules
           postfix postfix-pgsql postfix-ldap postfix-mysql postfix-cdb postfix-lmdb
           postgresql slapd ldap-utils mariadb-server mariadb-client
-          iproute2 python3 python3-venv)
+          iproute2 python3 python3-venv libldap-dev libsasl2-dev gcc)
 
 log() { printf 'install-test-deps: %s\n' "$*"; }
 die() { printf 'install-test-deps: ERROR: %s\n' "$*" >&2; exit 1; }

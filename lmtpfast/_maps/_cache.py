@@ -50,7 +50,8 @@ class CacheStats:
     hits: int = 0
     negative_hits: int = 0
     misses: int = 0
-    #: Backend lookups made (keys sent), and of those how many failed.
+    #: Backend calls (one per batch), keys sent, and of those how many failed.
+    backend_calls: int = 0
     backend_keys: int = 0
     backend_failures: int = 0
     #: Keys answered by joining a query already in flight.
@@ -114,9 +115,7 @@ class CachedMap(Map):
         waits: dict[str, asyncio.Future[LookupResult]] = {}
         missing: list[str] = []
         entries = self._entries
-        for key in keys:
-            if key in out or key in waits:
-                continue
+        for key in dict.fromkeys(keys):
             hit = entries.get(key)
             if hit is not None and hit[0] >= now:
                 out[key] = hit[1]
@@ -137,6 +136,7 @@ class CachedMap(Map):
             mine = {k: loop.create_future() for k in missing}
             self._inflight.update(mine)
             try:
+                self.stats.backend_calls += 1
                 self.stats.backend_keys += len(missing)
                 try:
                     got = await self.inner.lookup_many(missing)

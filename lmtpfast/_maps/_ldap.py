@@ -14,9 +14,10 @@ included; tried in order, as OpenLDAP does), ``server_port`` (389),
 ``tls_ca_cert_file``, ``tls_require_cert``. A search base that does not
 exist is "not found", as in Postfix.
 
-Every attribute value of every entry is one result element. One connection
-per map carries many searches at once (LDAP multiplexes by message id), so a
-message's recipients are looked up concurrently, not one round trip each.
+Every attribute value of every entry is one result element. A message's
+keys are searched concurrently over a small pool of connections
+(``lmtpfast_pool_size``, default 8): bonsai's asyncio connection carries one
+operation at a time, so each search holds a connection.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .._errors import ConfigurationError
 from ._base import LookupResult, Map, MapError, MapWarning
 from ._cf import read_cf, split_list
 from ._expand import Expander, parse_template
-from ._sql import DomainFilter
+from ._sql import DomainFilter, _Pool
 
 __all__ = ["LdapMap", "dn_quote", "filter_quote"]
 
@@ -43,9 +44,8 @@ _KEYS = {
     "sasl_realm", "sasl_authz_id", "sasl_minssf", "start_tls", "tls_ca_cert_dir",
     "tls_ca_cert_file", "tls_cert", "tls_key", "tls_require_cert", "tls_random_file",
     "tls_cipher_suite", "special_result_filter",
-    "lmtpfast_max_inflight",
+    "lmtpfast_pool_size",
 }
-_INFLIGHT = 64
 
 
 def filter_quote(value: str) -> str:
@@ -150,7 +150,7 @@ class LdapMap(Map):
         self.start_tls = cf.get_bool("start_tls", False)
         self.ca_file = cf.get_str("tls_ca_cert_file")
         self.require_cert = cf.get_bool("tls_require_cert", False)
-        self.max_inflight = cf.get_int("lmtpfast_max_inflight", _INFLIGHT, 1)
+        self.pool_size = cf.get_int("lmtpfast_pool_size", 8, 1, 256)
         for old in ("cache", "cache_expiry", "cache_size"):
             if cf.has(old):
                 self.warnings.append(MapWarning(name, lines.get(old), f"{old} is no longer "
@@ -158,9 +158,7 @@ class LdapMap(Map):
         self.domains = DomainFilter.parse(cf.get_str("domain"), name, lines.get("domain")) \
             if cf.get_str("domain") else None
         self._bonsai = bonsai
-        self._conn: Any = None
-        self._connecting: asyncio.Future[Any] | None = None
-        self._sem: asyncio.Semaphore | None = None
+        self._pool: _Pool | None = None
 
     # -- connection -------------------------------------------------------------
 
@@ -182,29 +180,17 @@ class LdapMap(Map):
                 errors.append(f"{_safe_url(url)}: {type(exc).__name__}: {_first(exc)}")
         raise MapError(self.mapname, "cannot connect: " + "; ".join(errors))
 
-    async def _connection(self) -> Any:
-        if self._conn is not None and not self._conn.closed:
-            return self._conn
-        if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.ensure_future(self._connect())
-        fut = self._connecting
-        conn = await asyncio.shield(fut)
-        self._conn = conn
-        return conn
+    async def _close_conn(self, conn: Any) -> None:
+        conn.close()
 
-    def _drop(self, conn: Any) -> None:
-        if self._conn is conn:
-            self._conn = None
-        try:
-            conn.close()
-        except Exception:
-            pass
+    def _pool_get(self) -> _Pool:
+        if self._pool is None or self._pool.closed:
+            self._pool = _Pool(self.pool_size, self._connect, self._close_conn)
+        return self._pool
 
     # -- lookups --------------------------------------------------------------------
 
     async def lookup_many(self, keys: Sequence[str]) -> dict[str, LookupResult]:
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.max_inflight)
         out: dict[str, LookupResult] = {}
         todo: list[tuple[str, dict[str, str]]] = []
         for key in dict.fromkeys(keys):
@@ -218,24 +204,27 @@ class LdapMap(Map):
                 continue
             todo.append((key, v))
         if todo:
-            try:
-                conn = await self._connection()
-            except MapError as exc:
-                conn, err = None, exc
-            if conn is None:
-                out.update(dict.fromkeys((k for k, _ in todo), err))
-            else:
-                got = await asyncio.gather(*(self._one(conn, k, v) for k, v in todo))
-                out.update(zip((k for k, _ in todo), got, strict=True))
+            got = await asyncio.gather(*(self._one(k, v) for k, v in todo))
+            out.update(zip((k for k, _ in todo), got, strict=True))
         return {k: out[k] for k in keys}
 
     async def _search(self, conn: Any, base: str, scope: int, flt: str) -> list[Any]:
-        assert self._sem is not None
-        async with self._sem:
-            return list(await conn.search(base, scope, flt, self.attrlist or ["1.1"],
-                                          timeout=self.timeout, sizelimit=self.size_limit))
+        return list(await conn.search(base, scope, flt, self.attrlist or ["1.1"],
+                                      timeout=self.timeout, sizelimit=self.size_limit))
 
-    async def _one(self, conn: Any, key: str, v: dict[str, str]) -> LookupResult:
+    async def _one(self, key: str, v: dict[str, str]) -> LookupResult:
+        for attempt in (1, 2):
+            try:
+                async with self._pool_get().acquire() as conn:
+                    return await self._one_on(conn, key, v)
+            except _Reconnect as exc:
+                if attempt == 2:
+                    return MapError(self.mapname, str(exc))
+            except MapError as exc:
+                return exc
+        raise AssertionError("unreachable")
+
+    async def _one_on(self, conn: Any, key: str, v: dict[str, str]) -> LookupResult:
         bonsai = self._bonsai
         base = self.expander.expand(self.base, v, dn_quote)
         flt = self.expander.expand(self.filter, v, filter_quote)
@@ -255,8 +244,8 @@ class LdapMap(Map):
                             f"key {key!r}")
         except (bonsai.ConnectionError, bonsai.ClosedConnection, bonsai.TimeoutError,
                 OSError, TimeoutError) as exc:
-            self._drop(conn)
-            return MapError(self.mapname, f"search failed: {type(exc).__name__}: {_first(exc)}")
+            # The pool drops this connection (the exception leaves acquire()).
+            raise _Reconnect(f"search failed: {type(exc).__name__}: {_first(exc)}") from None
         except bonsai.LDAPError as exc:
             return MapError(self.mapname, f"search failed: {type(exc).__name__}: {_first(exc)}")
         return found or None
@@ -290,12 +279,12 @@ class LdapMap(Map):
                         await self._values(conn, sub, v, found, depth + 1)
 
     async def aclose(self) -> None:
-        if self._conn is not None:
-            self._drop(self._conn)
+        if self._pool is not None:
+            await self._pool.aclose()
 
-    def close_soon(self) -> None:
-        if self._conn is not None:
-            self._drop(self._conn)
+
+class _Reconnect(Exception):
+    pass
 
 
 class _LimitError(Exception):

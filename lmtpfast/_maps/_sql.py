@@ -193,6 +193,8 @@ class _SqlMap(Map):
         self.domains = DomainFilter.parse(cf.get_str("domain"), name, cf.lines.get("domain")) \
             if cf.has("domain") and cf.get_str("domain") else None
         self._pool: _Pool | None = None
+        #: SQL statements sent (a batch of keys is one statement when batched).
+        self.queries = 0
 
     def _query_text(self, cf: CfFile) -> str:
         if cf.get_str("query"):
@@ -534,6 +536,7 @@ class PgsqlMap(_SqlMap):
         assert self._batched is not None
         stmt, order = self._batched
         arrays = [[self._enc(v[var]) for _, v in todo] for var in order]
+        self.queries += 1
         rows = await conn.fetch(stmt, *arrays, timeout=self.query_timeout)
         per: list[list[str | None]] = [[] for _ in todo]
         for row in rows:
@@ -552,6 +555,7 @@ class PgsqlMap(_SqlMap):
         out: dict[str, LookupResult] = {}
         for key, v in todo:
             sql = self.expander.expand(self.q, v, quote)
+            self.queries += 1
             rows = await conn.fetch(sql, timeout=self.query_timeout)
             out[key] = self._results(key, v, [self._dec(x) for row in rows for x in row])
         return out
@@ -638,6 +642,7 @@ class MysqlMap(_SqlMap):
                     part = sqls[start : start + per]
                     keys = todo[start : start + per]
                     async with conn.cursor() as cur:
+                        self.queries += 1
                         await asyncio.wait_for(cur.execute(";\n".join(part)), self.query_timeout)
                         for i, (key, v) in enumerate(keys):
                             if i:

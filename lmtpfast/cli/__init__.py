@@ -20,7 +20,7 @@ from . import _exit
 __all__ = ["main"]
 
 # Subcommand modules, in the order --help lists them.
-_SUBCOMMANDS = ("send", "replay", "enqueue", "probe", "bench", "sink")
+_SUBCOMMANDS = ("send", "replay", "enqueue", "probe", "map", "bench", "sink")
 
 
 class _Parser(argparse.ArgumentParser):
