@@ -3,7 +3,7 @@ against plain ``connect().send()`` on the same workload.
 
     python bench/bench_agent.py [--messages N] [--runs R] [--connections K]
                                 [--concurrency C] [--size BYTES] [--loop uvloop|asyncio]
-                                [--server lmtpfast|smtp-sink] [--policy]
+                                [--server lmtpfast|smtp-sink] [--policy] [--maps]
 
 The server (``lmtpfast sink``, or Postfix's ``smtp-sink -L``) runs in a
 subprocess on a unix socket, so it does not share the client's event loop.
@@ -23,7 +23,11 @@ Each figure is the median of R runs; ``ratio`` is agent/plain throughput;
 the CPU columns are the client process's CPU time per message (robust when
 other processes compete for the cores, unlike throughput). ``--policy``
 adds a table of pool pipelining settings (``pipeline_depth``) for choosing
-the default. Every delivery is checked (all recipients must get 250).
+the default. ``--maps`` adds the routing-map comparison: the same agent
+workload routed by a text transport map and by a ``pgsql:`` transport map on
+a private PostgreSQL (cache warm: one delivery per recipient before the
+clock starts); ``ratio`` is pgsql/text. Every delivery is checked (all
+recipients must get 250).
 """
 
 from __future__ import annotations
@@ -151,6 +155,60 @@ async def run_agent(dest: str, args: argparse.Namespace, rcpts: list[str], msg: 
     return elapsed
 
 
+async def run_mapped(dest: str, args: argparse.Namespace, rcpts: list[str], msg: bytes,
+                     depth: int, transport_map: str) -> float:
+    from lmtpfast import PoolSettings, Transport
+
+    transport = Transport(pool=PoolSettings(max_connections=args.connections,
+                                            pipeline_depth=depth),
+                          recipient_limit=max(50, len(rcpts)))
+    agent = Agent(transports={"lmtp": transport}, transport_map=transport_map)
+    await agent.deliver(msg, sender="bench@example.org", recipients=rcpts)  # warm-up + cache
+
+    async def one(j: int) -> None:
+        results = await agent.deliver(msg, sender="bench@example.org", recipients=rcpts)
+        if not all(r.code == 250 for r in results):
+            raise SystemExit(f"agent ({transport_map}): delivery failed: {results[0].line()}")
+
+    elapsed = await _drive(args.messages, args.concurrency, one)
+    await agent.close()
+    return elapsed
+
+
+def maps_table(server: Server, args: argparse.Namespace, msg: bytes, depth: int,
+               workdir: Path) -> None:
+    from lmtpfast._testing.postgres import TempPostgres
+
+    text = workdir / "transport"
+    text.write_text(f"example.org lmtp:{server.destination}\n")
+    with TempPostgres() as pg:
+        pg.create_user("bench", "bench-pw")
+        pg.create_database("maps", owner="bench")
+        pg.psql("CREATE TABLE transport (k text PRIMARY KEY, v text); "
+                f"INSERT INTO transport VALUES ('example.org', 'lmtp:{server.destination}'); "
+                "ALTER TABLE transport OWNER TO bench;", database="maps")
+        cf = workdir / "transport.cf"
+        cf.write_text(f"hosts = inet:127.0.0.1:{pg.port}\nuser = bench\npassword = bench-pw\n"
+                      "dbname = maps\nquery = SELECT v FROM transport WHERE k='%s'\n")
+        print("\nrouting maps: text transport map vs pgsql: transport map (cache warm), "
+              "msg/s")
+        print(f"{'recipients':>10} {'text map':>10} {'pgsql map':>10} {'ratio':>6} "
+              f"{'text CPU us':>12} {'pgsql CPU us':>13}")
+        for nrcpt in args.recipients:
+            rcpts = [f"user{i}@example.org" for i in range(nrcpt)]
+            t, p, tc, pc = [], [], [], []
+            for _ in range(args.runs):  # interleaved, so load changes hit both alike
+                t.append(args.messages / _run(run_mapped(server.destination, args, rcpts, msg,
+                                                         depth, str(text)), args.loop))
+                tc.append(_last_cpu[0] / args.messages * 1e6)
+                p.append(args.messages / _run(run_mapped(server.destination, args, rcpts, msg,
+                                                         depth, f"pgsql:{cf}"), args.loop))
+                pc.append(_last_cpu[0] / args.messages * 1e6)
+            mt, mp = statistics.median(t), statistics.median(p)
+            print(f"{nrcpt:>10} {mt:>10,.0f} {mp:>10,.0f} {mp / mt:>6.2f} "
+                  f"{statistics.median(tc):>12.1f} {statistics.median(pc):>13.1f}")
+
+
 def _run(coro: Awaitable[float], loop: str) -> float:
     factory = loop_factory() if loop == "uvloop" else None
     with asyncio.Runner(loop_factory=factory) as runner:
@@ -168,6 +226,8 @@ def main() -> None:
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     p.add_argument("--server", choices=("lmtpfast", "smtp-sink"), default="lmtpfast")
     p.add_argument("--policy", action="store_true", help="also compare pipeline_depth settings")
+    p.add_argument("--maps", action="store_true",
+                   help="only the routing-map table: text map vs pgsql: map (local PostgreSQL)")
     p.add_argument("--data", action="store_true",
                    help="make the lmtpfast sink hide CHUNKING, so DATA is used instead of BDAT")
     args = p.parse_args()
@@ -183,6 +243,9 @@ def main() -> None:
         # difference is the agent layer, not the pipelining depth.
         depth = max(1, -(-args.concurrency // args.connections))
         print(f"agent: pipeline_depth {depth} (plain has {depth} callers per connection)\n")
+        if args.maps:
+            maps_table(server, args, msg, depth, workdir)
+            return
         print(f"{'recipients':>10} {'plain msg/s':>12} {'agent msg/s':>12} "
               f"{'agent rcpt/s':>13} {'ratio':>6} {'plain CPU us/msg':>17} "
               f"{'agent CPU us/msg':>17} {'CPU ratio':>9}")

@@ -333,13 +333,17 @@ def _security_from_table(
         names = [names]
     maps = []
     for name in names:
+        parsed = split_map_name(name)
+        prefix = ""
+        if parsed is not None:  # TYPE:NAME (Postfix's smtp_sasl_password_maps form)
+            prefix, name = parsed[0] + ":", parsed[1]
         try:
             file = path(name, "sasl_password_maps")
         except ConfigurationError as exc:
             raise ConfigurationError(exc.problem, source=source,
                                      field=f"{key}.sasl_password_maps") from None
         assert file is not None
-        maps.append(PasswordMap.from_file(file))  # its errors name the map file
+        maps.append(PasswordMap.from_file(prefix + file))  # its errors name the map file
     return tls, tuple(maps), mechanisms
 
 

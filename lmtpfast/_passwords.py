@@ -141,8 +141,23 @@ class PasswordMap:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> PasswordMap:
-        """Read a map file; refused unless only its owner can access it."""
+        """Read a map file; refused unless only its owner can access it.
+
+        ``path`` may be written ``TYPE:NAME`` as in Postfix's
+        ``smtp_sasl_password_maps``: ``texthash:``, ``hash:`` and ``btree:`` read
+        the text file NAME (the source of NAME.db; see docs/maps.md). Credentials
+        are looked up when a pool opens, without I/O, so network map types are
+        refused here.
+        """
         source = os.fspath(path)
+        head, colon, rest = source.partition(":")
+        if colon and head in ("texthash", "hash", "btree"):
+            source = rest
+        elif colon and head in ("pgsql", "mysql", "ldap", "socketmap", "tcp", "cdb", "lmdb",
+                                "proxy", "static", "inline"):
+            raise ConfigurationError(
+                f"password maps of type {head!r} are not supported (use texthash: or hash: "
+                "with a file only its owner can read)", source=source)
         return cls.parse(read_private_file(source, "password map"), source)
 
     def lookup(self, destination: str | Destination) -> Credentials | None:

@@ -517,8 +517,8 @@ class Router:
             for m in maps:
                 if i and not m.fixed:
                     continue
-                k = m.fold_key(key)
-                r = local.get((id(m), k), NOT_CACHED)
+                k = key.lower() if m.fold else key
+                r = local.get((id(m), k), NOT_CACHED) if local else NOT_CACHED
                 if r is NOT_CACHED:
                     r = m.lookup_cached(k)
                 if r is NOT_CACHED:

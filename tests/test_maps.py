@@ -293,3 +293,19 @@ def test_map_query_cli_statuses(postgres_db: PgDatabase, tmp_path: Path,
     assert cli(["map", "query", f"pgsql:{bad}", "a@x"]) == 75
     assert "lookup failure" in capsys.readouterr().err
     assert cli(["map", "query", f"pgsql:{tmp_path / 'missing.cf'}", "a"]) == 78
+
+
+def test_password_maps_take_type_names(tmp_path: Path) -> None:
+    from lmtpfast import config_from_dict
+
+    pw = tmp_path / "sasl_passwd"
+    pw.write_text("backend.example.org:24 front:s3cret\n")
+    pw.chmod(0o600)
+    for name in ("sasl_passwd", "hash:sasl_passwd", "texthash:sasl_passwd"):
+        cfg = config_from_dict({"transports": {"lmtp": {"sasl_password_maps": name}}},
+                               base_dir=tmp_path)
+        creds = cfg.transports["lmtp"].sasl_password_maps[0].lookup("backend.example.org:24")
+        assert creds is not None and creds.username == "front"
+    with pytest.raises(ConfigurationError, match="not supported"):
+        config_from_dict({"transports": {"lmtp": {"sasl_password_maps": "pgsql:x.cf"}}},
+                         base_dir=tmp_path)

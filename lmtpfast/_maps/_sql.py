@@ -289,11 +289,16 @@ class _SqlMap(Map):
     async def lookup_many(self, keys: Sequence[str]) -> dict[str, LookupResult]:
         out, todo = self._prepare(keys)
         if todo:
-            chunks = [todo[i : i + _BATCH] for i in range(0, len(todo), _BATCH)]
+            size = self._chunk()
+            chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
             results = await asyncio.gather(*(self._run_retry(c) for c in chunks))
             for r in results:
                 out.update(r)
         return {k: out[k] for k in keys}
+
+    def _chunk(self) -> int:
+        """Keys per task: a batch where one statement answers many, else one (in parallel)."""
+        return _BATCH
 
     async def _run_retry(self, todo: list[tuple[str, dict[str, str]]]) -> dict[str, LookupResult]:
         # A connection error is retried once on a fresh connection (another
@@ -496,6 +501,10 @@ class PgsqlMap(_SqlMap):
             asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError,
             asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError,
             asyncpg.CannotConnectNowError))
+
+    def _chunk(self) -> int:
+        # Per-key queries run in parallel over the pool, one key per task.
+        return _BATCH if self._batched is not None else 1
 
     def _enc(self, s: str) -> str:
         return s.encode("utf-8").decode("latin-1") if self.latin1 else s
