@@ -23,6 +23,7 @@ All file maps are ``static``: they answer from memory, with no I/O per key.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,15 +142,8 @@ class CdbMap(_MemoryMap):
     type = "cdb"
 
     def __init__(self, name: str) -> None:
-        try:
-            import cdbx
-        except ImportError:
-            raise ConfigurationError("cdb: maps need the 'cdbx' package (pip install "
-                                     "'lmtpfast[cdb]')", source=name) from None
-        path = name + ".cdb"
-        if not os.path.exists(path):
-            raise ConfigurationError(f"cannot open {path}: no such file (run 'postmap "
-                                     f"cdb:{name}')", source=path)
+        cdbx = _module("cdbx", "cdb", name)
+        path = _postmap_file(name, ".cdb", "cdb")
         try:
             db: Any = cdbx.CDB(path)
             entries = {}
@@ -167,15 +161,8 @@ class LmdbMap(_MemoryMap):
     type = "lmdb"
 
     def __init__(self, name: str) -> None:
-        try:
-            import lmdb
-        except ImportError:
-            raise ConfigurationError("lmdb: maps need the 'lmdb' package (pip install "
-                                     "'lmtpfast[lmdb]')", source=name) from None
-        path = name + ".lmdb"
-        if not os.path.exists(path):
-            raise ConfigurationError(f"cannot open {path}: no such file (run 'postmap "
-                                     f"lmdb:{name}')", source=path)
+        lmdb = _module("lmdb", "lmdb", name)
+        path = _postmap_file(name, ".lmdb", "lmdb")
         try:
             env = lmdb.open(path, subdir=False, readonly=True, lock=False)
             try:
@@ -187,6 +174,22 @@ class LmdbMap(_MemoryMap):
         except lmdb.Error as exc:
             raise ConfigurationError(f"cannot read {path}: {exc}", source=path) from None
         super().__init__(name, entries)
+
+
+def _module(module: str, mtype: str, name: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigurationError(f"{mtype}: maps need the {module!r} package (pip install "
+                                 f"'lmtpfast[{mtype}]')", source=name) from None
+
+
+def _postmap_file(name: str, suffix: str, mtype: str) -> str:
+    path = name + suffix
+    if not os.path.exists(path):
+        raise ConfigurationError(f"cannot open {path}: no such file (run 'postmap "
+                                 f"{mtype}:{name}')", source=path)
+    return path
 
 
 def _text(b: bytes) -> str:

@@ -31,7 +31,7 @@ from .._errors import ConfigurationError
 from ._base import LookupResult, Map, MapError, MapWarning
 from ._cf import read_cf, split_list
 from ._expand import Expander, parse_template
-from ._sql import DomainFilter, _Pool
+from ._sql import DomainFilter, _Pool, prepare_keys
 
 __all__ = ["LdapMap", "dn_quote", "filter_quote"]
 
@@ -48,26 +48,18 @@ _KEYS = {
 }
 
 
+def _hex_escape(value: str, specials: str) -> str:
+    return "".join(f"\\{ord(c):02X}" if c in specials else c for c in value)
+
+
 def filter_quote(value: str) -> str:
     """RFC 2254 quoting for ``query_filter`` (``*()\\`` and NUL as ``\\XX``)."""
-    out = []
-    for c in value:
-        if c in "*()\\\0":
-            out.append(f"\\{ord(c):02X}")
-        else:
-            out.append(c)
-    return "".join(out)
+    return _hex_escape(value, "*()\\\0")
 
 
 def dn_quote(value: str) -> str:
     """RFC 2253 quoting for ``search_base`` (Postfix quotes every special, not only the edges)."""
-    out = []
-    for c in value:
-        if c in ' \t"#+,;<>\\=':
-            out.append(f"\\{ord(c):02X}")
-        else:
-            out.append(c)
-    return "".join(out)
+    return _hex_escape(value, ' \t"#+,;<>\\=')
 
 
 def _server_urls(hosts: str, port: int) -> list[str]:
@@ -191,18 +183,7 @@ class LdapMap(Map):
     # -- lookups --------------------------------------------------------------------
 
     async def lookup_many(self, keys: Sequence[str]) -> dict[str, LookupResult]:
-        out: dict[str, LookupResult] = {}
-        todo: list[tuple[str, dict[str, str]]] = []
-        for key in dict.fromkeys(keys):
-            k = key.lower()
-            if not k or "\0" in k or (self.domains is not None and not self.domains.allows(k)):
-                out[key] = None
-                continue
-            v = self.expander.key_vars(k)
-            if v is None:
-                out[key] = None
-                continue
-            todo.append((key, v))
+        out, todo = prepare_keys(keys, self.expander, self.domains)
         if todo:
             got = await asyncio.gather(*(self._one(k, v) for k, v in todo))
             out.update(zip((k for k, _ in todo), got, strict=True))

@@ -213,27 +213,7 @@ class _SqlMap(Map):
 
     def _prepare(self, keys: Sequence[str]) -> tuple[dict[str, LookupResult],
                                                         list[tuple[str, dict[str, str]]]]:
-        """Answers known without a query (skipped keys) and the (key, variables) to query."""
-        out: dict[str, LookupResult] = {}
-        todo: list[tuple[str, dict[str, str]]] = []
-        seen: set[str] = set()
-        for key in keys:
-            if key in seen:
-                continue
-            seen.add(key)
-            k = key.lower() if self.fold else key
-            if not k or "\0" in k:
-                out[key] = None
-                continue
-            if self.domains is not None and not self.domains.allows(k):
-                out[key] = None
-                continue
-            v = self.expander.key_vars(k)
-            if v is None:
-                out[key] = None
-                continue
-            todo.append((key, v))
-        return out, todo
+        return prepare_keys(keys, self.expander, self.domains)
 
     def _results(self, key: str, variables: dict[str, str],
                  values: Sequence[str | None]) -> LookupResult:
@@ -333,6 +313,25 @@ def _why(exc: BaseException) -> str:
 def _is_auth_error(exc: BaseException) -> bool:
     name = type(exc).__name__
     return "Password" in name or "Authorization" in name or "Authentication" in name
+
+
+def prepare_keys(
+    keys: Sequence[str], expander: Expander, domains: DomainFilter | None,
+) -> tuple[dict[str, LookupResult], list[tuple[str, dict[str, str]]]]:
+    """Answers known without a query (skipped keys: "not found") and the
+    distinct (key, variables) left to ask; keys are folded to lower case."""
+    out: dict[str, LookupResult] = {}
+    todo: list[tuple[str, dict[str, str]]] = []
+    for key in dict.fromkeys(keys):
+        k = key.lower()
+        v = None
+        if k and "\0" not in k and (domains is None or domains.allows(k)):
+            v = expander.key_vars(k)
+        if v is None:
+            out[key] = None
+        else:
+            todo.append((key, v))
+    return out, todo
 
 
 class DomainFilter:
