@@ -1,51 +1,65 @@
-"""``lmtpfast.compat.LMTP``: a drop-in for :class:`smtplib.LMTP` that is right after DATA.
+"""``lmtpfast.compat.LMTP``: :class:`smtplib.LMTP`, right after DATA.
 
-Change ``from smtplib import LMTP`` to ``from lmtpfast.compat import LMTP``;
-the constructor, methods, return values and exceptions (smtplib's own
-classes) stay the same. What changes:
+Change ``from smtplib import LMTP`` to ``from lmtpfast.compat import LMTP``.
+The class *is* an :class:`smtplib.LMTP` (a subclass: ``isinstance`` checks,
+``mock.create_autospec`` and ``_get_socket`` overrides keep working) with the
+same constructor, methods, attributes, return values, debug output and
+exceptions (smtplib's own classes). What it changes (``docs/compat.md``):
 
-* ``sendmail`` reads one reply per accepted recipient after the final dot
-  (RFC 2033), so the refused dict includes recipients refused there, and the
-  next command no longer reads a stale reply (``smtplib.LMTP`` reads one
-  reply whatever the number of recipients: CPython gh-76984).
-* When every recipient is refused it raises :class:`SMTPRecipientsRefused`
-  as smtplib does; when the last ones were refused after the dot the
-  exception is also an :class:`SMTPDataError` (with ``smtp_code`` and
-  ``smtp_error`` of the first such reply), so code written for smtplib's
-  one-recipient behaviour keeps catching it.
-* MAIL, every RCPT and DATA go out in one write when the server offers
-  PIPELINING: one round trip instead of 2 + recipients.
-* Message line ends are normalised to CRLF for bytes too (smtplib sends a
-  bytes message as is; a bare LF line with a dot could end DATA early on
-  servers that accept it, as Dovecot 2.3 does).
+* After the final dot it reads one reply per accepted recipient (RFC 2033
+  4.2); ``smtplib.LMTP`` reads one whatever the number of recipients
+  (CPython gh-76984), so a recipient refused there is missing from its refused
+  dict and the next command reads a stale reply. With one recipient the
+  results and exceptions are smtplib's: refused after the dot is
+  :class:`SMTPDataError`. With several, each recipient refused after the dot
+  is in the refused dict with its own reply, and when none was delivered the
+  exception is :class:`RecipientsRefusedAfterData` (both
+  ``SMTPRecipientsRefused`` and ``SMTPDataError``).
+* ``sendmail`` drives lmtpfast's sans-IO engine: MAIL, every RCPT and DATA
+  go out in one write when the server offers PIPELINING. If the connection is
+  lost after some replies after the dot, what was decided stands: delivered
+  recipients are not in the refused dict, the others are refused with a
+  made-up ``451 4.4.2`` that says they may have been delivered
+  (:attr:`LMTP.last_results` has ``possibly_delivered`` for them).
+* Everything is checked before anything is sent: a NUL byte in the message
+  raises :class:`ContentError` (an ``SMTPException``), non-ASCII text without
+  SMTPUTF8 ``UnicodeEncodeError``, CR/LF in an address or option
+  ``ValueError``, as smtplib raises them, but with the session still in step.
+* Line ends of a bytes message are normalised to CRLF too (a bare-LF ``.``
+  line could end DATA early on servers that accept it, as Dovecot 2.3 does).
+* LHLO is said when needed: after ``helo()`` (LMTP servers refuse HELO) and
+  after a reconnect. A server that refuses LHLO but accepts HELO is an SMTP
+  server, and is spoken to as one (one reply after the dot), as smtplib does.
+* ``starttls()`` verifies the server's certificate by default (smtplib's
+  default context does not) and refuses a server that sends anything after
+  its 220 before the handshake (STARTTLS injection).
+* ``login()`` prefers SCRAM-SHA-256 and SCRAM-SHA-1 (lmtpfast's SASL code:
+  the password never crosses the wire, the server proves it knows it) over
+  smtplib's CRAM-MD5, PLAIN and LOGIN, which are smtplib's own ``auth_*``.
 
-It drives lmtpfast's sans-IO engine over a blocking socket in the calling
-thread, not the async client on a loop thread: smtplib callers are
-synchronous code (threads, forked workers, or sync functions called from a
-running event loop), and a plain socket needs no thread, no loop and no
-hand-off per call, while the engine still does all of the protocol.
-
-Not provided: ``starttls``, ``login``/``auth`` (they raise
-:class:`SMTPNotSupportedError`), and the raw ``mail``/``rcpt``/``data``/
-``putcmd``/``getreply`` steps, which cannot be mixed with a pipelined engine.
+The raw steps (``mail``, ``rcpt``, ``data``, ``putcmd``, ``getreply``,
+``docmd``, ``send``) are smtplib's, one command at a time; ``data()`` reads
+one reply per recipient that ``rcpt()`` got accepted. ``sendmail`` makes a
+fresh engine for each transaction from what the session has negotiated, and
+returns only once the engine expects no more replies, so the raw steps and
+the pipelined path never see each other's replies. Both read through
+``getreply()``: one reader, one debug trace.
 """
 
 from __future__ import annotations
 
-import copy
-import email.generator
-import email.message
-import email.utils
-import io
-import re
+import base64
+import smtplib
 import socket
+import ssl
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from smtplib import (
     LMTP_PORT,
-    OLDSTYLE_AUTH,
-    SMTPConnectError,
+    SMTPAuthenticationError,
     SMTPDataError,
+    SMTPException,
     SMTPHeloError,
     SMTPNotSupportedError,
     SMTPRecipientsRefused,
@@ -54,28 +68,48 @@ from smtplib import (
     SMTPServerDisconnected,
     quoteaddr,
 )
-from types import TracebackType
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from ._errors import LMTPError
-from .proto import NEED_DATA, CommandReply, Connection, ConnectionBroken, ReadyForData, Reply
-from .proto import TransactionDone as _TransactionDone
-from .proto._common import encode_address
+from . import proto
+from ._errors import AuthenticationError as _AuthenticationError
+from ._errors import ContentError as _ContentError
+from ._errors import LocalProtocolError, RemoteProtocolError, ServerDisconnected
+from ._results import RecipientResult, status_of
+from ._sasl import Credentials, Mechanism, ScramSHA1, ScramSHA256
+from .proto import NEED_DATA, ConnectionBroken, ReadyForData, Reply, Transaction, TransactionDone
+from .proto._common import encode_address, encode_param
 from .proto.content import encode_content
 
-__all__ = ["LMTP", "LMTP_PORT", "RecipientsRefusedAfterData"]
+if TYPE_CHECKING:
+    from _typeshed import StrOrBytesPath
 
-_CRLF = "\r\n"
-_FEATURE = re.compile(r"(?P<feature>[A-Za-z0-9][A-Za-z0-9\-]*) ?")
+__all__ = [
+    "LMTP",
+    "LMTP_PORT",
+    "AuthenticationError",
+    "ContentError",
+    "RecipientsRefusedAfterData",
+]
+
 _DEFAULT_TIMEOUT: Any = socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
+_MAXCHALLENGE: int = getattr(smtplib, "_MAXCHALLENGE", 5)
+# login() order: SCRAM first (no password on the wire, the server is proven),
+# then smtplib's own preference.
+_PREFERRED_AUTH = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN")
+# What a recipient whose reply after the dot was lost is told (the engine's
+# made-up reply text follows the code); smtplib has no way to say it.
+_MAYBE_DELIVERED = b" (the message may have been delivered)"
 
 
 class RecipientsRefusedAfterData(SMTPRecipientsRefused, SMTPDataError):  # type: ignore[misc]
-    """Every recipient was refused, the last ones after the final dot.
+    """Several recipients were accepted, and none of them delivered after the final dot.
 
-    An :class:`SMTPRecipientsRefused` (``recipients`` is the refused dict) and
-    an :class:`SMTPDataError` (``smtp_code``/``smtp_error`` of the first reply
-    after the dot), as :class:`smtplib.LMTP` raises for one recipient.
+    An :class:`SMTPRecipientsRefused` (``recipients`` holds each refused
+    recipient's own reply, RCPT refusals included) and an
+    :class:`SMTPDataError` (``smtp_code``/``smtp_error`` of the first reply
+    after the dot that refused). With one accepted recipient compat raises a
+    plain :class:`SMTPDataError`, as smtplib does.
     """
 
     def __init__(self, recipients: dict[str, tuple[int, bytes]], code: int, msg: bytes) -> None:
@@ -85,40 +119,105 @@ class RecipientsRefusedAfterData(SMTPRecipientsRefused, SMTPDataError):  # type:
         self.args = (recipients,)
 
 
-def _fix_eols(data: str) -> str:
-    return re.sub(r"(?:\r\n|\n|\r(?!\n))", _CRLF, data)
+class ContentError(SMTPException, _ContentError):  # type: ignore[misc]
+    """The message cannot be sent as it is (a NUL byte); nothing was sent.
+
+    Both an ``smtplib.SMTPException`` and :class:`lmtpfast.ContentError`
+    (a ``ValueError``). ``offset`` is the position of the NUL.
+    """
+
+    offset: int | None = None
 
 
-def _msg(reply: Reply) -> bytes:
-    """A reply's text as smtplib returns it: each line after the code, stripped, joined by LF."""
-    return b"\n".join(ln.strip(" \t\r\n").encode("utf-8", "surrogateescape")
-                      for ln in reply.lines)
+class AuthenticationError(SMTPException, _AuthenticationError):  # type: ignore[misc]
+    """SASL failed on our side (e.g. a SCRAM server signature that does not verify).
+
+    Not an :class:`SMTPAuthenticationError` on purpose: ``login()`` does not
+    fall back to another mechanism (that could hand the password to an
+    impostor). The connection is closed when the server already said 235.
+    """
+
+
+def _engine_class(engine: str | ModuleType | None) -> Callable[..., Any]:
+    if engine is None:
+        return proto.Connection
+    if isinstance(engine, str):
+        module = proto.IMPLEMENTATIONS.get(engine)
+        if module is None:
+            raise ValueError(f"engine {engine!r} is not available "
+                             f"(available: {', '.join(proto.IMPLEMENTATIONS)})")
+        engine = module
+    cls: Callable[..., Any] = engine.Connection
+    return cls
 
 
 def _bare(address: str) -> str:
-    """The address smtplib would put between ``<>`` (``quoteaddr`` accepts ``Name <a@b>``)."""
+    """What smtplib puts between ``<>`` (``quoteaddr`` accepts ``Name <a@b>``)."""
     quoted = quoteaddr(address)
     return quoted[1:-1] if quoted.startswith("<") and quoted.endswith(">") else quoted
 
 
-def _raw_reply(reply: Reply) -> bytes:
-    lines = reply.lines or ("",)
-    out = [f"{reply.code}-{ln}\r\n" for ln in lines[:-1]]
-    out.append(f"{reply.code} {lines[-1]}\r\n")
-    return "".join(out).encode("utf-8", "surrogateescape")
+def _check_address(address: str) -> None:
+    # quoteaddr() would drop CR and LF silently ("a\r\nRCPT TO:<x@y>" becomes
+    # <x@y>): a mangled address is refused, never sent somewhere else.
+    if any(c in address for c in "\r\n\0"):
+        raise ValueError(f"address {address!r} contains CR, LF or NUL")
 
 
-class LMTP:
-    """smtplib.LMTP's interface on lmtpfast's engine (see the module docstring)."""
+def _check_command(cmd: str) -> None:
+    # smtplib's putcmd() check (bpo-43124), done before anything is sent.
+    if "\r" in cmd or "\n" in cmd:
+        shown = cmd.replace("\n", "\\n").replace("\r", "\\r")
+        raise ValueError(f"command and arguments contain prohibited newline characters: {shown}")
 
-    ehlo_msg = "lhlo"
-    default_port = LMTP_PORT
-    debuglevel = 0
-    sock: socket.socket | None = None
-    file: Any = None  # smtplib's reply reader; always None here
-    helo_resp: bytes | None = None
-    ehlo_resp: bytes | None = None
-    does_esmtp = False
+
+def _encode_message(msg: Any) -> tuple[bytes, int]:
+    """The content as sent after DATA (CRLF, dot-stuffed, no final dot) and its RFC 1870 size."""
+    if isinstance(msg, str):
+        msg = msg.encode("ascii")  # smtplib's rule: a str message is ASCII
+    try:
+        content = encode_content(msg)
+    except _ContentError as exc:
+        err = ContentError(str(exc))
+        err.offset = getattr(exc, "offset", None)
+        raise err from None
+    # Every line that starts with "." got one more: RFC 1870 counts without them.
+    stuffed = content.count(b"\n.") + content.startswith(b".")
+    return content, len(content) - stuffed
+
+
+def _reply_bytes(code: int, msg: bytes) -> bytes:
+    """A reply as the engine reads it, from what ``getreply()`` returned."""
+    lines = msg.split(b"\n")
+    head = b"".join(b"%03d-%s\r\n" % (code, ln) for ln in lines[:-1])
+    return head + b"%03d %s\r\n" % (code, lines[-1])
+
+
+class LMTP(smtplib.LMTP):
+    """:class:`smtplib.LMTP` with RFC 2033's replies after DATA (see the module docstring).
+
+    ``engine`` (keyword only, an addition): ``"c"``, ``"python"`` or an engine
+    module; default the compiled engine when it is built.
+    """
+
+    # Facts about the current connection; class defaults because
+    # smtplib's __init__ connects before the rest of the instance is set up.
+    _lhlo_tried = False
+    _lhlo_ok = False
+    _helo_tried = False
+    _helo_ok = False
+    _helo_name = ""
+    _tls_host: str | None = None
+    _sasl: Mechanism | None = None
+
+    #: One :class:`lmtpfast.RecipientResult` per recipient of the last
+    #: ``sendmail()`` (in the order given), or per accepted recipient of the
+    #: last raw ``data()``: status, code, text and ``possibly_delivered``.
+    last_results: list[RecipientResult]
+
+    # smtplib's private helpers, not in its type stubs.
+    _print_debug: Callable[..., None]
+    _rset: Callable[[], None]
 
     def __init__(
         self,
@@ -126,306 +225,198 @@ class LMTP:
         port: int = LMTP_PORT,
         local_hostname: str | None = None,
         source_address: tuple[str, int] | None = None,
-        timeout: float | None = _DEFAULT_TIMEOUT,
+        timeout: float = _DEFAULT_TIMEOUT,
+        *,
+        engine: str | ModuleType | None = None,
     ) -> None:
-        self._host = host
-        self.timeout = timeout
-        self.esmtp_features: dict[str, str] = {}
-        self.command_encoding = "ascii"
-        self.source_address = source_address
-        self._auth_challenge_count = 0
-        self._engine: Any = None
-        self._greeting: Reply | None = None
-        self._lhlo_done = False
-        if local_hostname is not None:
-            self.local_hostname = local_hostname
-        else:
-            fqdn = socket.getfqdn()
-            if "." in fqdn:
-                self.local_hostname = fqdn
-            else:
-                addr = "127.0.0.1"
-                try:
-                    addr = socket.gethostbyname(socket.gethostname())
-                except socket.gaierror:
-                    pass
-                self.local_hostname = f"[{addr}]"
-        if host:
-            code, msg = self.connect(host, port)
-            if code != 220:
-                self.close()
-                raise SMTPConnectError(code, msg)
-
-    # -- context manager, debug ----------------------------------------------------
-
-    def __enter__(self) -> LMTP:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            code, message = self.docmd("QUIT")
-            if code != 221:
-                raise SMTPResponseException(code, message)
-        except SMTPServerDisconnected:
-            pass
-        finally:
-            self.close()
-
-    def set_debuglevel(self, debuglevel: int) -> None:
-        """Accepted for compatibility; lmtpfast prints no protocol trace."""
-        self.debuglevel = debuglevel
+        self._new_engine = _engine_class(engine)
+        self._rcpts: list[str] = []
+        self._raw_text: dict[tuple[int, str], bytes] = {}
+        self.last_results = []
+        super().__init__(host, port, local_hostname, source_address, timeout)
 
     # -- connection ----------------------------------------------------------------
 
+    def _reset_session(self) -> None:
+        self._lhlo_tried = self._lhlo_ok = self._helo_tried = self._helo_ok = False
+        self._helo_name = ""
+        self._rcpts = []
+
     def connect(self, host: str = "localhost", port: int = 0,
-                source_address: tuple[str, int] | None = None) -> tuple[int, bytes]:
-        """Connect to ``host`` (a path starting with ``/`` is a unix socket); return the greeting."""
-        if source_address:
-            self.source_address = source_address
-        if host[:1] == "/":
-            if self.timeout is not None and not self.timeout:
-                raise ValueError("Non-blocking socket (timeout=0) is not supported")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                if self.timeout is not _DEFAULT_TIMEOUT:
-                    sock.settimeout(self.timeout)
-                sock.connect(host)
-            except OSError:
-                sock.close()
-                raise
-        else:
-            if not port and host.find(":") == host.rfind(":"):
-                i = host.rfind(":")
-                if i >= 0:
-                    host, port_text = host[:i], host[i + 1 :]
-                    try:
-                        port = int(port_text)
-                    except ValueError:
-                        raise OSError("nonnumeric port") from None
-            if not port:
-                port = self.default_port
-            sys.audit("smtplib.connect", self, host, port)
-            if self.timeout is not None and not self.timeout:
-                raise ValueError("Non-blocking socket (timeout=0) is not supported")
-            sock = socket.create_connection((host, port), self.timeout, self.source_address)
-        self.close()
-        self.sock = sock
-        self._engine = Connection(self.local_hostname)
-        self._lhlo_done = False
-        reply = self._wait_reply("greeting")
-        self._greeting = reply
-        return reply.code, _msg(reply)
+                source_address: Any = None) -> tuple[int, bytes]:
+        """Connect (a ``host`` starting with ``/`` is a unix socket); return the greeting.
+
+        A connection already open is closed first; the next transaction says
+        LHLO again (smtplib would send MAIL unannounced after a reconnect).
+        """
+        if self.sock is not None:
+            self.close()
+        self._reset_session()
+        name: str | None = None
+        if host[:1] != "/":
+            name = host
+            if not port and host.find(":") == host.rfind(":") and ":" in host:
+                name = host[: host.rfind(":")]
+        self._tls_host = name
+        return super().connect(host, port, source_address)
 
     def close(self) -> None:
         """Close the connection (no QUIT)."""
-        sock, self.sock = self.sock, None
-        self._engine = None
-        if sock is not None:
-            sock.close()
+        self._reset_session()
+        super().close()
 
-    # -- I/O -------------------------------------------------------------------------
-
-    def _require(self) -> Any:
-        if self.sock is None or self._engine is None:
-            raise SMTPServerDisconnected("please run connect() first")
-        return self._engine
-
-    def _flush(self) -> None:
-        engine = self._require()
-        data = engine.data_to_send()
-        if data:
-            self._send(data)
-
-    def _send(self, data: bytes) -> None:
-        assert self.sock is not None
-        try:
-            self.sock.sendall(data)
-        except OSError:
-            self.close()
-            raise SMTPServerDisconnected("Server not connected") from None
-
-    def _next_event(self) -> object:
-        """The engine's next event, reading from the socket as needed."""
-        engine = self._require()
-        eof = False
-        while True:
-            ev = engine.next_event()
-            if isinstance(ev, ConnectionBroken):
-                self.close()
-                why = f": {ev.error}" if isinstance(ev.error, LMTPError) else ""
-                raise SMTPServerDisconnected(f"Connection unexpectedly closed{why}")
-            if ev is not NEED_DATA:
-                return ev
-            if eof or engine.error is not None:
-                self.close()
-                raise SMTPServerDisconnected("Connection unexpectedly closed")
-            # Without pipelining each reply releases the next command: send it
-            # before waiting for more.
-            out = engine.data_to_send()
-            if out:
-                self._send(out)
-            assert self.sock is not None
-            try:
-                chunk = self.sock.recv(65536)
-            except OSError as exc:
-                self.close()
-                raise SMTPServerDisconnected(f"Connection unexpectedly closed: {exc}") from None
-            eof = not chunk
-            engine.receive_data(chunk)  # b"" is the end of the stream
-
-    def _wait_reply(self, command: str) -> Reply:
-        while True:
-            ev = self._next_event()
-            if isinstance(ev, CommandReply) and ev.command == command:
-                reply: Reply = ev.reply
-                return reply
-
-    def _fresh_engine(self, name: str) -> Any:
-        """An engine with another LHLO name, fed the greeting already received."""
-        assert self._greeting is not None
-        engine = Connection(name)
-        engine.receive_data(_raw_reply(self._greeting))
-        ev = engine.next_event()
-        assert isinstance(ev, CommandReply) and ev.command == "greeting"
-        return engine
-
-    # -- session commands ------------------------------------------------------------
-
-    def docmd(self, cmd: str, args: str = "") -> tuple[int, bytes]:
-        """Send a command and return ``(code, message)``."""
-        engine = self._require()
-        verb = cmd.upper()
-        if verb in ("LHLO", "EHLO"):
-            return self.ehlo(args)
-        engine.command(verb, args or None)
-        self._flush()
-        reply = self._wait_reply(verb)
-        return reply.code, _msg(reply)
+    # -- greetings -----------------------------------------------------------------
 
     def ehlo(self, name: str = "") -> tuple[int, bytes]:
-        """LHLO (``smtplib.LMTP`` sends LHLO for ``ehlo()`` too); parses ``esmtp_features``."""
-        self.esmtp_features = {}
-        engine = self._require()
-        name = name or self.local_hostname
-        if name != engine.local_name:
-            if self._lhlo_done:
-                raise ValueError("the LHLO name cannot change after the first LHLO")
-            engine = self._engine = self._fresh_engine(name)
-        engine.lhlo()
-        self._flush()
-        reply = self._wait_reply("LHLO")
-        self._lhlo_done = True
-        code, msg = reply.code, _msg(reply)
-        self.ehlo_resp = msg
-        if code != 250:
-            return code, msg
-        self.does_esmtp = True
-        for each in msg.decode("latin-1").split("\n")[1:]:
-            auth_match = OLDSTYLE_AUTH.match(each)
-            if auth_match:
-                self.esmtp_features["auth"] = (self.esmtp_features.get("auth", "") + " "
-                                               + str(auth_match.groups(0)[0]))
-                continue
-            m = _FEATURE.match(each)
-            if m:
-                feature = m.group("feature").lower()
-                params = m.string[m.end("feature"):].strip()
-                if feature == "auth":
-                    self.esmtp_features[feature] = (self.esmtp_features.get(feature, "") + " "
-                                                    + params)
-                else:
-                    self.esmtp_features[feature] = params
+        """LHLO (as ``smtplib.LMTP.ehlo``); parses ``esmtp_features``."""
+        self._lhlo_tried, self._lhlo_ok = True, False
+        code, msg = super().ehlo(name)
+        self._lhlo_ok = code == 250
         return code, msg
 
-    lhlo = ehlo
+    def lhlo(self, name: str = "") -> tuple[int, bytes]:
+        """The same as :meth:`ehlo`."""
+        return self.ehlo(name)
 
     def helo(self, name: str = "") -> tuple[int, bytes]:
-        """HELO (LMTP servers normally refuse it; kept for smtplib's fallback)."""
-        engine = self._require()
-        engine.command("HELO", name or self.local_hostname)
-        self._flush()
-        reply = self._wait_reply("HELO")
-        self.helo_resp = _msg(reply)
-        return reply.code, self.helo_resp
+        """HELO, as smtplib sends it (LMTP servers refuse it; LHLO follows when needed)."""
+        self._helo_tried, self._helo_ok, self._helo_name = True, False, name
+        code, msg = super().helo(name)
+        self._helo_ok = 200 <= code <= 299
+        return code, msg
 
     def ehlo_or_helo_if_needed(self) -> None:
-        """LHLO (or HELO) unless one was already said; :class:`SMTPHeloError` if both fail."""
-        if (self.helo_resp is None and self.ehlo_resp is None
-                and not 200 <= self.ehlo()[0] <= 299):
-            code, resp = self.helo()
-            if not 200 <= code <= 299:
-                raise SMTPHeloError(code, resp)
+        """LHLO unless it was accepted on this connection; HELO if LHLO fails, as smtplib.
 
-    def has_extn(self, opt: str) -> bool:
-        return opt.lower() in self.esmtp_features
+        Differs from smtplib only where LMTP needs it: after ``helo()`` alone
+        (refused by LMTP servers, or an SMTP habit) LHLO is still tried, and a
+        reconnect needs a new LHLO even without ``quit()``.
+        """
+        if self._lhlo_ok:
+            return
+        if not self._lhlo_tried and not self._helo_tried:
+            if not 200 <= self.ehlo()[0] <= 299:
+                code, resp = self.helo()
+                if not 200 <= code <= 299:
+                    raise SMTPHeloError(code, resp)
+        elif not self._lhlo_tried:
+            self.ehlo(self._helo_name)  # refused: HELO's session goes on, as smtplib's would
 
-    def noop(self) -> tuple[int, bytes]:
-        return self.docmd("noop")
+    def _smtp_peer(self) -> bool:
+        """The server refused LHLO and accepted HELO: it speaks SMTP (one reply after DATA)."""
+        return self._helo_ok and not self._lhlo_ok
+
+    # -- raw steps -------------------------------------------------------------------
+
+    def mail(self, sender: str, options: Sequence[str] = ()) -> tuple[int, bytes]:
+        """MAIL FROM, as smtplib; starts counting the recipients :meth:`data` answers for."""
+        _check_address(sender)
+        self._rcpts = []
+        return super().mail(sender, options)
+
+    def rcpt(self, recip: str, options: Sequence[str] = ()) -> tuple[int, bytes]:
+        """RCPT TO, as smtplib; an accepted recipient gets its own reply after DATA."""
+        _check_address(recip)
+        code, msg = super().rcpt(recip, options)
+        if 200 <= code <= 299:
+            self._rcpts.append(recip)
+        return code, msg
 
     def rset(self) -> tuple[int, bytes]:
-        self.command_encoding = "ascii"
-        return self.docmd("rset")
+        """RSET, as smtplib."""
+        self._rcpts = []
+        return super().rset()
 
-    def verify(self, address: str) -> tuple[int, bytes]:
-        return self.docmd("vrfy", _bare(address))
+    def data(self, msg: Any) -> tuple[int, bytes]:
+        """DATA, the message, and one reply per recipient accepted since ``mail()``.
 
-    vrfy = verify
+        Returns the first reply if every recipient was delivered, else the
+        first one that was not (all replies are in :attr:`last_results`); with
+        one recipient that is exactly smtplib's return value. The message is
+        checked before DATA is sent (:class:`ContentError`,
+        ``UnicodeEncodeError``). Raises :class:`SMTPDataError` if DATA is
+        refused and :class:`SMTPServerDisconnected` if the connection is lost
+        before the first reply after the dot; lost later, the recipients
+        without a reply get a made-up ``451 4.4.2`` (possibly delivered).
+        """
+        content, _size = _encode_message(msg)
+        rcpts, self._rcpts = self._rcpts, []
+        return self._data(content, rcpts)
 
-    def expn(self, address: str) -> tuple[int, bytes]:
-        return self.docmd("expn", _bare(address))
+    def _data(self, content: bytes, rcpts: list[str]) -> tuple[int, bytes]:
+        self.putcmd("data")
+        code, repl = self.getreply()
+        if self.debuglevel > 0:
+            self._print_debug("data:", (code, repl))
+        if code != 354:
+            raise SMTPDataError(code, repl)
+        self.send(content + b".\r\n")
+        owed = 1 if self._smtp_peer() or not rcpts else len(rcpts)
+        names = rcpts if rcpts else [""]
+        results: list[RecipientResult] = []
+        replies: list[tuple[int, bytes]] = []
+        for i in range(owed):
+            try:
+                code, repl = self.getreply()
+            except (SMTPServerDisconnected, SMTPResponseException):
+                if not replies:
+                    raise
+                self.close()
+                why = "connection lost after the final dot, before this recipient's reply"
+                for name in names[i:owed]:
+                    results.append(RecipientResult(name, "transient", 451, "4.4.2", why, "final",
+                                                   local=True, possibly_delivered=True))
+                    replies.append((451, b"4.4.2 " + why.encode() + _MAYBE_DELIVERED))
+                break
+            if self.debuglevel > 0:
+                self._print_debug("data:", (code, repl))
+            replies.append((code, repl))
+            text = repl.decode("utf-8", "replace")
+            results.append(RecipientResult(names[i], status_of(code), code, None, text, "final"))
+            if code == 421 and i + 1 < owed:
+                self.close()  # the server is going away: the others will get no reply
+                why = "the server closed the connection (421) before this recipient's reply"
+                for name in names[i + 1 : owed]:
+                    results.append(RecipientResult(name, "transient", 451, "4.4.2", why, "final",
+                                                   local=True, possibly_delivered=True))
+                    replies.append((451, b"4.4.2 " + why.encode() + _MAYBE_DELIVERED))
+                break
+        self.last_results = results
+        for code, repl in replies:
+            if not 200 <= code <= 299:
+                return code, repl
+        return replies[0]
 
-    def help(self, args: str = "") -> bytes:
-        return self.docmd("help", args)[1]
-
-    def quit(self) -> tuple[int, bytes]:
-        """QUIT and close; returns the QUIT reply."""
-        res = self.docmd("quit")
-        self.ehlo_resp = self.helo_resp = None
-        self.esmtp_features = {}
-        self.does_esmtp = False
-        self.close()
-        return res
-
-    def starttls(self, *args: Any, **kwargs: Any) -> tuple[int, bytes]:
-        raise SMTPNotSupportedError("STARTTLS is not supported by lmtpfast.compat.LMTP yet")
-
-    def login(self, *args: Any, **kwargs: Any) -> tuple[int, bytes]:
-        raise SMTPNotSupportedError("AUTH is not supported by lmtpfast.compat.LMTP yet")
-
-    auth = login
-
-    # -- mail ----------------------------------------------------------------------------
+    # -- sendmail ----------------------------------------------------------------------
 
     def sendmail(
         self,
         from_addr: str,
         to_addrs: str | Sequence[str],
-        msg: str | bytes,
+        msg: Any,
         mail_options: Sequence[str] = (),
         rcpt_options: Sequence[str] = (),
     ) -> dict[str, tuple[int, bytes]]:
         """One transaction; the dict of refused recipients, as ``smtplib.sendmail``.
 
-        Raises :class:`SMTPSenderRefused`, :class:`SMTPRecipientsRefused`
-        (every recipient refused, at RCPT or after the dot — see
-        :class:`RecipientsRefusedAfterData`), :class:`SMTPDataError` (DATA
-        refused), :class:`SMTPServerDisconnected`, :class:`SMTPHeloError`,
-        :class:`SMTPNotSupportedError` as smtplib does.
+        The refused dict also holds recipients refused after the final dot,
+        each with its own reply. Raises as smtplib: :class:`SMTPHeloError`,
+        :class:`SMTPSenderRefused`, :class:`SMTPRecipientsRefused` (every
+        recipient refused at RCPT), :class:`SMTPDataError` (DATA refused, or
+        the one accepted recipient refused after the dot),
+        :class:`SMTPNotSupportedError` (SMTPUTF8), :class:`SMTPServerDisconnected`;
+        and :class:`RecipientsRefusedAfterData` when several were accepted and
+        none delivered. Nothing is sent when the arguments cannot be
+        (:class:`ContentError`, ``UnicodeEncodeError``, ``ValueError``).
         """
+        content, size = _encode_message(msg)
         self.ehlo_or_helo_if_needed()
-        engine = self._require()
-        if isinstance(msg, str):
-            msg = _fix_eols(msg).encode("ascii")
         esmtp_opts: list[str] = []
         if self.does_esmtp:
             if self.has_extn("size"):
-                esmtp_opts.append(f"size={len(msg)}")
+                esmtp_opts.append(f"size={size}")
             esmtp_opts.extend(mail_options)
-        utf8 = any(x.lower() == "smtputf8" for x in esmtp_opts)
-        if utf8:
+        if any(x.lower() == "smtputf8" for x in esmtp_opts):
             if not self.has_extn("smtputf8"):
                 raise SMTPNotSupportedError("SMTPUTF8 not supported by server")
             self.command_encoding = "utf-8"
@@ -434,131 +425,429 @@ class LMTP:
         to_addrs = list(to_addrs)
         if not to_addrs:
             raise SMTPRecipientsRefused({})
-        rcpt_opts = list(rcpt_options) if rcpt_options and self.does_esmtp else []
-        # smtplib would send an empty or malformed address and collect the
-        # server's refusal; the engine will not send it, so refuse it here.
-        local_errs: dict[int, tuple[int, bytes]] = {}
-        send_idx: list[int] = []
+        rcpt_opts = list(rcpt_options) if self.does_esmtp else []
+        # Every command line as smtplib would send it, checked before the first one goes.
+        for addr in (from_addr, *to_addrs):
+            _check_address(addr)
+        mail_line = "mail FROM:" + quoteaddr(from_addr) + "".join(" " + o for o in esmtp_opts)
+        lines = [mail_line] + [
+            "rcpt TO:" + quoteaddr(a) + "".join(" " + o for o in rcpt_opts) for a in to_addrs]
+        for line in lines:
+            _check_command(line)
+            if "\0" in line:
+                raise ValueError(f"command contains NUL: {line!r}")
+            line.encode(self.command_encoding)  # UnicodeEncodeError, as smtplib's putcmd
+        if self._smtp_peer():
+            return self._sendmail_smtp(from_addr, to_addrs, content, esmtp_opts, rcpt_opts)
+        return self._sendmail_lmtp(from_addr, to_addrs, content, esmtp_opts, rcpt_opts)
+
+    def _sendmail_smtp(self, from_addr: str, to_addrs: list[str], content: bytes,
+                       esmtp_opts: list[str], rcpt_opts: list[str]) -> dict[str, tuple[int, bytes]]:
+        """smtplib's sequence, one command at a time, for a server that speaks SMTP."""
+        code, resp = self.mail(from_addr, esmtp_opts)
+        if code != 250:
+            if code == 421:
+                self.close()
+            else:
+                self._rset()
+            raise SMTPSenderRefused(code, resp, from_addr)
+        senderrs: dict[str, tuple[int, bytes]] = {}
+        for each in to_addrs:
+            code, resp = self.rcpt(each, rcpt_opts)
+            if code not in (250, 251):
+                senderrs[each] = (code, resp)
+            if code == 421:
+                self.close()
+                raise SMTPRecipientsRefused(senderrs)
+        if len(senderrs) == len(to_addrs):
+            self._rset()
+            raise SMTPRecipientsRefused(senderrs)
+        rcpts, self._rcpts = self._rcpts, []
+        code, resp = self._data(content, rcpts)
+        if code != 250:
+            if code == 421:
+                self.close()
+            else:
+                self._rset()
+            raise SMTPDataError(code, resp)
+        return senderrs
+
+    def _capability_reply(self) -> bytes:
+        """The LHLO reply the engine is primed with: what ``esmtp_features`` says now."""
+        lines = [b"lmtpfast.compat"]
+        for keyword, params in self.esmtp_features.items():
+            lines.append(f"{keyword.upper()} {params}".strip().encode("utf-8", "replace"))
+        return _reply_bytes(250, b"\n".join(lines))
+
+    def _primed_engine(self) -> Any:
+        """A fresh engine in the state this session is in: greeted, LHLO done."""
+        engine = self._new_engine("localhost")
+        engine.receive_data(b"220 lmtpfast.compat\r\n")
+        engine.next_event()
+        engine.lhlo()
+        engine.data_to_send()  # said on the socket already (or not needed): never sent
+        engine.receive_data(self._capability_reply())
+        ev = engine.next_event()
+        if engine.capabilities is None or ev is NEED_DATA:
+            raise RuntimeError(f"could not prime the engine: {ev!r}")
+        return engine
+
+    def _sendmail_lmtp(self, from_addr: str, to_addrs: list[str], content: bytes,
+                       esmtp_opts: list[str], rcpt_opts: list[str]) -> dict[str, tuple[int, bytes]]:
+        utf8 = self.command_encoding == "utf-8"
+        sender = _bare(from_addr)
+        try:
+            encode_address(sender, allow_empty=True, utf8=utf8)
+        except LocalProtocolError:
+            raise SMTPSenderRefused(501, b"5.1.7 Bad sender address syntax", from_addr) from None
+        mail_params = " ".join(esmtp_opts).split()
+        rcpt_params = " ".join(rcpt_opts).split()
+        for p in (*mail_params, *rcpt_params):
+            encode_param(p)  # LocalProtocolError (a ValueError) before anything is sent
+        # smtplib would send an address the engine refuses (space, <, >, empty)
+        # and collect the server's refusal: refuse it here instead.
+        local: dict[int, RecipientResult] = {}
+        sent: list[int] = []
         for i, addr in enumerate(to_addrs):
-            if any(c in addr for c in "\r\n\0"):
-                raise ValueError(f"address {addr!r} contains CR, LF or NUL")
             try:
-                encode_address(_bare(addr), utf8=True)
-                send_idx.append(i)
-            except LMTPError:
-                local_errs[i] = (501, b"5.1.3 Bad recipient address syntax")
-        if not send_idx:
-            raise SMTPRecipientsRefused({to_addrs[i]: e for i, e in local_errs.items()})
+                encode_address(_bare(addr), utf8=utf8)
+                sent.append(i)
+            except LocalProtocolError:
+                local[i] = RecipientResult(addr, "permanent", 501, "5.1.3",
+                                           "Bad recipient address syntax", "local", local=True)
+        if not sent:
+            self.last_results = [local[i] for i in range(len(to_addrs))]
+            raise SMTPRecipientsRefused({to_addrs[i]: _tuple(r) for i, r in local.items()})
+        engine = self._primed_engine()
         txn = engine.start_transaction(
-            _bare(from_addr), [_bare(to_addrs[i]) for i in send_idx], mail_params=esmtp_opts,
-            rcpt_params=[rcpt_opts] * len(send_idx) if rcpt_opts else None, smtputf8=utf8,
-        )
-        content = encode_content(msg)
-        self._flush()
+            sender, [_bare(to_addrs[i]) for i in sent], mail_params=mail_params,
+            rcpt_params=[rcpt_params] * len(sent) if rcpt_params else None, smtputf8=utf8)
+        self._raw_text = {}
+        try:
+            failure = self._drive(engine, txn, content)
+        except BaseException:
+            # Whatever stopped us (a signal, a bug), never leave replies owed on the wire.
+            if not engine.idle:
+                self.close()
+            raise
+        results = dict(zip(sent, txn.results, strict=True))
+        self.last_results = [local[i] if i in local else results[i] for i in range(len(to_addrs))]
+        return self._outcome(engine, txn, failure, from_addr, to_addrs, sent, local)
+
+    def _drive(self, engine: Any, txn: Transaction, content: bytes) -> BaseException | None:
+        """Run the transaction until the engine owes nothing; the exception that cut it, if any."""
+        failure: BaseException | None = None
+        closing = False  # a 421 arrived: the server is going away, send nothing more
         while True:
-            ev = self._next_event()
-            if isinstance(ev, ReadyForData) and ev.transaction is txn:
-                self._send(content)
+            ev = engine.next_event()
+            if ev is NEED_DATA:
+                # Each reply may release the next command (no PIPELINING): send it first.
+                out = engine.data_to_send()
+                if out and not closing:
+                    try:
+                        self.send(out)
+                    except SMTPServerDisconnected as exc:
+                        failure = exc
+                        engine.fail(ServerDisconnected(f"lost connection while sending: {exc}"))
+                        continue
+                if engine.error is not None or engine.idle:
+                    break
+                if closing:
+                    engine.fail(ServerDisconnected("the server replied 421 and closes the connection"))
+                    continue
+                try:
+                    code, msg = self.getreply()
+                except SMTPServerDisconnected as exc:
+                    failure = exc
+                    engine.receive_data(b"")  # the engine decides what is lost
+                    continue
+                except SMTPResponseException as exc:  # a line longer than smtplib allows
+                    failure = exc
+                    engine.fail(RemoteProtocolError(f"{exc.smtp_code} {exc.smtp_error!r}"))
+                    continue
+                self._raw_text[(code, msg.decode("utf-8", "replace"))] = msg
+                engine.receive_data(_reply_bytes(code, msg))
+                closing = code == 421
+            elif isinstance(ev, ReadyForData):
+                if self.debuglevel > 0 and txn.data_reply is not None:
+                    self._print_debug("data:", (354, self._text(txn.data_reply)))
                 engine.end_data(txn)
-                self._flush()
-            elif isinstance(ev, _TransactionDone) and ev.transaction is txn:
+                try:
+                    self.send(content + engine.data_to_send())
+                except SMTPServerDisconnected as exc:
+                    failure = exc
+                    engine.fail(ServerDisconnected(f"lost connection while sending: {exc}"))
+            elif isinstance(ev, TransactionDone) and self.debuglevel > 0:
+                for idx in txn.accepted:
+                    final = txn.final_replies[idx]
+                    if final is not None:
+                        self._print_debug("data:", (final.code, self._text(final)))
+            elif isinstance(ev, ConnectionBroken):
                 break
-        self._flush()  # an RSET the engine queued to clean up, if any
+        if closing or engine.error is not None:
+            self.close()
+        return failure
+
+    def _text(self, reply: Reply) -> bytes:
+        """A reply's message as ``getreply()`` returned it."""
+        joined = "\n".join(reply.lines)
+        raw = self._raw_text.get((reply.code, joined))
+        return raw if raw is not None else joined.encode("utf-8")
+
+    def _outcome(self, engine: Any, txn: Transaction, failure: BaseException | None,
+                 from_addr: str, to_addrs: list[str], sent: list[int],
+                 local: dict[int, RecipientResult]) -> dict[str, tuple[int, bytes]]:
+        """smtplib's answer for a done (or cut) transaction: the refused dict, or its exception."""
+        broken = engine.error is not None
+
+        def lost() -> BaseException:
+            self.close()
+            if isinstance(failure, SMTPException):
+                return failure
+            return SMTPServerDisconnected(f"Connection unexpectedly closed: {engine.error}")
 
         mail = txn.mail_reply
-        assert mail is not None
-        if mail.code != 250:
-            if mail.code == 421:
+        if mail is None:
+            raise lost()
+        if not 200 <= mail.code <= 299:
+            if mail.code == 421 or broken:
                 self.close()
-            raise SMTPSenderRefused(mail.code, _msg(mail), from_addr)
+            else:
+                self._rset()  # as smtplib (it also finds out whether the server hung up)
+            raise SMTPSenderRefused(mail.code, self._text(mail), from_addr)
         senderrs: dict[str, tuple[int, bytes]] = {}
-        refused = len(local_errs)
-        replies = dict(zip(send_idx, txn.rcpt_replies, strict=True))
         for i, addr in enumerate(to_addrs):
-            if i in local_errs:
-                senderrs[addr] = local_errs[i]
+            if i in local:
+                senderrs[addr] = _tuple(local[i])
                 continue
-            reply = replies[i]
-            assert reply is not None
-            if reply.code not in (250, 251):
-                senderrs[addr] = (reply.code, _msg(reply))
-                refused += 1
+            reply = txn.rcpt_replies[sent.index(i)]
+            if reply is None:
+                raise lost()
+            if not 200 <= reply.code <= 299:
+                senderrs[addr] = (reply.code, self._text(reply))
             if reply.code == 421:
                 self.close()
                 raise SMTPRecipientsRefused(senderrs)
-        if refused == len(to_addrs):
-            raise SMTPRecipientsRefused(senderrs)
+        if not txn.accepted:
+            raise SMTPRecipientsRefused(senderrs)  # the engine has reset the transaction
         data = txn.data_reply
-        assert data is not None
+        if data is None:
+            raise lost()
         if data.code != 354:
-            if data.code == 421:
+            if data.code == 421 or broken:
                 self.close()
-            raise SMTPDataError(data.code, _msg(data))
-        first_final: Reply | None = None
-        delivered = 0
+            raise SMTPDataError(data.code, self._text(data))
+        delivered = answered = 0
+        first_refusal: Reply | None = None
         for idx in txn.accepted:
-            reply = txn.final_replies[idx]
-            assert reply is not None
-            if reply.code == 250:
+            addr = to_addrs[sent[idx]]
+            final = txn.final_replies[idx]
+            if final is None:
+                made_up = txn.results[idx]
+                senderrs[addr] = (made_up.code, _tuple(made_up)[1] + _MAYBE_DELIVERED)
+                continue
+            answered += 1
+            if 200 <= final.code <= 299:
                 delivered += 1
                 continue
-            senderrs[to_addrs[send_idx[idx]]] = (reply.code, _msg(reply))
-            if first_final is None:
-                first_final = reply
-            if reply.code == 421:
-                self.close()
-        if not delivered:
-            assert first_final is not None
-            raise RecipientsRefusedAfterData(senderrs, first_final.code, _msg(first_final))
-        return senderrs
+            senderrs[addr] = (final.code, self._text(final))
+            if first_refusal is None:
+                first_refusal = final
+        if delivered:
+            return senderrs
+        if not answered:
+            raise lost()
+        assert first_refusal is not None
+        if len(txn.accepted) == 1:
+            raise SMTPDataError(first_refusal.code, self._text(first_refusal))
+        raise RecipientsRefusedAfterData(senderrs, first_refusal.code, self._text(first_refusal))
 
-    def send_message(
-        self,
-        msg: email.message.Message,
-        from_addr: str | None = None,
-        to_addrs: str | Sequence[str] | None = None,
-        mail_options: Sequence[str] = (),
-        rcpt_options: Sequence[str] = (),
-    ) -> dict[str, tuple[int, bytes]]:
-        """Flatten an ``email.message.Message`` and :meth:`sendmail` it, as smtplib does
-        (sender and recipients from the headers when not given, ``Bcc`` removed)."""
+    # -- STARTTLS ------------------------------------------------------------------------
+
+    if sys.version_info >= (3, 12):
+        def starttls(self, *, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+            """STARTTLS (see :meth:`_starttls`)."""
+            return self._starttls(context, None, None)
+    else:
+        def starttls(self, keyfile: StrOrBytesPath | None = None,
+                     certfile: StrOrBytesPath | None = None,
+                     context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+            """STARTTLS (see :meth:`_starttls`); ``keyfile``/``certfile`` as smtplib 3.11."""
+            if context is not None and keyfile is not None:
+                raise ValueError("context and keyfile arguments are mutually exclusive")
+            if context is not None and certfile is not None:
+                raise ValueError("context and certfile arguments are mutually exclusive")
+            if keyfile is not None or certfile is not None:
+                warnings.warn("keyfile and certfile are deprecated, use a custom context instead",
+                              DeprecationWarning, 2)
+            return self._starttls(context, keyfile, certfile)
+
+    def _starttls(self, context: ssl.SSLContext | None, keyfile: StrOrBytesPath | None,
+                  certfile: StrOrBytesPath | None) -> tuple[int, bytes]:
+        """Put the connection in TLS mode, as smtplib, but verified by default.
+
+        Without ``context`` the certificate must verify against the system's
+        CAs (``SSL_CERT_FILE``/``SSL_CERT_DIR`` are honoured) and carry the
+        host name given to ``connect()``; over a unix socket only the chain
+        is checked. For smtplib's unverified behaviour pass
+        ``context=ssl._create_unverified_context()``. A handshake failure
+        closes the connection (it cannot go on in clear text) and raises the
+        ``ssl`` error. Afterwards every capability is forgotten: the next
+        command says LHLO again.
+        """
         self.ehlo_or_helo_if_needed()
-        resent = msg.get_all("Resent-Date")
-        if resent is None:
-            header_prefix = ""
-        elif len(resent) == 1:
-            header_prefix = "Resent-"
-        else:
-            raise ValueError("message has more than one 'Resent-' header block")
-        if from_addr is None:
-            from_addr = (msg[header_prefix + "Sender"] if (header_prefix + "Sender") in msg
-                         else msg[header_prefix + "From"])
-            from_addr = email.utils.getaddresses([from_addr])[0][1]
-        if to_addrs is None:
-            addr_fields = [f for f in (msg[header_prefix + "To"], msg[header_prefix + "Bcc"],
-                                       msg[header_prefix + "Cc"]) if f is not None]
-            to_addrs = [a[1] for a in email.utils.getaddresses(addr_fields)]
-        elif isinstance(to_addrs, str):
-            to_addrs = [to_addrs]
-        msg_copy = copy.copy(msg)
-        del msg_copy["Bcc"]
-        del msg_copy["Resent-Bcc"]
-        international = False
+        if not self.has_extn("starttls"):
+            raise SMTPNotSupportedError("STARTTLS extension not supported by server.")
+        resp, reply = self.docmd("STARTTLS")
+        if resp != 220:
+            raise SMTPResponseException(resp, reply)
+        if self._input_pending():
+            self.close()
+            raise SMTPServerDisconnected(
+                "the server sent more after its 220 reply to STARTTLS, before the handshake "
+                "(a STARTTLS injection?): connection closed")
+        hostname = self._tls_host
+        if context is None:
+            context = ssl.create_default_context()
+            context.check_hostname = hostname is not None
+            if certfile is not None:
+                context.load_cert_chain(certfile, keyfile)
+        assert self.sock is not None
         try:
-            "".join([from_addr, *to_addrs]).encode("ascii")
-        except UnicodeEncodeError:
-            if not self.has_extn("smtputf8"):
-                raise SMTPNotSupportedError(
-                    "One or more source or delivery addresses require internationalized "
-                    "email support, but the server does not advertise the required SMTPUTF8 "
-                    "capability") from None
-            international = True
-        with io.BytesIO() as bytesmsg:
-            if international:
-                g = email.generator.BytesGenerator(bytesmsg, policy=msg.policy.clone(utf8=True))  # type: ignore[call-arg]
-                mail_options = (*mail_options, "SMTPUTF8", "BODY=8BITMIME")
-            else:
-                g = email.generator.BytesGenerator(bytesmsg)
-            g.flatten(msg_copy, linesep="\r\n")
-            flatmsg = bytesmsg.getvalue()
-        return self.sendmail(from_addr, to_addrs, flatmsg, mail_options, rcpt_options)
+            self.sock = context.wrap_socket(self.sock, server_hostname=hostname)
+        except BaseException:
+            self.close()
+            raise
+        self.file = None
+        # RFC 3207: forget everything not learnt under TLS.
+        self.helo_resp = self.ehlo_resp = None
+        self.esmtp_features = {}
+        self.does_esmtp = False
+        self._reset_session()
+        return resp, reply
+
+    def _input_pending(self) -> bool:
+        """Bytes already received after the last reply (read without blocking)."""
+        reader, sock = self.file, self.sock
+        peek = getattr(reader, "peek", None)
+        if peek is None or sock is None:
+            return False
+        timeout = sock.gettimeout()
+        try:
+            sock.settimeout(0.0)
+            data = peek(1)
+        except OSError:
+            data = b""
+        finally:
+            sock.settimeout(timeout)
+        return bool(data)
+
+    # -- AUTH ----------------------------------------------------------------------------
+
+    def auth(self, mechanism: str, authobject: Any, *,
+             initial_response_ok: bool = True) -> tuple[int, bytes]:
+        """One AUTH exchange, as smtplib's ``auth()``.
+
+        ``authobject(challenge=None)`` returns the response (``str``, sent as
+        UTF-8 where smtplib allows only ASCII, or ``bytes``). A failure on our
+        side (lmtpfast's :class:`lmtpfast.AuthenticationError`, e.g. a SCRAM
+        server signature that does not verify) cancels the exchange with
+        ``*`` and raises :class:`AuthenticationError`.
+        """
+        mechanism = mechanism.upper()
+        self._sasl = None
+        try:
+            initial = authobject() if initial_response_ok else None
+        except _AuthenticationError as exc:
+            raise AuthenticationError(str(exc)) from None
+        if initial is not None:
+            code, resp = self.docmd("AUTH", mechanism + " " + _b64(initial))
+            self._auth_challenge_count = 1
+        else:
+            code, resp = self.docmd("AUTH", mechanism)
+            self._auth_challenge_count = 0
+        while code == 334:
+            self._auth_challenge_count += 1
+            challenge = base64.decodebytes(resp)
+            try:
+                answer = authobject(challenge)
+            except _AuthenticationError as exc:
+                try:
+                    self.docmd("*")  # RFC 4954: cancel; the session stays usable
+                except SMTPServerDisconnected:
+                    pass
+                raise AuthenticationError(str(exc)) from None
+            code, resp = self.docmd(_b64(answer))
+            if self._auth_challenge_count > _MAXCHALLENGE:
+                raise SMTPException("Server AUTH mechanism infinite loop. Last response: "
+                                    + repr((code, resp)))
+        if code in (235, 503):
+            if code == 235 and self._sasl is not None:
+                try:
+                    self._sasl.finish()
+                except _AuthenticationError as exc:
+                    self.close()  # authenticated to a server that did not prove itself
+                    raise AuthenticationError(str(exc)) from None
+            return code, resp
+        raise SMTPAuthenticationError(code, resp)
+
+    def _scram(self, mechanism: type[Mechanism], challenge: bytes | None) -> str:
+        sasl = self._sasl
+        if sasl is None or type(sasl) is not mechanism:
+            sasl = self._sasl = mechanism(Credentials(self.user, self.password))
+            if challenge:
+                raise _AuthenticationError(f"{sasl.name}: the server spoke first")
+            first = sasl.initial_response()
+            assert first is not None
+            return first.decode("utf-8")
+        return sasl.respond(challenge or b"").decode("utf-8")
+
+    def auth_scram_sha_256(self, challenge: bytes | None = None) -> str:
+        """SCRAM-SHA-256 (RFC 7677) for :meth:`auth`, with lmtpfast's SASL code."""
+        return self._scram(ScramSHA256, challenge)
+
+    def auth_scram_sha_1(self, challenge: bytes | None = None) -> str:
+        """SCRAM-SHA-1 (RFC 5802) for :meth:`auth`, with lmtpfast's SASL code."""
+        return self._scram(ScramSHA1, challenge)
+
+    def login(self, user: str, password: str, *,
+              initial_response_ok: bool = True) -> tuple[int, bytes]:
+        """AUTH with the best mechanism both sides have, as smtplib's ``login()``.
+
+        Order: SCRAM-SHA-256, SCRAM-SHA-1, CRAM-MD5, PLAIN, LOGIN (smtplib:
+        CRAM-MD5, PLAIN, LOGIN). As smtplib, a refusal moves on to the next
+        mechanism and the last :class:`SMTPAuthenticationError` is raised;
+        a failure on our side (:class:`AuthenticationError`) is raised at once.
+        """
+        self.ehlo_or_helo_if_needed()
+        if not self.has_extn("auth"):
+            raise SMTPNotSupportedError("SMTP AUTH extension not supported by server.")
+        advertised = self.esmtp_features["auth"].upper().split()
+        authlist = [m for m in _PREFERRED_AUTH if m in advertised]
+        if not authlist:
+            raise SMTPException("No suitable authentication method found.")
+        self.user, self.password = user, password
+        last: SMTPAuthenticationError | None = None
+        for mechanism in authlist:
+            method = getattr(self, "auth_" + mechanism.lower().replace("-", "_"))
+            try:
+                code, resp = self.auth(mechanism, method, initial_response_ok=initial_response_ok)
+            except SMTPAuthenticationError as exc:
+                last = exc
+                continue
+            if code in (235, 503):
+                return code, resp
+        assert last is not None
+        raise last
+
+
+def _b64(response: str | bytes) -> str:
+    data = response.encode("utf-8") if isinstance(response, str) else response
+    return base64.b64encode(data).decode("ascii")
+
+
+def _tuple(result: RecipientResult) -> tuple[int, bytes]:
+    """A made-up result as smtplib's ``(code, message)``."""
+    enh = f"{result.enhanced} " if result.enhanced else ""
+    return result.code, (enh + result.text).encode("utf-8")
+
