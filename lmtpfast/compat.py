@@ -71,13 +71,21 @@ from smtplib import (
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from . import proto
 from ._errors import AuthenticationError as _AuthenticationError
 from ._errors import ContentError as _ContentError
 from ._errors import LocalProtocolError, RemoteProtocolError, ServerDisconnected
 from ._results import RecipientResult, status_of
 from ._sasl import Credentials, Mechanism, ScramSHA1, ScramSHA256
-from .proto import NEED_DATA, ConnectionBroken, ReadyForData, Reply, Transaction, TransactionDone
+from .proto import (
+    IMPLEMENTATIONS,
+    NEED_DATA,
+    Connection,
+    ConnectionBroken,
+    ReadyForData,
+    Reply,
+    Transaction,
+    TransactionDone,
+)
 from .proto._common import encode_address, encode_param
 from .proto.content import encode_content
 
@@ -140,12 +148,12 @@ class AuthenticationError(SMTPException, _AuthenticationError):  # type: ignore[
 
 def _engine_class(engine: str | ModuleType | None) -> Callable[..., Any]:
     if engine is None:
-        return proto.Connection
+        return Connection
     if isinstance(engine, str):
-        module = proto.IMPLEMENTATIONS.get(engine)
+        module = IMPLEMENTATIONS.get(engine)
         if module is None:
             raise ValueError(f"engine {engine!r} is not available "
-                             f"(available: {', '.join(proto.IMPLEMENTATIONS)})")
+                             f"(available: {', '.join(IMPLEMENTATIONS)})")
         engine = module
     cls: Callable[..., Any] = engine.Connection
     return cls
