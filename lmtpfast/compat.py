@@ -454,10 +454,7 @@ class LMTP(smtplib.LMTP):
         """smtplib's sequence, one command at a time, for a server that speaks SMTP."""
         code, resp = self.mail(from_addr, esmtp_opts)
         if code != 250:
-            if code == 421:
-                self.close()
-            else:
-                self._rset()
+            self._after_refusal(code)
             raise SMTPSenderRefused(code, resp, from_addr)
         senderrs: dict[str, tuple[int, bytes]] = {}
         for each in to_addrs:
@@ -473,12 +470,17 @@ class LMTP(smtplib.LMTP):
         rcpts, self._rcpts = self._rcpts, []
         code, resp = self._data(content, rcpts)
         if code != 250:
-            if code == 421:
-                self.close()
-            else:
-                self._rset()
+            self._after_refusal(code)
             raise SMTPDataError(code, resp)
         return senderrs
+
+    def _after_refusal(self, code: int) -> None:
+        # smtplib: 421 means the server is closing; anything else leaves a
+        # transaction to reset (RSET also finds out whether it hung up).
+        if code == 421:
+            self.close()
+        else:
+            self._rset()
 
     def _capability_reply(self) -> bytes:
         """The LHLO reply the engine is primed with: what ``esmtp_features`` says now."""

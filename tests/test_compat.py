@@ -30,8 +30,8 @@ import pytest
 
 import lmtpfast
 from lmtpfast import compat
-from lmtpfast._testing.cyrus import TempCyrus, find_cyrus
-from lmtpfast._testing.fixtures import in_ci
+from lmtpfast._testing.cyrus import TempCyrus
+from lmtpfast._testing.fixtures import require_peer
 from lmtpfast.server import FaultPlan, Sink
 
 MSG = "From: s@example.org\r\nSubject: compat\r\n\r\nHello.\r\n"
@@ -495,12 +495,7 @@ def test_starttls_injection_is_refused() -> None:
 
 @pytest.fixture(scope="module")
 def cyrus() -> Iterator[TempCyrus]:
-    why = find_cyrus()
-    if why is not None:
-        if in_ci():
-            pytest.fail(f"Cyrus unavailable under CI (never skipped there): {why}",
-                        pytrace=False)
-        pytest.skip(f"Cyrus unavailable: {why}")
+    require_peer("cyrus")
     with TempCyrus({"lmtp": "lmtp-secret"}, mailboxes=("alice", "bob")) as cy:
         yield cy
 

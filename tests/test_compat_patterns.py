@@ -20,18 +20,12 @@ from typing import Any
 import pytest
 
 from lmtpfast import compat
-from lmtpfast._testing.cyrus import TempCyrus, find_cyrus
-from lmtpfast._testing.fixtures import in_ci
+from lmtpfast._testing.cyrus import TempCyrus
+from lmtpfast._testing.fixtures import require_peer
+
+from .test_compat import QUOTA
 
 MSG = "From: list@example.org\r\nSubject: patterns\r\n\r\nHello.\r\n"
-QUOTA = """
-mail_plugins = $mail_plugins quota
-plugin {
-  quota = count:User quota
-  quota_vsizes = yes
-  quota_rule = *:messages=1
-}
-"""
 
 
 # -- a mailing-list manager: one transaction for many members ---------------------------
@@ -119,12 +113,7 @@ def test_spam_filter_survives_a_nul_byte(dovecot: Any) -> None:
 
 @pytest.fixture(scope="module")
 def cyrus() -> Iterator[TempCyrus]:
-    why = find_cyrus()
-    if why is not None:
-        if in_ci():
-            pytest.fail(f"Cyrus unavailable under CI (never skipped there): {why}",
-                        pytrace=False)
-        pytest.skip(f"Cyrus unavailable: {why}")
+    require_peer("cyrus")
     with TempCyrus({"deliver": "s3cret"}, mailboxes=("alice",)) as cy:
         yield cy
 

@@ -86,6 +86,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import pytest
 
 from ._procs import TempPeer
+from .cyrus import find_cyrus
 from .dovecot import TempDovecot, find_dovecot
 from .mariadb import TempMariaDB, find_mariadb
 from .netns import NetNamespaces, find_netns
@@ -199,15 +200,17 @@ def _unavailable(reason: str) -> NoReturn:
 
 
 _FINDERS = {"postgres": find_postgres, "slapd": find_slapd, "mariadb": find_mariadb,
-            "postfix-mta": find_postfix_mta, "netns": find_netns}  # fmt: skip
+            "postfix-mta": find_postfix_mta, "netns": find_netns,
+            "cyrus": find_cyrus}  # fmt: skip
 
 
 def require_peer(name: str) -> None:
     """Skip the calling test (fail it under CI) unless peer *name* can run.
 
     *name*: ``"dovecot"``, ``"smtp-sink"``, ``"smtp-source"``, ``"postfix"``
-    (both Postfix tools), ``"postgres"``, ``"slapd"``, ``"mariadb"`` or
-    ``"postfix-mta"`` (the whole Postfix MTA), ``"netns"``.
+    (both Postfix tools), ``"postgres"``, ``"slapd"``, ``"mariadb"``,
+    ``"postfix-mta"`` (the whole Postfix MTA), ``"netns"`` or ``"cyrus"``
+    (:class:`~lmtpfast._testing.cyrus.TempCyrus`).
     """
     if name == "dovecot":
         if find_dovecot() is None or not os.access("/usr/lib/dovecot/lmtp", os.X_OK):
