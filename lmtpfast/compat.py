@@ -424,7 +424,8 @@ class LMTP(smtplib.LMTP):
             if self.has_extn("size"):
                 esmtp_opts.append(f"size={size}")
             esmtp_opts.extend(mail_options)
-        if any(x.lower() == "smtputf8" for x in esmtp_opts):
+        utf8 = any(x.lower() == "smtputf8" for x in esmtp_opts)
+        if utf8:
             if not self.has_extn("smtputf8"):
                 raise SMTPNotSupportedError("SMTPUTF8 not supported by server")
             self.command_encoding = "utf-8"
@@ -447,7 +448,7 @@ class LMTP(smtplib.LMTP):
             line.encode(self.command_encoding)  # UnicodeEncodeError, as smtplib's putcmd
         if self._smtp_peer():
             return self._sendmail_smtp(from_addr, to_addrs, content, esmtp_opts, rcpt_opts)
-        return self._sendmail_lmtp(from_addr, to_addrs, content, esmtp_opts, rcpt_opts)
+        return self._sendmail_lmtp(from_addr, to_addrs, content, esmtp_opts, rcpt_opts, utf8)
 
     def _sendmail_smtp(self, from_addr: str, to_addrs: list[str], content: bytes,
                        esmtp_opts: list[str], rcpt_opts: list[str]) -> dict[str, tuple[int, bytes]]:
@@ -503,8 +504,8 @@ class LMTP(smtplib.LMTP):
         return engine
 
     def _sendmail_lmtp(self, from_addr: str, to_addrs: list[str], content: bytes,
-                       esmtp_opts: list[str], rcpt_opts: list[str]) -> dict[str, tuple[int, bytes]]:
-        utf8 = self.command_encoding == "utf-8"
+                       esmtp_opts: list[str], rcpt_opts: list[str],
+                       utf8: bool) -> dict[str, tuple[int, bytes]]:
         sender = _bare(from_addr)
         try:
             encode_address(sender, allow_empty=True, utf8=utf8)
@@ -573,7 +574,8 @@ class LMTP(smtplib.LMTP):
                     continue
                 except SMTPResponseException as exc:  # a line longer than smtplib allows
                     failure = exc
-                    engine.fail(RemoteProtocolError(f"{exc.smtp_code} {exc.smtp_error!r}"))
+                    engine.fail(RemoteProtocolError(
+                        f"unreadable reply ({exc.smtp_code} {exc.smtp_error!s})"))
                     continue
                 self._raw_text[(code, msg.decode("utf-8", "replace"))] = msg
                 engine.receive_data(_reply_bytes(code, msg))
@@ -626,11 +628,12 @@ class LMTP(smtplib.LMTP):
                 self._rset()  # as smtplib (it also finds out whether the server hung up)
             raise SMTPSenderRefused(mail.code, self._text(mail), from_addr)
         senderrs: dict[str, tuple[int, bytes]] = {}
+        position = {i: k for k, i in enumerate(sent)}
         for i, addr in enumerate(to_addrs):
             if i in local:
                 senderrs[addr] = _tuple(local[i])
                 continue
-            reply = txn.rcpt_replies[sent.index(i)]
+            reply = txn.rcpt_replies[position[i]]
             if reply is None:
                 raise lost()
             if not 200 <= reply.code <= 299:
@@ -771,7 +774,8 @@ class LMTP(smtplib.LMTP):
         except _AuthenticationError as exc:
             raise AuthenticationError(str(exc)) from None
         if initial is not None:
-            code, resp = self.docmd("AUTH", mechanism + " " + _b64(initial))
+            # RFC 4954: "=" is an empty initial response
+            code, resp = self.docmd("AUTH", mechanism + " " + (_b64(initial) or "="))
             self._auth_challenge_count = 1
         else:
             code, resp = self.docmd("AUTH", mechanism)
