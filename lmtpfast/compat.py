@@ -159,9 +159,8 @@ def _engine_class(engine: str | ModuleType | None) -> Callable[..., Any]:
     return cls
 
 
-def _bare(address: str) -> str:
-    """What smtplib puts between ``<>`` (``quoteaddr`` accepts ``Name <a@b>``)."""
-    quoted = quoteaddr(address)
+def _bare(quoted: str) -> str:
+    """What smtplib puts between ``<>``, from ``quoteaddr()``'s result (it accepts ``Name <a@b>``)."""
     return quoted[1:-1] if quoted.startswith("<") and quoted.endswith(">") else quoted
 
 
@@ -217,6 +216,8 @@ class LMTP(smtplib.LMTP):
     _helo_name = ""
     _tls_host: str | None = None
     _sasl: Mechanism | None = None
+    _caps_key: tuple[tuple[str, str], ...] | None = None
+    _caps_reply = b""
 
     #: One :class:`lmtpfast.RecipientResult` per recipient of the last
     #: ``sendmail()`` (in the order given), or per accepted recipient of the
@@ -438,9 +439,10 @@ class LMTP(smtplib.LMTP):
         # Every command line as smtplib would send it, checked before the first one goes.
         for addr in (from_addr, *to_addrs):
             _check_address(addr)
-        mail_line = "mail FROM:" + quoteaddr(from_addr) + "".join(" " + o for o in esmtp_opts)
-        lines = [mail_line] + [
-            "rcpt TO:" + quoteaddr(a) + "".join(" " + o for o in rcpt_opts) for a in to_addrs]
+        quoted = [quoteaddr(a) for a in (from_addr, *to_addrs)]
+        rcpt_tail = "".join(" " + o for o in rcpt_opts)
+        lines = ["mail FROM:" + quoted[0] + "".join(" " + o for o in esmtp_opts)]
+        lines += ["rcpt TO:" + q + rcpt_tail for q in quoted[1:]]
         for line in lines:
             _check_command(line)
             if "\0" in line:
@@ -448,7 +450,8 @@ class LMTP(smtplib.LMTP):
             line.encode(self.command_encoding)  # UnicodeEncodeError, as smtplib's putcmd
         if self._smtp_peer():
             return self._sendmail_smtp(from_addr, to_addrs, content, esmtp_opts, rcpt_opts)
-        return self._sendmail_lmtp(from_addr, to_addrs, content, esmtp_opts, rcpt_opts, utf8)
+        return self._sendmail_lmtp(from_addr, to_addrs, [_bare(q) for q in quoted], content,
+                                   esmtp_opts, rcpt_opts, utf8)
 
     def _sendmail_smtp(self, from_addr: str, to_addrs: list[str], content: bytes,
                        esmtp_opts: list[str], rcpt_opts: list[str]) -> dict[str, tuple[int, bytes]]:
@@ -485,10 +488,13 @@ class LMTP(smtplib.LMTP):
 
     def _capability_reply(self) -> bytes:
         """The LHLO reply the engine is primed with: what ``esmtp_features`` says now."""
-        lines = [b"lmtpfast.compat"]
-        for keyword, params in self.esmtp_features.items():
-            lines.append(f"{keyword.upper()} {params}".strip().encode("utf-8", "replace"))
-        return _reply_bytes(250, b"\n".join(lines))
+        key = tuple(self.esmtp_features.items())
+        if key != self._caps_key:  # rebuilt only when the features change
+            lines = [b"lmtpfast.compat"]
+            for keyword, params in key:
+                lines.append(f"{keyword.upper()} {params}".strip().encode("utf-8", "replace"))
+            self._caps_key, self._caps_reply = key, _reply_bytes(250, b"\n".join(lines))
+        return self._caps_reply
 
     def _primed_engine(self) -> Any:
         """A fresh engine in the state this session is in: greeted, LHLO done."""
@@ -503,10 +509,11 @@ class LMTP(smtplib.LMTP):
             raise RuntimeError(f"could not prime the engine: {ev!r}")
         return engine
 
-    def _sendmail_lmtp(self, from_addr: str, to_addrs: list[str], content: bytes,
-                       esmtp_opts: list[str], rcpt_opts: list[str],
+    def _sendmail_lmtp(self, from_addr: str, to_addrs: list[str], bare: list[str],
+                       content: bytes, esmtp_opts: list[str], rcpt_opts: list[str],
                        utf8: bool) -> dict[str, tuple[int, bytes]]:
-        sender = _bare(from_addr)
+        """``bare``: the sender then each recipient, as smtplib would put them between <>."""
+        sender = bare[0]
         try:
             encode_address(sender, allow_empty=True, utf8=utf8)
         except LocalProtocolError:
@@ -521,7 +528,7 @@ class LMTP(smtplib.LMTP):
         sent: list[int] = []
         for i, addr in enumerate(to_addrs):
             try:
-                encode_address(_bare(addr), utf8=utf8)
+                encode_address(bare[i + 1], utf8=utf8)
                 sent.append(i)
             except LocalProtocolError:
                 local[i] = RecipientResult(addr, "permanent", 501, "5.1.3",
@@ -531,7 +538,7 @@ class LMTP(smtplib.LMTP):
             raise SMTPRecipientsRefused({to_addrs[i]: _tuple(r) for i, r in local.items()})
         engine = self._primed_engine()
         txn = engine.start_transaction(
-            sender, [_bare(to_addrs[i]) for i in sent], mail_params=mail_params,
+            sender, [bare[i + 1] for i in sent], mail_params=mail_params,
             rcpt_params=[rcpt_params] * len(sent) if rcpt_params else None, smtputf8=utf8)
         self._raw_text = {}
         try:
