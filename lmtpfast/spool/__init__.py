@@ -53,28 +53,59 @@ _EXPORTS: dict[str, str] = {
     "open_deliverer": "_replay",
     "build_bounce": "_bounce",
     "write_bounce": "_bounce",
+    "ActionResult": "_queue",
+    "ClaimBatch": "_queue",
+    "Entry": "_queue",
+    "EntryInfo": "_queue",
+    "NewMessage": "_queue",
+    "Queue": "_queue",
+    "QueueCorrupt": "_queue",
+    "QueueError": "_queue",
+    "QueueStatus": "_queue",
+    "QueueWriteError": "_queue",
+    "Selection": "_queue",
+    "Update": "_queue",
+    "open_queue": "_queue",
+    "SQLiteQueue": "_sqlite",
+    "SQLiteStore": "_sqlite",
+    "DirQueue": "_dirstore",
 }
 
 __all__ = [
     "FORMAT_VERSION",
+    "ActionResult",
     "BadEnvelope",
     "Claim",
+    "ClaimBatch",
     "Deliverer",
+    "DirQueue",
+    "Entry",
+    "EntryInfo",
     "Envelope",
     "ImportStats",
+    "NewMessage",
     "Observer",
     "Outcome",
     "Quarantined",
+    "Queue",
+    "QueueCorrupt",
+    "QueueError",
+    "QueueStatus",
+    "QueueWriteError",
     "Reason",
     "Recipient",
     "Replayer",
     "RetryPolicy",
+    "SQLiteQueue",
+    "SQLiteStore",
     "Scan",
+    "Selection",
     "ServerDeliverer",
     "Source",
     "Spool",
     "SpoolError",
     "Totals",
+    "Update",
     "build_bounce",
     "check_address",
     "decode_envelope",
@@ -88,6 +119,7 @@ __all__ = [
     "iter_mbox",
     "new_envelope",
     "open_deliverer",
+    "open_queue",
     "write_bounce",
 ]
 
@@ -101,6 +133,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from ._bounce import build_bounce, write_bounce
+    from ._dirstore import DirQueue
     from ._format import (
         FORMAT_VERSION,
         BadEnvelope,
@@ -121,6 +154,21 @@ if TYPE_CHECKING:
         iter_maildir,
         iter_mbox,
     )
+    from ._queue import (
+        ActionResult,
+        ClaimBatch,
+        Entry,
+        EntryInfo,
+        NewMessage,
+        Queue,
+        QueueCorrupt,
+        QueueError,
+        QueueStatus,
+        QueueWriteError,
+        Selection,
+        Update,
+        open_queue,
+    )
     from ._replay import (
         Deliverer,
         Observer,
@@ -132,4 +180,5 @@ if TYPE_CHECKING:
         exit_status,
         open_deliverer,
     )
+    from ._sqlite import SQLiteQueue, SQLiteStore
     from ._store import Claim, Quarantined, Scan, Spool, SpoolError, enqueue
