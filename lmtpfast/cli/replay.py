@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -119,8 +121,16 @@ class _JsonReport:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.tmp = f"{path}.tmp{os.getpid()}"
-        self._f: IO[bytes] = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        # Beside the target (the rename must not cross file systems), under a
+        # name nobody can guess or plant a link at, private like the spool.
+        folder, name = os.path.split(path)
+        self.tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)
+        self._f: IO[bytes] = open(fd, "wb")  # noqa: SIM115 (closed in finish/abort)
         self._f.write(b'{"version":1,"outcomes":[\n')
         self._first = True
         self._enc = msgspec.json.Encoder()

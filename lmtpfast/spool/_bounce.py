@@ -11,6 +11,7 @@ is written for the null sender (a bounce is never bounced).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -20,6 +21,7 @@ from email.utils import format_datetime, formatdate, make_msgid
 from pathlib import Path
 
 from ._format import Envelope, Recipient
+from ._store import make_private_dir, open_private
 
 __all__ = ["build_bounce", "write_bounce"]
 
@@ -127,17 +129,31 @@ def build_bounce(
 def write_bounce(
     directory: str | os.PathLike[str], id: str, env: Envelope, message: bytes, **options: str
 ) -> Path | None:
-    """Write the bounce for *id* to ``DIRECTORY/ID.eml`` (atomically); its path, or ``None``."""
+    """Write the bounce for *id* to ``DIRECTORY/ID.eml`` (atomically); its path, or ``None``.
+
+    The folder is made 0700 and the file 0600 (a bounce carries the message).
+    On a write error (a full disk) the temporary file is removed before the
+    error is raised, so failures leave nothing behind.
+    """
     data = build_bounce(id, env, message, **options)
     if data is None:
         return None
     folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_private_dir(folder)
     target = folder / f"{id}.eml"
     tmp = folder / f".{id}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, target)
+    fd = open_private(tmp)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return target

@@ -12,6 +12,12 @@ Layout (see ``docs/spool.md`` for the why)::
 A message exists once its envelope is in ``incoming/``: the message file is
 renamed into ``msg/`` first, the envelope last, so a half-written entry is
 never seen. Every envelope change is a rename over the old one.
+
+The spool is private (Postfix's queue is): folders 0700 and files 0600
+whatever the umask, and replay reads only what the spool owns: files are
+opened with ``O_NOFOLLOW`` and must be regular files owned by the spool's
+owner (or the replaying user), the message with no hard link from outside
+the spool; anything else is quarantined without copying its content.
 """
 
 from __future__ import annotations
@@ -58,6 +64,36 @@ class Quarantined(Exception):
         super().__init__(f"{id}: {reason}")
         self.id = id
         self.reason = reason
+
+
+#: Modes of everything the spool writes, whatever the umask.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+_NOFOLLOW = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def make_private_dir(path: Path) -> None:
+    """Create *path* (and missing parents) and make it 0700; an existing one is tightened.
+
+    Parents made on the way get the usual mode (``mkdir -p``). A folder we do
+    not own is left as it is (``chmod`` is the owner's decision then).
+    """
+    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    st = path.stat()
+    if stat.S_IMODE(st.st_mode) != DIR_MODE and st.st_uid == os.geteuid():
+        os.chmod(path, DIR_MODE)
+
+
+def open_private(path: str | os.PathLike[str]) -> int:
+    """Create a new file 0600 (never following or replacing anything) and return its fd."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)  # the umask may have taken the owner's bits too
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _fsync_dir(path: Path) -> None:
@@ -196,19 +232,43 @@ class Spool:
     def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
         self.path = Path(path)
         if create:
+            make_private_dir(self.path)
             for d in _DIRS:
-                (self.path / d).mkdir(parents=True, exist_ok=True)
+                make_private_dir(self.path / d)
         if not self.path.is_dir():
             raise SpoolError(errno.ENOENT, "spool directory not found", str(self.path))
-        missing = [d for d in _DIRS if not (self.path / d).is_dir()]
-        if missing:
-            # A spool made by hand (or an older tool) may lack the folders
-            # replay writes into; the ones it reads must exist.
-            if "incoming" in missing and "deferred" in missing:
-                raise SpoolError(errno.ENOENT, "not a spool (no incoming/ or deferred/)",
+        #: The spool's owner: files owned by anyone else (or by this process's
+        #: user) are not the spool's and are never delivered.
+        self.owner = self.path.stat().st_uid
+        self._owners = frozenset((self.owner, os.geteuid()))
+        present = {}
+        for d in _DIRS:
+            try:
+                present[d] = os.lstat(self.path / d)
+            except FileNotFoundError:
+                continue
+        missing = [d for d in _DIRS if d not in present]
+        if "incoming" in missing and "deferred" in missing:
+            raise SpoolError(errno.ENOENT, "not a spool (no incoming/ or deferred/)",
+                             str(self.path))
+        for d, st in present.items():
+            # A folder replaced by a link would send reads and writes elsewhere.
+            if stat.S_ISLNK(st.st_mode):
+                raise SpoolError(errno.ELOOP, f"spool folder {d}/ is a symbolic link",
                                  str(self.path))
-            for d in missing:
-                (self.path / d).mkdir(exist_ok=True)
+            if not stat.S_ISDIR(st.st_mode):
+                raise SpoolError(errno.ENOTDIR, f"spool folder {d}/ is not a directory",
+                                 str(self.path))
+            if st.st_uid not in self._owners:
+                raise SpoolError(errno.EPERM, f"spool folder {d}/ is owned by uid {st.st_uid}, "
+                                 f"the spool by uid {self.owner}", str(self.path))
+        # A spool made by hand (or an older tool) may lack the folders replay
+        # writes into (the ones it reads must exist), or be world-readable:
+        # queued mail is private, as Postfix's queue is.
+        with contextlib.suppress(PermissionError):
+            make_private_dir(self.path)
+            for d in _DIRS:
+                make_private_dir(self.path / d)
         if not os.access(self.path / "incoming", os.R_OK | os.X_OK):
             raise SpoolError(errno.EACCES, "spool not readable", str(self.path))
 
@@ -225,7 +285,7 @@ class Spool:
     def write_tmp(self, data: bytes, *, fsync: bool, mtime: float | None = None) -> Path:
         """Write *data* to a new file in ``tmp/`` and return its path."""
         tmp = self.path / "tmp" / f".{secrets.token_hex(8)}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = open_private(tmp)
         try:
             view = memoryview(data)
             while view:
@@ -322,7 +382,8 @@ class Spool:
         env_path = self.path / queue / id
         msg_path = self.path / "msg" / id
         try:
-            fd = os.open(msg_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            # O_NOFOLLOW: msg/ID -> /etc/shadow must never be read, let alone sent.
+            fd = os.open(msg_path, os.O_RDONLY | _NOFOLLOW)
         except FileNotFoundError:
             # Finished by another process (it removes the envelope first), or
             # the message file was lost: only the second leaves an envelope.
@@ -330,8 +391,11 @@ class Spool:
                 self._quarantine(queue, id, "message file is missing", have_lock=False)
             return None
         except OSError as exc:
-            if not env_path.exists():
+            if not os.path.lexists(env_path):
                 return None
+            if exc.errno == errno.ELOOP:
+                self._quarantine(queue, id, "message file is a symbolic link (not read)",
+                                 have_lock=False, keep_message=False)
             self._quarantine(queue, id, f"message file cannot be opened: {exc.strerror or exc}",
                              have_lock=False)
         try:
@@ -348,22 +412,51 @@ class Spool:
             os.close(fd)
             raise
 
+    def _foreign(self, st: os.stat_result, what: str) -> str | None:
+        """Why a file is not the spool's own (``None`` if it is)."""
+        if not stat.S_ISREG(st.st_mode):
+            return f"{what} is not a regular file"
+        if st.st_uid not in self._owners:
+            return f"{what} is owned by uid {st.st_uid}, not by the spool's owner (uid {self.owner})"
+        return None
+
+    def _own_links(self, id: str, st: os.stat_result) -> bool:
+        """Whether every hard link of the message is inside this spool.
+
+        The spool makes one extra link itself: ``failed/ID.eml`` or
+        ``quarantine/ID.eml``, which a crash in the middle of a move leaves
+        beside ``msg/ID``. Any other link may be a file from elsewhere.
+        """
+        if st.st_nlink == 1:
+            return True
+        if st.st_nlink != 2:
+            return False
+        for folder in ("failed", "quarantine"):
+            try:
+                other = os.lstat(self.path / folder / f"{id}.eml")
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return True
+        return False
+
     def _load(self, queue: Queue, id: str, fd: int) -> Claim | None:
         env_path = self.path / queue / id
         # The lock is ours; is the entry still there (not finished meanwhile)?
         try:
-            st_path = os.stat(self.path / "msg" / id)
+            st_path = os.lstat(self.path / "msg" / id)
         except FileNotFoundError:
             return None
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (st_path.st_dev, st_path.st_ino):
             return None
         try:
-            efd = os.open(env_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            efd = os.open(env_path, os.O_RDONLY | _NOFOLLOW)
             try:
                 est = os.fstat(efd)
-                if not stat.S_ISREG(est.st_mode):
-                    raise BadEnvelope("envelope is not a regular file")
+                problem = self._foreign(est, "envelope")
+                if problem:
+                    raise BadEnvelope(problem)
                 data = os.read(efd, MAX_ENVELOPE_SIZE + 1)
             finally:
                 os.close(efd)
@@ -372,12 +465,19 @@ class Spool:
         except IsADirectoryError:
             self._quarantine(queue, id, "envelope is not a regular file", have_lock=True)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                self._quarantine(queue, id, "envelope is a symbolic link (not read)",
+                                 have_lock=True)
             self._quarantine(queue, id, f"envelope cannot be read: {exc.strerror or exc}",
                              have_lock=True)
         except BadEnvelope as exc:
             self._quarantine(queue, id, str(exc), have_lock=True)
-        if not stat.S_ISREG(st.st_mode):
-            self._quarantine(queue, id, "message file is not a regular file", have_lock=True)
+        problem = self._foreign(st, "message file")
+        if problem is None and not self._own_links(id, st):
+            problem = (f"message file has {st.st_nlink - 1} hard link(s) outside the spool "
+                       "(not read)")
+        if problem:
+            self._quarantine(queue, id, problem, have_lock=True, keep_message=False)
         try:
             os.pread(fd, 1, 0)
         except OSError as exc:
@@ -391,12 +491,15 @@ class Spool:
             env.arrival = est.st_mtime if queue == "incoming" else time.time()
         return Claim(self, id, queue, fd, env)
 
-    def _quarantine(self, queue: Queue, id: str, reason: str, *, have_lock: bool) -> NoReturn:
+    def _quarantine(self, queue: Queue, id: str, reason: str, *, have_lock: bool,
+                    keep_message: bool = True) -> NoReturn:
         """Move a corrupt entry to ``quarantine/`` and raise :class:`Quarantined`.
 
         Order: the reason first, then the message (hard link), then the
         envelope rename — the commit point, which also decides between two
         processes quarantining the same entry — and last the message's unlink.
+        A message that is not the spool's own (*keep_message* false: a link to
+        a file elsewhere, another owner's file) is not kept.
         """
         q = self.path / "quarantine"
         env_path = self.path / queue / id
@@ -404,11 +507,16 @@ class Spool:
         self.put(q / f"{id}.txt", f"{reason}\n".encode())
         eml = q / f"{id}.eml"
         _unlink(eml)
-        with contextlib.suppress(OSError):
-            if stat.S_ISREG(os.lstat(msg_path).st_mode):
-                os.link(msg_path, eml)
+        if keep_message:
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.lstat(msg_path).st_mode):
+                    os.link(msg_path, eml)
         try:
             os.rename(env_path, q / f"{id}.env")
+            with contextlib.suppress(OSError):
+                # Hand-made envelopes may be world-readable; the quarantine is not.
+                if stat.S_ISREG(os.lstat(q / f"{id}.env").st_mode):
+                    os.chmod(q / f"{id}.env", FILE_MODE)
         except FileNotFoundError:
             if not have_lock:
                 # Someone else moved it first (or finished it): not ours to report.
@@ -451,7 +559,7 @@ class Spool:
                 with contextlib.suppress(OSError):
                     if now - e.stat(follow_symlinks=False).st_mtime > ORPHAN_MAX_AGE:
                         # Re-check under the lock: a writer may be between its renames.
-                        fd = os.open(e.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                        fd = os.open(e.path, os.O_RDONLY | _NOFOLLOW)
                         try:
                             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                             if not (incoming / name).exists() and not (deferred / name).exists():
