@@ -247,7 +247,13 @@ class _CliObserver(Observer):
             self._tick(self._totals)
 
     def error(self, id: str, problem: str) -> None:
-        msg = f"lmtpfast replay: {id}: left queued: {problem}"
+        self._stderr(f"lmtpfast replay: {id}: {problem}")
+
+    def backing_off(self, problem: str, delay: float) -> None:
+        self._stderr(f"lmtpfast replay: spool write failed ({problem}): backing off, no new "
+                     f"delivery for {delay:g} s")
+
+    def _stderr(self, msg: str) -> None:
         if self.bar is not None:
             self.bar._progress.console.print(msg, markup=False, highlight=False)
         else:
@@ -291,6 +297,8 @@ def _summary_rows(t: Totals, counts: dict[str, int] | None) -> list[tuple[str, s
         ("held by another replay", f"{t.locked}"),
         ("deferred, not yet due", f"{t.not_due}"),
         ("left queued after an error", f"{t.errors}"),
+        ("spool write errors", f"{t.spool_errors}"),
+        ("outcomes not recorded", f"{t.unrecorded}"),
         ("elapsed", f"{t.elapsed:.2f} s"),
         ("rate", f"{rate:,.0f} msg/s"),
     ]

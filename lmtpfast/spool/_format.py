@@ -93,6 +93,8 @@ class Envelope(msgspec.Struct, omit_defaults=True):
     ret: Literal["FULL", "HDRS"] | None = None
     #: DSN ENVID (RFC 3461), echoed in a bounce.
     envid: str | None = None
+    #: The bounce for the failed recipients is written (it is never written twice).
+    bounced: bool = False
     version: int = FORMAT_VERSION
 
     def queued(self) -> list[Recipient]:

@@ -39,7 +39,7 @@ from .._errors import (
 from .._results import RecipientResult, status_of
 from .._session import Client, connect
 from .._settings import Timeouts
-from ._format import Reason
+from ._format import Reason, encode_envelope
 from ._store import Claim, Quarantined, Spool
 
 __all__ = [
@@ -142,6 +142,12 @@ class Totals(msgspec.Struct, omit_defaults=False):
     not_due: int = 0
     #: Entries left as they were because of a file system error (still queued).
     errors: int = 0
+    #: Spool writes that failed (disk full, read-only, I/O error): each one
+    #: backs the whole spool off.
+    spool_errors: int = 0
+    #: Entries whose outcome could still not be written when replay ended:
+    #: their delivered recipients will get the message again from a later replay.
+    unrecorded: int = 0
     passes: int = 0
     elapsed: float = 0.0
 
@@ -167,6 +173,9 @@ class Observer:
     def error(self, id: str, problem: str) -> None:
         """An entry could not be updated (a file system error); it stays queued."""
 
+    def backing_off(self, problem: str, delay: float) -> None:
+        """A spool write failed: no new delivery for *delay* seconds (then a retry)."""
+
 
 def exit_status(totals: Totals) -> int:
     """sysexits status of a run, as ``lmtpfast send`` decides it.
@@ -176,7 +185,7 @@ def exit_status(totals: Totals) -> int:
     quarantined; else 0.
     """
     if (totals.recipients_deferred or totals.not_due or totals.locked or totals.messages_deferred
-            or totals.errors):
+            or totals.errors or totals.spool_errors or totals.unrecorded):
         return 75
     if (totals.recipients_failed or totals.recipients_expired or totals.messages_failed
             or totals.messages_quarantined):
@@ -187,6 +196,38 @@ def exit_status(totals: Totals) -> int:
 def _local(address: str, code: int, enhanced: str, text: str, stage: str) -> RecipientResult:
     return RecipientResult(address=address, status=status_of(code), code=code, enhanced=enhanced,
                            text=text, stage=stage, local=True)
+
+
+#: Reply texts kept in an envelope are cut to this many characters, and
+#: destinations to 256, so the space an envelope rewrite needs has a bound
+#: that can be reserved before a delivery (see :meth:`Claim.reserve`).
+MAX_REASON_TEXT = 512
+# Per recipient: text and destination at 6 bytes a character (JSON's \uXXXX
+# for control characters), plus the keys and numbers of a Reason.
+_RESERVE_PER_RECIPIENT = 6 * (MAX_REASON_TEXT + 256) + 512
+# Back-off of the whole spool after a failed spool write: first, longest (s).
+SPOOL_BACKOFF = (1.0, 60.0)
+# --once: how often to retry outcomes not yet recorded before giving up on them.
+_HELD_RETRIES = 5
+
+
+def _reason(res: RecipientResult, now: float, text: str | None = None) -> Reason:
+    dest = res.destination
+    return Reason(code=res.code, enhanced=res.enhanced,
+                  text=(res.text if text is None else text)[:MAX_REASON_TEXT], stage=res.stage,
+                  local=res.local, destination=None if dest is None else dest[:256], at=now)
+
+
+@dataclass(slots=True, eq=False)
+class _Record:
+    """What one attempt decided for an entry, and what is still to be written down."""
+
+    claim: Claim
+    kind: Literal["delivered", "deferred", "failed"]
+    next_attempt: float
+    #: Recipients this attempt delivered (named when the record is lost).
+    delivered_to: list[str]
+    problem: str = ""
 
 
 def _reasons_text(id: str, claim: Claim) -> str:
@@ -219,6 +260,7 @@ class Replayer:
         bounce_dir: str | os.PathLike[str] | None = None,
         count_first: bool = False,
         clock: Callable[[], float] = time.time,
+        spool_backoff: tuple[float, float] = SPOOL_BACKOFF,
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError("concurrency must be 1 or more", field="concurrency")
@@ -234,6 +276,13 @@ class Replayer:
         self.totals = Totals()
         #: Earliest next-attempt time seen among entries not yet due (last pass).
         self.next_due: float | None = None
+        #: (first, longest) pause of the whole spool after a failed spool write.
+        self.spool_backoff = spool_backoff
+        # Outcomes delivered but not yet written down, by entry: their claims
+        # stay held, so neither this replay nor another delivers them again.
+        self._held: dict[str, _Record] = {}
+        self._trouble = False  # a spool write failed since the last probe
+        self._trouble_delay = 0.0
 
     async def run(
         self, *, watch: bool = False, interval: float = 1.0, stop: asyncio.Event | None = None
@@ -242,15 +291,36 @@ class Replayer:
 
         In watch mode, a pass that found nothing to do is followed by a pause
         of *interval* seconds (shorter if a deferred entry falls due sooner).
+
+        When a spool write fails (a full disk, a read-only or failing file
+        system) no new delivery starts for a while (``spool_backoff``, doubled
+        at each failure); outcomes not yet written keep their claims and are
+        written first when the pause is over. See docs/spool.md, "When the
+        spool cannot be written".
         """
         start = time.monotonic()
         stop = stop or asyncio.Event()
         try:
+            retries = 0
+            passes = 0
             while True:
+                if self._held:
+                    self._retry_held()
                 before = self.totals.messages
-                await self.run_pass(stop)
-                if not watch or stop.is_set():
+                if not self._trouble and (watch or passes == 0):
+                    passes += 1
+                    await self.run_pass(stop)
+                if stop.is_set() or not (watch or (self._held and retries < _HELD_RETRIES)):
                     break
+                if self._trouble:
+                    retries += 1
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=self._trouble_delay)
+                    if stop.is_set():
+                        break
+                    self._trouble = False  # the next round is the probe
+                    continue
+                self._trouble_delay = 0.0
                 if self.totals.messages == before:
                     delay = interval
                     if self.next_due is not None:
@@ -263,6 +333,10 @@ class Replayer:
                 self.totals.not_due = 0
                 self.totals.locked = 0
         finally:
+            if self._held:
+                self._retry_held()
+            self._give_up_held()
+            self.spool.drop_reservations()
             self.totals.elapsed = time.monotonic() - start
         return self.totals
 
@@ -287,7 +361,7 @@ class Replayer:
         workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
         try:
             for item in scan:
-                if stop is not None and stop.is_set():
+                if (stop is not None and stop.is_set()) or self._trouble:
                     break
                 await queue.put(item)
             for _ in workers:
@@ -302,11 +376,18 @@ class Replayer:
         return totals
 
     async def _one(self, queue: Literal["incoming", "deferred"], id: str) -> None:
+        if self._trouble:
+            return  # the spool cannot be written: deliver nothing until it can
         try:
             claim = self.spool.claim(queue, id)
         except Quarantined as q:
             self.totals.messages_quarantined += 1
             self.observer.quarantined(q.id, q.reason)
+            return
+        except OSError as exc:  # e.g. the quarantine record itself cannot be written
+            self.totals.errors += 1
+            self.observer.error(id, f"left queued: {_problem(exc)}")
+            self._spool_trouble(exc)
             return
         if claim is None:
             self.totals.locked += 1
@@ -315,18 +396,26 @@ class Replayer:
         try:
             await self._attempt(claim)
         except OSError as exc:
-            # Disk full, permissions...: the entry stays as it was (nothing is
-            # lost; its outcomes may be delivered again next time).
+            # Before any delivery (the space for the record could not be
+            # reserved, ...): the entry stays as it was, nothing was sent.
             self.totals.errors += 1
-            self.observer.error(id, f"{exc.strerror or exc}: {exc.filename or ''}")
+            self.observer.error(id, f"left queued, not delivered: {_problem(exc)}")
+            self._spool_trouble(exc)
         finally:
-            claim.release()
+            if id not in self._held:
+                claim.release()
 
     async def _attempt(self, claim: Claim) -> None:
         env = claim.envelope
         totals = self.totals
         pending = env.queued()
         if pending:
+            if len(pending) > 1 or env.failed():
+                # A delivery to some of them must be recordable whatever the
+                # disk does next: set the space for the rewrite aside first
+                # (on a full disk this fails here, before anything is sent).
+                claim.reserve(len(encode_envelope(env)) + 1024
+                              + _RESERVE_PER_RECIPIENT * len(pending))
             try:
                 message = claim.read_message()
             except OSError as exc:
@@ -348,21 +437,21 @@ class Replayer:
             env.last_attempt = now
         keep = []
         deferred = []
+        delivered_to = []
         for r in env.recipients:
             if r.state != "queued":
                 keep.append(r)
         for r, res in zip(pending, results, strict=True):
             r.attempts += 1
-            reason = Reason(code=res.code, enhanced=res.enhanced, text=res.text, stage=res.stage,
-                            local=res.local, destination=res.destination, at=now)
             dup = r.possibly_delivered
             if res.delivered:
                 env.delivered += 1
                 totals.recipients_delivered += 1
                 totals.possibly_duplicated += dup
+                delivered_to.append(r.address)
                 self._report(claim, r.address, "delivered", res, r.attempts, dup)
                 continue
-            r.last = reason
+            r.last = _reason(res, now)
             if res.permanent:
                 r.state = "failed"
                 totals.recipients_failed += 1
@@ -379,8 +468,8 @@ class Replayer:
             for r, res in deferred:
                 r.state = "failed"
                 assert r.last is not None
-                r.last = msgspec.structs.replace(
-                    r.last, text=f"{r.last.text} (gave up: message in queue for {age})")
+                r.last = _reason(res, r.last.at,
+                                 f"{r.last.text} (gave up: message in queue for {age})")
                 totals.recipients_expired += 1
                 self._report(claim, r.address, "expired", res, r.attempts, r.possibly_delivered,
                              text=r.last.text)
@@ -392,16 +481,84 @@ class Replayer:
                 totals.recipients_deferred += 1
                 self._report(claim, r.address, "deferred", res, r.attempts, r.possibly_delivered,
                              next_attempt=next_attempt)
-            claim.save(next_attempt=next_attempt)
-            totals.messages_deferred += 1
+            record = _Record(claim, "deferred", next_attempt, delivered_to)
         elif env.failed():
-            self._bounce(claim)
-            claim.failed(_reasons_text(claim.id, claim))
-            totals.messages_failed += 1
+            record = _Record(claim, "failed", now + self.policy.backoff(env.attempts),
+                             delivered_to)
         else:
-            claim.delivered()
-            totals.messages_delivered += 1
+            record = _Record(claim, "delivered", now, delivered_to)
+        if not self._write(record):
+            self._held[claim.id] = record
+
+    # -- writing outcomes down -----------------------------------------------------
+
+    def _write(self, record: _Record) -> bool:
+        """Write *record* to the spool; False (and the spool backs off) if it failed."""
+        claim = record.claim
+        totals = self.totals
+        try:
+            if record.kind == "deferred":
+                claim.save(next_attempt=record.next_attempt)
+                totals.messages_deferred += 1
+            elif record.kind == "delivered":
+                claim.delivered()
+                totals.messages_delivered += 1
+            elif not self._bounce(claim, record):
+                # Every recipient is decided but the bounce is not written: kept
+                # in the queue (the decision recorded) and tried again later.
+                claim.save(next_attempt=record.next_attempt)
+                totals.messages_deferred += 1
+            else:
+                try:
+                    claim.failed(_reasons_text(claim.id, claim))
+                except OSError as exc:
+                    # failed/ cannot be written: record the decision in the
+                    # queue instead (the space was reserved); moved next time.
+                    self._spool_trouble(exc)
+                    self.observer.error(claim.id, f"not moved to failed/ yet: {_problem(exc)}")
+                    claim.save(next_attempt=self.clock())
+                    totals.messages_deferred += 1
+                else:
+                    totals.messages_failed += 1
+        except OSError as exc:
+            record.problem = _problem(exc)
+            if claim.id not in self._held:
+                self.observer.error(claim.id, "outcome not recorded yet (held, nothing is "
+                                    f"delivered again): {record.problem}")
+            self._spool_trouble(exc)
+            return False
+        claim.release()
         self.observer.message_done(totals)
+        return True
+
+    def _retry_held(self) -> None:
+        """Write the held outcomes, oldest first, until one fails."""
+        for id, record in list(self._held.items()):
+            if not self._write(record):
+                return
+            del self._held[id]
+
+    def _give_up_held(self) -> None:
+        """Replay ends with outcomes it could not write: say so, entry by entry."""
+        for id, record in self._held.items():
+            self.totals.unrecorded += 1
+            to = ", ".join(record.delivered_to) or "nobody"
+            self.observer.error(id, f"outcome not recorded ({record.problem}): left queued as "
+                                f"before; it was delivered to {to}, who will get it again "
+                                "from a later replay")
+            record.claim.release()
+        self._held.clear()
+
+    def _spool_trouble(self, exc: OSError) -> None:
+        """A spool write failed: stop starting deliveries, and back off (doubling)."""
+        self.totals.spool_errors += 1
+        if self._trouble:
+            return  # several workers failing at once are one back-off
+        first, longest = self.spool_backoff
+        self._trouble = True
+        self._trouble_delay = (first if not self._trouble_delay
+                               else min(longest, self._trouble_delay * 2))
+        self.observer.backing_off(_problem(exc), self._trouble_delay)
 
     async def _deliver(
         self, message: bytes, sender: str, recipients: list[str]
@@ -431,15 +588,25 @@ class Replayer:
             local=res.local, next_attempt=next_attempt,
         ))
 
-    def _bounce(self, claim: Claim) -> None:
-        if self.bounce_dir is None:
-            return
+    def _bounce(self, claim: Claim, record: _Record) -> bool:
+        """Write the bounce once; False if it could not be written (the entry waits)."""
+        env = claim.envelope
+        if self.bounce_dir is None or env.bounced:
+            return True
         from ._bounce import write_bounce
 
         try:
-            write_bounce(self.bounce_dir, claim.id, claim.envelope, claim.read_message())
-        except OSError as exc:  # a bounce is a courtesy; the failed/ record is what counts
-            self.observer.quarantined(claim.id, f"bounce not written: {exc}")
+            write_bounce(self.bounce_dir, claim.id, env, claim.read_message())
+        except OSError as exc:
+            self.observer.error(claim.id, f"bounce not written, kept queued: {_problem(exc)}")
+            return False
+        env.bounced = True
+        return True
+
+
+def _problem(exc: OSError) -> str:
+    text = exc.strerror or str(exc)
+    return f"{text}: {exc.filename}" if exc.filename else text
 
 
 def _age(seconds: float) -> str:

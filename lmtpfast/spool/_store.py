@@ -109,6 +109,12 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class Scan:
     """A lazy walk over the due entries of a spool: ``(queue, id)`` pairs.
 
@@ -164,6 +170,7 @@ class Claim:
         self.queue: Queue = queue
         self.envelope = envelope
         self._fd = fd
+        self._reserved: tuple[Path, int] | None = None
 
     @property
     def envelope_path(self) -> Path:
@@ -173,39 +180,97 @@ class Claim:
     def message_path(self) -> Path:
         return self.spool.path / "msg" / self.id
 
+    @property
+    def message_size(self) -> int:
+        return os.fstat(self._fd).st_size
+
     def read_message(self) -> bytes:
         """The message bytes (read through the locked descriptor)."""
         size = os.fstat(self._fd).st_size
         return os.pread(self._fd, size, 0) if size else b""
 
+    def reserve(self, size: int) -> None:
+        """Set aside *size* bytes on disk for the next :meth:`save` (before a delivery).
+
+        A file of at least that size, allocated in ``tmp/`` (``posix_fallocate``),
+        is set aside for this claim, so the envelope rewrite that records a
+        partial delivery cannot fail for want of space afterwards: on a full
+        disk this raises (``ENOSPC``) *before* anything is delivered. Files
+        not used by a save go back to the spool's spares on :meth:`release`
+        (see :meth:`Spool.drop_reservations`), so the common case (everybody
+        delivered) costs no file operation after the first few messages.
+        """
+        if self._reserved is None:
+            self._reserved = self.spool._take_reservation(size)
+
     def release(self) -> None:
-        """Give the message back unchanged."""
+        """Give the message back unchanged (and any space reserved for it)."""
+        if self._reserved is not None:
+            self.spool._return_reservation(self._reserved)
+            self._reserved = None
         if self._fd >= 0:
             os.close(self._fd)  # closing drops the flock
             self._fd = -1
 
+    @property
+    def held(self) -> bool:
+        """Whether the claim (the lock) is still held."""
+        return self._fd >= 0
+
     def save(self, *, next_attempt: float) -> None:
         """Write the envelope (crash-safe) into ``deferred/`` with *next_attempt*.
 
-        The new envelope is written and fsynced under a temporary name, its
-        modification time set to the next attempt time (what the scan reads),
-        then renamed over the old one. A message still in ``incoming/`` is
-        first renamed into ``deferred/``, so one envelope exists at every instant.
+        The new envelope is written and fsynced under a temporary name (into
+        the space :meth:`reserve` set aside, if it did), its modification time
+        set to the next attempt time (what the scan reads), then renamed over
+        the old one. A message still in ``incoming/`` is first renamed into
+        ``deferred/``, so one envelope exists at every instant. On an error
+        nothing is left in ``tmp/`` but the reservation, kept for a retry.
         """
         env = self.envelope
         env.next_attempt = next_attempt
         spool = self.spool
-        tmp = spool.write_tmp(encode_envelope(env), fsync=True, mtime=next_attempt)
+        data = encode_envelope(env)
+        fd = -1
+        if self._reserved is not None:
+            tmp = self._reserved[0]
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:  # a spare removed by another replay's sweep
+                self._reserved = None
+        if fd >= 0:
+            try:
+                _write_all(fd, data)
+                os.ftruncate(fd, len(data))
+                self._reserved = (tmp, len(data))
+                os.fsync(fd)
+                os.utime(fd, (next_attempt, next_attempt))
+            finally:
+                os.close(fd)
+        else:
+            tmp = spool.write_tmp(data, fsync=True, mtime=next_attempt)
         target = spool.path / "deferred" / self.id
-        if self.queue == "incoming":
-            os.rename(self.envelope_path, target)
-            self.queue = "deferred"
-        os.rename(tmp, target)
+        try:
+            if self.queue == "incoming":
+                os.rename(self.envelope_path, target)
+                self.queue = "deferred"
+            os.rename(tmp, target)
+        except BaseException:
+            if self._reserved is None:
+                _unlink(tmp)
+            raise
+        self._reserved = None
 
     def delivered(self) -> None:
-        """Every recipient delivered: remove the envelope (the commit point), then the message."""
+        """Every recipient delivered: remove the envelope (the commit point), then the message.
+
+        Removing a file needs no free space, so this works on a full disk. A
+        message file left behind (an error after the commit) is an orphan that
+        :meth:`Spool.sweep` removes.
+        """
         _unlink(self.envelope_path)
-        _unlink(self.message_path)
+        with contextlib.suppress(OSError):
+            _unlink(self.message_path)
         self.release()
 
     def failed(self, reasons: str) -> None:
@@ -241,6 +306,8 @@ class Spool:
         #: user) are not the spool's and are never delivered.
         self.owner = self.path.stat().st_uid
         self._owners = frozenset((self.owner, os.geteuid()))
+        # Reservation files not used by a save, kept for the next claims.
+        self._spares: list[tuple[Path, int]] = []
         present = {}
         for d in _DIRS:
             try:
@@ -287,10 +354,7 @@ class Spool:
         tmp = self.path / "tmp" / f".{secrets.token_hex(8)}.{os.getpid()}"
         fd = open_private(tmp)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            _write_all(fd, data)
             if fsync:
                 os.fsync(fd)
             if mtime is not None:
@@ -302,9 +366,54 @@ class Spool:
         os.close(fd)
         return tmp
 
+    def _take_reservation(self, size: int) -> tuple[Path, int]:
+        """A file in ``tmp/`` with at least *size* bytes allocated (a spare if there is one)."""
+        if self._spares:
+            tmp, allocated = self._spares.pop()
+        else:
+            tmp, allocated = self.path / "tmp" / f".{secrets.token_hex(8)}.{os.getpid()}.res", 0
+        if allocated >= size:
+            return tmp, allocated
+        try:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC) if allocated else (
+                    open_private(tmp))
+            except FileNotFoundError:  # a spare removed by another replay's sweep
+                fd = open_private(tmp)
+            try:
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    # No fallocate here (some network file systems): write the bytes.
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    _write_all(fd, bytes(size))
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return tmp, size
+
+    def _return_reservation(self, reservation: tuple[Path, int]) -> None:
+        self._spares.append(reservation)
+
+    def drop_reservations(self) -> None:
+        """Remove the spare reservation files (replay does it when it ends)."""
+        while self._spares:
+            with contextlib.suppress(OSError):
+                os.unlink(self._spares.pop()[0])
+
     def put(self, path: Path, data: bytes) -> None:
-        """Write a whole file atomically (temporary file, fsync, rename)."""
-        os.rename(self.write_tmp(data, fsync=True), path)
+        """Write a whole file atomically (temporary file, fsync, rename); nothing left on error."""
+        tmp = self.write_tmp(data, fsync=True)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            _unlink(tmp)
+            raise
 
     def enqueue(
         self,
@@ -338,8 +447,17 @@ class Spool:
                     continue
         finally:
             _unlink(tmp_msg)
-        tmp_env = self.write_tmp(env_bytes, fsync=fsync, mtime=env.arrival)
-        os.rename(tmp_env, self.path / "incoming" / id)
+        try:
+            tmp_env = self.write_tmp(env_bytes, fsync=fsync, mtime=env.arrival)
+            try:
+                os.rename(tmp_env, self.path / "incoming" / id)
+            except BaseException:
+                _unlink(tmp_env)
+                raise
+        except BaseException:
+            # Not queued after all (a full disk): leave no orphan message behind.
+            _unlink(self.path / "msg" / id)
+            raise
         if fsync:
             _fsync_dir(self.path / "msg")
             _fsync_dir(self.path / "incoming")
