@@ -32,7 +32,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -145,6 +145,7 @@ class Agent:
         lhlo_name: str | None = None,
         recipient_delimiter: str = "",
         recipient_map: Map | str | Sequence[Map | str] | None = None,
+        no_route: Literal["defer", "bounce"] = "defer",
         config: AgentConfig | None = None,
     ) -> None:
         if config is None:
@@ -163,10 +164,12 @@ class Agent:
                 default=route,
                 lhlo_name=lhlo_name,
                 recipient_delimiter=recipient_delimiter,
+                no_route=no_route,
             )
         elif any(x is not None for x in (transports, transport_map, virtual_map, default,
                                           recipient_map)):
             raise TypeError("give either config= or the individual settings, not both")
+        config.check_routes_something()
         self.config = config
         self._transports: Mapping[str, Transport] = config.transports
         self._router = Router(
@@ -179,6 +182,7 @@ class Agent:
             destinations={n: t.dest for n, t in config.transports.items()},
             delimiter=config.recipient_delimiter,
             default_transport=DEFAULT_TRANSPORT,
+            no_route=config.no_route,
         )
         self._pools: dict[tuple[str, Destination], Pool] = {}
         # Routes from file maps never change; from network maps they are kept

@@ -36,7 +36,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -161,6 +161,9 @@ class AgentConfig:
     lhlo_name: str | None = None
     #: Characters that start an address extension (``recipient_delimiter``, e.g. ``"+"``).
     recipient_delimiter: str = ""
+    #: A recipient no route matches: ``"defer"`` (the default: 451 4.4.4, tried
+    #: again, as for any failure of ours) or ``"bounce"`` (554 5.4.4, final).
+    no_route: Literal["defer", "bounce"] = "defer"
     #: Where this came from, for error messages.
     source: str = "<python>"
 
@@ -183,6 +186,21 @@ class AgentConfig:
                                   None if entry.line is not None else f"transport_map.{entry.key}")
         if self.default is not None:
             self._check_route(self.default, self.source, None, "default")
+        if self.no_route not in ("defer", "bounce"):
+            raise ConfigurationError(f"must be 'defer' or 'bounce', not {self.no_route!r}",
+                                     source=self.source, field="no_route")
+
+    def check_routes_something(self) -> None:
+        """Raise :class:`ConfigurationError` if no recipient could ever be routed.
+
+        With neither a default route nor a transport map entry every recipient
+        would be refused (or deferred forever): that is a broken configuration,
+        refused before anything is delivered.
+        """
+        if self.default is None and not self.transport_map and not self.transport_maps:
+            raise ConfigurationError(
+                "this configuration routes nothing: give a default route (default = "
+                "\"lmtp:unix:/path\") or a transport_map with entries", source=self.source)
 
     def _check_route(self, route: Route, source: str, line: int | None, key: str | None) -> None:
         name = route.transport or DEFAULT_TRANSPORT
@@ -266,6 +284,7 @@ class _FileTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     recipient_map: str | list[str] | None = None
     map_cache: _MapCacheTable = _MapCacheTable()
     recipient_delimiter: str = ""
+    no_route: str = "defer"
     defaults: dict[str, Any] = {}
     transports: dict[str, Any] = {}
 
@@ -455,6 +474,7 @@ def config_from_dict(
         default=default,
         lhlo_name=top.lhlo_name,
         recipient_delimiter=top.recipient_delimiter,
+        no_route=top.no_route,  # type: ignore[arg-type]  # checked by AgentConfig
         source=source,
     )
 

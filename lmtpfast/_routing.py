@@ -489,6 +489,7 @@ class Router:
         destinations: Mapping[str, Destination | None] | None = None,
         delimiter: str = "",
         default_transport: str = "lmtp",
+        no_route: str = "defer",
     ) -> None:
         self.transport_maps = tuple(transport_maps)
         self.virtual_maps = tuple(virtual_maps)
@@ -497,6 +498,8 @@ class Router:
         self.destinations = dict(destinations or {})
         self.delimiter = delimiter
         self.default_transport = default_transport
+        #: A recipient no route matches: "defer" (451 4.4.4) or "bounce" (554 5.4.4).
+        self.no_route = no_route
         every = (*self.transport_maps, *self.virtual_maps, *(self.recipient_maps or ()))
         #: True when no map does I/O: a routing never changes and may be kept.
         self.static = all(m.static for m in every)
@@ -650,8 +653,13 @@ class Router:
         elif self.default is not None:
             key, route = "default", self.default
         else:
+            # A failure of ours (the configuration): it defers by default, as a
+            # map that is down does; no_route = "bounce" makes it final.
+            # TODO(core): the failure table's NO_ROUTE entry (451 4.4.4; 554
+            # 5.4.4 with "bounce") once _failures.py is on main.
+            bounce = self.no_route == "bounce"
             return Routing(recipient, address, failure=_refusal(
-                recipient, 554, "5.4.4",
+                recipient, 554 if bounce else 451, "5.4.4" if bounce else "4.4.4",
                 f"no route for {address}: no transport map entry matches and no default route "
                 "is configured", "route"))
         name = route.transport or self.default_transport

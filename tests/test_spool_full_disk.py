@@ -24,8 +24,9 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,9 +212,8 @@ class _RemountAfterFirst:
         self.fs = fs
         self.calls = 0
 
-    async def deliver(self, message: bytes, *, sender: str,
-                      recipients: Sequence[str]) -> list[RecipientResult]:
-        results = await self.agent.deliver(message, sender=sender, recipients=recipients)
+    async def deliver(self, *args: Any, **kwargs: Any) -> list[RecipientResult]:
+        results = await self.agent.deliver(*args, **kwargs)
         self.calls += 1
         if self.calls == 1:
             _mount("-o", "remount,ro", str(self.fs))

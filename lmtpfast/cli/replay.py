@@ -249,6 +249,9 @@ class _CliObserver(Observer):
     def error(self, id: str, problem: str) -> None:
         self._stderr(f"lmtpfast replay: {id}: {problem}")
 
+    def notice(self, text: str) -> None:
+        self._stderr(f"lmtpfast replay: {text}")
+
     def backing_off(self, problem: str, delay: float) -> None:
         self._stderr(f"lmtpfast replay: spool write failed ({problem}): backing off, no new "
                      f"delivery for {delay:g} s")
@@ -386,12 +389,20 @@ def _replay(args: argparse.Namespace, spool: Spool, policy: RetryPolicy,
     progress = not args.quiet and not args.no_progress and sys.stderr.isatty()
     obs = _CliObserver(verbose=args.verbose, progress=progress, report=report)
 
+    stop = asyncio.Event()
+
+    def hangup() -> None:
+        # A terminal hang-up or an operator's "reload" must not stop --watch;
+        # there is nothing to reload yet (issue 16 adds it), so say so.
+        obs.notice("SIGHUP received: ignored (replay has no configuration to reload; "
+                   "SIGTERM or SIGINT stops it)")
+
     async def main() -> Totals:
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             # First signal: finish the messages in flight and stop cleanly.
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, hangup)
         async with open_deliverer(server=args.server, config=args.config,
                                   connections=args.connections, timeouts=timeouts) as deliverer:
             replayer = Replayer(spool, deliverer, concurrency=args.concurrency, policy=policy,
@@ -410,11 +421,15 @@ def _replay(args: argparse.Namespace, spool: Spool, policy: RetryPolicy,
     with contextlib.suppress(OSError):
         spool.sweep()
     status = exit_status(totals)
-    if args.watch:
+    if args.watch or stop.is_set():
         # Stopped by a signal: what matters is whether anything is left queued.
-        c = spool.count()
-        if c["incoming"] or c["deferred"]:
+        try:
+            c = spool.count()
+        except OSError:
             status = _exit.EX_TEMPFAIL
+        else:
+            if c["incoming"] or c["deferred"]:
+                status = _exit.EX_TEMPFAIL
     if report is not None:
         report.finish(totals, status)
     if not args.quiet:
