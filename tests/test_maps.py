@@ -204,7 +204,7 @@ async def test_router_search_order_batches_and_pattern_maps() -> None:
     r2 = _router(transport_maps=[pattern], default=None)
     a, b = await r2.route_many(["a@example.com", "b@example.com"])
     assert str(a.destination) == "a:24"
-    assert b.failure is not None and b.failure.code == 554
+    assert b.failure is not None and b.failure.code == 451  # no route defers (issue 10 item 20)
     assert pattern.calls == [["a@example.com", "b@example.com"]]
 
 
