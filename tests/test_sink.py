@@ -28,16 +28,27 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmtpfast import ConfigurationError
 from lmtpfast._testing.postfix import postfix_env, smtp_tool
 from lmtpfast.cli import sink as sink_cli
-from lmtpfast.server import DotDecoder, FaultPlan, FaultRule, ServerSession, SessionConfig, Sink
+from lmtpfast.server import (
+    CLOSE,
+    IMPLEMENTATIONS,
+    STALL,
+    Delay,
+    DotDecoder,
+    FaultPlan,
+    FaultRule,
+    SessionConfig,
+    SinkHandler,
+    SinkStats,
+)
+from lmtpfast.server import Sink as _Sink
 from lmtpfast.server._faults import FaultEngine, parse_fault
-from lmtpfast.server._session import CLOSE, STALL, Delay
-from lmtpfast.server._sink import _mailbox_name, _parse_listen
+from lmtpfast.server._sink import Deliver, _mailbox_name, _parse_listen
 
 T = TypeVar("T")
 Run = Callable[[Awaitable[T]], T]
@@ -54,8 +65,54 @@ TIMEOUT = 10.0
 SMTP_SOURCE = str(smtp_tool("smtp-source") or "/usr/sbin/smtp-source")
 
 
+ENGINES = ["python", "c"]
+_ENGINE = ["python"]  # the engine of the test running now (set by the impl fixture)
+
+
+@pytest.fixture(params=ENGINES)
+def impl(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every server test runs on both engines: the pure-Python reference and the compiled one.
+
+    A missing compiled engine skips locally but fails under CI.
+    """
+    name: str = request.param
+    if name not in IMPLEMENTATIONS:
+        msg = f"the {name} server engine is not built (python setup.py build_ext --inplace)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    _ENGINE[0] = name
+    yield name
+    _ENGINE[0] = "python"
+
+
+def Sink(*args: Any, **kwargs: Any) -> _Sink:
+    """The sink on the engine under test."""
+    kwargs.setdefault("engine", _ENGINE[0])
+    return _Sink(*args, **kwargs)
+
+
+def new_session(
+    impl: str,
+    *,
+    deliver: Deliver | None = None,
+    faults: FaultEngine | None = None,
+    stats: SinkStats | None = None,
+    **cfg: Any,
+) -> Any:
+    """A sans-IO session of engine ``impl`` with the sink's handler."""
+    stats = stats if stats is not None else SinkStats()
+    if faults is not None:
+        cfg.setdefault("hide", faults.plan.hide)
+        cfg.setdefault("advertise", faults.plan.advertise)
+    if deliver is not None:
+        cfg.setdefault("delivered_text", "Saved")
+    handler = SinkHandler(stats, deliver=deliver, faults=faults)
+    return IMPLEMENTATIONS[impl].ServerSession(SessionConfig(**cfg), handler, stats)
+
+
 @pytest.fixture(params=LOOPS)
-def run(request: pytest.FixtureRequest) -> Iterator[Run[Any]]:
+def run(request: pytest.FixtureRequest, impl: str) -> Iterator[Run[Any]]:
     """Run a coroutine to completion on the loop under test, bounded in time."""
     with asyncio.Runner(loop_factory=request.param) as runner:
 
@@ -274,8 +331,8 @@ TRANSCRIPT = (
 )
 
 
-def session_output(chunks: list[bytes], **cfg: Any) -> tuple[bytes, list[Any]]:
-    s = ServerSession(SessionConfig(**cfg))
+def session_output(impl: str, chunks: list[bytes], **cfg: Any) -> tuple[bytes, list[Any]]:
+    s = new_session(impl, **cfg)
     items = s.start()
     for c in chunks:
         if c:  # b"" would mean EOF
@@ -284,8 +341,8 @@ def session_output(chunks: list[bytes], **cfg: Any) -> tuple[bytes, list[Any]]:
     return data, [i for i in items if not isinstance(i, bytes)]
 
 
-def test_session_one_write_per_read() -> None:
-    s = ServerSession(SessionConfig())
+def test_session_one_write_per_read(impl: str) -> None:
+    s = new_session(impl)
     s.start()
     s.receive_data(b"LHLO c\r\n")
     out = s.receive_data(envelope("a@x", "b@x"))
@@ -299,18 +356,18 @@ def test_session_one_write_per_read() -> None:
     ]
 
 
-def test_session_any_split_gives_same_replies() -> None:
-    whole, instr = session_output([TRANSCRIPT])
+def test_session_any_split_gives_same_replies(impl: str) -> None:
+    whole, instr = session_output(impl, [TRANSCRIPT])
     assert instr == [CLOSE]
     assert whole.count(b"\r\n") > 10
     for i in range(len(TRANSCRIPT) + 1):
-        got, _ = session_output([TRANSCRIPT[:i], TRANSCRIPT[i:]])
+        got, _ = session_output(impl, [TRANSCRIPT[:i], TRANSCRIPT[i:]])
         assert got == whole, i
-    drip, _ = session_output([TRANSCRIPT[i : i + 1] for i in range(len(TRANSCRIPT))])
+    drip, _ = session_output(impl, [TRANSCRIPT[i : i + 1] for i in range(len(TRANSCRIPT))])
     assert drip == whole
 
 
-def test_session_keeps_content() -> None:
+def test_session_keeps_content(impl: str) -> None:
     got: list[tuple[bytes, list[bytes], bytes]] = []
 
     def deliver(sender: bytes, rcpts: Any, content: bytes) -> list[bool]:
@@ -319,7 +376,7 @@ def test_session_keeps_content() -> None:
 
     for i in range(0, len(TRANSCRIPT) + 1, 7):
         got.clear()
-        session_output([TRANSCRIPT[:i], TRANSCRIPT[i:]], deliver=deliver)
+        session_output(impl, [TRANSCRIPT[:i], TRANSCRIPT[i:]], deliver=deliver)
         assert got == [
             (
                 b"sender@example.com",
@@ -330,17 +387,18 @@ def test_session_keeps_content() -> None:
         ]
 
 
-def test_session_store_failure_is_451() -> None:
+def test_session_store_failure_is_451(impl: str) -> None:
     data, _ = session_output(
+        impl,
         [b"LHLO c\r\n" + envelope("a@x", "b@x") + b"hi\r\n.\r\n"],
         deliver=lambda s, r, c: [True, False],
     )
     assert b"250 2.0.0 <a@x> Saved\r\n451 4.3.0 <b@x> Could not store" in data
 
 
-def test_session_slow_drip_does_not_rescan() -> None:
+def test_session_slow_drip_does_not_rescan(impl: str) -> None:
     # A long line dripped byte by byte must be refused, not buffered forever.
-    s = ServerSession(SessionConfig(max_line_length=100))
+    s = new_session(impl, max_line_length=100)
     s.start()
     out: list[Any] = []
     for _ in range(300):
@@ -1149,14 +1207,14 @@ def test_smtp_source_drives_the_sink(cli_sink: Any, sockdir: str, tmp_path: Path
 # --- a randomised soak of the session against a model --------------------------
 
 
-def test_session_random_pipelines_match_model() -> None:
+def test_session_random_pipelines_match_model(impl: str) -> None:
     """Random pipelined transactions, random splits: replies as RFC 2033 says."""
     rng = random.Random(1)
     for _ in range(300):
         rcpts = [f"u{rng.randrange(4)}@x" for _ in range(rng.randrange(1, 6))] + ["u0@x"]
         body = rng.choice([b"", b".\r\n", b"a\r\n..b\r\n", b"\r\n.\r\r\n"])
         wire = b"LHLO c\r\n" + envelope(*rcpts) + stuff(body.split(b"\r\n")[:-1]) + b"QUIT\r\n"
-        s = ServerSession(SessionConfig(faults=FaultEngine(FaultPlan.parse(["rcpt:u3@*=550"]))))
+        s = new_session(impl, faults=FaultEngine(FaultPlan.parse(["rcpt:u3@*=550"])))
         out = s.start()
         cuts = sorted(rng.randrange(len(wire) + 1) for _ in range(3))
         for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True):
@@ -1201,7 +1259,9 @@ _TOKENS = [
 ]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     tokens=st.lists(st.sampled_from(_TOKENS), min_size=1, max_size=40),
     cuts=st.lists(st.integers(min_value=0, max_value=5000), max_size=8),
@@ -1209,7 +1269,7 @@ _TOKENS = [
     keep=st.booleans(),
 )
 def test_session_never_raises(
-    tokens: list[bytes], cuts: list[int], faults: bool, keep: bool
+    impl: str, tokens: list[bytes], cuts: list[int], faults: bool, keep: bool
 ) -> None:
     """Any input, split anywhere, with or without faults: items out, no exception."""
     plan = (
@@ -1226,13 +1286,13 @@ def test_session_never_raises(
         if faults
         else None
     )
-    cfg = SessionConfig(
+    session = new_session(
+        impl,
         max_size=100,
         max_line_length=200,
         deliver=(lambda s, r, c: [True] * len(r)) if keep else None,
         faults=FaultEngine(plan) if plan else None,
     )
-    session = ServerSession(cfg)
     session.start()
     data = b"".join(tokens)
     bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})

@@ -148,6 +148,18 @@ class DotDecoder:
         else:
             self._parts.append(chunk)
 
+    def take(self) -> bytes:
+        """The un-stuffed content decoded since the last ``take()``, and forget it.
+
+        How the server engine streams content to its handler chunk by chunk.
+        """
+        parts = self._parts
+        if not parts:
+            return b""
+        chunk = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        return chunk
+
     def content(self) -> bytes:
         """The un-stuffed content received so far (all of it once ``done``).
 

@@ -1,50 +1,73 @@
 """``Sink``: a fast LMTP server for tests, benchmarks and the demo.
 
-Runs one :class:`~lmtpfast.server._session.ServerSession` per connection
-under an ``asyncio.Protocol``: each read is handed to the session whole and
-its replies go out in one ``transport.write``. Messages are discarded,
-stored in a Maildir per recipient local part, and/or kept in memory
-(``collect=True``) for tests to inspect.
+A :class:`~lmtpfast.server._server.Server` whose handler,
+:class:`SinkHandler`, discards messages, stores them in a Maildir per
+recipient local part and/or keeps them in memory (``collect=True``), and
+misbehaves as its :class:`~lmtpfast.server.FaultPlan` says. The protocol
+itself (grammar, limits, replies) is the server engine's.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import logging
 import os
 import socket
-import stat
 import time
-from collections.abc import Sequence
-from types import TracebackType
-from typing import cast
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
 
 import msgspec
 
 from .._errors import ConfigurationError
-from ._faults import FaultEngine, FaultPlan
-from ._session import (
+from ._common import (
     ABORT,
     CLOSE,
+    DEFAULT,
     DEFAULT_EXTENSIONS,
     DEFAULT_MAX_LINE_LENGTH,
     DEFAULT_MAX_RECIPIENTS,
     DEFAULT_MAX_SIZE,
     STALL,
+    Answer,
+    Decision,
     Delay,
+    Envelope,
+    Handler,
     Item,
-    ServerSession,
     SessionConfig,
     SinkStats,
+    answer_code,
 )
+from ._faults import FaultEngine, FaultPlan, FaultRule, RuleSet
+from ._server import Server, parse_listen
+from ._session import ServerSession
 
-__all__ = ["ReceivedMessage", "Sink"]
+__all__ = ["Deliver", "ReceivedMessage", "Sink", "SinkHandler"]
 
 log = logging.getLogger("lmtpfast.sink")
 
-_STOP_TIMEOUT = 5.0
+_parse_listen = parse_listen  # the tests' name for it
+
+#: ``deliver(sender, recipients, content) -> stored`` — one bool per
+#: recipient; a False turns that recipient's reply into 451 4.3.0.
+Deliver = Callable[[bytes, Sequence[bytes], bytes], Sequence[bool]]
+
+# Fault commands whose rules the handler needs a hook for.
+_COMMAND_HOOKS = {
+    "greeting": "greeting",
+    "lhlo": "lhlo",
+    "mail": "mail",
+    "rcpt": "rcpt",
+    "data": "data",
+    "bdat": "bdat",
+    "dot": "end_of_content",
+    "dot-short": "end_of_content",
+    "rset": "rset",
+    "noop": "noop",
+    "quit": "quit",
+}
 
 
 class ReceivedMessage(msgspec.Struct, frozen=True):
@@ -59,58 +82,249 @@ class ReceivedMessage(msgspec.Struct, frozen=True):
     content: bytes
 
 
-def _parse_listen(dest: str) -> tuple[str, str, int]:
-    """A listen destination in Postfix syntax -> (``unix``|``inet``, host or path, port).
+class SinkHandler(Handler):
+    """The sink's behaviour on the server engine: store or discard, inject faults.
 
-    ``unix:/path``, ``/path``, ``inet:host:port``, ``host:port``,
-    ``[v6addr]:port``; port 0 picks a free one.
+    ``deliver`` (None: discard, content never even un-stuffed) is called
+    with each message and the recipients about to get a 2xx final reply;
+    ``faults`` decides, command by command, what to do wrong. Only the hooks
+    that a rule or the storage needs are called: without faults and storage
+    the engine runs alone.
     """
 
-    def bad(problem: str) -> ConfigurationError:
-        return ConfigurationError(problem, source="listen", field=dest)
+    def __init__(
+        self, stats: SinkStats, *, deliver: Deliver | None = None, faults: FaultEngine | None = None
+    ) -> None:
+        self._stats = stats
+        self._deliver = deliver
+        self._eng = faults if faults is not None and faults.plan.rules else None
+        eng = self._eng
+        self._rules: dict[str, RuleSet] = (
+            {c: eng.rules_for(c) for c in _COMMAND_HOOKS if eng.rules_for(c)} if eng else {}
+        )
+        hooks = {_COMMAND_HOOKS[c] for c in self._rules}
+        if deliver is not None:
+            hooks |= {"content", "end_of_content", "reset"}
+        if "bdat" in self._rules:
+            hooks.add("end_of_content")  # BDAT LAST's rule may rewrite the final replies
+        self.hooks = frozenset(hooks)
 
-    d = dest.strip()
-    if d.startswith("unix:"):
-        path = d[5:]
-        if not path:
-            raise bad("empty unix socket path")
-        return "unix", path, 0
-    if d.startswith("/"):
-        return "unix", d, 0
-    if d.startswith("inet:"):
-        d = d[5:]
-    if d.startswith("["):
-        host, sep, rest = d[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise bad("expected [address]:port")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = d.rpartition(":")
-        if not sep or ":" in host:
-            raise bad("expected host:port, [v6address]:port, inet:host:port or unix:/path")
-    if not host:
-        raise bad("missing host (use 127.0.0.1 or [::1] for loopback)")
-    if not port_text.isdigit() or int(port_text) > 65535:
-        raise bad(f"port {port_text!r} is not a number in 0..65535")
-    return "inet", host, int(port_text)
+    # --- faults ------------------------------------------------------------------
+
+    def _effect(self, rule: FaultRule, default: bytes | None, dcode: int) -> Decision:
+        """What a rule that fired does to one reply (``default``)."""
+        self._stats.faults_fired += 1
+        items: list[Item] = [Delay(rule.delay)] if rule.delay else []
+        act = rule.action
+        if act == "stall":
+            return Decision(0, [*items, STALL])
+        if act == "disconnect":
+            return Decision(0, [*items, CLOSE])
+        if act == "reset":
+            return Decision(0, [*items, ABORT])
+        if act == "reply":
+            return Decision(rule.code, [*items, rule.reply_line()])
+        if act == "garbage":
+            items.append(rule.text.encode("utf-8") + b"\r\n")
+        elif act == "oversize":
+            code = default[:3] if default else b"%d" % dcode
+            items.append(code + b" " + b"x" * rule.size + b"\r\n")
+        elif act == "extra":
+            items += [DEFAULT, rule.reply_line()]
+        else:  # proceed (after the delay)
+            items.append(DEFAULT)
+        return Decision(dcode, items)
+
+    def _simple(self, command: str, default: bytes, address: bytes | None = None) -> Answer:
+        rules = self._rules.get(command)
+        if not rules:
+            return None
+        assert self._eng is not None
+        rule = self._eng.check(rules, address)
+        return None if rule is None else self._effect(rule, default, answer_code(default))
+
+    def _any(self, command: str, session: Any, default: bytes | None, dcode: int) -> Answer:
+        rules = self._rules.get(command)
+        if not rules:
+            return None
+        assert self._eng is not None
+        rule = self._eng.check_any(rules, session.recipients)
+        return None if rule is None else self._effect(rule, default, dcode)
+
+    def greeting(self, session: ServerSession, default: bytes) -> Answer:
+        return self._simple("greeting", default)
+
+    def lhlo(self, session: ServerSession, name: bytes, default: bytes) -> Answer:
+        return self._simple("lhlo", default)
+
+    def mail(
+        self, session: ServerSession, sender: bytes, params: list[bytes], default: bytes
+    ) -> Answer:
+        return self._simple("mail", default, sender)
+
+    def rcpt(
+        self,
+        session: ServerSession,
+        index: int,
+        recipient: bytes,
+        params: list[bytes],
+        default: bytes,
+    ) -> Answer:
+        return self._simple("rcpt", default, recipient)
+
+    def data(self, session: ServerSession, default: bytes) -> Answer:
+        return self._any("data", session, default, 354)
+
+    def bdat(self, session: ServerSession, size: int, last: bool, default: bytes | None) -> Answer:
+        ans = self._any("bdat", session, default, 250)
+        if last and isinstance(ans, Decision) and ans.items and ans.code != 250:
+            # A reply on the LAST chunk refuses the message with that one
+            # reply, even a 2xx one (counted here: the engine counts none).
+            code = ans.code
+            if 200 <= code < 300:
+                fr = self._stats.final_replies
+                fr[code] = fr.get(code, 0) + 1
+                return Decision(0, ans.items)
+        return ans
+
+    def rset(self, session: ServerSession, default: bytes) -> Answer:
+        return self._simple("rset", default)
+
+    def noop(self, session: ServerSession, default: bytes) -> Answer:
+        return self._simple("noop", default)
+
+    def quit(self, session: ServerSession, default: bytes) -> Answer:
+        return self._simple("quit", default)
+
+    # --- content -----------------------------------------------------------------
+
+    def content(self, session: ServerSession, chunk: bytes) -> None:
+        parts = session.context
+        if parts is None:
+            session.context = [chunk]
+        else:
+            parts.append(chunk)
+        return None
+
+    def reset(self, session: ServerSession) -> None:
+        session.context = None
+
+    def end_of_content(
+        self, session: ServerSession, envelope: Envelope
+    ) -> Sequence[Answer] | None:
+        parts = session.context
+        session.context = None
+        content = b"" if not parts else parts[0] if len(parts) == 1 else b"".join(parts)
+        rcpts = envelope.recipients
+        deliver = self._deliver
+        if not self._rules.get("dot") and not self._rules.get("dot-short"):
+            if envelope.too_big or deliver is None:
+                return None
+            stored = deliver(envelope.sender, rcpts, content)
+            self._stats.messages_stored += sum(stored)
+            if all(stored):
+                return None
+            return [
+                None if ok else b"451 4.3.0 <" + r + b"> Could not store the message\r\n"
+                for r, ok in zip(rcpts, stored, strict=True)
+            ]
+        return self._faulty_finals(envelope, content)
+
+    def _faulty_finals(self, envelope: Envelope, content: bytes) -> list[Answer]:
+        """Per-recipient faults after the dot; only 2xx-answered copies are stored."""
+        eng = self._eng
+        assert eng is not None
+        stats = self._stats
+        rcpts = envelope.recipients
+        too_big = envelope.too_big
+        limit = len(rcpts)
+        then: Any = None
+        before: list[Item] = []
+        short = self._rules.get("dot-short")
+        if short:
+            srule = eng.check_any(short, rcpts)
+            if srule is not None:
+                stats.faults_fired += 1
+                if srule.delay:
+                    before.append(Delay(srule.delay))
+                limit = min(srule.count, limit)
+                then = STALL if srule.then == "stall" else CLOSE
+        per_rcpt = self._rules.get("dot")
+        dcode = 552 if too_big else 250
+        # Decide every reply first, then store the 2xx ones, then answer:
+        # a 250 must only go out for a stored copy.
+        plan: list[tuple[bytes, int, FaultRule | None]] = []
+        for r in rcpts[:limit]:
+            rule = eng.check(per_rcpt, r) if per_rcpt else None
+            if rule is not None and rule.action in ("stall", "disconnect", "reset"):
+                plan.append((r, -1, rule))
+                break
+            code = rule.code if rule is not None and rule.action == "reply" else dcode
+            plan.append((r, code, rule))
+        delivered = [r for r, code, _ in plan if 200 <= code < 300]
+        stored: Sequence[bool] = [True] * len(delivered)
+        if delivered and self._deliver is not None:
+            stored = self._deliver(envelope.sender, delivered, content)
+            stats.messages_stored += sum(stored)
+        answers: list[Answer] = []
+        k = 0
+        for r, code, rule in plan:
+            ans: Answer = None
+            if 200 <= code < 300:
+                if not stored[k]:
+                    ans = b"451 4.3.0 <" + r + b"> Could not store the message\r\n"
+                k += 1
+            if rule is not None:
+                eff = self._effect(rule, None, dcode)
+                if isinstance(ans, bytes):  # the store failure replaces a 2xx reply
+                    failed: bytes = ans
+                    if rule.action == "reply":
+                        eff = Decision(451, [*eff.items[:-1], failed])
+                    else:
+                        eff = Decision(451, [failed if i is DEFAULT else i for i in eff.items])
+                ans = eff
+            answers.append(ans)
+        if then is not None or before:
+            if not answers:
+                answers.append(Decision(0, [*before, then]))
+            else:
+                if before:
+                    answers[0] = _prepend(answers[0], before, dcode)
+                if then is not None and len(answers) == limit:
+                    answers[-1] = _append(answers[-1], then, dcode)
+        return answers
 
 
-def _format_inet(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _prepend(ans: Answer, items: list[Item], dcode: int) -> Decision:
+    if ans is None:
+        return Decision(dcode, [*items, DEFAULT])
+    if isinstance(ans, bytes):
+        return Decision(answer_code(ans), [*items, ans])
+    return Decision(ans.code, [*items, *ans.items])
 
 
-class Sink:
+def _append(ans: Answer, item: Item, dcode: int) -> Decision:
+    if ans is None:
+        return Decision(dcode, [DEFAULT, item])
+    if isinstance(ans, bytes):
+        return Decision(answer_code(ans), [ans, item])
+    return Decision(ans.code, [*ans.items, item])
+
+
+class Sink(Server):
     """An LMTP server that accepts (or, with faults, mishandles) everything.
 
-    ``listen`` is one destination or a list (see :func:`_parse_listen`);
-    after :meth:`start`, :attr:`destinations` holds the real ones, e.g.
-    ``"127.0.0.1:40123"`` or ``"unix:/tmp/s"``. ``extensions`` are the LHLO
-    keywords advertised *and* honoured (drop one to turn it off);
-    ``max_size`` 0 means no limit. ``maildir`` stores each message once per
-    accepted recipient in ``maildir/<local part>/new/``; ``collect`` keeps
-    them in :attr:`messages`. ``max_connections`` > 0 refuses connections
-    beyond it with ``421 4.3.2``. ``received_headers`` prepends
-    ``Return-Path`` and ``Delivered-To`` to stored copies.
+    ``listen`` is one destination or a list (``unix:/path``, ``host:port``,
+    ``[v6]:port``; port 0 picks one); after :meth:`start`,
+    :attr:`destinations` holds the real ones, e.g. ``"127.0.0.1:40123"`` or
+    ``"unix:/tmp/s"``. ``extensions`` are the LHLO keywords advertised *and*
+    honoured (drop one to turn it off); ``max_size`` 0 means no limit.
+    ``maildir`` stores each message once per accepted recipient in
+    ``maildir/<local part>/new/``; ``collect`` keeps them in
+    :attr:`messages`. ``max_connections`` > 0 refuses connections beyond it
+    with ``421 4.3.2``. ``received_headers`` prepends ``Return-Path`` and
+    ``Delivered-To`` to stored copies. ``engine`` picks the server engine
+    (``"c"``, ``"python"``; default the compiled one when built).
     """
 
     def __init__(
@@ -127,11 +341,8 @@ class Sink:
         received_headers: bool = False,
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         max_recipients: int = DEFAULT_MAX_RECIPIENTS,
+        engine: str | ModuleType | None = None,
     ) -> None:
-        dests = [listen] if isinstance(listen, str) else list(listen)
-        if not dests:
-            raise ConfigurationError("no listen destination", source="listen")
-        self._listen = [_parse_listen(d) for d in dests]
         if not hostname or any(c in hostname for c in " \r\n\0"):
             raise ConfigurationError(f"bad hostname {hostname!r}", source="hostname")
         if max_size < 0 or max_connections < 0 or max_line_length < 64 or max_recipients < 1:
@@ -139,91 +350,40 @@ class Sink:
         self.maildir = os.fspath(maildir) if maildir is not None else None
         self.collect = collect
         self.received_headers = received_headers
-        self.max_connections = max_connections
         self.faults = faults if faults is not None else FaultPlan()
-        #: Counters; see :class:`SinkStats`.
-        self.stats = SinkStats()
         #: Messages received, when ``collect`` is true.
         self.messages: list[ReceivedMessage] = []
-        #: The real listen destinations, once started.
-        self.destinations: list[str] = []
         self._engine = FaultEngine(self.faults)
         store = self.maildir is not None or collect
-        self._config = SessionConfig(
+        stats = SinkStats()
+        config = SessionConfig(
             hostname=hostname,
             extensions=extensions,
             max_size=max_size,
             max_line_length=max_line_length,
             max_recipients=max_recipients,
-            deliver=self._deliver if store else None,
-            faults=self._engine,
+            delivered_text="Saved" if store else "Accepted, not stored",
+            hide=self.faults.hide,
+            advertise=self.faults.advertise,
         )
-        self._servers: list[asyncio.AbstractServer] = []
-        self._unix_paths: list[str] = []
-        self._connections: set[_SinkProtocol] = set()
+        handler = SinkHandler(
+            stats, deliver=self._deliver if store else None, faults=self._engine
+        )
+        super().__init__(
+            listen,
+            handler,
+            config,
+            stats=stats,
+            max_connections=max_connections,
+            engine=engine,
+        )
         self._created: set[str] = set()
         self._seq = itertools.count(1)
         self._host_tag = socket.gethostname().replace("/", "_").replace(":", "_") or "sink"
 
-    # --- lifecycle ---------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Start listening on every destination (all or none)."""
-        if self._servers:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            for kind, where, port in self._listen:
-                if kind == "unix":
-                    server = await loop.create_unix_server(
-                        lambda: _SinkProtocol(self), where, backlog=1024
-                    )
-                    self._unix_paths.append(where)
-                    self.destinations.append(f"unix:{where}")
-                else:
-                    server = await loop.create_server(
-                        lambda: _SinkProtocol(self), where, port, backlog=1024
-                    )
-                    sockname = server.sockets[0].getsockname()
-                    self.destinations.append(_format_inet(sockname[0], sockname[1]))
-                self._servers.append(server)
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def stop(self) -> None:
-        """Stop listening, close every connection, remove unix sockets."""
-        servers, self._servers = self._servers, []
-        for server in servers:
-            server.close()
-        for conn in list(self._connections):
-            conn.abort()
-        for server in servers:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), _STOP_TIMEOUT)
-        for path in self._unix_paths:
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.stat(path).st_mode):
-                    os.unlink(path)
-        self._unix_paths = []
-        self.destinations = []
-
     async def __aenter__(self) -> Sink:
         await self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @property
-    def listening(self) -> bool:
-        """True between :meth:`start` and :meth:`stop`."""
-        return bool(self._servers)
 
     # --- storage -----------------------------------------------------------------
 
@@ -286,148 +446,3 @@ def _mailbox_name(rcpt: bytes) -> str:
     return name
 
 
-class _SinkProtocol(asyncio.Protocol):
-    """One connection: feeds the session, carries out its instructions in order."""
-
-    __slots__ = (
-        "_blocked",
-        "_loop",
-        "_queue",
-        "_refused",
-        "_session",
-        "_sink",
-        "_stats",
-        "_timer",
-        "_transport",
-    )
-
-    def __init__(self, sink: Sink) -> None:
-        self._sink = sink
-        self._stats = sink.stats
-        self._transport: asyncio.Transport | None = None
-        self._session: ServerSession | None = None
-        self._refused = False
-        # While a Delay runs, later items wait in _queue; after STALL/CLOSE
-        # _blocked stays set and _queue is None: nothing is written again.
-        self._blocked = False
-        self._queue: list[Item] | None = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop = asyncio.get_running_loop()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self._transport = transport = cast(asyncio.Transport, transport)
-        sink = self._sink
-        st = self._stats
-        if sink.max_connections and st.connections_current >= sink.max_connections:
-            self._refused = True
-            st.connections_refused += 1
-            transport.write(b"421 4.3.2 Too many connections, try again later\r\n")
-            transport.close()
-            return
-        st.connections_total += 1
-        st.connections_current += 1
-        if st.connections_current > st.connections_peak:
-            st.connections_peak = st.connections_current
-        sink._connections.add(self)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                # Replies are small and latency-bound; Nagle would hold them.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._session = ServerSession(sink._config, st)
-        self._dispatch(self._session.start())
-
-    def data_received(self, data: bytes) -> None:
-        session = self._session
-        if session is None:
-            return
-        self._stats.bytes_received += len(data)
-        items = session.receive_data(data)
-        if items:
-            if len(items) == 1 and not self._blocked:
-                item = items[0]
-                if type(item) is bytes:
-                    assert self._transport is not None
-                    self._transport.write(item)
-                    return
-            self._dispatch(items)
-
-    def eof_received(self) -> bool:
-        if self._blocked and self._queue is None:
-            # Stalled (or already closing): nothing will ever be written again,
-            # so the client's hang-up ends the connection now, not at stop().
-            return False
-        if self._session is not None:
-            # The client may half-close and still read replies (or a delay may
-            # be pending): queue the close behind them instead of closing now.
-            self._dispatch(self._session.receive_data(b""))
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._blocked = True
-        self._queue = None
-        if not self._refused and self._session is not None:
-            self._stats.connections_current -= 1
-            self._sink._connections.discard(self)
-            self._session = None
-
-    def pause_writing(self) -> None:
-        # A client that pipelines without reading replies: stop reading too,
-        # so neither buffer grows without bound.
-        if self._transport is not None:
-            self._transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
-
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _dispatch(self, items: list[Item]) -> None:
-        if self._blocked:
-            if self._queue is not None:
-                self._queue.extend(items)
-            return
-        self._run(items)
-
-    def _run(self, items: list[Item]) -> None:
-        transport = self._transport
-        assert transport is not None
-        pending: list[bytes] = []
-        for i, item in enumerate(items):
-            if type(item) is bytes:
-                pending.append(item)
-                continue
-            if pending:
-                transport.write(b"".join(pending))
-                pending = []
-            if isinstance(item, Delay):
-                self._blocked = True
-                self._queue = items[i + 1 :]
-                self._timer = self._loop.call_later(item.seconds, self._resume)
-                return
-            self._blocked = True
-            self._queue = None
-            if item is CLOSE:
-                transport.close()
-            elif item is ABORT:
-                transport.abort()
-            else:
-                assert item is STALL  # keep the connection open, say nothing more
-            return
-        if pending:
-            transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def _resume(self) -> None:
-        self._timer = None
-        items = self._queue or []
-        self._blocked = False
-        self._queue = []
-        if self._transport is not None and not self._transport.is_closing():
-            self._run(items)

@@ -1,0 +1,472 @@
+"""An LMTP server over asyncio: a server engine per connection, one handler for all.
+
+:class:`Server` listens on unix and TCP sockets and runs one
+:class:`~lmtpfast.server.ServerSession` (compiled, or the pure-Python
+reference: ``engine=``) per connection under :class:`ServerProtocol`, which
+carries out what the session returns: writes (one per read, as the engine
+joins them), delays, closes, STARTTLS, and the handler's pending answers
+(awaited here, then given back to the session). The sink is a ``Server``
+with the sink's handler; the proxy will be one with its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import stat
+from collections.abc import Sequence
+from types import ModuleType, TracebackType
+from typing import Any, cast
+
+from .._errors import ConfigurationError
+from . import _session
+from ._common import (
+    ABORT,
+    CLOSE,
+    STALL,
+    START_TLS,
+    Delay,
+    Handler,
+    Item,
+    Pending,
+    SessionConfig,
+    SinkStats,
+)
+
+__all__ = ["IMPLEMENTATION", "IMPLEMENTATIONS", "Server", "ServerProtocol", "parse_listen"]
+
+log = logging.getLogger("lmtpfast.server")
+
+_STOP_TIMEOUT = 5.0
+
+
+def _load_compiled() -> ModuleType | None:
+    if os.environ.get("LMTPFAST_NO_EXTENSIONS") == "1":
+        return None
+    try:
+        from . import _cserver
+    except ImportError:  # not built
+        return None
+    return _cserver
+
+
+_compiled = _load_compiled()
+
+#: The server engines available here, by name (the tests run each).
+IMPLEMENTATIONS: dict[str, ModuleType] = {"python": _session}
+if _compiled is not None:
+    IMPLEMENTATIONS["c"] = _compiled
+#: ``"c"`` or ``"python"``: the default engine.
+IMPLEMENTATION = "c" if _compiled is not None else "python"
+
+
+def engine_module(engine: str | ModuleType | None) -> ModuleType:
+    """The engine module for ``engine`` (``"c"``, ``"python"``, a module, or None = default)."""
+    if engine is None:
+        return IMPLEMENTATIONS[IMPLEMENTATION]
+    if isinstance(engine, ModuleType):
+        return engine
+    try:
+        return IMPLEMENTATIONS[engine]
+    except KeyError:
+        raise ConfigurationError(
+            f"server engine {engine!r} is not available (have {', '.join(IMPLEMENTATIONS)})",
+            source="engine",
+        ) from None
+
+
+def parse_listen(dest: str) -> tuple[str, str, int]:
+    """A listen destination in Postfix syntax -> (``unix``|``inet``, host or path, port).
+
+    ``unix:/path``, ``/path``, ``inet:host:port``, ``host:port``,
+    ``[v6addr]:port``; port 0 picks a free one.
+    """
+
+    def bad(problem: str) -> ConfigurationError:
+        return ConfigurationError(problem, source="listen", field=dest)
+
+    d = dest.strip()
+    if d.startswith("unix:"):
+        path = d[5:]
+        if not path:
+            raise bad("empty unix socket path")
+        return "unix", path, 0
+    if d.startswith("/"):
+        return "unix", d, 0
+    if d.startswith("inet:"):
+        d = d[5:]
+    if d.startswith("["):
+        host, sep, rest = d[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise bad("expected [address]:port")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = d.rpartition(":")
+        if not sep or ":" in host:
+            raise bad("expected host:port, [v6address]:port, inet:host:port or unix:/path")
+    if not host:
+        raise bad("missing host (use 127.0.0.1 or [::1] for loopback)")
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise bad(f"port {port_text!r} is not a number in 0..65535")
+    return "inet", host, int(port_text)
+
+
+def _format_inet(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Server:
+    """Listen on ``listen`` (one destination or several) and serve LMTP with ``handler``.
+
+    ``config`` is shared by every session; ``stats`` collects the counters
+    (a :class:`SinkStats` unless given); ``max_connections`` > 0 refuses
+    connections beyond it with ``421 4.3.2``; ``ssl_context`` is used when
+    the handler accepts STARTTLS (``SessionConfig(extensions=[..., "STARTTLS"])``).
+    After :meth:`start`, :attr:`destinations` holds the real destinations,
+    e.g. ``"127.0.0.1:40123"`` or ``"unix:/tmp/s"``.
+    """
+
+    def __init__(
+        self,
+        listen: str | Sequence[str],
+        handler: Handler,
+        config: SessionConfig,
+        *,
+        stats: SinkStats | None = None,
+        max_connections: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        engine: str | ModuleType | None = None,
+    ) -> None:
+        dests = [listen] if isinstance(listen, str) else list(listen)
+        if not dests:
+            raise ConfigurationError("no listen destination", source="listen")
+        self._listen = [parse_listen(d) for d in dests]
+        if max_connections < 0:
+            raise ConfigurationError("max_connections must be >= 0", source="server limits")
+        self.handler = handler
+        self.config = config
+        self.max_connections = max_connections
+        self.ssl_context = ssl_context
+        #: Counters; see :class:`SinkStats`.
+        self.stats = stats if stats is not None else SinkStats()
+        #: The real listen destinations, once started.
+        self.destinations: list[str] = []
+        self._session_class: Any = engine_module(engine).ServerSession
+        self._servers: list[asyncio.AbstractServer] = []
+        self._unix_paths: list[str] = []
+        self._connections: set[ServerProtocol] = set()
+
+    @property
+    def engine(self) -> str:
+        """The server engine in use: ``"c"`` or ``"python"``."""
+        return "python" if self._session_class is _session.ServerSession else "c"
+
+    def new_session(self) -> Any:
+        """A session for a new connection."""
+        return self._session_class(self.config, self.handler, self.stats)
+
+    async def start(self) -> None:
+        """Start listening on every destination (all or none)."""
+        if self._servers:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            for kind, where, port in self._listen:
+                if kind == "unix":
+                    with contextlib.suppress(OSError):
+                        if stat.S_ISSOCK(os.stat(where).st_mode):
+                            os.unlink(where)  # a stale socket of an earlier run
+                    server = await loop.create_unix_server(
+                        lambda: ServerProtocol(self), where, backlog=1024
+                    )
+                    self._unix_paths.append(where)
+                    self.destinations.append(f"unix:{where}")
+                else:
+                    server = await loop.create_server(
+                        lambda: ServerProtocol(self), where, port, backlog=1024
+                    )
+                    sockname = server.sockets[0].getsockname()
+                    self.destinations.append(_format_inet(sockname[0], sockname[1]))
+                self._servers.append(server)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop listening, close every connection, remove unix sockets."""
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+        for conn in list(self._connections):
+            conn.abort()
+        for server in servers:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), _STOP_TIMEOUT)
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    os.unlink(path)
+        self._unix_paths = []
+        self.destinations = []
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def listening(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return bool(self._servers)
+
+
+class ServerProtocol(asyncio.Protocol):
+    """One connection: feeds the session, carries out its items in order."""
+
+    __slots__ = (
+        "_blocked",
+        "_loop",
+        "_queue",
+        "_read_paused",
+        "_refused",
+        "_server",
+        "_session",
+        "_stats",
+        "_timer",
+        "_tls_task",
+        "_transport",
+        "_waits",
+        "_write_paused",
+    )
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._stats = server.stats
+        self._transport: asyncio.Transport | None = None
+        self._session: Any = None
+        self._refused = False
+        # While a Delay runs, later items wait in _queue; after STALL/CLOSE
+        # _blocked stays set and _queue is None: nothing is written again.
+        self._blocked = False
+        self._queue: list[Item] | None = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._tls_task: asyncio.Future[None] | None = None
+        self._waits: set[asyncio.Future[Any]] = set()
+        self._read_paused = False
+        self._write_paused = False
+        self._loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = transport = cast(asyncio.Transport, transport)
+        server = self._server
+        st = self._stats
+        if server.max_connections and st.connections_current >= server.max_connections:
+            self._refused = True
+            st.connections_refused += 1
+            transport.write(b"421 4.3.2 Too many connections, try again later\r\n")
+            transport.close()
+            return
+        st.connections_total += 1
+        st.connections_current += 1
+        if st.connections_current > st.connections_peak:
+            st.connections_peak = st.connections_current
+        server._connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                # Replies are small and latency-bound; Nagle would hold them.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._session = server.new_session()
+        self._dispatch(self._session.start())
+
+    def data_received(self, data: bytes) -> None:
+        session = self._session
+        if session is None:
+            return
+        self._stats.bytes_received += len(data)
+        items = session.receive_data(data)
+        if items:
+            if len(items) == 1 and not self._blocked:
+                item = items[0]
+                if type(item) is bytes:
+                    self._transport.write(item)  # type: ignore[union-attr]
+                    if session.blocked:
+                        self._update_reading()
+                    return
+            self._dispatch(items)
+        if session.blocked or self._read_paused:
+            self._update_reading()
+
+    def eof_received(self) -> bool:
+        if self._blocked and self._queue is None:
+            # Stalled (or already closing): nothing will ever be written again,
+            # so the client's hang-up ends the connection now, not at stop().
+            return False
+        if self._session is not None:
+            # The client may half-close and still read replies (or a delay may
+            # be pending): queue the close behind them instead of closing now.
+            self._dispatch(self._session.receive_data(b""))
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._blocked = True
+        self._queue = None
+        for fut in self._waits:
+            fut.cancel()
+        self._waits.clear()
+        if not self._refused and self._session is not None:
+            self._stats.connections_current -= 1
+            self._server._connections.discard(self)
+            session, self._session = self._session, None
+            session.connection_lost()
+
+    def pause_writing(self) -> None:
+        # A client that pipelines without reading replies: stop reading too,
+        # so neither buffer grows without bound.
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # --- carrying out items -------------------------------------------------
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        session = self._session
+        want = self._write_paused or (session is not None and session.blocked)
+        if want and not self._read_paused:
+            self._read_paused = True
+            transport.pause_reading()
+        elif not want and self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+
+    def _dispatch(self, items: list[Item]) -> None:
+        if items and type(items[0]) is Pending:
+            rest = []
+            for item in items:
+                if type(item) is Pending:
+                    self._wait(item)
+                else:
+                    rest.append(item)
+            items = rest
+        if self._blocked:
+            if self._queue is not None:
+                self._queue.extend(items)
+            return
+        self._run(items)
+
+    def _wait(self, pending: Pending) -> None:
+        try:
+            fut = asyncio.ensure_future(pending.awaitable)
+        except TypeError as exc:
+            self._resolved(pending, None, exc)
+            return
+        self._waits.add(fut)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._waits.discard(f)
+            if self._session is None or f.cancelled():
+                return
+            exc = f.exception()
+            self._resolved(pending, None if exc is not None else f.result(), exc)
+
+        fut.add_done_callback(done)
+
+    def _resolved(self, pending: Pending, answer: Any, exc: BaseException | None) -> None:
+        session = self._session
+        if session is None:
+            return
+        self._dispatch(session.resolve(pending, answer, exc))
+        self._update_reading()
+
+    def _run(self, items: list[Item]) -> None:
+        transport = self._transport
+        assert transport is not None
+        pending: list[bytes] = []
+        for i, item in enumerate(items):
+            if type(item) is bytes:
+                pending.append(item)
+                continue
+            if pending:
+                transport.write(b"".join(pending))
+                pending = []
+            if isinstance(item, Delay):
+                self._blocked = True
+                self._queue = items[i + 1 :]
+                self._timer = self._loop.call_later(item.seconds, self._resume)
+                return
+            if item is START_TLS:
+                self._blocked = True
+                self._queue = items[i + 1 :]
+                self._tls_task = asyncio.ensure_future(self._start_tls())
+                return
+            if type(item) is Pending:
+                self._wait(item)
+                continue
+            self._blocked = True
+            self._queue = None
+            if item is CLOSE:
+                transport.close()
+            elif item is ABORT:
+                transport.abort()
+            else:
+                assert item is STALL  # keep the connection open, say nothing more
+            return
+        if pending:
+            transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def _resume(self) -> None:
+        self._timer = None
+        items = self._queue or []
+        self._blocked = False
+        self._queue = []
+        if self._transport is not None and not self._transport.is_closing():
+            self._run(items)
+
+    async def _start_tls(self) -> None:
+        transport = self._transport
+        ctx = self._server.ssl_context
+        if transport is None or self._session is None:
+            return
+        if ctx is None:
+            log.error("STARTTLS accepted but the server has no ssl_context")
+            transport.abort()
+            return
+        try:
+            new = await self._loop.start_tls(transport, self, ctx, server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            log.info("TLS handshake failed: %s", exc)
+            transport.abort()
+            return
+        if new is None or self._session is None:
+            return
+        self._transport = new
+        self._read_paused = False  # start_tls resumed reading on the new transport
+        items = self._session.tls_started()
+        self._resume()
+        self._dispatch(items)
+        self._update_reading()
