@@ -30,6 +30,7 @@ if SANITIZE:
 MODULES = [
     ("lmtpfast.proto._ccontent", "lmtpfast/proto/_ccontent.pyx", ["csrc/content.c"]),
     ("lmtpfast.proto._cproto", "lmtpfast/proto/_cproto.pyx", ["csrc/reply.c"]),
+    ("lmtpfast.server._cserver", "lmtpfast/server/_cserver.pyx", ["csrc/server.c"]),
 ]
 
 

@@ -299,7 +299,7 @@ def main() -> None:
                         ru0 = resource.getrusage(resource.RUSAGE_SELF)
                         with asyncio.Runner(loop_factory=loop_factory) as runner:
                             path = str(sink.sock)
-                            dt = timed(lambda p=path, b=mode == "blast": runner.run(
+                            dt = timed(lambda p=path, b=mode == "blast", r=r: runner.run(
                                 drive(p, n, s, size, r, b)))
                         ru1 = resource.getrusage(resource.RUSAGE_SELF)
                         drv = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)

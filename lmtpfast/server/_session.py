@@ -49,7 +49,7 @@ from ._common import (
 )
 from ._data import DotDecoder
 
-__all__ = ["ServerSession", "parse_path"]
+__all__ = ["ServerSession", "check_mail_params", "check_rcpt_params", "parse_path"]
 
 log = logging.getLogger("lmtpfast.server")
 
@@ -151,6 +151,54 @@ def parse_path(rest: bytes) -> tuple[bytes, list[bytes]] | None:
     if tail[:1] != b" ":
         return None
     return addr, tail.split()
+
+
+def check_mail_params(cfg: SessionConfig, params: list[bytes]) -> bytes | None:
+    """The refusal of MAIL's parameters, or None if the extensions offered allow them."""
+    for p in params:
+        key, eq, value = p.partition(b"=")
+        key = key.upper()
+        if key == b"SIZE" and cfg.size_ext:
+            if not value.isdigit():
+                return _R_BAD_PARAM
+            if cfg.max_size and int(value) > cfg.max_size:
+                return _R_TOO_BIG
+        elif key == b"BODY" and cfg.eightbit:
+            if value.upper() not in (b"7BIT", b"8BITMIME"):
+                return _R_BAD_BODY
+        elif key == b"SMTPUTF8" and cfg.smtputf8:
+            if eq:
+                return _R_BAD_PARAM
+        elif key == b"RET" and cfg.dsn:
+            if value.upper() not in (b"FULL", b"HDRS"):
+                return _R_BAD_PARAM
+        elif key == b"ENVID" and cfg.dsn:
+            if not value:
+                return _R_BAD_PARAM
+        else:
+            return b"555 5.5.4 Unsupported parameter " + key[:64] + b"\r\n"
+    return None
+
+
+def check_rcpt_params(cfg: SessionConfig, params: list[bytes]) -> bytes | None:
+    """The refusal of RCPT's parameters, or None if the extensions offered allow them."""
+    dsn = cfg.dsn
+    for p in params:
+        key, _, value = p.partition(b"=")
+        key = key.upper()
+        if key == b"NOTIFY" and dsn:
+            words = value.upper().split(b",")
+            if not words or not (
+                words == [b"NEVER"]
+                or all(w in (b"SUCCESS", b"FAILURE", b"DELAY") for w in words)
+            ):
+                return _R_BAD_PARAM
+        elif key == b"ORCPT" and dsn:
+            if b";" not in value:
+                return _R_BAD_PARAM
+        else:
+            return b"555 5.5.4 Unsupported parameter " + key[:64] + b"\r\n"
+    return None
 
 
 def _decided(answer: object) -> bool:
@@ -686,7 +734,7 @@ class ServerSession:
         utf8 = False
         reply = None
         if params:
-            reply = self._check_mail_params(params)
+            reply = check_mail_params(cfg, params)
             utf8 = any(p.upper() == b"SMTPUTF8" for p in params)
         if reply is None and not utf8 and not addr.isascii():
             reply = _R_NEED_UTF8
@@ -705,32 +753,6 @@ class ServerSession:
             self._mail_params = params
             self._utf8 = utf8
 
-    def _check_mail_params(self, params: list[bytes]) -> bytes | None:
-        cfg = self._cfg
-        for p in params:
-            key, eq, value = p.partition(b"=")
-            key = key.upper()
-            if key == b"SIZE" and cfg.size_ext:
-                if not value.isdigit():
-                    return _R_BAD_PARAM
-                if cfg.max_size and int(value) > cfg.max_size:
-                    return _R_TOO_BIG
-            elif key == b"BODY" and cfg.eightbit:
-                if value.upper() not in (b"7BIT", b"8BITMIME"):
-                    return _R_BAD_BODY
-            elif key == b"SMTPUTF8" and cfg.smtputf8:
-                if eq:
-                    return _R_BAD_PARAM
-            elif key == b"RET" and cfg.dsn:
-                if value.upper() not in (b"FULL", b"HDRS"):
-                    return _R_BAD_PARAM
-            elif key == b"ENVID" and cfg.dsn:
-                if not value:
-                    return _R_BAD_PARAM
-            else:
-                return b"555 5.5.4 Unsupported parameter " + key[:64] + b"\r\n"
-        return None
-
     def _rcpt(self, arg: bytes) -> None:
         w = self._w
         if self._sender is None:
@@ -744,7 +766,7 @@ class ServerSession:
             w.append(_R_BAD_RCPT)
             return
         addr, params = parsed
-        reply = self._check_rcpt_params(params) if params else None
+        reply = check_rcpt_params(self._cfg, params) if params else None
         if reply is None and not self._utf8 and not addr.isascii():
             reply = _R_NEED_UTF8
         if reply is None and len(self._rcpts) >= self._cfg.max_recipients:
@@ -822,25 +844,6 @@ class ServerSession:
             self._rcpts = rcpts = [rcpts[i] for i in keep]
         self._rcpt_holes = 0
         return rcpts  # type: ignore[return-value]
-
-    def _check_rcpt_params(self, params: list[bytes]) -> bytes | None:
-        dsn = self._cfg.dsn
-        for p in params:
-            key, _, value = p.partition(b"=")
-            key = key.upper()
-            if key == b"NOTIFY" and dsn:
-                words = value.upper().split(b",")
-                if not words or not (
-                    words == [b"NEVER"]
-                    or all(w in (b"SUCCESS", b"FAILURE", b"DELAY") for w in words)
-                ):
-                    return _R_BAD_PARAM
-            elif key == b"ORCPT" and dsn:
-                if b";" not in value:
-                    return _R_BAD_PARAM
-            else:
-                return b"555 5.5.4 Unsupported parameter " + key[:64] + b"\r\n"
-        return None
 
     def _content_sequence_error(self) -> bytes | None:
         if self._sender is None:
