@@ -148,7 +148,9 @@ def body_of(size: int) -> bytes:
     return head + (line * (n // len(line) + 1))[: n - 2] + b"\r\n" if n >= 2 else head
 
 
-async def drive(path: str, messages: int, sessions: int, size: int, rcpts: int, blast: bool) -> None:
+async def drive(
+    path: str, messages: int, sessions: int, size: int, rcpts: int, blast: bool
+) -> None:
     """The Python drivers: pipelined (one round trip per message) or blast."""
     body = body_of(size)
     group = (
@@ -204,7 +206,9 @@ class Row:
         self.driver_us: list[float] = []
         self.counted: set[object] = set()
 
-    def add(self, n: int, dt: float, server_cpu: float, driver_cpu: float | None, counted: object) -> None:
+    def add(
+        self, n: int, dt: float, server_cpu: float, driver_cpu: float | None, counted: object
+    ) -> None:
         self.rates.append(n / dt)
         self.server_us.append(server_cpu / n * 1e6)
         if driver_cpu is not None:
@@ -254,24 +258,41 @@ def main() -> None:
         for _ in range(args.repeat):
             for r in recipient_counts:
                 source = [
-                    str(SMTP_SOURCE), "-L", "-d", "-s", str(s), "-m", str(n),
-                    "-l", str(size), "-r", str(r),
+                    str(SMTP_SOURCE),
+                    "-L",
+                    "-d",
+                    "-s",
+                    str(s),
+                    "-m",
+                    str(n),
+                    "-l",
+                    str(size),
+                    "-r",
+                    str(r),
                 ]
                 if "source" in only and have_postfix:
                     for engine in engines:
                         sink = RunningSink(workdir, args.loop, engine)
                         c0 = children_cpu()
-                        dt = timed(lambda t=[*source, f"unix:{sink.sock}"]: subprocess.run(
-                            t, env=POSTFIX_ENV, check=True, timeout=900))
+                        dt = timed(
+                            lambda t=[*source, f"unix:{sink.sock}"]: subprocess.run(
+                                t, env=POSTFIX_ENV, check=True, timeout=900
+                            )
+                        )
                         row(f"smtp-source -r {r} -> lmtpfast sink ({engine})").add(
-                            n, dt, sink.cpu(), children_cpu() - c0, sink.stop()["transactions"])
+                            n, dt, sink.cpu(), children_cpu() - c0, sink.stop()["transactions"]
+                        )
                     pf = PostfixSink(workdir)
                     try:
                         c0 = children_cpu()
-                        dt = timed(lambda t=[*source, f"unix:{pf.sock}"]: subprocess.run(
-                            t, env=POSTFIX_ENV, check=True, timeout=900))
+                        dt = timed(
+                            lambda t=[*source, f"unix:{pf.sock}"]: subprocess.run(
+                                t, env=POSTFIX_ENV, check=True, timeout=900
+                            )
+                        )
                         row(f"smtp-source -r {r} -> Postfix smtp-sink").add(
-                            n, dt, pf.cpu(), children_cpu() - c0, "-")
+                            n, dt, pf.cpu(), children_cpu() - c0, "-"
+                        )
                     finally:
                         pf.stop()
                 if "bench" in only:
@@ -279,18 +300,40 @@ def main() -> None:
                         for chunking in ("on", "off"):
                             sink = RunningSink(workdir, args.loop, engine)
                             out = subprocess.run(
-                                [sys.executable, "-m", "lmtpfast", "bench",
-                                 "--server", f"unix:{sink.sock}", "--messages", str(n),
-                                 "--connections", str(s), "--recipients", str(r),
-                                 "--size", str(size), "--chunking", chunking, "--json"],
+                                [
+                                    sys.executable,
+                                    "-m",
+                                    "lmtpfast",
+                                    "bench",
+                                    "--server",
+                                    f"unix:{sink.sock}",
+                                    "--messages",
+                                    str(n),
+                                    "--connections",
+                                    str(s),
+                                    "--recipients",
+                                    str(r),
+                                    "--size",
+                                    str(size),
+                                    "--chunking",
+                                    chunking,
+                                    "--json",
+                                ],
                                 env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                                capture_output=True, text=True, check=True, timeout=900,
+                                capture_output=True,
+                                text=True,
+                                check=True,
+                                timeout=900,
                             )
                             rep = json.loads(out.stdout)
                             name = "BDAT" if chunking == "on" else "DATA"
                             row(f"lmtpfast bench {name} -r {r} -> lmtpfast sink ({engine})").add(
-                                rep["messages"], rep["elapsed"], sink.cpu(), rep["cpu_seconds"],
-                                sink.stop()["transactions"])
+                                rep["messages"],
+                                rep["elapsed"],
+                                sink.cpu(),
+                                rep["cpu_seconds"],
+                                sink.stop()["transactions"],
+                            )
                 for mode in ("pipelined", "blast"):
                     if mode not in only:
                         continue
@@ -299,12 +342,16 @@ def main() -> None:
                         ru0 = resource.getrusage(resource.RUSAGE_SELF)
                         with asyncio.Runner(loop_factory=loop_factory) as runner:
                             path = str(sink.sock)
-                            dt = timed(lambda p=path, b=mode == "blast", r=r: runner.run(
-                                drive(p, n, s, size, r, b)))
+                            dt = timed(
+                                lambda p=path, b=mode == "blast", r=r: runner.run(
+                                    drive(p, n, s, size, r, b)
+                                )
+                            )
                         ru1 = resource.getrusage(resource.RUSAGE_SELF)
                         drv = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
                         row(f"{mode} -r {r} -> lmtpfast sink ({engine})").add(
-                            n, dt, sink.cpu(), drv, sink.stop()["transactions"])
+                            n, dt, sink.cpu(), drv, sink.stop()["transactions"]
+                        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     load = os.getloadavg()
@@ -313,22 +360,28 @@ def main() -> None:
         f"{args.loop}, {os.cpu_count()} CPUs, median of {args.repeat}, "
         f"load average at the end {load[0]:.2f}"
     )
-    print(f"{'driver -> server':58} {'msg/s':>9} {'server us/msg':>13} {'driver us/msg':>13} "
-          f"{'server busy':>11} {'driver busy':>11} {'counted':>8}")
+    print(
+        f"{'driver -> server':58} {'msg/s':>9} {'server us/msg':>13} {'driver us/msg':>13} "
+        f"{'server busy':>11} {'driver busy':>11} {'counted':>8}"
+    )
     for rw in rows.values():
         rate = rw.rate()
         srv = statistics.median(rw.server_us)
         drv = statistics.median(rw.driver_us) if rw.driver_us else float("nan")
         counted = ",".join(str(c) for c in sorted(rw.counted, key=str))
-        print(f"{rw.name:58} {rate:9.0f} {srv:13.1f} {drv:13.1f} {srv * rate / 1e6:11.2f} "
-              f"{drv * rate / 1e6:11.2f} {counted:>8}")
+        print(
+            f"{rw.name:58} {rate:9.0f} {srv:13.1f} {drv:13.1f} {srv * rate / 1e6:11.2f} "
+            f"{drv * rate / 1e6:11.2f} {counted:>8}"
+        )
     for r in recipient_counts:
         ref = rows.get(f"smtp-source -r {r} -> Postfix smtp-sink")
         for engine in engines:
             mine = rows.get(f"smtp-source -r {r} -> lmtpfast sink ({engine})")
             if ref and mine:
-                print(f"ratio lmtpfast sink ({engine}) / smtp-sink, -r {r}: "
-                      f"{mine.rate() / ref.rate():.2f}x")
+                print(
+                    f"ratio lmtpfast sink ({engine}) / smtp-sink, -r {r}: "
+                    f"{mine.rate() / ref.rate():.2f}x"
+                )
 
 
 if __name__ == "__main__":

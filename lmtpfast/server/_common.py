@@ -492,7 +492,8 @@ class SessionConfig:
                     out.append(line.upper().encode("ascii"))
             out.extend(kw.encode("ascii") for kw in self.advertise)
             return b"".join(
-                (b"250 " if i == len(out) - 1 else b"250-") + ln + b"\r\n" for i, ln in enumerate(out)
+                (b"250 " if i == len(out) - 1 else b"250-") + ln + b"\r\n"
+                for i, ln in enumerate(out)
             )
 
         self.lhlo_reply = reply(False)

@@ -110,5 +110,5 @@ cdef class ServerSession:
     cdef int _end_of_content(self, Py_ssize_t size, bint too_big) except -1
     cdef int _emit(self, object ans, bytes default, int default_code) except? -2
     cdef int _finish(self, object instruction) except -1
-    cdef int _count_junk(self) except -1
+    cdef int _junk_stop(self) except -1
     cdef int _reset_transaction(self, bint completed) except -1

@@ -2,9 +2,8 @@
 """The compiled LMTP server engine (sans-IO): a port of ``_session``.
 
 ``_session`` is the specification: this module follows it and must behave
-identically (same items, replies, handler calls and counters; only the
-boundaries of the content chunks handed to ``Handler.content`` may differ,
-never their concatenation). Command lines, paths and DATA content are
+identically (same items, replies, handler calls, content chunks and
+counters). Command lines, paths and DATA content are
 scanned by the C in ``csrc/server.c``; replies gather in one C buffer and
 leave as one ``bytes`` per call. The shared Python types (``_common``) and
 canned replies (``_session``) are reused, not duplicated.
@@ -31,7 +30,7 @@ from ._common import (
     answer_code,
 )
 from . import _session as _ref
-from ._session import _CONTENT_WAIT, _Slot, _decided, _ends
+from ._session import _CONTENT_WAIT, _Slot, _decided, _ends, _joined
 
 __all__ = ["DotDecoder", "ServerSession"]
 
@@ -178,8 +177,8 @@ cdef inline bint _ieq(const char *s, const char *word, Py_ssize_t n):
 cdef class DotDecoder:
     """The compiled twin of :class:`lmtpfast.server._data.DotDecoder` (same API).
 
-    Only the boundaries of what ``take()`` returns may differ: this one holds
-    back nothing but a line-start dot and the CR after it.
+    Like the reference it holds back nothing but a line-start dot and the CR
+    after it, so ``take()`` returns the same chunks.
     """
 
     def __init__(self, *, keep=True, limit=0):
@@ -215,9 +214,8 @@ cdef class DotDecoder:
             elif out_len:
                 self._parts.append(PyBytes_FromStringAndSize(<char *>dst, out_len))
         else:
+            # Only measured: ``overflow`` is about kept content, as in _data.
             used = lmtp_dot_decode(&self._st, p + pos, n - pos, NULL, NULL, &done)
-            if self._limit and self._st.size > <uint64_t>self._limit:
-                self.overflow = True
         if done:
             self.done = True
             return pos + <Py_ssize_t>used
@@ -550,14 +548,11 @@ cdef class ServerSession:
         if not out and not pend:
             return []
         self._out = []
+        if len(out) > 1:
+            out = _joined(out)  # rare: only with instructions in the output
         if pend:
             self._new_pending = []
             return pend + out
-        if len(out) > 1:
-            for item in out:
-                if type(item) is not bytes:
-                    return out
-            return [b"".join(out)]
         return out
 
     def _call(self, hook, *args):
@@ -730,8 +725,8 @@ cdef class ServerSession:
                 pos = i + 2
                 self._state = S_CMD
                 self._scan = 0
-                self._put_bytes(_R_TOO_LONG)
-                self._count_junk()
+                if not self._junk_stop():
+                    self._put_bytes(_R_TOO_LONG)
         if pos < n and self._state != S_DONE:
             self._buf = buf[pos:] if pos else buf
         else:
@@ -751,12 +746,13 @@ cdef class ServerSession:
             self._content_wait = True
             self._new_pending.append(Pending(res, "content", _CONTENT_WAIT))
 
-    cdef int _count_junk(self) except -1:
+    cdef int _junk_stop(self) except -1:
         if self._max_commands:
             self._junk += 1
-            if self._junk > self._max_commands and self._state != S_DONE:
+            if self._junk > self._max_commands:
                 self._put_bytes(_R_JUNK)
                 self._finish(CLOSE)
+                return 1
         return 0
 
     cdef int _reset_transaction(self, bint completed) except -1:
@@ -792,11 +788,13 @@ cdef class ServerSession:
         cdef Py_ssize_t vlen
         cdef unsigned int v
         if n > self._max_line:
-            self._put_bytes(_R_TOO_LONG)
-            return self._count_junk()
+            if not self._junk_stop():
+                self._put_bytes(_R_TOO_LONG)
+            return 0
         if memchr(s, 10, n) != NULL:
-            self._put_bytes(_R_BARE_LF)
-            return self._count_junk()
+            if not self._junk_stop():
+                self._put_bytes(_R_BARE_LF)
+            return 0
         sp = <const char *>memchr(s, 32, n)
         vlen = (sp - s) if sp != NULL else n
         cdef Py_ssize_t a = start + vlen + 1 if sp != NULL else end  # the argument
@@ -812,8 +810,9 @@ cdef class ServerSession:
             or v == V_VRFY or v == V_AUTH or v == V_EXPN or v == V_ETRN or v == V_HELP
             or v == V_STARTTLS
         ):
-            self._put_bytes(_R_UNKNOWN)
-            return self._count_junk()
+            if not self._junk_stop():
+                self._put_bytes(_R_UNKNOWN)
+            return 0
         if self._refused and v != V_QUIT:
             self._put_bytes(_R_REFUSED)
             return 0
@@ -833,13 +832,13 @@ cdef class ServerSession:
         elif v == V_RSET:
             self._rset(arg)
         elif v == V_NOOP:
-            self._simple("noop", H_NOOP, _R_OK)
-            self._count_junk()
+            if not self._junk_stop():
+                self._simple("noop", H_NOOP, _R_OK)
         elif v == V_QUIT:
             self._quit(arg)
         elif v == V_VRFY:
-            self._put_bytes(_R_VRFY if arg else _R_SYNTAX_VRFY)
-            self._count_junk()
+            if not self._junk_stop():
+                self._put_bytes(_R_VRFY if arg else _R_SYNTAX_VRFY)
         elif v == V_STARTTLS:
             self._starttls_cmd(arg)
         elif v == V_AUTH:
@@ -1173,9 +1172,10 @@ cdef class ServerSession:
         if arg.strip():
             self._put_bytes(_R_SYNTAX_NOARG)
             return
+        if self._junk_stop():
+            return
         self._reset_transaction(False)
         self._simple("rset", H_RSET, _R_RSET)
-        self._count_junk()
 
     def _quit(self, bytes arg):
         if arg.strip():

@@ -16,7 +16,12 @@ sink is an oracle for clients:
 It never looks at a byte twice in Python: it searches with ``bytes.find`` and
 un-stuffs with ``bytes.replace``/``bytes.count`` (C loops), and carries at most
 four bytes (a possible start of the end marker) from one chunk to the next,
-so a peer dripping one byte at a time costs O(n), not O(n^2).
+so a peer dripping one byte at a time costs O(n), not O(n^2). Of those four
+bytes, the CR or CR LF they start with is content whatever follows, and is
+handed out at once: what is held back is only a line-start dot (never
+content) and a CR after it. The compiled twin (``_cserver.DotDecoder``, a
+byte-level state machine) holds back exactly the same, so both hand their
+handler the same chunks.
 """
 
 from __future__ import annotations
@@ -36,18 +41,19 @@ class DotDecoder:
     oversized message costs no memory; ``overflow`` then says so.
     """
 
-    __slots__ = ("_first", "_keep", "_limit", "_parts", "_tail", "done", "overflow", "size")
+    __slots__ = ("_keep", "_limit", "_out", "_parts", "_tail", "done", "overflow", "size")
 
     def __init__(self, *, keep: bool = True, limit: int = 0) -> None:
         # A virtual CR LF before the content makes the first line a line
-        # start like any other (". CR LF" first, or a stuffed first line);
-        # it is counted out of ``size`` and cut from the output.
+        # start like any other (". CR LF" first, or a stuffed first line).
+        # _out counts the leading bytes of _tail already handed out (or, for
+        # the virtual one, never content): they are never emitted again.
         self._tail = b"\r\n"
-        self._first = True
+        self._out = 2
         self._keep = keep
         self._limit = limit
         self._parts: list[bytes] = []
-        self.size = -2
+        self.size = 0
         self.done = False
         self.overflow = False
 
@@ -67,26 +73,26 @@ class DotDecoder:
             probe = tail + data[pos : pos + 4]
             i = probe.find(_END)
             if i >= 0:
-                self._emit(probe, 0, i + 2)
+                self._emit(probe, 0, i + 2, self._out)
                 self._tail = b""
                 self.done = True
                 return pos + i + 5 - len(tail)
             if len(data) - pos <= 4:
-                return self._hold(probe, 0)  # all there is: keep searching it whole
+                return self._hold(probe, 0, self._out)  # all there is: keep searching it whole
             pos += self._emit_tail(tail, data, pos)
             self._tail = b""
         i = data.find(_END, pos)
         if i >= 0:
-            self._emit(data, pos, i + 2)  # the CR LF before the dot is content
+            self._emit(data, pos, i + 2, 0)  # the CR LF before the dot is content
             self.done = True
             return i + 5
-        return self._hold(data, pos)
+        return self._hold(data, pos, 0)
 
-    def _hold(self, buf: bytes, start: int) -> int:
-        """Emit ``buf[start:]`` except a suffix that may begin the end marker."""
+    def _hold(self, buf: bytes, start: int, skip: int) -> int:
+        """Emit ``buf[start:]`` except what may begin the end marker after a line end."""
         n = len(buf)
-        # Each candidate begins with CR, so the cut never splits a stuffed
-        # "CR LF ." between the emitted part and the tail.
+        # Each candidate begins with CR; its CR (LF) is content either way
+        # and goes out now, so only a dot (and the CR after it) waits.
         if buf.endswith(b"\r\n.\r", start):
             k = 4
         elif buf.endswith(b"\r\n.", start):
@@ -97,51 +103,48 @@ class DotDecoder:
             k = 1
         else:
             k = 0
-        self._emit(buf, start, n - k)
+        sent = min(k, 2)
+        self._emit(buf, start, n - k + sent, skip)
         self._tail = buf[n - k :] if k else b""
+        self._out = sent
         return -1
 
     def _emit_tail(self, tail: bytes, data: bytes, pos: int) -> int:
-        """Emit the held-back tail, now that at least 5 bytes follow it at ``data[pos]``.
+        """Finish the held-back tail, now that at least 5 bytes follow it at ``data[pos]``.
 
         No end marker starts in the tail (the caller checked). Returns how
         many bytes of ``data`` were consumed with it (a stuffing dot).
         """
-        # tail is one of CR | CR LF | CR LF . | CR LF . CR (see _hold).
-        used = 0
+        # tail is one of CR | CR LF | CR LF . | CR LF . CR (see _hold), and
+        # its CR or CR LF is already out.
         if tail == b"\r":
             if data.startswith(b"\n.", pos):
-                tail, used = b"\r\n", 2  # CR | LF . : a stuffed line start
+                self._emit_plain(b"\n")  # CR | LF . : a stuffed line start
+                return 2
         elif tail == b"\r\n":
             if data.startswith(b".", pos):
-                used = 1
-        else:
-            tail = b"\r\n" + tail[3:]  # drop the stuffing dot inside the tail
-        self._emit_plain(tail)
-        return used
+                return 1
+        elif tail == b"\r\n.\r":
+            self._emit_plain(b"\r")  # the stuffing dot goes, the CR was content
+        return 0
 
-    def _emit(self, buf: bytes, a: int, b: int) -> None:
-        if a >= b:
-            return
+    def _emit(self, buf: bytes, a: int, b: int, skip: int) -> None:
+        """Emit ``buf[a:b]`` un-stuffed, less its first ``skip`` bytes (already out)."""
         if not self._keep or self.overflow:
-            self.size += (b - a) - buf.count(_STUFFED, a, b)
-            self._first = False
-        else:
-            self._emit_plain(buf[a:b].replace(_STUFFED, b"\r\n"))
+            n = (b - a) - buf.count(_STUFFED, a, b) - skip
+            if n > 0:
+                self.size += n
+            return
+        chunk = buf[a:b].replace(_STUFFED, b"\r\n")
+        self._emit_plain(chunk[skip:] if skip else chunk)
 
     def _emit_plain(self, chunk: bytes) -> None:
         """Account for (and keep) an already un-stuffed chunk."""
-        if not self._keep or self.overflow:
-            self.size += len(chunk)
-            self._first = False
+        if not chunk:
             return
-        if self._first:
-            # The virtual CR LF is whole at the start of the first chunk:
-            # every cut point (_hold, _emit_tail) falls on a CR or after LF.
-            chunk = chunk[2:]
-            self.size += 2
-            self._first = False
         self.size += len(chunk)
+        if not self._keep or self.overflow:
+            return
         if self._limit and self.size > self._limit:
             self.overflow = True
             self._parts.clear()

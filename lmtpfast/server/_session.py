@@ -189,8 +189,7 @@ def check_rcpt_params(cfg: SessionConfig, params: list[bytes]) -> bytes | None:
         if key == b"NOTIFY" and dsn:
             words = value.upper().split(b",")
             if not words or not (
-                words == [b"NEVER"]
-                or all(w in (b"SUCCESS", b"FAILURE", b"DELAY") for w in words)
+                words == [b"NEVER"] or all(w in (b"SUCCESS", b"FAILURE", b"DELAY") for w in words)
             ):
                 return _R_BAD_PARAM
         elif key == b"ORCPT" and dsn:
@@ -220,6 +219,23 @@ class _Slot:
 
 # The slot of a content hook's back-pressure: blocks input, holds no output.
 _CONTENT_WAIT: Final = _Slot(_K_OTHER, lambda _answer: None)
+
+
+def _joined(items: list[Item]) -> list[Item]:
+    """``items`` with each run of bytes joined: one write per run."""
+    out: list[Item] = []
+    run: list[bytes] = []
+    for i in items:
+        if type(i) is bytes:
+            run.append(i)  # type: ignore[arg-type]
+            continue
+        if run:
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+            run = []
+        out.append(i)
+    if run:
+        out.append(run[0] if len(run) == 1 else b"".join(run))
+    return out
 
 
 def _ends(items: Sequence[Item]) -> bool:
@@ -288,7 +304,9 @@ class ServerSession:
         #: Free for the handler's per-connection state.
         self.context: Any = None
         self._out: list[Item] = []
-        self._w: list[Any] = self._out  # where output goes: _out, or _held while an answer is pending
+        self._w: list[Any] = (
+            self._out
+        )  # where output goes: _out, or _held while an answer is pending
         self._held: list[Item | _Slot] | None = None
         self._slots: list[_Slot] = []  # unresolved answers that hold output, in order
         self._content_wait = False  # the content hook asked us to wait
@@ -377,7 +395,9 @@ class ServerSession:
         self._process()
         return self._take()
 
-    def resolve(self, pending: Pending, answer: Any, error: BaseException | None = None) -> list[Item]:
+    def resolve(
+        self, pending: Pending, answer: Any, error: BaseException | None = None
+    ) -> list[Item]:
         """The answer of a :class:`Pending` (``error``: the awaitable raised)."""
         slot = pending.slot
         if slot is _CONTENT_WAIT:
@@ -456,9 +476,9 @@ class ServerSession:
             self._w = self._out
         if pend:
             self._new_pending = []
-            return [*pend, *out]
-        if len(out) > 1 and all(type(i) is bytes for i in out):
-            return [b"".join(out)]  # type: ignore[arg-type]
+            return [*pend, *_joined(out)]
+        if len(out) > 1:
+            return _joined(out)
         return out
 
     def _call(self, hook: str, *args: Any) -> Any:
@@ -621,8 +641,8 @@ class ServerSession:
                 pos = i + 2
                 self._state = _CMD
                 self._scan = 0
-                self._w.append(_R_TOO_LONG)
-                self._count_junk()
+                if not self._junk_stop():
+                    self._w.append(_R_TOO_LONG)
         self._buf = buf[pos:] if pos < n and self._state != _DONE else b""
 
     def _content_out(self, chunk: bytes) -> None:
@@ -639,13 +659,16 @@ class ServerSession:
             self._content_wait = True
             self._new_pending.append(Pending(res, "content", _CONTENT_WAIT))
 
-    def _count_junk(self) -> None:
+    def _junk_stop(self) -> bool:
+        """Count a junk command; past the limit, answer 421 and close instead."""
         limit = self._cfg.max_commands
         if limit:
             self._junk += 1
-            if self._junk > limit and self._state != _DONE:
+            if self._junk > limit:
                 self._w.append(_R_JUNK)
                 self._finish(CLOSE)
+                return True
+        return False
 
     def _reset_transaction(self, *, completed: bool = False) -> None:
         was_open = self._sender is not None
@@ -672,12 +695,12 @@ class ServerSession:
     def _command(self, line: bytes) -> None:
         w = self._w
         if len(line) > self._cfg.max_line_length:
-            w.append(_R_TOO_LONG)
-            self._count_junk()
+            if not self._junk_stop():
+                w.append(_R_TOO_LONG)
             return
         if b"\n" in line:
-            w.append(_R_BARE_LF)
-            self._count_junk()
+            if not self._junk_stop():
+                w.append(_R_BARE_LF)
             return
         sp = line.find(b" ")
         if sp < 0:
@@ -688,8 +711,8 @@ class ServerSession:
             arg = line[sp + 1 :]
         handler = _HANDLERS.get(verb)
         if handler is None:
-            w.append(_R_UNKNOWN)
-            self._count_junk()
+            if not self._junk_stop():
+                w.append(_R_UNKNOWN)
         elif self._refused and verb != b"QUIT":
             w.append(_R_REFUSED)
         else:
@@ -1044,14 +1067,15 @@ class ServerSession:
         if arg.strip():
             self._w.append(_R_SYNTAX_NOARG)
             return
+        if self._junk_stop():
+            return
         self._reset_transaction()
         self._simple("rset", _R_RSET)
-        self._count_junk()
 
     def _noop(self, arg: bytes) -> None:
         # RFC 5321 4.1.1.9: NOOP may carry a string, which is ignored.
-        self._simple("noop", _R_OK)
-        self._count_junk()
+        if not self._junk_stop():
+            self._simple("noop", _R_OK)
 
     def _quit(self, arg: bytes) -> None:
         if arg.strip():
@@ -1069,8 +1093,8 @@ class ServerSession:
         self._emit(ans, default, answer_code(default))
 
     def _vrfy(self, arg: bytes) -> None:
-        self._w.append(_R_VRFY if arg else _R_SYNTAX_VRFY)
-        self._count_junk()
+        if not self._junk_stop():
+            self._w.append(_R_VRFY if arg else _R_SYNTAX_VRFY)
 
     def _not_implemented(self, arg: bytes) -> None:
         self._w.append(_R_NOT_IMPL)

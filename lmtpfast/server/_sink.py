@@ -209,9 +209,7 @@ class SinkHandler(Handler):
     def reset(self, session: ServerSession) -> None:
         session.context = None
 
-    def end_of_content(
-        self, session: ServerSession, envelope: Envelope
-    ) -> Sequence[Answer] | None:
+    def end_of_content(self, session: ServerSession, envelope: Envelope) -> Sequence[Answer] | None:
         parts = session.context
         session.context = None
         content = b"" if not parts else parts[0] if len(parts) == 1 else b"".join(parts)
@@ -366,9 +364,7 @@ class Sink(Server):
             hide=self.faults.hide,
             advertise=self.faults.advertise,
         )
-        handler = SinkHandler(
-            stats, deliver=self._deliver if store else None, faults=self._engine
-        )
+        handler = SinkHandler(stats, deliver=self._deliver if store else None, faults=self._engine)
         super().__init__(
             listen,
             handler,
@@ -444,5 +440,3 @@ def _mailbox_name(rcpt: bytes) -> str:
     if not name or name.startswith("."):
         name = "_" + name  # never "", ".", ".." or a hidden folder
     return name
-
-
