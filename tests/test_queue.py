@@ -523,3 +523,54 @@ async def test_entries_iterates_in_chunks(tmp_path: Path) -> None:
         await q.enqueue_many([new(i) for i in range(1203)])
         seen = [i.id async for i in q.entries()]
         assert seen == [str(i) for i in range(1, 1204)]
+
+
+def test_salvage_of_a_database_that_is_not_one_rebuilds_every_message(tmp_path: Path) -> None:
+    path = tmp_path / "q"
+    with SQLiteStore(path, create=True) as s:
+        ids = s.enqueue_many([new(i) for i in range(300)])                  # segments
+        big = s.enqueue(b"y" * 300_000, "s@example.org", ["b@example.com"])  # a data file
+    (path / "queue.db").write_bytes(b"garbage " * 4096)
+    with pytest.raises(QueueCorrupt):
+        SQLiteStore(path)
+    report = SQLiteStore.salvage(path)
+    assert (report.recovered, report.rebuilt) == (0, 301)
+    assert any(m.startswith("quarantine/queue.db.damaged-") for m in report.moved)
+    with SQLiteStore(path) as s:
+        st = s.status()
+        assert (st.queued, st.quarantined) == (0, 301)  # never sent again on its own
+        assert s.content(ids[7]) == msg(7) and len(s.content(big)) == 300_000
+        res = s.requeue(Selection(states=("quarantined",)))
+        assert len(res.done) == 301
+        due = time.time()
+        got = []
+        while True:
+            b = s.claim(100, due=due)
+            got += [e.id for e in b.entries if e.suspect]
+            s.record([Update(e, "done") for e in b.entries])
+            if b.exhausted:
+                break
+        assert sorted(got, key=int) == sorted([*ids, big], key=int)  # all flagged suspect
+
+
+def test_salvage_of_a_damaged_page_keeps_what_it_can_read(tmp_path: Path) -> None:
+    path = tmp_path / "q"
+    with SQLiteStore(path, create=True) as s:
+        ids = s.enqueue_many([new(i) for i in range(3000)])
+    size = os.path.getsize(path / "queue.db")
+    with open(path / "queue.db", "r+b") as f:
+        for page in range(size // 4096 // 3, size // 4096 // 3 + 4):
+            f.seek(page * 4096)
+            f.write(os.urandom(4096))
+    report = SQLiteStore.salvage(path)
+    assert report.recovered + report.rebuilt == 3000
+    assert report.recovered > 0
+    with SQLiteStore(path) as s:
+        st = s.status()
+        assert st.queued + st.quarantined == 3000 and st.quarantined == report.rebuilt
+        assert {i.id for i in s.iter_entries()} == set(ids)
+
+
+def test_salvage_needs_the_store_to_itself(tmp_path: Path) -> None:
+    with SQLiteStore(tmp_path / "q", create=True), pytest.raises(QueueError, match="in use"):
+        SQLiteStore.salvage(tmp_path / "q")
