@@ -20,7 +20,8 @@ from . import _exit
 __all__ = ["main"]
 
 # Subcommand modules, in the order --help lists them.
-_SUBCOMMANDS = ("send", "replay", "enqueue", "probe", "map", "bench", "sink")
+_SUBCOMMANDS = ("send", "replay", "enqueue", "queue", "check-config", "probe", "map", "bench",
+                "sink")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,7 +35,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lmtpfast",
-        description="Fast, correct LMTP delivery: send, probe, sink.",
+        description="Fast, correct LMTP delivery: send one message, queue and replay many, "
+        "manage the queue, check a configuration, probe a server, run a test sink.",
     )
     from lmtpfast import __version__
 
@@ -42,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in _SUBCOMMANDS:
         try:
-            module = importlib.import_module(f"{__name__}.{name}")
+            module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
+            if exc.name != f"{__name__}.{name.replace('-', '_')}":
                 raise
             continue  # a subcommand this checkout does not have yet
         module.register(sub)

@@ -448,7 +448,8 @@ class Queue(abc.ABC):
         """Give back this worker's unrecorded claims and release resources."""
 
 
-def open_queue(location: str | os.PathLike[str], *, create: bool = False) -> Queue:
+def open_queue(location: str | os.PathLike[str], *, create: bool = False,
+               convert: bool = True) -> Queue:
     """The queue at *location*: which backend a spool path or URL means.
 
     * ``dir:PATH`` -- the directory spool (one file pair per message);
@@ -460,7 +461,9 @@ def open_queue(location: str | os.PathLike[str], *, create: bool = False) -> Que
     * ``postgresql://...`` -- the PostgreSQL queue (issue 15), when installed.
 
     *create* makes a missing spool. A missing or unusable one raises
-    :class:`QueueError`.
+    :class:`QueueError`. ``convert=False`` opens a directory spool that has
+    no store yet as the directory spool it is (:class:`DirQueue`), so a
+    command that only looks (``lmtpfast queue list``) never creates a store.
     """
     text = os.fspath(location)
     if text.startswith(("postgresql://", "postgres://")):
@@ -481,6 +484,8 @@ def open_queue(location: str | os.PathLike[str], *, create: bool = False) -> Que
             raise QueueError(exc.errno or 0, exc.strerror or str(exc), text[4:]) from None
     if text.startswith("sqlite:"):
         text = text[7:]
+    elif not convert and not create and _legacy_spool(text):
+        return open_queue(f"dir:{text}")
     from ._sqlite import SQLiteQueue
 
     return SQLiteQueue(text, create=create or _legacy_spool(text))

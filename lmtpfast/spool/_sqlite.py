@@ -1363,7 +1363,10 @@ class SQLiteStore:
         result = ActionResult()
         ids = self._selected(selection)
         if selection.ids is not None:
-            result.missing += [i for i in selection.ids if not i.isdigit()]
+            # Ids that name no entry (or none in the states asked) are missing,
+            # as the directory spool reports them.
+            chosen = {str(i) for i in ids}
+            result.missing += [i for i in selection.ids if i not in chosen]
         dead: list[int] = []
         files: list[int] = []
         self._act_dead, self._act_files = dead, files
