@@ -11,7 +11,10 @@ the document) and :func:`run_case` plays one row:
 3. one message to ``alice``, ``bob`` and ``carol`` (for the ``RSET`` row,
    a clean message first, so the faulty one reuses the connection); the
    three results are compared with the row, and with what the sink really
-   stored: ``D`` must be stored, ``T``/``P`` must not, ``T?`` may be;
+   stored: ``D`` must be stored, ``T``/``P`` must not, ``T?`` may be; with a
+   ``behind`` outcome, a second message to the three is sent at the same
+   time, pipelined behind the first on the same connection, and each of its
+   results must be that outcome (and agree with what was stored);
 4. no broken connection is kept, the server sees no leftover connection,
    and a second message to the three is delivered and stored.
 """
@@ -68,6 +71,7 @@ class Case:
     next: str  # new | same: the connection the next delivery uses
     expected: tuple[tuple[str, str], ...]  # (outcome, stage) per recipient
     bug: str  # empty, or the reason the row is a known bug (the test is xfail)
+    behind: str = ""  # empty, or the outcome of a message pipelined behind (D, T, P, T?)
 
     @property
     def extensions(self) -> tuple[str, ...]:
@@ -96,6 +100,13 @@ def _outcome(text: str, row: str) -> tuple[str, str]:
     if m is None:
         raise ValueError(f"row {row}: bad outcome {text!r} (want e.g. D/final, T?/final)")
     return m[1], m[2]
+
+
+def _behind(text: str, row: str) -> str:
+    text = _cell(text)
+    if text and text not in OUTCOMES:
+        raise ValueError(f"row {row}: bad behind outcome {text!r} (want D, T, P or T?)")
+    return text
 
 
 def load_cases(doc: Path = DOC) -> list[Case]:
@@ -132,6 +143,7 @@ def load_cases(doc: Path = DOC) -> list[Case]:
             next=_cell(row.get("next", "new")) or "new",
             expected=tuple(_outcome(row[n], rid) for n in ("alice", "bob", "carol")),
             bug=_cell(row.get("known bug", "")).strip("- "),
+            behind=_behind(row.get("behind", ""), rid),
         ))
     ids = [c.id for c in cases]
     if len(ids) != len(set(ids)):
@@ -154,6 +166,8 @@ class Outcome:
 
     faulty: list[RecipientResult]
     stored: list[str]
+    behind: list[RecipientResult]
+    stored_behind: list[str]
     after: list[RecipientResult]
     stored_after: list[str]
     leftover_client_connections: int
@@ -260,8 +274,16 @@ async def run_case(case: Case) -> Outcome:
             warm = await agent.deliver(message("warm"), sender=SENDER, recipients=RECIPIENTS)
             assert all(r.delivered for r in warm), warm
         t0 = loop.time()
-        faulty = await agent.deliver(message("m1", case.size), sender=SENDER,
-                                     recipients=RECIPIENTS)
+        behind: list[RecipientResult] = []
+        if case.behind:
+            # Both at once on the one connection: the second is pipelined
+            # behind the first (its commands leave with the first's content).
+            faulty, behind = await asyncio.gather(
+                agent.deliver(message("m1", case.size), sender=SENDER, recipients=RECIPIENTS),
+                agent.deliver(message("m1b"), sender=SENDER, recipients=RECIPIENTS))
+        else:
+            faulty = await agent.deliver(message("m1", case.size), sender=SENDER,
+                                         recipients=RECIPIENTS)
         elapsed = loop.time() - t0
 
         if sink is None:  # the connect rows: now let a server appear at that address
@@ -296,7 +318,8 @@ async def run_case(case: Case) -> Outcome:
         new_connection = p is None or any(
             b"MAIL FROM" in p.transcript(n, "up") for n in range(2, p.stats.connections + 1))
         return Outcome(
-            faulty=faulty, stored=_stored(sink, "m1"), after=after,
+            faulty=faulty, stored=_stored(sink, "m1"), behind=behind,
+            stored_behind=_stored(sink, "m1b"), after=after,
             stored_after=_stored(sink, "m2"), leftover_client_connections=leftover,
             reused=reused, new_connection=new_connection,
             fired=(sink.stats.faults_fired if case.kind == "sink"
@@ -330,14 +353,22 @@ def check(case: Case, out: Outcome) -> list[str]:
         problems.append(f"outcomes {got} != expected {list(case.expected)}")
     if out.fired < 1:
         problems.append("the fault never fired")
-    for r in out.faulty:
-        code = _code(r)
-        stored = r.address in out.stored
-        if code == "D" and not stored:
-            problems.append(f"{r.address} reported delivered but the server did not store it")
-        if code in ("T", "P") and stored:
-            problems.append(f"{r.address} reported {r.status} (not possibly delivered) "
-                            "but the server stored it: a retry would duplicate it")
+    if case.behind:
+        got_behind = [_code(r) for r in out.behind]
+        if got_behind != [case.behind] * len(RECIPIENTS):
+            problems.append(f"the message pipelined behind got {got_behind}, expected "
+                            f"{case.behind} for each")
+    for what, results, stored_list in (("", out.faulty, out.stored),
+                                       (" (behind)", out.behind, out.stored_behind)):
+        for r in results:
+            code = _code(r)
+            stored = r.address in stored_list
+            if code == "D" and not stored:
+                problems.append(f"{r.address}{what} reported delivered but the server did "
+                                "not store it")
+            if code in ("T", "P") and stored:
+                problems.append(f"{r.address}{what} reported {r.status} (not possibly "
+                                "delivered) but the server stored it: a retry would duplicate it")
     if out.elapsed > TIME_BOUND:
         problems.append(f"the faulty delivery took {out.elapsed:.1f}s (bound {TIME_BOUND}s)")
     if out.settle > TIME_BOUND:

@@ -153,8 +153,125 @@ def t_bdat_without_pipelining(s: Script) -> None:
     assert [r.code for r in txn.results] == [550, 250]
 
 
+def t_bdat_streamed_chunk_refused_stops(s: Script) -> None:
+    """RFC 3030 2: after a refused chunk the client MUST NOT send another."""
+    c = session(s, caps=CAPS_CHUNKING)
+    txn = c.start_transaction(FROM, ["a@x", "b@x"], chunking=True)
+    later = c.start_transaction(FROM, ["c@x"], body=b"y\r\n")
+    assert s.drain() == [("ready", txn.id)]
+    c.send_chunk(txn, b"part1\r\n")
+    assert s.sent() == head("a@x", "b@x") + b"BDAT 7\r\npart1\r\n"
+    evs = s.server(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.1.5 ok\r\n552 5.3.4 too big\r\n")
+    assert evs == [("done", txn.id)]  # every command sent so far is answered
+    assert c.content_owed is None
+    c.send_chunk(txn, b"part2\r\n")  # the caller's next chunk: dropped
+    c.send_chunk(txn, b"end\r\n", last=True)
+    # RSET (the server may still hold the transaction), then the next one.
+    assert s.sent() == b"RSET\r\n" + head("c@x") + b"BDAT 3 LAST\r\ny\r\n"
+    assert not txn.dot_sent
+    evs = s.server(b"250 2.0.0 reset\r\n250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.0.0 c\r\n")
+    assert evs == [("done", later.id)]
+    assert txn.results == [R("a@x", 552, "5.3.4", "too big", "data"),
+                           R("b@x", 552, "5.3.4", "too big", "data")]
+    assert c.idle and s.sent() == b""
+
+
+def t_bdat_streamed_refused_after_more_chunks(s: Script) -> None:
+    """Chunks already in the pipeline are answered (and discarded) before the RSET."""
+    c = session(s, caps=CAPS_CHUNKING)
+    txn = c.start_transaction(FROM, ["a@x"], chunking=True)
+    s.drain()
+    c.send_chunk(txn, b"1\r\n")
+    c.send_chunk(txn, b"2\r\n")
+    s.sent()
+    assert s.server(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n452 4.3.1 disk full\r\n") == []
+    c.send_chunk(txn, b"3\r\n")
+    assert s.sent() == b"RSET\r\n"  # no third chunk; RSET behind the second
+    assert c.waiting_for == "data"
+    assert s.server(b"503 5.5.1 no transaction\r\n") == []
+    assert s.server(b"250 2.0.0 reset\r\n") == [("done", txn.id)]
+    assert txn.results == [R("a@x", 452, "4.3.1", "disk full", "data")]
+
+
+def t_bdat_streamed_every_recipient_refused(s: Script) -> None:
+    c = session(s, caps=CAPS_CHUNKING)
+    txn = c.start_transaction(FROM, ["a@x", "b@x"], chunking=True)
+    s.drain()
+    c.send_chunk(txn, b"1\r\n")
+    s.sent()
+    assert s.server(b"250 2.1.0 ok\r\n550 5.1.1 no a\r\n550 5.1.1 no b\r\n") == []
+    assert c.content_owed is None
+    c.send_chunk(txn, b"2\r\n", last=True)  # dropped
+    assert s.sent() == b"RSET\r\n"
+    assert s.server(b"503 5.5.1 no valid recipients\r\n250 2.0.0 reset\r\n") == [
+        ("done", txn.id)]
+    assert txn.results == [R("a@x", 550, "5.1.1", "no a", "rcpt"),
+                           R("b@x", 550, "5.1.1", "no b", "rcpt")]
+    assert not txn.dot_sent and c.idle
+
+
+def t_bdat_streamed_mail_refused(s: Script) -> None:
+    c = session(s, caps=CAPS_CHUNKING)
+    txn = c.start_transaction(FROM, ["a@x"], chunking=True)
+    s.drain()
+    s.sent()
+    # Refused before any chunk went: nothing to reset, nothing more to send.
+    assert s.server(b"550 5.7.1 sender refused\r\n") == []
+    assert s.server(b"503 5.5.1 need MAIL\r\n") == [("done", txn.id)]
+    c.send_chunk(txn, b"1\r\n", last=True)
+    assert s.sent() == b""
+    assert txn.results == [R("a@x", 550, "5.7.1", "sender refused", "mail")]
+
+
+def t_bdat_streamed_without_pipelining(s: Script) -> None:
+    """Without PIPELINING every chunk waits for the reply to the one before."""
+    caps = b"250-lmtp.example\r\n250-ENHANCEDSTATUSCODES\r\n250 CHUNKING\r\n"
+    c = session(s, caps=caps)
+    txn = c.start_transaction(FROM, ["a@x"], chunking=True)
+    assert s.sent() == b"MAIL FROM:<sender@example.org>\r\n"
+    assert s.server(b"250 ok\r\n") == []
+    assert s.sent() == b"RCPT TO:<a@x>\r\n"
+    assert s.server(b"250 ok\r\n") == [("ready", txn.id)]
+    c.send_chunk(txn, b"1\r\n")
+    assert s.sent() == b"BDAT 3\r\n1\r\n"
+    with pytest.raises(LocalProtocolError, match="waits for the reply"):
+        c.send_chunk(txn, b"2\r\n")
+    with pytest.raises(LocalProtocolError, match="waits for the reply"):
+        c.send_chunk(txn, b"", last=True)
+    assert s.sent() == b""
+    assert s.server(b"250 2.0.0 3 octets\r\n") == [("ready", txn.id)]  # the next may go
+    c.send_chunk(txn, b"2\r\n")
+    assert s.sent() == b"BDAT 3\r\n2\r\n"
+    assert s.server(b"250 2.0.0 3 octets\r\n") == [("ready", txn.id)]
+    c.send_chunk(txn, b"", last=True)
+    assert s.sent() == b"BDAT 0 LAST\r\n"
+    assert s.server(b"250 2.0.0 saved\r\n") == [("done", txn.id)]
+    assert txn.results == [R("a@x", 250, "2.0.0", "saved", "final")]
+
+
+def t_bdat_streamed_without_pipelining_refused(s: Script) -> None:
+    caps = b"250-lmtp.example\r\n250-ENHANCEDSTATUSCODES\r\n250 CHUNKING\r\n"
+    c = session(s, caps=caps)
+    txn = c.start_transaction(FROM, ["a@x"], chunking=True)
+    s.sent()
+    s.server(b"250 ok\r\n")
+    s.sent()
+    assert s.server(b"250 ok\r\n") == [("ready", txn.id)]
+    c.send_chunk(txn, b"1\r\n")
+    s.sent()
+    assert s.server(b"552 5.3.4 too big\r\n") == [("done", txn.id)]  # no ReadyForData
+    assert s.sent() == b"RSET\r\n"
+    c.send_chunk(txn, b"2\r\n")
+    assert s.sent() == b""
+    assert s.server(b"250 2.0.0 reset\r\n") == []
+    assert txn.results == [R("a@x", 552, "5.3.4", "too big", "data")]
+
+
 TRANSCRIPTS = [t_bdat_one_piece, t_bdat_nothing_accepted, t_bdat_streamed, t_bdat_chunk_refused,
-               t_bdat_failed_then_next, t_bdat_lost_after_last_chunk, t_bdat_without_pipelining]
+               t_bdat_failed_then_next, t_bdat_lost_after_last_chunk, t_bdat_without_pipelining,
+               t_bdat_streamed_chunk_refused_stops, t_bdat_streamed_refused_after_more_chunks,
+               t_bdat_streamed_every_recipient_refused, t_bdat_streamed_mail_refused,
+               t_bdat_streamed_without_pipelining, t_bdat_streamed_without_pipelining_refused]
 
 
 @pytest.mark.parametrize("how", ["whole", "bytewise", "every"])

@@ -432,6 +432,7 @@ def test_parse_fault_examples() -> None:
     assert (r.delay, r.code, r.text) == (0.2, 452, "Over quota")
     r = parse_fault("dot@nth=2=short:1:stall")
     assert (r.action, r.count, r.then) == ("short", 1, "stall")
+    assert parse_fault("dot=short:0:continue").then == "continue"
     assert parse_fault("noop=oversize:100").size == 100
     assert parse_fault("rset=extra:250 2.0.0 hi").reply_line() == b"250 2.0.0 hi\r\n"
     assert parse_fault("quit=garbage:*** nope").text == "*** nope"
@@ -981,6 +982,23 @@ def test_fault_short_then_disconnect_or_stall(run: Run[Any], sockdir: str) -> No
             assert await p2.codes(7) == [250] * 4 + [354, 250, 250]
             await p2.expect_silence(0.3)
             await p2.close()
+
+    run(main())
+
+
+def test_fault_short_then_continue(run: Run[Any], sockdir: str) -> None:
+    """A server that loses final replies and carries on (what shifts a pipelining client)."""
+    async def main() -> None:
+        async with faulty(sockdir, "dot@nth=1=short:2:continue", collect=True) as (sink, peer):
+            peer.send(envelope("a@x", "b@x", "c@x") + b"x\r\n.\r\n" + b"NOOP\r\n")
+            # Two of three final replies, then NOOP's: a client reads it as c's.
+            assert await peer.codes(7) == [250] * 4 + [354, 250, 250]
+            assert await peer.reply() == (250, ["2.0.0 OK"])
+            assert sink.messages[0].recipients == ["a@x", "b@x"]
+            assert sink.stats.final_replies == {250: 2}
+            peer.send(envelope("d@x") + b"y\r\n.\r\n")  # the next message is whole
+            assert await peer.codes(4) == [250, 250, 354, 250]
+            assert sink.messages[1].recipients == ["d@x"]
 
     run(main())
 

@@ -13,6 +13,7 @@ from .._errors import LocalProtocolError
 from .._results import RecipientResult, Status, status_of
 
 __all__ = [
+    "BDAT_BURST",
     "DEFAULT_MAX_LINE_LENGTH",
     "DEFAULT_MAX_REPLY_LINES",
     "NEED_DATA",
@@ -33,6 +34,12 @@ __all__ = [
 # LHLO keyword lists, SESSIONID tails), so allow generous but bounded input.
 DEFAULT_MAX_LINE_LENGTH = 8192
 DEFAULT_MAX_REPLY_LINES = 200
+
+#: Pipelined BDAT transactions an engine sends before the queue of replies must
+#: drain: BDAT has no 354, so only a drained queue proves their replies were in
+#: step with the commands (see ``_pyproto``). Chosen by measurement
+#: (``docs/performance.md``).
+BDAT_BURST = 8
 
 
 class _NeedData:
@@ -357,51 +364,80 @@ def finish_transaction(txn: Transaction) -> None:
     txn.done = True
 
 
-def fail_transaction(txn: Transaction, code: int, enhanced: str, why: str, stage: str) -> None:
+def fail_transaction(
+    txn: Transaction, code: int, enhanced: str, why: str, stage: str, *, unproven: bool = False,
+) -> None:
     """Decide every recipient of an unfinished transaction after the connection failed.
 
     Replies already received stand; recipients still waiting get a made-up
     transient reply. Those whose reply after the final dot was lost are
     flagged ``possibly_delivered``: the server may have stored the message.
+
+    Final replies are trusted only up to the first accepted recipient whose
+    address repeats an earlier accepted one: a server that answers once per
+    distinct address (against RFC 2033 4.2) would have given that slot the
+    next recipient's reply. From there on: transient, possibly delivered.
+
+    ``unproven``: the replies of ``txn`` were never shown to be in step with
+    the commands (a reply stream found shifted, or lost before the next proof;
+    see ``_pyproto``). Then none of them is trusted, except the MAIL and RCPT
+    replies of a DATA transaction whose 354 came in place: every recipient
+    is transient, possibly delivered once the content was sent.
     """
     results = []
     mail = txn.mail_reply
+    data = txn.data_reply
+    envelope_proven = not unproven or (data is not None and data.code == 354)
+    finals_trusted = not unproven
+    seen: set[str] = set()
     for i, address in enumerate(txn.recipients):
         rcpt = txn.rcpt_replies[i]
         final = txn.final_replies[i]
-        if mail is not None and not 200 <= mail.code < 300:
+        mail_ok = mail is not None and 200 <= mail.code < 300
+        rcpt_ok = rcpt is not None and 200 <= rcpt.code < 300
+        if mail_ok and rcpt_ok and finals_trusted:
+            key = address.lower()
+            if key in seen:
+                finals_trusted = False
+            seen.add(key)
+        if not envelope_proven:
+            pass  # every recipient made up below
+        elif mail is not None and not mail_ok:
             results.append(result_from_reply(address, mail, "mail"))
-        elif rcpt is not None and not 200 <= rcpt.code < 300:
+            continue
+        elif rcpt is not None and not rcpt_ok:
             results.append(result_from_reply(address, rcpt, "rcpt"))
-        elif final is not None:
+            continue
+        elif final is not None and finals_trusted:
             results.append(result_from_reply(address, final, "final"))
-        elif txn.data_reply is not None and txn.data_reply.code != 354:
-            results.append(result_from_reply(address, txn.data_reply, "data"))
+            continue
+        elif data is not None and data.code != 354 and not unproven:
+            results.append(result_from_reply(address, data, "data"))
+            continue
+        if txn.dot_sent:
+            where = "final"
+        elif data is not None or stage == "content":
+            where = "content"
+        elif rcpt is not None:
+            where = "data"
+        elif mail is not None:
+            where = "rcpt"
         else:
-            if txn.dot_sent:
-                where = "final"
-            elif txn.data_reply is not None or stage == "content":
-                where = "content"
-            elif rcpt is not None:
-                where = "data"
-            elif mail is not None:
-                where = "rcpt"
-            else:
-                where = stage if stage in ("connect", "greeting", "lhlo", "starttls", "auth") else "mail"
-            results.append(
-                RecipientResult(
-                    address=address,
-                    status=status_of(code),
-                    code=code,
-                    enhanced=enhanced,
-                    text=why,
-                    stage=where,
-                    local=True,
-                    # With BDAT the content may be sent before the RCPT reply
-                    # came back: the server may have delivered either way.
-                    possibly_delivered=txn.dot_sent,
-                )
+            where = stage if stage in ("connect", "greeting", "lhlo", "starttls", "auth") else "mail"
+        results.append(
+            RecipientResult(
+                address=address,
+                status=status_of(code),
+                code=code,
+                enhanced=enhanced,
+                text=why,
+                stage=where,
+                local=True,
+                # With BDAT the content may be sent before the RCPT reply
+                # came back: the server may have delivered either way.
+                possibly_delivered=txn.dot_sent,
             )
+        )
     txn.results = results
     txn.done = True
 

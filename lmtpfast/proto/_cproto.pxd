@@ -86,6 +86,10 @@ cdef class Connection:
     cdef bint _tls_pending      # STARTTLS queued; nothing more until start_tls_done()
     cdef list _bdat_unsettled   # BDAT LAST sent, outcome unknown (see _pyproto)
     cdef set _reset_covered     # ids of those an RSET already followed
+    cdef list _held             # all replies in, not yet proven in step
+    cdef Py_ssize_t _bdat_inflight  # BDAT transactions sent since the last proof
+    cdef Py_ssize_t _bdat_burst     # ...and how many may be
+    cdef object _stream_stopped # a streamed BDAT transaction whose chunks were stopped
     cdef Py_ssize_t _sync_pending
     cdef Py_ssize_t _txn_seq
     cdef list _open
@@ -97,6 +101,10 @@ cdef class Connection:
     cdef int _on_reply(self, object reply, int code) except -1
     cdef int _on_data_reply(self, object txn, object reply, int code) except -1
     cdef int _on_bdat_last(self, object txn, object reply) except -1
-    cdef int _finish(self, object txn) except -1
+    cdef int _stop_stream(self, object txn) except -1
+    cdef bint _owes_more(self, object txn)
+    cdef int _complete(self, object txn) except -1
+    cdef int _settle(self) except -1
+    cdef int _release_held(self) except -1
     cdef int _on_eof(self) except -1
-    cdef int _break(self, object error, int code, object enhanced) except -1
+    cdef int _break(self, object error, int code, object enhanced, bint desync=*) except -1

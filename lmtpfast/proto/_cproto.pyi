@@ -44,6 +44,7 @@ class Connection:
         ignore_keywords: Iterable[str] = (),
         max_line_length: int = ...,
         max_reply_lines: int = ...,
+        bdat_burst: int = ...,
     ) -> None: ...
     @property
     def waiting_for(self) -> str | None: ...

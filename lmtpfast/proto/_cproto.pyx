@@ -20,6 +20,7 @@ from libc.string cimport memcmp, memcpy, memmove
 
 from .._errors import LocalProtocolError, RemoteProtocolError, ServerDisconnected
 from ._common import (
+    BDAT_BURST,
     DEFAULT_MAX_LINE_LENGTH,
     DEFAULT_MAX_REPLY_LINES,
     NEED_DATA,
@@ -465,7 +466,10 @@ cdef class Connection:
         ignore_keywords=(),
         max_line_length=DEFAULT_MAX_LINE_LENGTH,
         max_reply_lines=DEFAULT_MAX_REPLY_LINES,
+        bdat_burst=BDAT_BURST,
     ):
+        if not isinstance(bdat_burst, int) or bdat_burst < 1:
+            raise ValueError(f"bdat_burst must be an integer >= 1, got {bdat_burst!r}")
         self.local_name = local_name
         self._local_name_bytes = encode_local_name(local_name)
         self._allow_pipelining = pipelining
@@ -482,9 +486,13 @@ cdef class Connection:
         self._tls_pending = False  # STARTTLS queued; nothing more until start_tls_done()
         self._bdat_unsettled = []
         self._reset_covered = set()
+        self._held = []  # all replies in, not yet proven in step (in order)
+        self._bdat_inflight = 0
+        self._bdat_burst = bdat_burst
+        self._stream_stopped = None
         self._sync_pending = 1  # greeting: nothing goes out before it
         self._txn_seq = 0
-        self._open = []  # transactions not yet done, in order
+        self._open = []  # transactions not yet done (held too), in order
         self.capabilities = None
         self.pipelining = False
         self.error = None
@@ -668,10 +676,14 @@ cdef class Connection:
 
     def send_chunk(self, txn, bytes data, bint last=False):
         """Queue one BDAT chunk of a streamed CHUNKING transaction (after its ReadyForData)."""
-        if self.error is not None:
-            return
+        if self.error is not None or txn is self._stream_stopped:
+            return  # decided already: nothing more of it may be sent
         if self._data_ready is not txn or self._content_owed is not txn:
             raise LocalProtocolError("send_chunk() for a transaction that is not streaming BDAT")
+        if not self.pipelining and self._expect.size():
+            raise LocalProtocolError(
+                "without PIPELINING each BDAT chunk waits for the reply to the one before "
+                "(send the next one on ReadyForData)")
         if last:
             self._wbuf.append(b"BDAT %d LAST\r\n" % len(data))
             self._wbuf.append(data)
@@ -695,6 +707,12 @@ cdef class Connection:
             return
         if self._data_ready is not txn:
             raise LocalProtocolError("end_data() for a transaction that is not owed content")
+        if self._parser._code != 0 or self._parser._len > self._parser._start:
+            # Received before the dot was sent, so it cannot answer the dot.
+            self._break(RemoteProtocolError(
+                "reply received before the end of the message content: replies out of step"),
+                451, "4.5.0", True)
+            return
         self._data_ready = None
         self._content_owed = None
         self._wbuf.append(_DOT_LINE)
@@ -743,10 +761,15 @@ cdef class Connection:
         while outq.size() and self._content_owed is None and not self._sync_pending:
             if not self.pipelining and self._expect.size():
                 return 0
+            if (<_Cmd>outq.first()).kind == _MAIL and self._bdat_inflight >= self._bdat_burst:
+                if self._expect.size():
+                    return 0  # let the replies drain: the proof for the BDAT ones sent
+                self._bdat_inflight = 0
             c = <_Cmd>outq.pop()
             if c.kind == _BDAT_START:
                 # Nothing is sent: the caller streams the chunks now.
                 self._content_owed = self._data_ready = c.txn
+                self._bdat_inflight += 1
                 self._events.push(ReadyForData(c.txn))
                 continue
             if c.kind == _MAIL and self._bdat_unsettled:
@@ -762,6 +785,7 @@ cdef class Connection:
             if c.kind == _BDAT_LAST:
                 c.txn.dot_sent = True  # the whole content is on its way
                 self._bdat_unsettled.append(c.txn)
+                self._bdat_inflight += 1
             elif c.kind == _MAIL:
                 c.txn.mail_sent = True
             elif c.kind == _DATA:
@@ -775,85 +799,113 @@ cdef class Connection:
         cdef _Cmd c
         cdef object txn
         cdef Py_ssize_t idx
+        cdef int kind
+        cdef bint stopped
         if not self._expect.size():
             self._break(
                 RemoteProtocolError(f"unexpected reply nobody waited for: {code}"),
                 451,
                 "4.5.0",
+                True,
             )
             return 0
         c = <_Cmd>self._expect.pop()
         txn = c.txn
         idx = c.idx
-        if c.kind == _RCPT:
+        kind = c.kind
+        if 300 <= code < 400 and kind != _DATA and (code == 354 or kind != _COMMAND):
+            # As in _pyproto: a 3xx in the wrong place, the stream is shifted.
+            stage = c.name if kind == _COMMAND else _STAGE_NAMES[kind]
+            self._break(RemoteProtocolError(
+                f"{code} reply while waiting for the {stage.upper()} reply: "
+                "replies out of step"), 451, "4.5.0", True)
+            return 0
+        if kind == _RCPT:
             txn.rcpt_replies[idx] = reply
             if _ok(code) and _reply_ok(txn.mail_reply):
                 txn.accepted.append(idx)
-            if (
-                not self.pipelining
-                and idx == len(txn.recipients) - 1
-                and not txn.accepted
-            ):
-                # Every recipient refused: do not send DATA, reset instead.
-                self._outq.drop_txn(txn)
-                self._outq.push_front(_cmd(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET"))
-                self._finish(txn)
-        elif c.kind == _DOT:
+            if idx == len(txn.recipients) - 1 and not txn.accepted:
+                if not self.pipelining:
+                    # Every recipient refused: do not send DATA, reset instead.
+                    self._outq.drop_txn(txn)
+                    self._outq.push_front(_cmd(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET"))
+                    self._complete(txn)
+                elif self._data_ready is txn and self._content_owed is txn:
+                    # Streaming BDAT and nobody accepted: send no more of it.
+                    self._stop_stream(txn)
+        elif kind == _DOT:
             txn.final_replies[idx] = reply
             accepted = txn.accepted
             if idx == accepted[len(accepted) - 1]:  # (wraparound is off: no [-1])
-                self._finish(txn)
-        elif c.kind == _MAIL:
+                self._complete(txn)
+        elif kind == _MAIL:
             txn.mail_reply = reply
             if not _ok(code) and not self.pipelining:
                 self._outq.drop_txn(txn)
-                self._finish(txn)
-        elif c.kind == _DATA:
+                self._complete(txn)
+        elif kind == _DATA:
             self._on_data_reply(txn, reply, code)
-        elif c.kind == _LONE_DOT:
-            self._finish(txn)
-        elif c.kind == _BDAT_CHUNK:
+            if self.error is not None:
+                return 0
+        elif kind == _LONE_DOT:
+            self._complete(txn)
+        elif kind == _BDAT_CHUNK:
+            stopped = txn is self._stream_stopped
             if not _ok(code) and txn.data_reply is None:
                 txn.data_reply = reply  # decides every accepted recipient
-        elif c.kind == _BDAT_LAST:
+                if self._data_ready is txn:
+                    self._stop_stream(txn)  # RFC 3030 2: no further chunk
+            if stopped:
+                if not self._owes_more(txn):
+                    self._complete(txn)  # the last chunk reply it was owed
+            elif not self.pipelining and self._data_ready is txn:
+                self._events.push(ReadyForData(txn))  # the next chunk may go
+        elif kind == _BDAT_LAST:
             self._on_bdat_last(txn, reply)
-        elif c.kind == _RSET_INTERNAL:
+        elif kind == _RSET_INTERNAL:
             if not _ok(code):
                 self._break(
-                    RemoteProtocolError(f"RSET refused: {code} {reply.text}"), 451, "4.5.0"
+                    RemoteProtocolError(f"RSET refused: {code} {reply.text}"), 451, "4.5.0",
+                    True,
                 )
                 return 0
-        elif c.kind == _GREETING:
-            self._sync_pending -= 1
-            self._events.push(CommandReply("greeting", reply))
-        elif c.kind == _LHLO:
-            self._sync_pending -= 1
-            if _ok(code):
-                self.capabilities = caps = Capabilities.from_reply(reply, self.ignore_keywords)
-                self.pipelining = self._allow_pipelining and caps.pipelining
-            self._events.push(CommandReply("LHLO", reply))
-        else:  # _COMMAND
+        else:
+            name = c.name
+            if kind == _LHLO:
+                if _ok(code):
+                    self.capabilities = caps = Capabilities.from_reply(reply, self.ignore_keywords)
+                    self.pipelining = self._allow_pipelining and caps.pipelining
+            elif kind == _GREETING:
+                pass
+            elif name == "QUIT":  # _COMMAND from here on
+                self.closed = True
+            elif name == "STARTTLS" and not _ok(code):
+                self._tls_pending = False  # refused: go on in the clear
             # After a 334 to AUTH the exchange goes on with AUTH-RESPONSE
             # lines, each synchronous again.
-            if c.name in _SYNC_COMMANDS:
+            if kind != _COMMAND or name in _SYNC_COMMANDS:
                 self._sync_pending -= 1
-            if c.name == "QUIT":
-                self.closed = True
-            elif c.name == "STARTTLS" and not _ok(code):
-                self._tls_pending = False  # refused: go on in the clear
-            self._events.push(CommandReply(c.name, reply))
-        self._pump()
+            # The transactions it proves in step come out before the reply.
+            self._settle()
+            if self.error is not None:
+                return 0
+            self._events.push(CommandReply(name, reply))
+        self._settle()
+        if self.error is None:
+            self._pump()
         return 0
 
     cdef int _on_data_reply(self, object txn, object reply, int code) except -1:
         if code != 354 and code < 400:
             # As in _pyproto: replies out of step; never a delivery.
             self._break(RemoteProtocolError(
-                f"{code} reply to DATA, 354 expected: replies out of step"), 451, "4.5.0")
+                f"{code} reply to DATA, 354 expected: replies out of step"), 451, "4.5.0", True)
             return 0
         txn.data_reply = reply
         mail_ok = _reply_ok(txn.mail_reply)
         if code == 354:
+            # In its place, so every reply before it was: the proof.
+            self._release_held()
             if txn.accepted:
                 self._data_ready = txn
                 self._events.push(ReadyForData(txn))
@@ -868,7 +920,7 @@ cdef class Connection:
         if mail_ok:
             # The server still holds the MAIL transaction: clear it before the next one.
             self._outq.push_front(_cmd(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET"))
-        self._finish(txn)
+        self._complete(txn)
         return 0
 
     cdef int _on_bdat_last(self, object txn, object reply) except -1:
@@ -882,27 +934,68 @@ cdef class Connection:
                 self._expect.push_front(_cmd(None, _DOT, txn, accepted[k], "."))
                 k -= 1
             if n == 1:
-                self._finish(txn)
+                self._complete(txn)
             return 0
         if txn.data_reply is None:
             txn.data_reply = reply
         if _reply_ok(txn.mail_reply) and txn.id not in self._reset_covered:
             self._outq.push_front(_cmd(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET"))
-        self._finish(txn)
+        self._complete(txn)
         return 0
 
-    cdef int _finish(self, object txn) except -1:
+    cdef int _stop_stream(self, object txn) except -1:
+        # As in _pyproto: no more chunks; complete once the sent ones are answered.
+        self._data_ready = self._content_owed = None
+        self._stream_stopped = txn
+        if _reply_ok(txn.mail_reply):
+            self._outq.push_front(_cmd(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET"))
+        if not self._owes_more(txn):
+            self._complete(txn)
+        return 0
+
+    cdef bint _owes_more(self, object txn):
+        return self._expect.size() > 0 and (<_Cmd>self._expect.first()).txn is txn
+
+    cdef int _complete(self, object txn) except -1:
+        # Every reply of txn is in: hold it until the stream is proven in step.
         if txn.dot_sent:
             if txn in self._bdat_unsettled:
                 self._bdat_unsettled.remove(txn)
             self._reset_covered.discard(txn.id)
-        _finish_transaction(txn)
-        self._open.remove(txn)
-        self._events.push(TransactionDone(txn))
+        self._held.append(txn)
+        return 0
+
+    cdef int _settle(self) except -1:
+        # After a reply: if no reply is expected any more, the held ones are proven.
+        if self._expect.size() or self.error is not None:
+            return 0
+        self._bdat_inflight = 0
+        if not self._held:
+            return 0
+        if self._parser._code != 0 or self._parser._len > self._parser._start:
+            # Bytes nobody asked for: a surplus reply, so the ones before may be shifted.
+            self._break(RemoteProtocolError(
+                "server sent more replies than there were commands: replies out of step"),
+                451, "4.5.0", True)
+            return 0
+        self._release_held()
+        return 0
+
+    cdef int _release_held(self) except -1:
+        # The stream is proven in step up to here: decide the held transactions.
+        cdef list held = self._held
+        self._bdat_inflight = 0
+        if not held:
+            return 0
+        self._held = []
+        for txn in held:
+            _finish_transaction(txn)
+            self._open.remove(txn)
+            self._events.push(TransactionDone(txn))
         return 0
 
     cdef int _on_eof(self) except -1:
-        if self._expect.size() and (<_Cmd>self._expect.first()).name == "QUIT":
+        if self._expect.size() and (<_Cmd>self._expect.first()).name == "QUIT" and not self._held:
             self.closed = True
             return 0
         stage = self.waiting_for
@@ -919,16 +1012,19 @@ cdef class Connection:
         self._break(ServerDisconnected(why), 451, "4.4.2")
         return 0
 
-    cdef int _break(self, object error, int code, object enhanced) except -1:
+    cdef int _break(self, object error, int code, object enhanced, bint desync=False) except -1:
         self.error = error
         failed = self._open
         self._open = []
         stage = self.waiting_for or "mail"
         why = str(error)
+        # As in _pyproto: a shifted stream, or held transactions never proven.
+        unproven = desync or bool(self._held)
+        self._held = []
         for txn in failed:
             # The transaction whose content was being streamed (DATA or BDAT).
             where = "content" if txn is self._data_ready else stage
-            fail_transaction(txn, code, enhanced, why, where)
+            fail_transaction(txn, code, enhanced, why, where, unproven=unproven)
         self._expect.clear()
         self._outq.clear()
         self._wbuf = []

@@ -11,6 +11,25 @@ cursor moves them to the wire as pipelining allows, and one FIFO of expected
 replies is the receive cursor. A reply nobody waits for, a malformed reply or
 an early end of the stream breaks the connection; every transaction still
 open then gets a made-up transient result per recipient, never silence.
+
+Replies are matched to commands by position only, so a server that sends one
+reply too few (or too many) after the final dot shifts every later reply:
+with a transaction pipelined behind, its MAIL's 250 would read as the last
+recipient's final reply. A transaction whose replies are all in is therefore
+*held* (no ``TransactionDone``) until the stream is proven in step:
+
+* the next DATA's 354 arrives exactly where it is expected (a 354 answers
+  nothing but DATA, so every reply before it was in place), or
+* every reply expected so far has come and no byte more is waiting.
+
+A shifted stream shows as a 354 or other 3xx where no DATA reply is due, a
+success other than 354 to DATA, a reply received before the final dot was
+sent, or bytes nobody asked for. Then, and when the connection fails before
+the proof, every held or open transaction is decided as unproven (see
+``_common.fail_transaction``): transient, possibly delivered once the content
+was sent; never delivered, never permanent. BDAT has no 354, so the proof for
+pipelined BDAT transactions is the queue draining: after ``bdat_burst`` of
+them are in flight unproven, nothing more is sent until it drains.
 """
 
 from __future__ import annotations
@@ -20,6 +39,7 @@ from collections.abc import Iterable, Sequence
 
 from .._errors import LocalProtocolError, RemoteProtocolError, ServerDisconnected
 from ._common import (
+    BDAT_BURST,
     DEFAULT_MAX_LINE_LENGTH,
     DEFAULT_MAX_REPLY_LINES,
     NEED_DATA,
@@ -211,7 +231,10 @@ class Connection:
 
     With PIPELINING (advertised and not disabled) MAIL, every RCPT and DATA
     go out in one write, and the content with its final dot may be followed
-    by the next transaction's commands in the same write.
+    by the next transaction's commands in the same write. A transaction's
+    ``TransactionDone`` comes once its replies are proven in step (see the
+    module docstring); ``bdat_burst`` bounds the pipelined BDAT transactions
+    in flight before the replies must drain.
     """
 
     def __init__(
@@ -222,7 +245,10 @@ class Connection:
         ignore_keywords: Iterable[str] = (),
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         max_reply_lines: int = DEFAULT_MAX_REPLY_LINES,
+        bdat_burst: int = BDAT_BURST,
     ) -> None:
+        if not isinstance(bdat_burst, int) or bdat_burst < 1:
+            raise ValueError(f"bdat_burst must be an integer >= 1, got {bdat_burst!r}")
         self.local_name = local_name
         self._local_name_bytes = encode_local_name(local_name)
         self._allow_pipelining = pipelining
@@ -243,10 +269,17 @@ class Connection:
         # ones such an RSET already followed.
         self._bdat_unsettled: list[Transaction] = []
         self._reset_covered: set[int] = set()
+        # Transactions whose replies are all in, not yet proven in step (in order).
+        self._held: list[Transaction] = []
+        # BDAT transactions sent since the last proof, and how many may be.
+        self._bdat_inflight = 0
+        self._bdat_burst = bdat_burst
+        # A streamed BDAT transaction whose chunks were stopped (RFC 3030 2).
+        self._stream_stopped: Transaction | None = None
         self._tls_pending = False  # STARTTLS queued; nothing more until start_tls_done()
         self._sync_pending = 1  # greeting: nothing goes out before it
         self._txn_seq = 0
-        self._open: list[Transaction] = []  # transactions not yet done, in order
+        self._open: list[Transaction] = []  # transactions not yet done (held too), in order
         self.capabilities: Capabilities | None = None
         self.pipelining = False
         self.error: Exception | None = None
@@ -424,10 +457,14 @@ class Connection:
         ``data`` must be CRLF-normalised (not dot-stuffed); the last call has
         ``last=True`` (``data`` may then be empty: ``BDAT 0 LAST``).
         """
-        if self.error is not None:
-            return
+        if self.error is not None or txn is self._stream_stopped:
+            return  # decided already: nothing more of it may be sent
         if self._data_ready is not txn or self._content_owed is not txn:
             raise LocalProtocolError("send_chunk() for a transaction that is not streaming BDAT")
+        if not self.pipelining and self._expect:
+            raise LocalProtocolError(
+                "without PIPELINING each BDAT chunk waits for the reply to the one before "
+                "(send the next one on ReadyForData)")
         if last:
             self._wbuf.append(b"BDAT %d LAST\r\n" % len(data))
             self._wbuf.append(data)
@@ -451,6 +488,12 @@ class Connection:
             return
         if self._data_ready is not txn:
             raise LocalProtocolError("end_data() for a transaction that is not owed content")
+        if self._parser.in_reply:
+            # Received before the dot was sent, so it cannot answer the dot.
+            self._break(RemoteProtocolError(
+                "reply received before the end of the message content: replies out of step"),
+                451, "4.5.0", desync=True)
+            return
         self._data_ready = None
         self._content_owed = None
         self._wbuf.append(b".\r\n")
@@ -498,11 +541,16 @@ class Connection:
         while outq and self._content_owed is None and not self._sync_pending:
             if not self.pipelining and self._expect:
                 return
+            if outq[0][1] == _MAIL and self._bdat_inflight >= self._bdat_burst:
+                if self._expect:
+                    return  # let the replies drain: the proof for the BDAT ones sent
+                self._bdat_inflight = 0
             line, kind, txn, idx, name = outq.popleft()
             if kind == _BDAT_START:
                 # Nothing is sent: the caller streams the chunks now.
                 self._content_owed = self._data_ready = txn
                 assert txn is not None
+                self._bdat_inflight += 1
                 self._events.append(ReadyForData(txn))
                 continue
             if kind == _MAIL and self._bdat_unsettled:
@@ -516,6 +564,7 @@ class Connection:
                 assert txn is not None
                 txn.dot_sent = True  # the whole content is on its way
                 self._bdat_unsettled.append(txn)
+                self._bdat_inflight += 1
             elif kind == _MAIL:
                 assert txn is not None
                 txn.mail_sent = True
@@ -533,71 +582,99 @@ class Connection:
                 RemoteProtocolError(f"unexpected reply nobody waited for: {reply.code}"),
                 451,
                 "4.5.0",
+                desync=True,
             )
             return
         kind, txn, idx, name = self._expect.popleft()
+        code = reply.code
+        if 300 <= code < 400 and kind != _DATA and (code == 354 or kind != _COMMAND):
+            # 354 answers DATA only, and nothing but a session command (AUTH's
+            # 334) takes another 3xx: the reply is in the wrong place, so the
+            # stream is shifted.
+            self._break(RemoteProtocolError(
+                f"{code} reply while waiting for the {_STAGES.get(kind, name).upper()} reply: "
+                "replies out of step"), 451, "4.5.0", desync=True)
+            return
         if kind == _RCPT:
             assert txn is not None
             txn.rcpt_replies[idx] = reply
-            if 200 <= reply.code < 300:
+            if 200 <= code < 300:
                 mail = txn.mail_reply
                 if mail is not None and 200 <= mail.code < 300:
                     txn.accepted.append(idx)
-            if not self.pipelining and idx == len(txn.recipients) - 1 and not txn.accepted:
-                # Every recipient refused: do not send DATA, reset instead.
-                self._drop_queued(txn)
-                self._outq.appendleft((b"RSET\r\n", _RSET_INTERNAL, None, 0, "RSET"))
-                self._finish(txn)
+            if idx == len(txn.recipients) - 1 and not txn.accepted:
+                if not self.pipelining:
+                    # Every recipient refused: do not send DATA, reset instead.
+                    self._drop_queued(txn)
+                    self._outq.appendleft((b"RSET\r\n", _RSET_INTERNAL, None, 0, "RSET"))
+                    self._complete(txn)
+                elif self._data_ready is txn and self._content_owed is txn:
+                    # Streaming BDAT and nobody accepted: send no more of it.
+                    self._stop_stream(txn)
         elif kind == _DOT:
             assert txn is not None
             txn.final_replies[idx] = reply
             if idx == txn.accepted[-1]:
-                self._finish(txn)
+                self._complete(txn)
         elif kind == _MAIL:
             assert txn is not None
             txn.mail_reply = reply
-            if not 200 <= reply.code < 300 and not self.pipelining:
+            if not 200 <= code < 300 and not self.pipelining:
                 self._drop_queued(txn)
-                self._finish(txn)
+                self._complete(txn)
         elif kind == _DATA:
             assert txn is not None
             self._on_data_reply(txn, reply)
+            if self.error is not None:
+                return
         elif kind == _LONE_DOT:
             assert txn is not None
-            self._finish(txn)
+            self._complete(txn)
         elif kind == _BDAT_CHUNK:
             assert txn is not None
-            if not 200 <= reply.code < 300 and txn.data_reply is None:
+            stopped = txn is self._stream_stopped
+            if not 200 <= code < 300 and txn.data_reply is None:
                 txn.data_reply = reply  # decides every accepted recipient
+                if self._data_ready is txn:
+                    self._stop_stream(txn)  # RFC 3030 2: no further chunk
+            if stopped:
+                if not self._owes_more(txn):
+                    self._complete(txn)  # the last chunk reply it was owed
+            elif not self.pipelining and self._data_ready is txn:
+                self._events.append(ReadyForData(txn))  # the next chunk may go
         elif kind == _BDAT_LAST:
             assert txn is not None
             self._on_bdat_last(txn, reply)
         elif kind == _RSET_INTERNAL:
-            if not 200 <= reply.code < 300:
+            if not 200 <= code < 300:
                 self._break(
-                    RemoteProtocolError(f"RSET refused: {reply.code} {reply.text}"), 451, "4.5.0"
+                    RemoteProtocolError(f"RSET refused: {code} {reply.text}"), 451, "4.5.0",
+                    desync=True,
                 )
                 return
-        elif kind == _GREETING:
-            self._sync_pending -= 1
-            self._events.append(CommandReply("greeting", reply))
-        elif kind == _LHLO:
-            self._sync_pending -= 1
-            if 200 <= reply.code < 300:
-                self.capabilities = caps = Capabilities.from_reply(reply, self.ignore_keywords)
-                self.pipelining = self._allow_pipelining and caps.pipelining
-            self._events.append(CommandReply("LHLO", reply))
-        else:  # _COMMAND
+        else:
+            if kind == _GREETING:
+                name = "greeting"
+            elif kind == _LHLO:
+                if 200 <= code < 300:
+                    self.capabilities = caps = Capabilities.from_reply(reply, self.ignore_keywords)
+                    self.pipelining = self._allow_pipelining and caps.pipelining
+            elif name == "QUIT":  # _COMMAND from here on
+                self.closed = True
+            elif name == "STARTTLS" and not 200 <= code < 300:
+                self._tls_pending = False  # refused: go on in the clear
             # After a 334 to AUTH the exchange goes on with AUTH-RESPONSE
             # lines, each synchronous again.
-            if name in _SYNC_COMMANDS:
+            if kind != _COMMAND or name in _SYNC_COMMANDS:
                 self._sync_pending -= 1
-            if name == "QUIT":
-                self.closed = True
-            elif name == "STARTTLS" and not 200 <= reply.code < 300:
-                self._tls_pending = False  # refused: go on in the clear
+            # The transactions it proves in step come out before the reply.
+            self._settle()
+            if self.error is not None:
+                return
             self._events.append(CommandReply(name, reply))
-        self._pump()
+        self._settle()
+        if self.error is None:
+            self._pump()
 
     def _on_data_reply(self, txn: Transaction, reply: Reply) -> None:
         if reply.code != 354 and reply.code < 400:
@@ -605,11 +682,14 @@ class Connection:
             # of step (an unsolicited reply shifted them). Never read it as a
             # final reply: that would report a delivery nobody stored.
             self._break(RemoteProtocolError(
-                f"{reply.code} reply to DATA, 354 expected: replies out of step"), 451, "4.5.0")
+                f"{reply.code} reply to DATA, 354 expected: replies out of step"), 451, "4.5.0",
+                desync=True)
             return
         txn.data_reply = reply
         mail_ok = txn.mail_reply is not None and 200 <= txn.mail_reply.code < 300
         if reply.code == 354:
+            # In its place, so every reply before it was: the proof.
+            self._release_held()
             if txn.accepted:
                 self._data_ready = txn
                 self._events.append(ReadyForData(txn))
@@ -624,7 +704,7 @@ class Connection:
         if mail_ok:
             # The server still holds the MAIL transaction: clear it before the next one.
             self._outq.appendleft((b"RSET\r\n", _RSET_INTERNAL, None, 0, "RSET"))
-        self._finish(txn)
+        self._complete(txn)
 
     def _on_bdat_last(self, txn: Transaction, reply: Reply) -> None:
         # RFC 2033 4.2 / RFC 3030: one reply per accepted recipient after the
@@ -636,7 +716,7 @@ class Connection:
             for idx in reversed(accepted[1:]):
                 self._expect.appendleft((_DOT, txn, idx, "."))
             if len(accepted) == 1:
-                self._finish(txn)
+                self._complete(txn)
             return
         # Nothing accepted, or a chunk was refused: the server owes one reply.
         if txn.data_reply is None:
@@ -644,22 +724,67 @@ class Connection:
         mail = txn.mail_reply
         if mail is not None and 200 <= mail.code < 300 and txn.id not in self._reset_covered:
             self._outq.appendleft((b"RSET\r\n", _RSET_INTERNAL, None, 0, "RSET"))
-        self._finish(txn)
+        self._complete(txn)
+
+    def _stop_stream(self, txn: Transaction) -> None:
+        """Stop a streamed BDAT transaction that can no longer succeed (RFC 3030 2).
+
+        Its later chunks are dropped (``send_chunk`` does nothing); it is
+        complete once the replies to the chunks already sent are in. The
+        server may still hold the MAIL transaction: RSET it.
+        """
+        self._data_ready = self._content_owed = None
+        self._stream_stopped = txn
+        mail = txn.mail_reply
+        if mail is not None and 200 <= mail.code < 300:
+            self._outq.appendleft((b"RSET\r\n", _RSET_INTERNAL, None, 0, "RSET"))
+        if not self._owes_more(txn):
+            self._complete(txn)
+
+    def _owes_more(self, txn: Transaction) -> bool:
+        """A reply to a command of ``txn`` is still expected (they are contiguous)."""
+        return bool(self._expect) and self._expect[0][1] is txn
 
     def _drop_queued(self, txn: Transaction) -> None:
         self._outq = deque(item for item in self._outq if item[2] is not txn)
 
-    def _finish(self, txn: Transaction) -> None:
+    def _complete(self, txn: Transaction) -> None:
+        """Every reply of ``txn`` is in: hold it until the stream is proven in step."""
         if txn.dot_sent:
             if txn in self._bdat_unsettled:
                 self._bdat_unsettled.remove(txn)
             self._reset_covered.discard(txn.id)
-        finish_transaction(txn)
-        self._open.remove(txn)
-        self._events.append(TransactionDone(txn))
+        self._held.append(txn)
+
+    def _settle(self) -> None:
+        """After a reply: if no reply is expected any more, the held transactions are proven."""
+        if self._expect or self.error is not None:
+            return
+        self._bdat_inflight = 0
+        if not self._held:
+            return
+        if self._parser.in_reply:
+            # Bytes nobody asked for: a surplus reply, so the ones before may be shifted.
+            self._break(RemoteProtocolError(
+                "server sent more replies than there were commands: replies out of step"),
+                451, "4.5.0", desync=True)
+            return
+        self._release_held()
+
+    def _release_held(self) -> None:
+        """The stream is proven in step up to here: decide the held transactions."""
+        self._bdat_inflight = 0
+        held = self._held
+        if not held:
+            return
+        self._held = []
+        for txn in held:
+            finish_transaction(txn)
+            self._open.remove(txn)
+            self._events.append(TransactionDone(txn))
 
     def _on_eof(self) -> None:
-        if self._expect and self._expect[0][3] == "QUIT":
+        if self._expect and self._expect[0][3] == "QUIT" and not self._held:
             self.closed = True
             return
         stage = self.waiting_for
@@ -675,16 +800,20 @@ class Connection:
             why = "server closed an idle connection"
         self._break(ServerDisconnected(why), 451, "4.4.2")
 
-    def _break(self, error: Exception, code: int, enhanced: str) -> None:
+    def _break(self, error: Exception, code: int, enhanced: str, desync: bool = False) -> None:
         self.error = error
         failed = self._open
         self._open = []
         stage = self.waiting_for or "mail"
         why = str(error)
+        # A shifted stream, or held transactions never proven: no reply since
+        # the last proof is trusted (the held ones come first in _open).
+        unproven = desync or bool(self._held)
+        self._held = []
         for txn in failed:
             # The transaction whose content was being streamed (DATA or BDAT).
             where = "content" if txn is self._data_ready else stage
-            fail_transaction(txn, code, enhanced, why, where)
+            fail_transaction(txn, code, enhanced, why, where, unproven=unproven)
         self._expect.clear()
         self._outq.clear()
         self._wbuf.clear()

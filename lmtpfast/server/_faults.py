@@ -102,7 +102,9 @@ class FaultRule(msgspec.Struct, frozen=True, kw_only=True):
     ``extra``       send the normal reply, then an unsolicited one (``code
                     enhanced text``)
     ``short``       ``dot`` only: send the first ``count`` per-recipient
-                    replies, then ``then`` (``disconnect`` or ``stall``)
+                    replies, then ``then`` (``disconnect``, ``stall``, or
+                    ``continue``: carry on with the next command as if
+                    all had been sent, which shifts every later reply)
     """
 
     command: Command
@@ -118,7 +120,7 @@ class FaultRule(msgspec.Struct, frozen=True, kw_only=True):
     text: str = ""
     size: int = DEFAULT_OVERSIZE
     count: int = 0
-    then: Literal["disconnect", "stall"] = "disconnect"
+    then: Literal["disconnect", "stall", "continue"] = "disconnect"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -171,8 +173,8 @@ def _validate(rule: FaultRule) -> None:
             raise bad("short only applies to dot (the replies after the final dot)")
         if rule.count < 0:
             raise bad("short needs a count >= 0")
-    if rule.then not in ("disconnect", "stall"):
-        raise bad("short ends with disconnect or stall")
+    if rule.then not in ("disconnect", "stall", "continue"):
+        raise bad("short ends with disconnect, stall or continue")
 
 
 class FaultPlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -233,7 +235,7 @@ def parse_fault(spec: str) -> FaultRule:
         ACTION  = "delay:" SECONDS [ "," EFFECT ] | EFFECT
         EFFECT  = REPLY | "stall" | "disconnect" | "reset" | "garbage" [ ":" TEXT ]
                 | "oversize" [ ":" N ] | "extra" [ ":" REPLY ]
-                | "short:" N [ ":disconnect" | ":stall" ]
+                | "short:" N [ ":disconnect" | ":stall" | ":continue" ]
         REPLY   = CODE [ " " ENHANCED ] [ " " TEXT ]
 
     Examples: ``rcpt:bob@*=550 5.1.1 No such user``,
@@ -300,8 +302,8 @@ def _parse_effect(action: str, bad: _Bad) -> dict[str, Any]:
         count, _, then = arg.partition(":")
         if not count.isdigit():
             raise bad("short needs a number of replies to send, e.g. short:1 or short:0:stall")
-        if then not in ("", "disconnect", "stall"):
-            raise bad(f"short ends with disconnect or stall, not {then!r}")
+        if then not in ("", "disconnect", "stall", "continue"):
+            raise bad(f"short ends with disconnect, stall or continue, not {then!r}")
         return {"action": "short", "count": int(count), "then": then or "disconnect"}
     if action[:1].isdigit():
         fields = _parse_reply(action, bad)
@@ -309,7 +311,8 @@ def _parse_effect(action: str, bad: _Bad) -> dict[str, Any]:
         return fields
     raise bad(
         f"unknown action {action!r} (expected a reply like '550 5.1.1 text', delay:S, stall,"
-        " disconnect, reset, garbage, oversize[:N], extra[:REPLY] or short:N[:stall])"
+        " disconnect, reset, garbage, oversize[:N], extra[:REPLY] or"
+        " short:N[:stall|:continue])"
     )
 
 

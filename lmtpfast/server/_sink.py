@@ -238,6 +238,7 @@ class SinkHandler(Handler):
         limit = len(rcpts)
         then: Any = None
         before: list[Item] = []
+        silent_rest = False
         short = self._rules.get("dot-short")
         if short:
             srule = eng.check_any(short, rcpts)
@@ -246,7 +247,11 @@ class SinkHandler(Handler):
                 if srule.delay:
                     before.append(Delay(srule.delay))
                 limit = min(srule.count, limit)
-                then = STALL if srule.then == "stall" else CLOSE
+                # "continue": no reply for the rest, and on with the next
+                # command (a server that loses replies: a pipelining
+                # client's later replies shift).
+                silent_rest = srule.then == "continue"
+                then = STALL if srule.then == "stall" else None if silent_rest else CLOSE
         per_rcpt = self._rules.get("dot")
         dcode = 552 if too_big else 250
         # Decide every reply first, then store the 2xx ones, then answer:
@@ -284,12 +289,14 @@ class SinkHandler(Handler):
             answers.append(ans)
         if then is not None or before:
             if not answers:
-                answers.append(Decision(0, [*before, then]))
+                answers.append(Decision(0, [*before, then] if then is not None else before))
             else:
                 if before:
                     answers[0] = _prepend(answers[0], before, dcode)
                 if then is not None and len(answers) == limit:
                     answers[-1] = _append(answers[-1], then, dcode)
+        if silent_rest:
+            answers += [Decision(0, [])] * (len(rcpts) - len(answers))
         return answers
 
 
