@@ -88,6 +88,11 @@ class LMTPProtocol(asyncio.Protocol):
         self._limits: dict[str, float] = {}  # stage -> seconds, from timeouts
         self._last_progress = 0.0
         self._content_task: asyncio.Task[None] | None = None
+        # Without PIPELINING a streamed BDAT chunk waits for the reply to the
+        # one before: the transaction streaming and a future that is True when
+        # the reply came (ReadyForData), False when the transaction was
+        # decided or the connection broke.
+        self._chunk_ready: tuple[Transaction, asyncio.Future[bool]] | None = None
         self.error: Exception | None = None
         #: What STARTTLS negotiated (``None`` while the connection is in plain text).
         self.tls: TLSInfo | None = None
@@ -300,7 +305,10 @@ class LMTPProtocol(asyncio.Protocol):
             elif isinstance(ev, ReadyForData):
                 txn = ev.transaction
                 content = txn.content
-                if isinstance(content, bytes | bytearray):
+                if content is None:
+                    # Streaming already: the reply to the last chunk came.
+                    self._chunk_done(txn, True)
+                elif isinstance(content, bytes | bytearray):
                     # Content, dot and the next group leave in one write.
                     out.append(bytes(content))
                     txn.content = None
@@ -326,7 +334,13 @@ class LMTPProtocol(asyncio.Protocol):
                 self._transport.write(b"".join(out))
         out.clear()
 
+    def _chunk_done(self, txn: Transaction, ready: bool) -> None:
+        waiting = self._chunk_ready
+        if waiting is not None and waiting[0] is txn and not waiting[1].done():
+            waiting[1].set_result(ready)
+
     def _resolve(self, txn: Transaction) -> None:
+        self._chunk_done(txn, False)
         fut = txn.waiter
         if isinstance(fut, asyncio.Future) and not fut.done():
             fut.set_result(txn.results)
@@ -384,26 +398,42 @@ class LMTPProtocol(asyncio.Protocol):
         assert transport is not None
         bdat = content.chunking
         engine = self.engine
+        loop = self._loop
+        # Without PIPELINING each BDAT chunk waits for its reply (RFC 2920).
+        one_by_one = bdat and not engine.pipelining
         encoder = ContentEncoder(dot_stuff=not bdat)
         raw = content.raw
         try:
             for start in range(0, len(raw), STREAM_CHUNK):
+                # The engine stops owing content when the transaction is
+                # decided (a refused chunk, every recipient refused: RFC 3030
+                # 2) or the connection broke; after a write error asyncio
+                # drops writes silently. Either way: send nothing more, so the
+                # last chunk or the dot is never "sent" (which would flag the
+                # recipients possibly delivered).
+                if engine.content_owed is not txn or transport.is_closing():
+                    return
                 piece = encoder.encode(raw[start : start + STREAM_CHUNK])
+                if not piece:
+                    continue
+                ready = None
                 if bdat:
+                    if one_by_one:
+                        ready = loop.create_future()
+                        self._chunk_ready = (txn, ready)
                     engine.send_chunk(txn, piece)
                     piece = engine.data_to_send()
                 transport.write(piece)
-                self._last_progress = self._loop.time()
-                if self._paused:
+                self._last_progress = loop.time()
+                if ready is not None:
+                    self._arm_timer()  # the chunk's reply has the DATA limit
+                    if not await ready:
+                        return
+                elif self._paused:
                     await self._drain()
-                # After a write error asyncio drops further writes silently:
-                # stop here, so the last chunk or the dot is never "sent"
-                # (which would flag the recipients possibly delivered).
-                if not engine.usable or transport.is_closing():
-                    return
-            tail = encoder.finish()
-            if transport.is_closing():
+            if engine.content_owed is not txn or transport.is_closing():
                 return
+            tail = encoder.finish()
             if bdat:
                 engine.send_chunk(txn, tail, last=True)
                 self._process()
@@ -417,7 +447,9 @@ class LMTPProtocol(asyncio.Protocol):
             return
         except (ConnectionError, asyncio.CancelledError):
             return
-        if self.engine.usable and self.engine.content_owed is txn:
+        finally:
+            self._chunk_ready = None
+        if self.engine.content_owed is txn:
             self.engine.end_data(txn)
             self._process()
 
@@ -453,6 +485,9 @@ class LMTPProtocol(asyncio.Protocol):
             return
         stage = self._current_stage()
         if stage is None:
+            # Idle: nothing is awaited. The next command's clock starts when
+            # it is sent, not at the last reply before the gap.
+            self._timer_stage = None
             return
         timer = self._timer
         if timer is not None and stage == self._timer_stage:
@@ -462,13 +497,13 @@ class LMTPProtocol(asyncio.Protocol):
             limit = self._limits[stage] = self.timeouts.for_stage(stage)
         now = self._loop.time()
         due = now + limit
+        if timer is None or self._timer_stage is None:
+            self._last_progress = now  # a wait starts now (first command, or after idle)
         self._timer_stage = stage
         if timer is not None:
             if timer.when() <= due:
-                return
+                return  # it fires early and re-arms from _last_progress
             timer.cancel()  # a shorter limit (say RSET after the dot) now applies
-        else:
-            self._last_progress = now
         self._timer = self._loop.call_at(due, self._on_timer)
 
     def _cancel_timer(self) -> None:
@@ -480,6 +515,7 @@ class LMTPProtocol(asyncio.Protocol):
         self._timer = None
         stage = self._current_stage()
         if stage is None or not self._waiting():
+            self._timer_stage = None
             return
         limit = self.timeouts.for_stage(stage)
         due = self._last_progress + limit
