@@ -51,11 +51,11 @@ from ._results import RecipientResult, status_of
 from ._routing import Route, Router, Routing, TransportMap, VirtualMap, as_maps, parse_route
 from ._session import Message, message_bytes
 from ._settings import PoolSettings
+from .proto._common import address_problem
 
 __all__ = ["Agent", "AgentStats", "Routing"]  # Routing lives in _routing
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
-_FORBIDDEN = frozenset("\r\n\0<> \t")
 _ROUTE_CACHE_SIZE = 65536
 _FOREVER = float("inf")
 _monotonic = time.monotonic
@@ -319,7 +319,7 @@ class Agent:
             raise TypeError("recipients must be a sequence of addresses, not one string")
         if not recipients:
             raise LocalProtocolError("no recipients: a delivery needs at least one")
-        if not isinstance(sender, str) or not _FORBIDDEN.isdisjoint(sender):
+        if address_problem(sender, allow_empty=True) is not None:
             raise LocalProtocolError(f"bad sender address {sender!r}")
         raw = message_bytes(message)
         nul = raw.find(b"\0") if isinstance(raw, bytes) else -1

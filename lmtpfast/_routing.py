@@ -48,6 +48,7 @@ from ._maps import (
     open_map,
 )
 from ._results import RecipientResult, status_of
+from .proto._common import address_problem
 
 __all__ = [
     "ERROR_TRANSPORTS",
@@ -401,7 +402,6 @@ class VirtualMap(_MapFile):
 # -- routing over any TYPE:NAME map ---------------------------------------------------------
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
-_FORBIDDEN = frozenset("\r\n\0<> \t")
 #: Lookup rounds one routing may take (virtual rewrites, recipient check, transport).
 _MAX_ROUNDS = MAX_REWRITES + 4
 
@@ -587,7 +587,7 @@ class Router:
     def _route(self, recipient: str, local: Mapping[tuple[int, str], Any]) -> Routing:
         if not isinstance(recipient, str):
             raise TypeError(f"recipient must be str, not {type(recipient).__name__}")
-        if not recipient or not _FORBIDDEN.isdisjoint(recipient):
+        if not recipient or address_problem(recipient) is not None:
             return Routing(recipient, recipient, failure=_refusal(
                 recipient, 501, "5.1.3", f"bad recipient address syntax: {recipient!r}", "local"))
 

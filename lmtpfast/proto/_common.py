@@ -24,6 +24,7 @@ __all__ = [
     "Reply",
     "Transaction",
     "TransactionDone",
+    "address_problem",
     "check_session_verb",
     "encode_address",
     "encode_local_name",
@@ -211,28 +212,99 @@ class Capabilities:
 
 # --- envelope arguments -------------------------------------------------------
 
+_FORBIDDEN_WHY = "contains a forbidden character (CR, LF, NUL, <, > or space)"
+
+
+def address_problem(address: str, *, allow_empty: bool = False) -> str | None:
+    """Why ``address`` cannot go between ``<`` and ``>`` of MAIL FROM/RCPT TO, or ``None``.
+
+    The one address syntax check (engine, agent, spool). RFC 5321 4.1.2: a
+    local part is a dot-string or a quoted string (``"john doe"@example.com``,
+    backslash escapes inside); the domain may be an address literal in
+    brackets. Refused: CR, LF, NUL and every other control character
+    anywhere; an unbalanced quote or bracket; a space, ``<`` or ``>``
+    outside quotes. Otherwise lenient, as servers are (``postmaster``, ``+``
+    tags, several ``@``). Non-ASCII is allowed here; sending it needs
+    SMTPUTF8 (see :func:`encode_address`).
+    """
+    if not isinstance(address, str):
+        return f"must be str, not {type(address).__name__}"
+    if not address:
+        return None if allow_empty else "is empty"
+    # isprintable() refuses CR, LF, NUL, TAB and every other control character.
+    if not address.isprintable():
+        return _FORBIDDEN_WHY
+    if '"' not in address and "[" not in address and "]" not in address:
+        # The common case: no quotes, no address literal.
+        if " " in address or "<" in address or ">" in address:
+            return _FORBIDDEN_WHY
+        return None
+    if address[0] == '"':
+        n = len(address)
+        i = 1
+        while i < n:
+            ch = address[i]
+            if ch == "\\":
+                i += 2  # quoted-pair: the next character is taken as it is
+                continue
+            if ch == '"':
+                break
+            i += 1
+        if i >= n:
+            return "has an unbalanced quote"
+        rest = address[i + 1 :]
+        if not rest:
+            return None  # a quoted local part alone, as "postmaster" may be
+        if rest[0] != "@":
+            return "has a quoted local part that is not followed by @domain"
+        domain = rest[1:]
+    else:
+        at = address.rfind("@")
+        local, domain = (address[:at], address[at + 1 :]) if at >= 0 else (address, "")
+        if '"' in local:
+            return "has an unbalanced quote (a quoted local part starts with a quote)"
+        if "[" in local or "]" in local:
+            return "has an unbalanced bracket (brackets only enclose an address literal)"
+        if " " in local or "<" in local or ">" in local:
+            return _FORBIDDEN_WHY
+    if '"' in domain:
+        return "has an unbalanced quote (a domain is never quoted)"
+    if " " in domain or "<" in domain or ">" in domain:
+        return _FORBIDDEN_WHY
+    if "[" in domain or "]" in domain:
+        literal = domain[1:-1]
+        if domain[0] != "[" or domain[-1] != "]" or "[" in literal or "]" in literal:
+            return "has an unbalanced bracket (an address literal is the whole domain)"
+    return None
+
+
 def encode_address(address: str, *, allow_empty: bool = False, utf8: bool = False) -> bytes:
     """``address`` as the bytes that go between ``<`` and ``>``.
 
-    Rejects anything that could end the command or inject another one: CR,
-    LF, NUL, angle brackets, white space. Non-ASCII needs ``utf8`` (SMTPUTF8).
+    Checked by :func:`address_problem`: nothing that could end the command
+    or inject another one gets through. Non-ASCII needs ``utf8`` (SMTPUTF8).
     """
-    if not isinstance(address, str):
-        raise LocalProtocolError(f"address must be str, not {type(address).__name__}")
-    if not address:
-        if allow_empty:
-            return b""
-        raise LocalProtocolError("empty recipient address")
-    # isprintable() refuses CR, LF, NUL, TAB and every other control character.
-    if not address.isprintable() or " " in address or "<" in address or ">" in address:
-        raise LocalProtocolError(
-            f"address {address!r} contains a forbidden character (CR, LF, NUL, <, > or space)"
-        )
+    if (
+        # The common case, cheaply: printable ASCII without quotes, brackets,
+        # spaces or angle brackets needs no parsing (once per recipient).
+        isinstance(address, str) and address and address.isascii() and address.isprintable()
+        and '"' not in address and " " not in address and "<" not in address
+        and ">" not in address and "[" not in address and "]" not in address
+    ):
+        return address.encode("ascii")
+    problem = address_problem(address, allow_empty=allow_empty)
+    if problem is not None:
+        if problem == "is empty":
+            raise LocalProtocolError("empty recipient address")
+        if problem.startswith("must be str"):
+            raise LocalProtocolError(f"address {problem}")
+        raise LocalProtocolError(f"address {address!r} {problem}")
     if address.isascii():
         return address.encode("ascii")
     if not utf8:
         raise LocalProtocolError(f"address {address!r} is not ASCII and SMTPUTF8 is not in use")
     return address.encode("utf-8")
+
 
 
 def encode_param(param: str) -> bytes:

@@ -13,6 +13,8 @@ from typing import Literal
 
 import msgspec
 
+from ..proto._common import address_problem
+
 __all__ = [
     "FORMAT_VERSION",
     "MAX_ENVELOPE_SIZE",
@@ -30,9 +32,6 @@ FORMAT_VERSION = 1
 #: An envelope larger than this is treated as corrupt (about 200,000 recipients).
 MAX_ENVELOPE_SIZE = 16 * 1024 * 1024
 
-# As the protocol engine forbids them (proto._common.encode_address), plus the
-# other control characters and TAB, which no address in a spool should hold.
-_FORBIDDEN = frozenset("<> \t\r\n\0") | frozenset(chr(c) for c in range(32)) | {"\x7f"}
 
 
 class Reason(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
@@ -115,9 +114,12 @@ _decoder = msgspec.json.Decoder(Envelope)
 def check_address(address: object, *, sender: bool = False) -> str:
     """Return *address* if a spool may hold it, else raise :class:`BadEnvelope`.
 
-    The null sender ``""`` is allowed for the sender only. Addresses with
-    spaces, angle brackets or control characters are refused: they could never
-    be sent, and would mean the envelope was written by something broken.
+    The null sender ``""`` is allowed for the sender only. The syntax is the
+    engine's (:func:`lmtpfast.proto._common.address_problem`): quoted local
+    parts (``"john doe"@example.com``) are fine; control characters,
+    unbalanced quotes or brackets, spaces or angle brackets outside quotes are
+    refused: they could never be sent, and would mean the envelope was written
+    by something broken.
     """
     if not isinstance(address, str):
         raise BadEnvelope(f"address is not a string: {address!r}")
@@ -127,8 +129,9 @@ def check_address(address: object, *, sender: bool = False) -> str:
         raise BadEnvelope("empty recipient address")
     if len(address) > 1024:
         raise BadEnvelope(f"address longer than 1024 characters: {address[:40]!r}...")
-    if not _FORBIDDEN.isdisjoint(address):
-        raise BadEnvelope(f"bad address {address!r}: space, angle bracket or control character")
+    problem = address_problem(address)
+    if problem is not None:
+        raise BadEnvelope(f"bad address {address!r}: {problem}")
     return address
 
 
