@@ -1641,6 +1641,12 @@ def run_session(
             except LocalProtocolError as exc:
                 trace.append(("refused", str(exc)))
         observe(f"txn {i}")
+    return play_replies(c, stream, cuts, eof, observe, opened, trace)
+
+
+def play_replies(c: Any, stream: bytes, cuts: list[int], eof: bool,
+                 observe: Callable[[str], None], opened: list[Any], trace: list[Any]) -> list[Any]:
+    """Feed ``stream`` cut at ``cuts`` (then EOF), observing after each piece; the trace."""
     for piece in cut_points(stream, cuts):
         c.receive_data(piece)
         observe("piece")

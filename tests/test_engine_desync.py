@@ -32,6 +32,7 @@ from lmtpfast.proto import NEED_DATA, Reply
 
 from .test_engine import (  # noqa: F401
     FROM,
+    GREETING,
     Cut,
     R,
     Script,
@@ -40,6 +41,7 @@ from .test_engine import (  # noqa: F401
     impl,
     mail_burst,
     norm,
+    play_replies,
     run_every_way,
     session,
 )
@@ -71,51 +73,55 @@ def two_pipelined(s: Script, first: list[str], second: list[str]) -> tuple[objec
 # --- DATA ------------------------------------------------------------------------------
 
 
+def shifted_behind(s: Script, first: list[str], replies: bytes, why: str, t2_stage: str) -> None:
+    """t1 with ``first``, t2 (dave) pipelined behind; ``replies`` after t1's dot shift."""
+    t1, t2 = two_pipelined(s, first, [D])
+    assert s.server(replies) == [broken(RemoteProtocolError, why, 1, 2)]
+    # Nothing after t1's 354 is proven: every final is in doubt, none
+    # delivered, none permanent.
+    assert t1.results == [T(r, why, "final", possibly=True) for r in first]
+    # t2's content never left: it reached nobody.
+    assert t2.results == [T(D, why, t2_stage, possibly=False)]
+
+
 def t_too_few_finals_next_pipelined(s: Script) -> None:
     """Carol's reply is missing: the next MAIL's 250 must not deliver her."""
-    t1, t2 = two_pipelined(s, [A, B, C], [D])
-    evs = s.server(b"250 2.0.0 alice saved\r\n250 2.0.0 bob saved\r\n"
-                   b"250 2.1.0 Sender OK\r\n250 2.1.5 dave OK\r\n354 go ahead\r\n")
-    why = "354 reply while waiting for the RCPT reply: " + OUT_OF_STEP
-    assert evs == [broken(RemoteProtocolError, why, 1, 2)]
-    # Nothing after t1's 354 is proven: every final is in doubt, none delivered.
-    assert t1.results == [T(r, why, "final", possibly=True) for r in (A, B, C)]
-    # t2's content never left: it reached nobody.
-    assert t2.results == [T(D, why, "rcpt", possibly=False)]
+    shifted_behind(s, [A, B, C],
+                   b"250 2.0.0 alice saved\r\n250 2.0.0 bob saved\r\n"
+                   b"250 2.1.0 Sender OK\r\n250 2.1.5 dave OK\r\n354 go ahead\r\n",
+                   "354 reply while waiting for the RCPT reply: " + OUT_OF_STEP, "rcpt")
 
 
 def t_per_distinct_address_next_pipelined(s: Script) -> None:
     """alice, alice, bob answered once per distinct address (RFC 2033 4.2 says per RCPT)."""
-    t1, t2 = two_pipelined(s, [A, A, B], [D])
-    evs = s.server(b"250 2.0.0 alice saved\r\n452 4.2.2 bob over quota\r\n"
-                   b"250 2.1.0 Sender OK\r\n250 2.1.5 dave OK\r\n354 go ahead\r\n")
-    why = "354 reply while waiting for the RCPT reply: " + OUT_OF_STEP
-    assert evs == [broken(RemoteProtocolError, why, 1, 2)]
-    assert not any(r.delivered or r.permanent for r in t1.results)
-    assert t1.results == [T(r, why, "final", possibly=True) for r in (A, A, B)]
-    assert t2.results == [T(D, why, "rcpt", possibly=False)]
+    shifted_behind(s, [A, A, B],
+                   b"250 2.0.0 alice saved\r\n452 4.2.2 bob over quota\r\n"
+                   b"250 2.1.0 Sender OK\r\n250 2.1.5 dave OK\r\n354 go ahead\r\n",
+                   "354 reply while waiting for the RCPT reply: " + OUT_OF_STEP, "rcpt")
 
 
 def t_surplus_final_next_pipelined(s: Script) -> None:
-    """An unsolicited 250 after alice's reply shifts the rest by one."""
-    t1, t2 = two_pipelined(s, [A, B, C], [D])
-    evs = s.server(b"250 2.0.0 alice saved\r\n250 2.0.0 unsolicited\r\n"
+    """An unsolicited 250 after alice's reply: bob would be "delivered" on it."""
+    shifted_behind(s, [A, B, C],
+                   b"250 2.0.0 alice saved\r\n250 2.0.0 unsolicited\r\n"
                    b"452 4.2.2 bob over quota\r\n250 2.0.0 carol saved\r\n"
-                   b"250 2.1.0 Sender OK\r\n250 2.1.5 dave OK\r\n354 go ahead\r\n")
-    why = "250 reply to DATA, 354 expected: " + OUT_OF_STEP
-    assert evs == [broken(RemoteProtocolError, why, 1, 2)]
-    # bob would have been "delivered" on the unsolicited 250.
-    assert t1.results == [T(r, why, "final", possibly=True) for r in (A, B, C)]
-    assert t2.results == [T(D, why, "data", possibly=False)]
+                   b"250 2.1.0 Sender OK\r\n250 2.1.5 dave OK\r\n354 go ahead\r\n",
+                   "250 reply to DATA, 354 expected: " + OUT_OF_STEP, "data")
 
 
-def t_354_instead_of_final(s: Script) -> None:
+def dot_sent(s: Script) -> tuple[object, object]:
+    """Session, one transaction to alice, bob, carol, all accepted, content and dot sent."""
     c = session(s)
     txn = c.start_transaction(FROM, [A, B, C])
     s.sent()
     assert s.server(ENVELOPE_OK) == [("ready", 1)]
     c.end_data(txn)
     s.sent()
+    return c, txn
+
+
+def t_354_instead_of_final(s: Script) -> None:
+    _, txn = dot_sent(s)
     why = "354 reply while waiting for the FINAL reply: " + OUT_OF_STEP
     assert s.server(b"250 2.0.0 alice saved\r\n354 go ahead\r\n") == [broken(
         RemoteProtocolError, why, 1)]
@@ -369,13 +375,7 @@ def events(c: object) -> list[tuple[object, ...]]:
 
 @pytest.mark.parametrize("surplus", [b"250 2.0.0 carol\r\n", b"250 2.0.0 car"])
 def test_surplus_after_last_final_in_same_read(impl: ModuleType, surplus: bytes) -> None:  # noqa: F811
-    s = Script(impl, Cut("whole"))
-    c = session(s)
-    txn = c.start_transaction(FROM, [A, B, C])
-    s.sent()
-    assert s.server(ENVELOPE_OK) == [("ready", 1)]
-    c.end_data(txn)
-    s.sent()
+    c, txn = dot_sent(Script(impl, Cut("whole")))
     c.receive_data(b"250 2.0.0 alice\r\n250 2.0.0 unsolicited\r\n250 2.0.0 bob\r\n" + surplus)
     # alice, then the unsolicited reply on bob's slot, then bob's on carol's:
     # the stream ends with bytes nobody asked for, so none of it is trusted.
@@ -452,7 +452,7 @@ def run_bdat_session(
                       c.open_transactions, c.content_owed is not None))
 
     c.lhlo()
-    c.receive_data(GREETING_CAPS[0] + caps)
+    c.receive_data(GREETING + caps)
     observe("greeting")
     opened = []
     for i, (kind, rcpts) in enumerate(txns):
@@ -468,22 +468,8 @@ def run_bdat_session(
         except Exception as exc:  # part of the trace
             trace.append(("refused", type(exc).__name__, str(exc)))
         observe(f"txn {i}")
-    points = sorted({x % (len(stream) + 1) for x in cuts})
-    prev = 0
-    for p in [*points, len(stream)]:
-        if stream[prev:p]:
-            c.receive_data(stream[prev:p])
-            observe("piece")
-        prev = p
-    if eof:
-        c.receive_data(b"")
-        observe("eof")
-    for t in opened:
-        trace.append((t.id, t.done, list(t.results), t.accepted, t.dot_sent, t.mail_sent))
-    return trace
+    return play_replies(c, stream, cuts, eof, observe, opened, trace)
 
-
-GREETING_CAPS = (b"220 lmtp.example LMTP ready\r\n",)
 
 BDAT_REPLIES = [b"250 2.0.0 ok\r\n"] * 6 + [
     b"354 go\r\n", b"550 5.1.1 no\r\n", b"452 4.2.2 full\r\n", b"503 5.5.1 no\r\n",
