@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build a copy of the repo with AddressSanitizer + UndefinedBehaviorSanitizer
 # (LMTPFAST_SANITIZE=1, see setup.py) in a temp dir and run the core tests
-# against it: the engine (tests/test_engine.py, both implementations), the
+# against it: the engine (tests/test_engine*.py, both implementations), the
 # content encoder (tests/test_content.py), the fuzz oracles over random input
 # (tests/test_fuzz_smoke.py), the server engine (tests/test_server_engine.py:
 # parity with the reference, the handler interface) and the sink's sans-IO
@@ -65,7 +65,8 @@ EOF
 
 set +e
 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/test_engine.py tests/test_content.py tests/test_fuzz_smoke.py tests/test_sink.py \
+    tests/test_engine.py tests/test_engine_bdat.py tests/test_engine_desync.py \
+    tests/test_content.py tests/test_fuzz_smoke.py tests/test_sink.py \
     tests/test_server_engine.py \
     -k "not test_sink or decoder or session or parse" "$@" 2>&1 | tee pytest.log
 status=${PIPESTATUS[0]}
