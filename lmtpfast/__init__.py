@@ -53,6 +53,10 @@ _EXPORTS: dict[str, str] = {
     "parse_destination": "_destination",
     "DSN": "_dsn",
     "loop_factory": "_loop",
+    # operations: counters and latency histograms (lmtpfast run, replay --json)
+    "Metrics": "_metrics",
+    "Trace": "_metrics",
+    "TRACE": "_metrics",
     # security
     "TLSPolicy": "_tls",
     "TLSInfo": "_tls",
@@ -101,6 +105,7 @@ __all__ = [
     "DSN",
     "PERMANENT",
     "SECURITY_LEVELS",
+    "TRACE",
     "TRANSIENT",
     "Agent",
     "AgentConfig",
@@ -124,6 +129,7 @@ __all__ = [
     "MapError",
     "MapWarning",
     "Message",
+    "Metrics",
     "PasswordMap",
     "Pool",
     "PoolClosed",
@@ -144,6 +150,7 @@ __all__ = [
     "TLSInfo",
     "TLSPolicy",
     "Timeouts",
+    "Trace",
     "Transport",
     "TransportMap",
     "VirtualMap",
@@ -192,6 +199,7 @@ if TYPE_CHECKING:
     )
     from ._loop import loop_factory
     from ._maps import CachedMap, CacheSettings, CacheStats, Map, MapError, MapWarning, open_map
+    from ._metrics import TRACE, Metrics, Trace
     from ._passwords import PasswordMap, read_private_file
     from ._pool import Pool, PoolClosed, PoolStats
     from ._results import DELIVERED, PERMANENT, TRANSIENT, RecipientResult, Status

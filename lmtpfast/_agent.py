@@ -401,6 +401,10 @@ class Agent:
         """The pools made so far, by (transport name, destination)."""
         return dict(self._pools)
 
+    def maps(self) -> tuple[Map, ...]:
+        """Every lookup table routing uses (their ``stats``, when cached, feed the metrics)."""
+        return tuple(self._router.maps)
+
     @property
     def closed(self) -> bool:
         return self._closed

@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lmtpfast"
 LAYERS: dict[str, int] = {
     # 0 base: plain data and the error tree
     "_errors": 0, "_results": 0, "_failures": 0, "_settings": 0, "_destination": 0,
-    "_dsn": 0, "_loop": 0, "_lazy": 0,
+    "_dsn": 0, "_loop": 0, "_lazy": 0, "_metrics": 0,
     # 1 core: the sans-IO engine and the request it is given
     "proto": 1, "_delivery": 1,
     # 2 policy: pure decisions (TLS, SASL), maps, routing, configuration

@@ -20,7 +20,7 @@ from . import _exit
 __all__ = ["main"]
 
 # Subcommand modules, in the order --help lists them.
-_SUBCOMMANDS = ("send", "replay", "enqueue", "queue", "check-config", "probe", "map", "bench",
+_SUBCOMMANDS = ("send", "replay", "run", "enqueue", "queue", "check-config", "probe", "map", "bench",
                 "sink")
 
 

@@ -148,10 +148,10 @@ class DeliveryLog:
             return
         status = _STATUS.get(outcome, outcome)
         dsn = enhanced or f"{str(code)[:1] or '4'}.0.0"
-        reply = clean(f"{code} {enhanced} {text}" if enhanced else f"{code} {text}").rstrip()
+        reply = (f"{code} {enhanced} {text}" if enhanced else f"{code} {text}").rstrip()
         a, b, c, d = delays if delays is not None else (0.0, delay, 0.0, 0.0)
-        relay_s = clean(relay) if relay else "none"
-        if self.json:
+        relay_s = relay or "none"
+        if self.json:  # JSON escapes control characters itself
             fields: dict[str, Any] = {
                 "id": id, "to": recipient, "relay": relay_s, "delay": round(delay, 6),
                 "delays": [round(a, 6), round(b, 6), round(c, 6), round(d, 6)], "dsn": dsn,
@@ -168,8 +168,8 @@ class DeliveryLog:
         extra = ", possibly duplicated" if possibly_duplicated else ""
         self.logger.info(
             "%s: to=<%s>, relay=%s, delay=%s, delays=%s/%s/%s/%s, dsn=%s, status=%s (%s)%s",
-            id, recipient, relay_s, _seconds(delay), _seconds(a), _seconds(b), _seconds(c),
-            _seconds(d), dsn, status, reply, extra)
+            id, recipient, clean(relay_s), _seconds(delay), _seconds(a), _seconds(b), _seconds(c),
+            _seconds(d), dsn, status, clean(reply), extra)
 
     def event(self, id: str, text: str, *, level: int = logging.INFO,
               **fields: Any) -> None:
@@ -177,7 +177,7 @@ class DeliveryLog:
         if not self.logger.isEnabledFor(level):
             return
         if self.json:
-            self.logger.log(level, "", extra={"fields": {"id": id, "event": clean(text),
+            self.logger.log(level, "", extra={"fields": {"id": id, "event": text,
                                                          **fields}})
         else:
             self.logger.log(level, "%s: %s", id, clean(text))
@@ -187,7 +187,7 @@ class DeliveryLog:
         if not self.logger.isEnabledFor(level):
             return
         if self.json:
-            self.logger.log(level, "", extra={"fields": {"event": clean(text), **fields}})
+            self.logger.log(level, "", extra={"fields": {"event": text, **fields}})
         else:
             self.logger.log(level, "%s", clean(text))
 

@@ -141,9 +141,12 @@ class _JsonReport:
         self._first = False
         self._f.write(self._enc.encode(outcome))
 
-    def finish(self, totals: Totals, status: int) -> None:
+    def finish(self, totals: Totals, status: int, metrics: dict[str, Any] | None = None) -> None:
         self._f.write(b'\n],"summary":')
-        self._f.write(self._enc.encode(totals))
+        summary = self._enc.encode(totals)
+        if metrics is not None:  # the counters of the Prometheus endpoint, by the same names
+            summary = summary[:-1] + b',"metrics":' + self._enc.encode(metrics) + b"}"
+        self._f.write(summary)
         self._f.write(b',"exit_status":%d}\n' % status)
         self._f.close()
         os.replace(self.tmp, self.path)

@@ -49,6 +49,7 @@ from ._queue import (
     reasons_text,
 )
 from ._store import Claim, Quarantined, Scan, Spool
+from ._watch import IN_ATTRIB, IN_CREATE, IN_MOVED_TO, Watch, watch_paths
 
 __all__ = ["DirQueue"]
 
@@ -222,6 +223,13 @@ class DirQueue(Queue):
 
     async def sweep(self) -> int:
         return self.spool.sweep()
+
+    def watch(self) -> Watch | None:
+        # An enqueue renames into incoming/, a release into deferred/, a
+        # retry sets a deferred envelope's time (IN_ATTRIB).
+        p = self.spool.path
+        return watch_paths([(p / "incoming", IN_MOVED_TO | IN_CREATE),
+                            (p / "deferred", IN_MOVED_TO | IN_CREATE | IN_ATTRIB)])
 
     async def close(self) -> None:
         self._iter = None

@@ -52,9 +52,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, ClassVar, Literal, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 from ._format import Envelope, Reason
+
+if TYPE_CHECKING:
+    from ._watch import Watch
 
 __all__ = [
     "ALL",
@@ -442,6 +445,16 @@ class Queue(abc.ABC):
     async def sweep(self) -> int:
         """Remove leftovers of crashed writers; returns how many files went."""
         return 0
+
+    def watch(self) -> Watch | None:
+        """A way to wait for new work without polling, or ``None`` (then poll, bounded).
+
+        The :class:`~lmtpfast.spool._watch.Watch` fires when entries may have
+        arrived or become due (an enqueue, a release, a retry, a requeue, by
+        any process): inotify for files, ``LISTEN``/``NOTIFY`` for a database.
+        A wake-up is a hint; the next pass decides from the queue itself.
+        """
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None:

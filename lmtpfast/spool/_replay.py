@@ -36,6 +36,7 @@ from .._errors import (
     LocalProtocolError,
     ServerDisconnected,
 )
+from .._metrics import TRACE, Trace
 from .._results import RecipientResult, status_of
 from .._session import Client, connect
 from .._settings import Timeouts
@@ -114,6 +115,13 @@ class Outcome(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     possibly_duplicated: bool = False
     local: bool = False
     next_attempt: float | None = None
+    #: Seconds from arrival to this outcome (Postfix's ``delay=``).
+    delay: float | None = None
+    #: Postfix's ``delays=a/b/c/d``: before this attempt picked the entry up,
+    #: in replay before the transaction, connection set-up, the transaction.
+    delays: tuple[float, float, float, float] | None = None
+    #: Bytes of the message (Postfix's ``size=``).
+    size: int = 0
 
     def line(self) -> str:
         if self.outcome == "quarantined":
@@ -285,12 +293,15 @@ class Replayer:
         self._trouble_delay = 0.0
 
     async def run(
-        self, *, watch: bool = False, interval: float = 1.0, stop: asyncio.Event | None = None
+        self, *, watch: bool = False, interval: float = 1.0, stop: asyncio.Event | None = None,
+        wake: asyncio.Event | None = None,
     ) -> Totals:
         """One pass (``watch=False``), or passes until *stop* is set (``watch=True``).
 
         In watch mode, a pass that found nothing to do is followed by a pause
-        of *interval* seconds (shorter if a deferred entry falls due sooner).
+        of *interval* seconds (shorter if a deferred entry falls due sooner),
+        cut short when *wake* is set (new work: a file-system notification,
+        an operator's release; the caller sets it, the pause clears it).
 
         When a spool write fails (a full disk, a read-only or failing file
         system) no new delivery starts for a while (``spool_backoff``, doubled
@@ -325,8 +336,7 @@ class Replayer:
                     delay = interval
                     if self.next_due is not None:
                         delay = max(0.0, min(delay, self.next_due - self.clock()))
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.01))
+                    await _pause(stop, wake, max(delay, 0.01))
                     if stop.is_set():
                         break
                 # In watch mode "not due" and "locked" describe the latest pass only.
@@ -409,6 +419,10 @@ class Replayer:
         env = claim.envelope
         totals = self.totals
         pending = env.queued()
+        picked = self.clock()
+        started = picked
+        trace = Trace()
+        size = 0
         if pending:
             if len(pending) > 1 or env.failed():
                 # A delivery to some of them must be recordable whatever the
@@ -427,10 +441,21 @@ class Replayer:
                     totals.messages_quarantined += 1
                     self.observer.quarantined(q.id, q.reason)
                 return
-            results = await self._deliver(message, env.sender, [r.address for r in pending])
+            size = len(message)
+            started = self.clock()
+            token = TRACE.set(trace)
+            try:
+                results = await self._deliver(message, env.sender,
+                                              [r.address for r in pending])
+            finally:
+                TRACE.reset(token)
         else:
             results = []  # only failed recipients left: a crash came before the move
         now = self.clock()
+        arrival = env.arrival if env.arrival is not None else now
+        setup = min(trace.setup, max(now - started, 0.0))
+        timing = (now - arrival, size, (max(picked - arrival, 0.0), max(started - picked, 0.0),
+                                        setup, max(now - started - setup, 0.0)))
         totals.messages += 1
         if pending:
             env.attempts += 1
@@ -449,20 +474,19 @@ class Replayer:
                 totals.recipients_delivered += 1
                 totals.possibly_duplicated += dup
                 delivered_to.append(r.address)
-                self._report(claim, r.address, "delivered", res, r.attempts, dup)
+                self._report(claim, timing, r.address, "delivered", res, r.attempts, dup)
                 continue
             r.last = _reason(res, now)
             if res.permanent:
                 r.state = "failed"
                 totals.recipients_failed += 1
-                self._report(claim, r.address, "failed", res, r.attempts, dup)
+                self._report(claim, timing, r.address, "failed", res, r.attempts, dup)
             else:
                 r.possibly_delivered = dup or res.possibly_delivered
                 deferred.append((r, res))
             keep.append(r)
         env.recipients = keep
 
-        arrival = env.arrival if env.arrival is not None else now
         if deferred and now - arrival >= self.policy.max_lifetime:
             age = _age(now - arrival)
             for r, res in deferred:
@@ -471,7 +495,7 @@ class Replayer:
                 r.last = _reason(res, r.last.at,
                                  f"{r.last.text} (gave up: message in queue for {age})")
                 totals.recipients_expired += 1
-                self._report(claim, r.address, "expired", res, r.attempts, r.possibly_delivered,
+                self._report(claim, timing, r.address, "expired", res, r.attempts, r.possibly_delivered,
                              text=r.last.text)
             deferred = []
 
@@ -479,7 +503,7 @@ class Replayer:
             next_attempt = now + self.policy.backoff(env.attempts)
             for r, res in deferred:
                 totals.recipients_deferred += 1
-                self._report(claim, r.address, "deferred", res, r.attempts, r.possibly_delivered,
+                self._report(claim, timing, r.address, "deferred", res, r.attempts, r.possibly_delivered,
                              next_attempt=next_attempt)
             record = _Record(claim, "deferred", next_attempt, delivered_to)
         elif env.failed():
@@ -578,14 +602,15 @@ class Replayer:
         return results
 
     def _report(
-        self, claim: Claim, address: str, kind: OutcomeKind, res: RecipientResult,
-        attempts: int, dup: bool, *, next_attempt: float | None = None, text: str | None = None,
+        self, claim: Claim, timing: tuple[float, int, tuple[float, float, float, float]],
+        address: str, kind: OutcomeKind, res: RecipientResult, attempts: int, dup: bool, *, next_attempt: float | None = None, text: str | None = None,
     ) -> None:
         self.observer.outcome(Outcome(
             id=claim.id, recipient=address, outcome=kind, code=res.code, enhanced=res.enhanced,
             text=res.text if text is None else text, stage=res.stage,
             destination=res.destination, attempts=attempts, possibly_duplicated=dup,
-            local=res.local, next_attempt=next_attempt,
+            local=res.local, next_attempt=next_attempt, delay=timing[0], size=timing[1],
+            delays=timing[2],
         ))
 
     def _bounce(self, claim: Claim, record: _Record) -> bool:
@@ -602,6 +627,22 @@ class Replayer:
             return False
         env.bounced = True
         return True
+
+
+async def _pause(stop: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:
+    """Until *stop* or *wake* is set (*wake* is cleared), or *timeout* seconds passed."""
+    if wake is None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=timeout)
+        return
+    if not wake.is_set():
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+    wake.clear()
 
 
 def _problem(exc: OSError) -> str:

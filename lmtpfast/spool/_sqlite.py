@@ -85,12 +85,15 @@ from ._queue import (
     Selection,
     Update,
 )
+from ._watch import IN_ATTRIB, IN_CLOSE_WRITE, IN_CREATE, IN_MOVED_TO, Watch, watch_paths
 
 __all__ = ["SCHEMA_VERSION", "SQLiteQueue", "SQLiteStore", "is_store"]
 
 SCHEMA_VERSION = 1
 DB_NAME = "queue.db"
 LOCK_NAME = "queue.lock"
+#: Touched after every enqueue, release, retry and requeue: what waiting workers watch.
+DOORBELL = "doorbell"
 _DIRS = ("seg", "data", "workers", "tmp", "quarantine")
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -529,7 +532,24 @@ class SQLiteStore:
                 group, size = [], 0
         if group:
             ids += self._enqueue_group(group, size, durable)
+        if ids:
+            self.ring()
         return ids
+
+    def ring(self) -> None:
+        """Tell waiting workers that entries arrived or became due (``DOORBELL``'s time).
+
+        Workers watch that file (:meth:`SQLiteQueue.watch`); a failure here
+        only costs them a poll interval.
+        """
+        path = self.path / DOORBELL
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                os.close(_create(path))
+        except OSError:
+            pass
 
     def _reserve_ids(self, n: int) -> int:
         def body() -> int:
@@ -1992,10 +2012,16 @@ class SQLiteQueue(Queue):
         return await self._call(self.store.hold, selection)
 
     async def release(self, selection: Selection) -> ActionResult:
-        return await self._call(self.store.release, selection)
+        result = await self._call(self.store.release, selection)
+        if result.done:
+            self.store.ring()
+        return result
 
     async def retry(self, selection: Selection) -> ActionResult:
-        return await self._call(self.store.retry, selection)
+        result = await self._call(self.store.retry, selection)
+        if result.done:
+            self.store.ring()
+        return result
 
     async def delete(self, selection: Selection) -> ActionResult:
         return await self._call(self.store.delete, selection)
@@ -2004,10 +2030,22 @@ class SQLiteQueue(Queue):
         return await self._call(self.store.bounce, selection, reason)
 
     async def requeue(self, selection: Selection) -> ActionResult:
-        return await self._call(self.store.requeue, selection)
+        result = await self._call(self.store.requeue, selection)
+        if result.done:
+            self.store.ring()
+        return result
 
     async def sweep(self) -> int:
         return await self._call(self.store.sweep)
+
+    def watch(self) -> Watch | None:
+        # The doorbell (rung by writers and operator commands), and incoming/
+        # for writers of a directory spool beside the store (converted by a pass).
+        bell = self.store.path / DOORBELL
+        if not bell.exists():
+            self.store.ring()
+        return watch_paths([(bell, IN_ATTRIB | IN_CLOSE_WRITE),
+                            (self.store.path / "incoming", IN_MOVED_TO | IN_CREATE)])
 
     async def close(self) -> None:
         self.store.close()
