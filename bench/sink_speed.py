@@ -50,6 +50,8 @@ SMTP_SOURCE = smtp_tool("smtp-source") or Path("/usr/sbin/smtp-source")
 SMTP_SINK = smtp_tool("smtp-sink") or Path("/usr/sbin/smtp-sink")
 POSTFIX_ENV = postfix_env()
 TICK = os.sysconf("SC_CLK_TCK")
+#: ``taskset -c CPU`` before every server and driver command (``--pin``), or nothing.
+PIN: list[str] = []
 
 
 def proc_cpu(pid: int) -> float:
@@ -78,6 +80,7 @@ class RunningSink:
             env["LMTPFAST_NO_EXTENSIONS"] = "1"
         self.proc = subprocess.Popen(
             [
+                *PIN,
                 sys.executable,
                 "-m",
                 "lmtpfast",
@@ -121,7 +124,7 @@ class PostfixSink:
         self.sock.unlink(missing_ok=True)  # a stale one would look ready too early
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         self.proc = subprocess.Popen(
-            [str(SMTP_SINK), *user, "-L", "-c", f"unix:{self.sock}", "256"],
+            [*PIN, str(SMTP_SINK), *user, "-L", "-c", f"unix:{self.sock}", "256"],
             env=POSTFIX_ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -235,7 +238,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="rounds; rates are medians")
     ap.add_argument("--only", default="source,bench", help="rows: source,bench,pipelined,blast")
     ap.add_argument("--engines", default="c,python", help="lmtpfast sink engines to measure")
+    ap.add_argument("--pin", metavar="CPU", help="run servers and drivers on this CPU (taskset -c)")
     args = ap.parse_args()
+    if args.pin is not None:
+        PIN[:] = ["taskset", "-c", args.pin]
     n, s, size = args.messages, args.sessions, args.size
     only = set(args.only.split(","))
     engines = args.engines.split(",")
@@ -258,6 +264,7 @@ def main() -> None:
         for _ in range(args.repeat):
             for r in recipient_counts:
                 source = [
+                    *PIN,
                     str(SMTP_SOURCE),
                     "-L",
                     "-d",
@@ -357,7 +364,8 @@ def main() -> None:
     load = os.getloadavg()
     print(
         f"{n} messages of {size} bytes, {s} sessions/connections, unix socket, sink on "
-        f"{args.loop}, {os.cpu_count()} CPUs, median of {args.repeat}, "
+        f"{args.loop}, {os.cpu_count()} CPUs{f' (all pinned to CPU {args.pin})' if PIN else ''}, "
+        f"median of {args.repeat}, "
         f"load average at the end {load[0]:.2f}"
     )
     print(

@@ -101,6 +101,7 @@ cdef class ServerSession:
     cdef int _out_item(self, object item) except -1
     cdef int _push(self) except -1
     cdef list _take(self)
+    cdef list _receive(self, object data)
     cdef bint _may_read(self, bytes buf, Py_ssize_t pos)
     cdef int _process(self) except -1
     cdef int _command(self, bytes buf, Py_ssize_t start, Py_ssize_t end) except -1
@@ -112,3 +113,18 @@ cdef class ServerSession:
     cdef int _finish(self, object instruction) except -1
     cdef int _junk_stop(self) except -1
     cdef int _reset_transaction(self, bint completed) except -1
+    cdef int _lhlo(self, bytes arg) except -1
+    cdef list _accepted(self)
+    cdef object _content_sequence_error(self)
+    cdef int _start_data(self) except -1
+    cdef int _bdat(self, bytes arg) except -1
+    cdef int _bdat_chunk_done(self) except -1
+    cdef bytes _final_default(self, bytes rcpt, bint too_big)
+    cdef int _final_decided(self, object ans, bytes default, int dcode) except -1
+    cdef int _rset(self, bytes arg) except -1
+    cdef int _quit(self, bytes arg) except -1
+    cdef int _simple(self, str hook, unsigned int bit, bytes default) except -1
+    cdef int _content_out(self, bytes chunk) except -1
+    cdef int _flush_held(self) except -1
+    cdef int _rcpt_decided(self, object ans, bytes default, int dcode, bytes addr, list params,
+                           object index, Py_ssize_t at) except -1

@@ -283,6 +283,43 @@ cdef class _RcptApply:
 
 
 @cython.final
+cdef class _Reader:
+    """``ServerProtocol.data_received`` in C: feed the session, write a plain reply at once.
+
+    Anything but one ``bytes`` (a delay, a close, a pending answer) and any
+    state of the protocol but the plain one go to the protocol's own Python
+    path, so the two cannot disagree.
+    """
+
+    cdef ServerSession _s
+    cdef object _proto
+    cdef object _stats
+    cdef public object write  # the transport's write, once connected
+
+    def __init__(self, ServerSession s, protocol):
+        self._s = s
+        self._proto = protocol
+        self._stats = s._stats
+        self.write = None
+
+    def __call__(self, data):
+        cdef ServerSession s = self._s
+        cdef list items
+        proto = self._proto
+        if self.write is None or proto._session is not s:
+            return proto._data_received(data)
+        self._stats.bytes_received += len(data)
+        items = s._receive(data)
+        if items:
+            if len(items) == 1 and type(items[0]) is bytes and not proto._blocked:
+                self.write(items[0])
+            else:
+                proto._dispatch(items)
+        if proto._read_paused or s._state == S_TLS_WAIT or s._slots or s._content_wait:
+            proto._update_reading()
+
+
+@cython.final
 cdef class ServerSession:
     """The compiled twin of :class:`lmtpfast.server._session.ServerSession` (same API)."""
 
@@ -406,6 +443,9 @@ cdef class ServerSession:
 
     def receive_data(self, data):
         """Feed what the client sent; ``b""`` means it closed its side."""
+        return self._receive(data)
+
+    cdef list _receive(self, object data):
         if self._state == S_DONE:
             return []
         if type(data) is not bytes:
@@ -421,6 +461,10 @@ cdef class ServerSession:
             self._buf = data
         self._process()
         return self._take()
+
+    def reader(self, protocol):
+        """A compiled ``data_received`` for ``protocol`` (``_server.ServerProtocol``)."""
+        return _Reader(self, protocol)
 
     def resolve(self, pending, answer, error=None):
         """The answer of a :class:`Pending` (``error``: the awaitable raised)."""
@@ -608,10 +652,10 @@ cdef class ServerSession:
         self._slots.append(slot)
         self._new_pending.append(Pending(awaitable, name, slot))
 
-    def _flush_held(self):
+    cdef int _flush_held(self) except -1:
         held = self._held
         if held is None:
-            return
+            return 0
         cdef Py_ssize_t i = 0
         for entry in held:
             if isinstance(entry, _Slot):
@@ -733,15 +777,15 @@ cdef class ServerSession:
             self._buf = b""
         return 0
 
-    def _content_out(self, chunk):
+    cdef int _content_out(self, bytes chunk) except -1:
         if not chunk:
-            return
+            return 0
         try:
             res = self._handler.content(self, chunk)
         except Exception:
             log.exception("content hook failed")
             self._too_big = True
-            return
+            return 0
         if res is not None:
             self._content_wait = True
             self._new_pending.append(Pending(res, "content", _CONTENT_WAIT))
@@ -847,10 +891,10 @@ cdef class ServerSession:
             self._put_bytes(_R_NOT_IMPL)
         return 0
 
-    def _lhlo(self, bytes arg):
+    cdef int _lhlo(self, bytes arg) except -1:
         if not arg.strip() or lmtp_has_ctl(<const unsigned char *>PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg)):
             self._put_bytes(_R_SYNTAX_LHLO)
-            return
+            return 0
         self._reset_transaction(False)
         default = self._lhlo_reply_tls if self._tls else self._lhlo_reply
         ans = self._call("lhlo", arg, default) if self._hk & H_LHLO else None
@@ -929,8 +973,9 @@ cdef class ServerSession:
             stats = self._stats
             if reply is None:
                 self._rcpts.append(addr)
-                self._rcpt_params.append(params)
-                self._rcpt_ids.append(index)
+                if self._hk & H_EOC:  # else nobody reads them
+                    self._rcpt_params.append(params)
+                    self._rcpt_ids.append(index)
                 stats.recipients_accepted += 1
                 self._put(b"250 2.1.5 Recipient <", 21)
                 self._put_bytes(addr)
@@ -953,7 +998,7 @@ cdef class ServerSession:
         self._hold(K_RCPT, ans, _RcptApply(self, default, dcode, addr, params, index, at), "rcpt")
         return 0
 
-    def _rcpt_decided(self, ans, default, int dcode, addr, params, index, Py_ssize_t at):
+    cdef int _rcpt_decided(self, object ans, bytes default, int dcode, bytes addr, list params, object index, Py_ssize_t at) except -1:
         cdef int code = self._emit(ans, default, dcode)
         stats = self._stats
         ok = 200 <= code < 300
@@ -970,7 +1015,7 @@ cdef class ServerSession:
             self._rcpts[at] = addr
             self._rcpt_holes -= 1
 
-    def _accepted(self):
+    cdef list _accepted(self):
         rcpts = self._rcpts
         if None in rcpts:
             keep = [i for i, r in enumerate(rcpts) if r is not None]
@@ -980,7 +1025,7 @@ cdef class ServerSession:
         self._rcpt_holes = 0
         return rcpts
 
-    def _content_sequence_error(self):
+    cdef object _content_sequence_error(self):
         if self._sender is None:
             return _R_NEED_MAIL if self._greeted else _R_NEED_LHLO
         if not self._accepted():
@@ -1004,16 +1049,16 @@ cdef class ServerSession:
             self._start_data()
         return 0
 
-    def _start_data(self):
+    cdef int _start_data(self) except -1:
         self._body = B_DATA
         lmtp_dot_init(&self._dot)
         self._dot_overflow = False
         self._state = S_DATA
 
-    def _bdat(self, bytes arg):
+    cdef int _bdat(self, bytes arg) except -1:
         if not self._chunking:
             self._put_bytes(_R_NO_CHUNKING)
-            return
+            return 0
         words = arg.split(b" ")
         if (
             not 1 <= len(words) <= 2
@@ -1022,7 +1067,7 @@ cdef class ServerSession:
             or (len(words) == 2 and words[1].upper() != b"LAST")
         ):
             self._put_bytes(_R_SYNTAX_BDAT)
-            return
+            return 0
         size = int(words[0])
         self._bdat_last = len(words) == 2
         err = self._content_sequence_error()
@@ -1035,27 +1080,27 @@ cdef class ServerSession:
         self._bdat_chunk = size
         self._state = S_BDAT
 
-    def _bdat_chunk_done(self):
+    cdef int _bdat_chunk_done(self) except -1:
         err = self._bdat_err
         if err is not None:
             self._put_bytes(err)
-            return
+            return 0
         last = self._bdat_last
         if not self._hk & H_BDAT:
             if last:
                 self._end_of_content(self._bdat_size, self._too_big)
             else:
                 self._put_bytes(b"250 2.0.0 %d octets received\r\n" % self._bdat_chunk)
-            return
+            return 0
         default = None if last else b"250 2.0.0 %d octets received\r\n" % self._bdat_chunk
         ans = self._now(self._call("bdat", self._bdat_chunk, last, default), "bdat")
         if default is not None:
             if not 200 <= self._emit(ans, default, 250) < 300:
                 self._reset_transaction(False)
-            return
+            return 0
         if ans is None:
             self._end_of_content(self._bdat_size, self._too_big)
-            return
+            return 0
         code = answer_code(ans)
         if not 200 <= code < 300:
             if code:
@@ -1063,7 +1108,7 @@ cdef class ServerSession:
                 fr[code] = fr.get(code, 0) + 1
             self._reset_transaction(False)
             self._emit(ans, b"", code)
-            return
+            return 0
         items = ans.items if isinstance(ans, Decision) else (ans,)
         if DEFAULT not in items:
             # Carried out, but the answer replaces the final replies.
@@ -1076,17 +1121,17 @@ cdef class ServerSession:
                 self._push()
                 target[mark:] = [i for i in target[mark:] if type(i) is not bytes]
             if self._state == S_DONE:
-                return
+                return 0
         for item in items:
             if item is DEFAULT:
                 self._end_of_content(self._bdat_size, self._too_big)
             elif item is CLOSE or item is ABORT or item is STALL:
                 self._finish(item)
-                return
+                return 0
             else:
                 self._put_item(item)
             if self._state == S_DONE:
-                return
+                return 0
         if code == 421:
             self._finish(CLOSE)
 
@@ -1157,38 +1202,38 @@ cdef class ServerSession:
                 self._hold(K_FINAL, a, _FinalApply(self, default, dcode), "final")
         return 0
 
-    def _final_default(self, rcpt, too_big):
+    cdef bytes _final_default(self, bytes rcpt, bint too_big):
         if too_big:
             return b"552 5.3.4 <" + rcpt + self._too_big_text
         return b"250 2.0.0 <" + rcpt + self._delivered_text
 
-    def _final_decided(self, ans, default, int dcode):
+    cdef int _final_decided(self, object ans, bytes default, int dcode) except -1:
         cdef int code = self._emit(ans, default, dcode)
         if code:
             fr = self._stats.final_replies
             fr[code] = fr.get(code, 0) + 1
 
-    def _rset(self, bytes arg):
+    cdef int _rset(self, bytes arg) except -1:
         if arg.strip():
             self._put_bytes(_R_SYNTAX_NOARG)
-            return
+            return 0
         if self._junk_stop():
-            return
+            return 0
         self._reset_transaction(False)
         self._simple("rset", H_RSET, _R_RSET)
 
-    def _quit(self, bytes arg):
+    cdef int _quit(self, bytes arg) except -1:
         if arg.strip():
             self._put_bytes(_R_SYNTAX_NOARG)
-            return
+            return 0
         self._simple("quit", H_QUIT, self._quit_reply)
         if self._state != S_DONE:
             self._finish(CLOSE)
 
-    def _simple(self, hook, unsigned int bit, bytes default):
+    cdef int _simple(self, str hook, unsigned int bit, bytes default) except -1:
         if not self._hk & bit:
             self._put_bytes(default)
-            return
+            return 0
         ans = self._now(self._call(hook, default), hook)
         self._emit(ans, default, answer_code(default))
 

@@ -239,6 +239,7 @@ class ServerProtocol(asyncio.Protocol):
         "_loop",
         "_queue",
         "_read_paused",
+        "_reader",
         "_refused",
         "_server",
         "_session",
@@ -248,13 +249,13 @@ class ServerProtocol(asyncio.Protocol):
         "_transport",
         "_waits",
         "_write_paused",
+        "data_received",
     )
 
     def __init__(self, server: Server) -> None:
         self._server = server
         self._stats = server.stats
         self._transport: asyncio.Transport | None = None
-        self._session: Any = None
         self._refused = False
         # While a Delay runs, later items wait in _queue; after STALL/CLOSE
         # _blocked stays set and _queue is None: nothing is written again.
@@ -266,6 +267,16 @@ class ServerProtocol(asyncio.Protocol):
         self._read_paused = False
         self._write_paused = False
         self._loop = asyncio.get_running_loop()
+        # The compiled engine brings its own data_received (the common case
+        # in C: feed, then one write); set before the transport caches it.
+        self._reader: Any = None
+        self._session = server.new_session()
+        make_reader = getattr(self._session, "reader", None)
+        if make_reader is not None:
+            self._reader = make_reader(self)
+            self.data_received = self._reader  # type: ignore[method-assign]
+        else:
+            self.data_received = self._data_received  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -277,6 +288,7 @@ class ServerProtocol(asyncio.Protocol):
             st.connections_refused += 1
             transport.write(b"421 4.3.2 Too many connections, try again later\r\n")
             transport.close()
+            self._session = None
             return
         st.connections_total += 1
         st.connections_current += 1
@@ -288,10 +300,11 @@ class ServerProtocol(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 # Replies are small and latency-bound; Nagle would hold them.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._session = server.new_session()
+        if self._reader is not None:
+            self._reader.write = transport.write
         self._dispatch(self._session.start())
 
-    def data_received(self, data: bytes) -> None:
+    def _data_received(self, data: bytes) -> None:
         session = self._session
         if session is None:
             return
@@ -465,6 +478,8 @@ class ServerProtocol(asyncio.Protocol):
         if new is None or self._session is None:
             return
         self._transport = new
+        if self._reader is not None:
+            self._reader.write = new.write
         self._read_paused = False  # start_tls resumed reading on the new transport
         items = self._session.tls_started()
         self._resume()
