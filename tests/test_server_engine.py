@@ -718,3 +718,54 @@ def test_starttls_with_a_real_tls_client(impl: str, runner: asyncio.Runner, tmp_
         assert h.got == [(True, b"Subject: tls\r\n\r\nhi\r\n")]
 
     runner.run(asyncio.wait_for(main(), 60))
+
+
+def test_idle_property(impl: str) -> None:
+    s = session(impl)
+    s.start()
+    assert s.idle
+    s.receive_data(b"LHLO c\r\nMAIL FROM:<s@x>\r\n")
+    assert not s.idle and s.in_transaction
+    s.receive_data(b"RCPT TO:<a@x>\r\nDATA\r\nx\r\n.\r\nNOOP")
+    assert not s.idle  # an unfinished command line is buffered
+    s.receive_data(b"\r\n")
+    assert s.idle
+
+
+def test_graceful_shutdown(impl: str, runner: asyncio.Runner) -> None:
+    class Seen(Handler):
+        def __init__(self) -> None:
+            self.peers: list[tuple[Any, Any]] = []
+
+        def greeting(self, session: Any, default: bytes) -> None:
+            self.peers.append((session.peer, session.local))
+
+    async def main() -> None:
+        h = Seen()
+        async with Server("127.0.0.1:0", h, SessionConfig(hostname="mx.test"), engine=impl) as srv:
+            host, _, port = srv.destinations[0].rpartition(":")
+            ra, wa = await asyncio.open_connection(host, int(port))
+            rb, wb = await asyncio.open_connection(host, int(port))
+            for r, w in ((ra, wa), (rb, wb)):
+                await r.readline()
+                w.write(b"LHLO c\r\n")
+                while not (await r.readline()).startswith(b"250 "):
+                    pass
+            wa.write(b"MAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nDATA\r\n")
+            for _ in range(3):
+                await ra.readline()
+            task = asyncio.ensure_future(srv.shutdown(grace=20))
+            # The idle connection is told at once; the busy one may finish.
+            assert await asyncio.wait_for(rb.read(), 10) == b"421 4.3.2 mx.test Service shutting down\r\n"
+            assert not task.done()
+            wa.write(b"hello\r\n.\r\n")
+            rest = await asyncio.wait_for(ra.read(), 10)
+            assert rest.startswith(b"250 2.0.0 <a@x>") and rest.endswith(b"421 4.3.2 mx.test Service shutting down\r\n")
+            await asyncio.wait_for(task, 10)
+            assert not srv.listening
+            assert [p[1][0] for p in h.peers] == ["127.0.0.1", "127.0.0.1"]
+            assert all(p[0][0] == "127.0.0.1" for p in h.peers)
+            wa.close()
+            wb.close()
+
+    runner.run(asyncio.wait_for(main(), 60))

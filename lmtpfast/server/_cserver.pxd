@@ -31,6 +31,8 @@ cdef class DotDecoder:
 
 cdef class ServerSession:
     cdef public object context
+    cdef public object peer
+    cdef public object local
     cdef object _cfg
     cdef object _handler
     cdef object _hooks

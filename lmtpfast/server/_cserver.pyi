@@ -24,6 +24,8 @@ class ServerSession:
     """One LMTP connection, server side; same API as lmtpfast.server._session.ServerSession."""
 
     context: Any
+    peer: Any
+    local: Any
     def __init__(
         self, config: SessionConfig, handler: Handler | None = None, stats: SinkStats | None = None
     ) -> None: ...
@@ -35,6 +37,8 @@ class ServerSession:
     def sender(self) -> bytes | None: ...
     @property
     def recipients(self) -> list[bytes]: ...
+    @property
+    def idle(self) -> bool: ...
     @property
     def in_transaction(self) -> bool: ...
     @property

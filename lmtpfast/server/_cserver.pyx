@@ -343,6 +343,8 @@ cdef class ServerSession:
         self._hk = hk
         self._stats = stats if stats is not None else SinkStats()
         self.context = None
+        self.peer = None
+        self.local = None
         self._out = []
         self._w = None
         self._held = None
@@ -419,6 +421,17 @@ cdef class ServerSession:
     def recipients(self):
         """The recipients accepted so far in the open transaction, in RCPT order."""
         return [r for r in self._rcpts if r is not None]
+
+    @property
+    def idle(self):
+        """Between transactions with nothing owed or buffered: safe to close with a 421."""
+        return (
+            self._state == S_CMD
+            and self._sender is None
+            and not self._slots
+            and not self._content_wait
+            and not PyBytes_GET_SIZE(self._buf)
+        )
 
     @property
     def in_transaction(self):

@@ -213,6 +213,28 @@ class Server:
         self._unix_paths = []
         self.destinations = []
 
+    async def shutdown(self, grace: float = 30.0) -> None:
+        """Stop gracefully: accept nothing new, let open transactions finish.
+
+        Connections between transactions get ``421 4.3.2`` and are closed at
+        once; those in a transaction (or owed replies) as soon as they are
+        between transactions, and at the latest after ``grace`` seconds;
+        then :meth:`stop`.
+        """
+        for server in self._servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, grace)
+        while True:
+            for conn in list(self._connections):
+                conn.close_if_idle()
+            if not self._connections or loop.time() >= deadline:
+                break
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        for conn in list(self._connections):
+            conn.close_with_421()
+        await self.stop()
+
     async def __aenter__(self) -> Server:
         await self.start()
         return self
@@ -302,6 +324,8 @@ class ServerProtocol(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._reader is not None:
             self._reader.write = transport.write
+        self._session.peer = transport.get_extra_info("peername")
+        self._session.local = transport.get_extra_info("sockname")
         self._dispatch(self._session.start())
 
     def _data_received(self, data: bytes) -> None:
@@ -361,6 +385,23 @@ class ServerProtocol(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+    def close_if_idle(self) -> None:
+        """Shutting down: say 421 and close if no transaction is under way."""
+        session = self._session
+        if session is not None and session.idle and not self._blocked and not self._waits:
+            self.close_with_421()
+
+    def close_with_421(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._session is None:
+            return
+        if not self._blocked:  # a stalled or delayed connection says nothing more
+            host = self._server.config.hostname.encode("utf-8", "replace")
+            transport.write(b"421 4.3.2 " + host + b" Service shutting down\r\n")
+        self._blocked = True
+        self._queue = None
+        transport.close()
 
     # --- carrying out items -------------------------------------------------
 

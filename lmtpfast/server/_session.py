@@ -292,6 +292,8 @@ class ServerSession:
         "_utf8",
         "_w",
         "context",
+        "local",
+        "peer",
     )
 
     def __init__(
@@ -303,6 +305,10 @@ class ServerSession:
         self._stats = stats if stats is not None else SinkStats()
         #: Free for the handler's per-connection state.
         self.context: Any = None
+        #: The client's address and ours (the transport's peername and
+        #: sockname), set by the I/O layer: for per-listener policy and logs.
+        self.peer: Any = None
+        self.local: Any = None
         self._out: list[Item] = []
         self._w: list[Any] = (
             self._out
@@ -357,6 +363,17 @@ class ServerSession:
     def recipients(self) -> list[bytes]:
         """The recipients accepted so far in the open transaction, in RCPT order."""
         return [r for r in self._rcpts if r is not None]
+
+    @property
+    def idle(self) -> bool:
+        """Between transactions with nothing owed or buffered: safe to close with a 421."""
+        return (
+            self._state == _CMD
+            and self._sender is None
+            and not self._slots
+            and not self._content_wait
+            and not self._buf
+        )
 
     @property
     def in_transaction(self) -> bool:
