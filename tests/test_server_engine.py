@@ -769,3 +769,18 @@ def test_graceful_shutdown(impl: str, runner: asyncio.Runner) -> None:
             wb.close()
 
     runner.run(asyncio.wait_for(main(), 60))
+
+
+def test_idle_timeout(impl: str, runner: asyncio.Runner) -> None:
+    async def main() -> None:
+        d = tempfile.mkdtemp(prefix="lmtpe-", dir="/tmp")
+        cfg = SessionConfig(hostname="mx.test")
+        async with Server(f"unix:{d}/s", Handler(), cfg, engine=impl, idle_timeout=0.2) as srv:
+            r, w = await asyncio.open_unix_connection(srv.destinations[0][5:])
+            await r.readline()
+            w.write(b"LHLO c\r\nMAIL FROM:<s@x>\r\n")
+            rest = await asyncio.wait_for(r.read(), 10)  # bounded: the timeout closes it
+            assert rest.endswith(b"250 2.1.0 Sender <s@x> OK\r\n421 4.4.2 mx.test Error: timeout exceeded\r\n")
+            w.close()
+
+    runner.run(asyncio.wait_for(main(), 60))

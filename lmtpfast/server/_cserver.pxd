@@ -33,6 +33,7 @@ cdef class ServerSession:
     cdef public object context
     cdef public object peer
     cdef public object local
+    cdef public long long received
     cdef object _cfg
     cdef object _handler
     cdef object _hooks

@@ -26,6 +26,7 @@ class ServerSession:
     context: Any
     peer: Any
     local: Any
+    received: int
     def __init__(
         self, config: SessionConfig, handler: Handler | None = None, stats: SinkStats | None = None
     ) -> None: ...

@@ -345,6 +345,7 @@ cdef class ServerSession:
         self.context = None
         self.peer = None
         self.local = None
+        self.received = 0
         self._out = []
         self._w = None
         self._held = None
@@ -466,6 +467,7 @@ cdef class ServerSession:
         if not PyBytes_GET_SIZE(data):
             self._finish(CLOSE)
             return self._take()
+        self.received += PyBytes_GET_SIZE(data)
         if self._state == S_TLS_WAIT:
             return []
         if PyBytes_GET_SIZE(self._buf):

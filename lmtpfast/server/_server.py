@@ -126,6 +126,10 @@ class Server:
     (a :class:`SinkStats` unless given); ``max_connections`` > 0 refuses
     connections beyond it with ``421 4.3.2``; ``ssl_context`` is used when
     the handler accepts STARTTLS (``SessionConfig(extensions=[..., "STARTTLS"])``).
+    ``idle_timeout`` (seconds, None = none) closes a connection with
+    ``421 4.4.2`` when the client sent nothing for that long while the
+    server waited for it (time spent waiting for the handler does not count;
+    neither do stalled connections, which a fault keeps open on purpose).
     After :meth:`start`, :attr:`destinations` holds the real destinations,
     e.g. ``"127.0.0.1:40123"`` or ``"unix:/tmp/s"``.
     """
@@ -140,6 +144,7 @@ class Server:
         max_connections: int = 0,
         ssl_context: ssl.SSLContext | None = None,
         engine: str | ModuleType | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         dests = [listen] if isinstance(listen, str) else list(listen)
         if not dests:
@@ -147,6 +152,10 @@ class Server:
         self._listen = [parse_listen(d) for d in dests]
         if max_connections < 0:
             raise ConfigurationError("max_connections must be >= 0", source="server limits")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ConfigurationError("idle_timeout must be > 0 seconds", source="server limits")
+        self.idle_timeout = idle_timeout
+        self._sweeper: asyncio.Task[None] | None = None
         self.handler = handler
         self.config = config
         self.max_connections = max_connections
@@ -195,10 +204,24 @@ class Server:
         except BaseException:
             await self.stop()
             raise
+        if self.idle_timeout is not None:
+            self._sweeper = asyncio.ensure_future(self._sweep(self.idle_timeout))
+
+    async def _sweep(self, timeout: float) -> None:
+        # One timer for every connection: no per-read timer on the hot path.
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.02, timeout / 4))
+            now = loop.time()
+            for conn in list(self._connections):
+                conn.check_idle(now, timeout)
 
     async def stop(self) -> None:
         """Stop listening, close every connection, remove unix sockets."""
         servers, self._servers = self._servers, []
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for server in servers:
             server.close()
         for conn in list(self._connections):
@@ -263,8 +286,10 @@ class ServerProtocol(asyncio.Protocol):
         "_read_paused",
         "_reader",
         "_refused",
+        "_seen",
         "_server",
         "_session",
+        "_since",
         "_stats",
         "_timer",
         "_tls_task",
@@ -289,6 +314,8 @@ class ServerProtocol(asyncio.Protocol):
         self._read_paused = False
         self._write_paused = False
         self._loop = asyncio.get_running_loop()
+        self._seen = -1  # the idle timeout: bytes received at the last sweep, and since when
+        self._since = 0.0
         # The compiled engine brings its own data_received (the common case
         # in C: feed, then one write); set before the transport caches it.
         self._reader: Any = None
@@ -386,19 +413,30 @@ class ServerProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def check_idle(self, now: float, timeout: float) -> None:
+        """The idle timeout: 421 4.4.2 after ``timeout`` seconds of silence from the client."""
+        session = self._session
+        if session is None:
+            return
+        seen = session.received
+        if seen != self._seen or session.blocked or self._blocked or self._waits:
+            self._seen = seen
+            self._since = now
+        elif now - self._since >= timeout:
+            self.close_with_421(b"421 4.4.2 %s Error: timeout exceeded\r\n")
+
     def close_if_idle(self) -> None:
         """Shutting down: say 421 and close if no transaction is under way."""
         session = self._session
         if session is not None and session.idle and not self._blocked and not self._waits:
             self.close_with_421()
 
-    def close_with_421(self) -> None:
+    def close_with_421(self, reply: bytes = b"421 4.3.2 %s Service shutting down\r\n") -> None:
         transport = self._transport
         if transport is None or transport.is_closing() or self._session is None:
             return
         if not self._blocked:  # a stalled or delayed connection says nothing more
-            host = self._server.config.hostname.encode("utf-8", "replace")
-            transport.write(b"421 4.3.2 " + host + b" Service shutting down\r\n")
+            transport.write(reply % self._server.config.hostname.encode("utf-8", "replace"))
         self._blocked = True
         self._queue = None
         transport.close()

@@ -294,6 +294,7 @@ class ServerSession:
         "context",
         "local",
         "peer",
+        "received",
     )
 
     def __init__(
@@ -309,6 +310,8 @@ class ServerSession:
         #: sockname), set by the I/O layer: for per-listener policy and logs.
         self.peer: Any = None
         self.local: Any = None
+        #: Bytes fed so far (the I/O layer's idle timeout watches it).
+        self.received = 0
         self._out: list[Item] = []
         self._w: list[Any] = (
             self._out
@@ -406,6 +409,7 @@ class ServerSession:
         if not data:
             self._finish(CLOSE)
             return self._take()
+        self.received += len(data)
         if self._state == _TLS_WAIT:
             return []  # pipelined after STARTTLS: discarded (RFC 3207 section 6)
         self._buf = self._buf + data if self._buf else data
