@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from lmtpfast.proto import IMPLEMENTATIONS, Capabilities, Reply
 
 FUZZ = Path(__file__).resolve().parent.parent / "fuzz"
-HARNESSES = ("reply_parser", "lhlo", "content")
+HARNESSES = ("reply_parser", "lhlo", "content", "server")
 EXAMPLES = int(os.environ.get("LMTPFAST_FUZZ_EXAMPLES", "1000"))
 
 
@@ -85,6 +85,25 @@ _content = st.lists(st.sampled_from([b"\r", b"\n", b".", b"a", b"\r\n.\r\n", b"\
 @given(head=st.binary(min_size=33, max_size=33), body=st.one_of(_content, st.binary(max_size=200)))
 def test_content_parity_and_no_smuggling(head: bytes, body: bytes) -> None:
     _harness("content").check(head + body)
+
+
+# Client bytes for the server engine: commands, line ends, dots, BDAT sizes.
+_client = st.lists(
+    st.one_of(
+        st.sampled_from([b"LHLO c\r\n", b"MAIL FROM:<s@x>\r\n", b"RCPT TO:<bob@x>\r\n",
+                         b"RCPT TO:<c@x>\r\n", b"DATA\r\n", b"BDAT 3\r\n", b"BDAT 2 LAST\r\n",
+                         b"RSET\r\n", b"NOOP\r\n", b"STARTTLS\r\n", b"AUTH PLAIN x\r\n",
+                         b"QUIT\r\n", b".\r\n", b"\r\n", b"\r", b"\n", b".", b" SIZE=9"]),
+        st.binary(max_size=6),
+    ),
+    max_size=50,
+).map(b"".join)
+
+
+@_SETTINGS
+@given(head=st.binary(min_size=17, max_size=17), body=_client)
+def test_server_engine_parity(head: bytes, body: bytes) -> None:
+    _harness("server").check(head + body)
 
 
 @pytest.fixture
