@@ -35,6 +35,7 @@ from lmtpfast.server import (
 )
 from lmtpfast.server._faults import FaultEngine
 
+#: A fault plan that touches every kind of answer (tests/test_server_engine.py uses it too).
 PLAN = [
     "rcpt:bob@*=550",
     "mail@nth=3=delay:0.5",
@@ -42,7 +43,9 @@ PLAN = [
     "dot:c@*=garbage",
     "data@rate=0.5:seed=2=extra",
     "noop=oversize:50",
+    "rset@nth=2=421 4.3.2 Bye",
     "bdat@rate=0.3:seed=5=452",
+    "lhlo@nth=2=stall",
 ]
 CONFIGS = (
     {},

@@ -19,6 +19,7 @@ import itertools
 import os
 import smtplib
 import ssl
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,17 +117,10 @@ _TOKENS = [
     b"XYZZY\r\n",
 ]
 
-_PLAN = [
-    "rcpt:bob@*=550",
-    "mail@nth=3=delay:0.5",
-    "dot@nth=2=short:1",
-    "dot:c@*=garbage",
-    "data@rate=0.5:seed=2=extra",
-    "noop=oversize:50",
-    "rset@nth=2=421 4.3.2 Bye",
-    "bdat@rate=0.3:seed=5=452",
-    "lhlo@nth=2=stall",
-]
+_FUZZ = str(Path(__file__).resolve().parent.parent / "fuzz")
+if _FUZZ not in sys.path:
+    sys.path.insert(0, _FUZZ)
+from fuzz_server import PLAN as _PLAN  # noqa: E402  (the fuzz harness's fault plan)
 
 
 class Recorder(Handler):
