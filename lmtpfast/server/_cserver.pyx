@@ -294,28 +294,35 @@ cdef class _Reader:
     cdef ServerSession _s
     cdef object _proto
     cdef object _stats
-    cdef public object write  # the transport's write, once connected
+    # The transport's write while connected (None before and after: the
+    # Python path then), and a copy of the protocol's _blocked (a delay, a
+    # stall, STARTTLS under way), both kept up to date by the protocol.
+    cdef public object write
+    cdef public bint io_blocked
 
     def __init__(self, ServerSession s, protocol):
         self._s = s
         self._proto = protocol
         self._stats = s._stats
         self.write = None
+        self.io_blocked = False
 
     def __call__(self, data):
         cdef ServerSession s = self._s
         cdef list items
         proto = self._proto
-        if self.write is None or proto._session is not s:
+        if self.write is None:
             return proto._data_received(data)
         self._stats.bytes_received += len(data)
         items = s._receive(data)
         if items:
-            if len(items) == 1 and type(items[0]) is bytes and not proto._blocked:
+            if len(items) == 1 and type(items[0]) is bytes and not self.io_blocked:
                 self.write(items[0])
             else:
                 proto._dispatch(items)
-        if proto._read_paused or s._state == S_TLS_WAIT or s._slots or s._content_wait:
+        # Reading resumes where the session unblocks (resolve, tls_started)
+        # or the transport drains (resume_writing): only blocking is news here.
+        if s._state == S_TLS_WAIT or s._slots or s._content_wait:
             proto._update_reading()
 
 

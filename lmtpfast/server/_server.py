@@ -388,7 +388,7 @@ class ServerProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._blocked = True
+        self._set_blocked(True)
         self._queue = None
         for fut in self._waits:
             fut.cancel()
@@ -397,6 +397,8 @@ class ServerProtocol(asyncio.Protocol):
             self._stats.connections_current -= 1
             self._server._connections.discard(self)
             session, self._session = self._session, None
+            if self._reader is not None:
+                self._reader.write = None  # from now on the Python path, which drops input
             session.connection_lost()
 
     def pause_writing(self) -> None:
@@ -412,6 +414,12 @@ class ServerProtocol(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+    def _set_blocked(self, value: bool) -> None:
+        # The compiled reader keeps its own copy: no attribute lookup per read.
+        self._blocked = value
+        if self._reader is not None:
+            self._reader.io_blocked = value
 
     def check_idle(self, now: float, timeout: float) -> None:
         """The idle timeout: 421 4.4.2 after ``timeout`` seconds of silence from the client."""
@@ -437,7 +445,7 @@ class ServerProtocol(asyncio.Protocol):
             return
         if not self._blocked:  # a stalled or delayed connection says nothing more
             transport.write(reply % self._server.config.hostname.encode("utf-8", "replace"))
-        self._blocked = True
+        self._set_blocked(True)
         self._queue = None
         transport.close()
 
@@ -507,19 +515,19 @@ class ServerProtocol(asyncio.Protocol):
                 transport.write(b"".join(pending))
                 pending = []
             if isinstance(item, Delay):
-                self._blocked = True
+                self._set_blocked(True)
                 self._queue = items[i + 1 :]
                 self._timer = self._loop.call_later(item.seconds, self._resume)
                 return
             if item is START_TLS:
-                self._blocked = True
+                self._set_blocked(True)
                 self._queue = items[i + 1 :]
                 self._tls_task = asyncio.ensure_future(self._start_tls())
                 return
             if type(item) is Pending:
                 self._wait(item)
                 continue
-            self._blocked = True
+            self._set_blocked(True)
             self._queue = None
             if item is CLOSE:
                 transport.close()
@@ -534,7 +542,7 @@ class ServerProtocol(asyncio.Protocol):
     def _resume(self) -> None:
         self._timer = None
         items = self._queue or []
-        self._blocked = False
+        self._set_blocked(False)
         self._queue = []
         if self._transport is not None and not self._transport.is_closing():
             self._run(items)
