@@ -512,6 +512,11 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     except OSError as exc:
         raise ConfigurationError(f"cannot read config file: {exc.strerror or exc}",
                                  source=source) from None
+    except UnicodeDecodeError as exc:
+        at = exc.object[: exc.start].count(b"\n") + 1
+        column = exc.start - (exc.object.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigurationError(f"not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at column "
+                                 f"{column})", source=source, line=at) from None
     except tomllib.TOMLDecodeError as exc:
         text = str(exc)
         m = re.search(r"\(at line (\d+), column (\d+)\)", text)

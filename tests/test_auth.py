@@ -585,7 +585,7 @@ async def test_cli_probe_and_send_authenticate(cyrus: TempCyrus, tmp_path: Path)
                                 LMTP_USER, "--sasl-password-file", str(pwfile),
                                 "--sasl-mechanisms", "CRAM-MD5", "-")
     assert code == 0, err
-    assert out.startswith("bob@example.com: 250 2.1.5 Success")
+    assert out.startswith("2.1.5 bob@example.com: 250 2.1.5 Success")
     bad = _write_map(tmp_path / "bad", WRONG_PASSWORD + "\n")
     code, out, err = await _cli("send", "--server", cyrus.destination_tcp, "--from",
                                 "s@example.org", "--rcpt", "bob@example.com", "--sasl-user",

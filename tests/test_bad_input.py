@@ -41,6 +41,7 @@ from lmtpfast import (
 )
 from lmtpfast.cli import main as cli_main
 from lmtpfast.server import DEFAULT_EXTENSIONS, Sink
+from lmtpfast.spool import Spool
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 ROOT = DOC.parent.parent
@@ -353,6 +354,32 @@ def _c9() -> None:
            lambda: PoolSettings(max_connections=0))
 
 
+@case("C11")
+def _c11() -> None:
+    with tmpdir() as d:
+        cfg = d / "lmtpfast.toml"
+        cfg.write_bytes(b'lhlo_name = "mx"\ndefault = "lmtp:unix:/tmp/caf\xe9"\n')
+        raises(ConfigurationError, r"lmtpfast.toml:2: not valid UTF-8 \(byte 0xe9 at column 30\)",
+               lambda: load_config(cfg))
+        Spool(d / "spool", create=True)
+        status, err = cli("replay", str(d / "spool"), "--config", str(cfg))
+    assert status == 78 and "not valid UTF-8" in err
+
+
+@case("C12")
+def _c12() -> None:
+    with tmpdir() as d:
+        spool = d / "spool"
+        assert cli("enqueue", str(spool), "--from", "a@b", "--rcpt", "c@d", os.devnull)[0] == 0
+        for text in ("", '[transports.t]\ndestination = "unix:/x"\n'):
+            cfg = _toml(d, text)
+            with pytest.raises(ConfigurationError, match="routes nothing"):
+                Agent.from_config(cfg)
+            status, err = cli("replay", str(spool), "--config", str(cfg))
+            assert status == 78 and "routes nothing" in err
+        assert len(os.listdir(spool / "incoming")) == 1
+
+
 @case("C10")
 def _c10() -> None:
     with tmpdir() as d:
@@ -456,6 +483,34 @@ def _s5() -> None:
     assert status == 66 and "not a spool" in err
 
 
+@case("S6")
+async def _s6() -> None:
+    def link_secret(s: Path, q: str) -> None:
+        secret = s.parent / "shadow"
+        secret.write_bytes(b"root:$y$secret:::\n")
+        (s / "msg" / q).unlink()
+        (s / "msg" / q).symlink_to(secret)
+    await _replay_broken(link_secret, "message file is a symbolic link (not read)")
+
+
+@case("S7")
+async def _s7() -> None:
+    await _replay_broken(lambda s, q: os.link(s / "msg" / q, s.parent / "outside.eml"),
+                         "hard link(s) outside the spool")
+
+
+@case("S8")
+def _s8() -> None:
+    with tmpdir() as d:
+        assert cli("enqueue", str(d / "spool"), "--from", "a@b", "--rcpt", "c@d",
+                   os.devnull)[0] == 0
+        (d / "elsewhere").mkdir()
+        shutil.rmtree(d / "spool" / "msg")
+        (d / "spool" / "msg").symlink_to(d / "elsewhere")
+        status, err = cli("replay", str(d / "spool"), "--server", "unix:/x")
+    assert status == 66 and "spool folder msg/ is a symbolic link" in err
+
+
 # Command-line flags
 @case("F1")
 def _f1() -> None:
@@ -533,6 +588,70 @@ def _f11() -> None:
 def _f12() -> None:
     status, err = cli("sink", "--listen", "h:99999")
     assert status == 64 and "99999" in err
+
+
+@case("F13")
+def _f13() -> None:
+    with tmpdir() as d:
+        assert cli("enqueue", str(d / "spool"), "--from", "a@b", "--rcpt", "c@d",
+                   os.devnull)[0] == 0
+        status, err = cli("replay", str(d / "spool"), "--server", "unix:/x", "--json", str(d))
+        assert len(os.listdir(d / "spool" / "incoming")) == 1
+    assert status == 64 and "is a directory" in err
+
+
+@case("F14")
+def _f14() -> None:
+    with tmpdir() as d:
+        # os.fsdecode(b"b\xff@x"): how Python hands such an argument over.
+        status, err = cli("enqueue", str(d / "spool"), "--from", "a@b", "--rcpt", "b\udcff@x",
+                          os.devnull)
+        assert not (d / "spool" / "incoming").exists() or not os.listdir(d / "spool" / "incoming")
+    assert status == 64 and "is not valid UTF-8" in err
+
+
+@case("F15")
+def _f15() -> None:
+    with tmpdir() as d:
+        (d / "nul.eml").write_bytes(b"a\0b\r\n")
+        status, err = cli("enqueue", str(d / "spool"), "--from", "a@b", "--rcpt", "c@d",
+                          str(d / "nul.eml"))
+        assert os.listdir(d / "spool" / "incoming") == []
+    assert status == 65 and "NUL byte at offset 1" in err
+
+
+@case("F16")
+def _f16() -> None:
+    with tmpdir() as d:
+        for n in ("a", "b"):
+            (d / f"{n}.eml").write_bytes(MSG)
+        status, err = cli("enqueue", str(d / "spool"), "--from", "a@b", "--rcpt", "c@d",
+                          str(d / "a.eml"), str(d / "missing.eml"), str(d / "b.eml"))
+        assert not (d / "spool" / "incoming").exists() or not os.listdir(d / "spool" / "incoming")
+    assert status == 66 and "missing.eml: No such file or directory; nothing queued" in err
+
+
+@case("F17")
+async def _f17() -> None:
+    with tmpdir() as d:
+        status, err = await cli_async("send", "--server", f"unix:{d}/none", "--from", "a@b",
+                                      "--rcpt", "c@d", "--max-size", "1m", "-",
+                                      stdin=b"y\n" * (1 << 20))
+    assert status == 69 and "message larger than 1048576 bytes" in err
+
+
+@case("F18")
+def _f18() -> None:
+    status, err = cli("send", "--server", "unix:/x", "--from", "\udcfe@x", "--rcpt", "c@d",
+                      os.devnull)
+    assert status == 64 and "is not valid UTF-8" in err and err.startswith("4.3.5 ")
+
+
+@case("F19")
+def _f19() -> None:
+    status, err = cli("send", "--server", "unix:/x", "--from", "a@b", "--rcpt", "c@d",
+                      "--max-size", "abc", os.devnull)
+    assert status == 64 and "bad size 'abc'" in err
 
 
 # --- the tests --------------------------------------------------------------------

@@ -45,8 +45,9 @@ async def test_send_all_delivered(tmp_path: Path) -> None:
     assert code == 0, err
     lines = out.splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("x@example.com: 250 2.0.0")
-    assert lines[1].startswith("y@example.com: 250 2.0.0")
+    # Each line starts with the enhanced status code (what Postfix's pipe(8) reads).
+    assert lines[0].startswith("2.0.0 x@example.com: 250 2.0.0")
+    assert lines[1].startswith("2.0.0 y@example.com: 250 2.0.0")
 
 
 async def test_send_mixed_outcomes_exit_statuses() -> None:
@@ -56,8 +57,10 @@ async def test_send_mixed_outcomes_exit_statuses() -> None:
         base = ("send", "--server", dest, "--from", "a@example.org")
         code, out, _ = await lmtpfast(*base, "--rcpt", "ok@x.com", "--rcpt", "bad@x.com",
                                       "-", stdin=MESSAGE)
-        assert code == 65  # every undelivered recipient refused for good
-        assert "bad@x.com: 550 5.1.1 No such user" in out
+        assert code == 67  # refused for good as an unknown user (5.1.1): EX_NOUSER
+        # The recipient that decided the status comes first, with its code first.
+        assert out.splitlines()[0] == "5.1.1 bad@x.com: 550 5.1.1 No such user"
+        assert out.splitlines()[1].startswith("2.0.0 ok@x.com: 250")
         code, out, _ = await lmtpfast(*base, "--rcpt", "bad@x.com", "--rcpt", "full@x.com",
                                       "--json", "-", stdin=MESSAGE)
         assert code == 75  # one transient failure: try again later

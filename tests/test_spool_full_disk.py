@@ -81,6 +81,7 @@ def fill(fs: Path) -> Path:
         os.close(fd)
     with pytest.raises(OSError):  # really full: not even one more page
         (fs / "probe").write_bytes(b"x" * 4096)
+    (fs / "probe").unlink()
     return filler
 
 

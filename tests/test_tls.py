@@ -418,7 +418,7 @@ async def test_send_over_tls(dv: TempDovecot, certs: Certs) -> None:
                                 "verify", "--ca-file", str(certs.ca), "--tls-server-name",
                                 "localhost", "-")
     assert code == 0, err
-    assert out.startswith("alice@example.com: 250 2.0.0")
+    assert out.startswith("2.0.0 alice@example.com: 250 2.0.0")
     code, _, err = await _cli("send", "--server", dv.destination_tcp, "--from", "s@example.org",
                               "--rcpt", "alice@example.com", "--tls", "may", "--tls-no-verify",
                               "-")

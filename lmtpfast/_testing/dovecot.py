@@ -38,7 +38,8 @@ Facts checked against Dovecot 2.3.19.1 (Debian 12):
   ``Delivered-To`` and the ``for <...>`` clause appear only when the
   transaction has exactly one accepted recipient; with several, every copy gets
   just ``Return-Path`` and ``Received`` ending in ``(envelope-from <...>); DATE``.
-  A recipient given twice is stored twice. Post-DATA replies read
+  A recipient given twice is stored once (Dovecot 2.3.19 answers 250 for
+  both RCPTs and both final replies, and saves one copy). Post-DATA replies read
   ``250 2.0.0 <rcpt> SESSIONID Saved``, then ``SESSIONID:R2`` ... for the
   following recipients.
 * Maildir file names are ``SECS.MUSECSPPID.HOST,S=SIZE,W=VSIZE`` in ``new/``

@@ -35,8 +35,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lmtpfast",
-        description="Fast, correct LMTP delivery: send one message, queue and replay many, "
-        "manage the queue, check a configuration, probe a server, run a test sink.",
+        description="Fast, correct LMTP delivery. Commands: send (one message); enqueue, "
+        "replay and run (queue mail, deliver the queue once or as a daemon); queue (manage "
+        "it); check-config; probe (a server); map (query a lookup table); bench and sink "
+        "(load and a test server). `lmtpfast COMMAND --help` says more about each.",
     )
     from lmtpfast import __version__
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import stat
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 from lmtpfast.spool import (
     BadEnvelope,
+    ImportStats,
     Source,
     Spool,
     SpoolError,
@@ -19,7 +23,7 @@ from lmtpfast.spool import (
     iter_mbox,
 )
 
-from . import _exit
+from . import _exit, _input
 
 __all__ = ["register", "run"]
 
@@ -32,8 +36,10 @@ def register(sub: Any) -> None:
         "or every message of a Maildir folder, an mbox file or a folder of .eml files. The "
         "envelope is --from/--rcpt, or with --from-headers each message's Return-Path and "
         "Delivered-To / X-Original-To (the command line fills the gaps). Each message is "
-        "written atomically. Exit status: 0 all queued, 65 some skipped (no envelope, bad "
-        "address), 64 bad usage, 66 unreadable input, 74 spool not writable.",
+        "written atomically. FILEs are all checked (readable, not larger than --max-size) "
+        "before the first is queued, so a missing one queues nothing and a rerun cannot "
+        "duplicate. Exit status: 0 all queued, 65 some skipped (no envelope, bad address, a "
+        "NUL byte, too large), 64 bad usage, 66 unreadable input, 74 spool not writable.",
     )
     p.add_argument("spool", metavar="SPOOL", help="spool directory (created if missing)")
     p.add_argument("files", nargs="*", metavar="FILE", help="message files; - or none: stdin")
@@ -55,6 +61,10 @@ def register(sub: Any) -> None:
     p.add_argument("--no-fsync", action="store_true",
                    help="do not flush each message to disk (faster; keep the source until "
                    "the replay is done)")
+    p.add_argument("--max-size", type=_input.parse_size, default=_input.DEFAULT_MAX_SIZE,
+                   metavar="N", help="refuse FILEs and standard input larger than N bytes "
+                   f"(k, m, g suffixes; 0: no limit; default "
+                   f"{_input.DEFAULT_MAX_SIZE // 1024 // 1024}m)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
     _files_anywhere(p)
@@ -75,13 +85,42 @@ def _files_anywhere(p: argparse.ArgumentParser) -> None:
     setattr(p, "parse_known_args", parse_known_args)  # noqa: B010
 
 
-def _files(names: list[str]) -> Iterator[Source]:
+def _files(names: list[str], limit: int) -> Iterator[Source]:
     for name in names or ["-"]:
         if name == "-":
-            yield Source("<stdin>", sys.stdin.buffer.read())
+            yield Source("<stdin>", _input.read_limited(sys.stdin.buffer, limit))
         else:
             with open(name, "rb") as f:
-                yield Source(name, f.read())
+                yield Source(name, _input.read_limited(f, limit))
+
+
+def _check_files(names: list[str], limit: int) -> str | None:
+    """Why some FILE cannot be queued (``None``: all can), checked before queueing any."""
+    for name in names:
+        if name == "-":
+            continue
+        try:
+            st = os.stat(name)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "Is a directory")
+            with open(name, "rb"):
+                pass
+        except OSError as exc:
+            return f"cannot read {name}: {exc.strerror or exc}"
+        if limit and stat.S_ISREG(st.st_mode) and st.st_size > limit:
+            return f"{name}: message larger than {limit} bytes (--max-size {limit})"
+    return None
+
+
+def _stopped(stats: ImportStats, problem: str, status: int) -> int:
+    """Stopped by an error midway: say exactly what was queued before it."""
+    for p in stats.problems:
+        print(f"lmtpfast enqueue: skipped {p}", file=sys.stderr)
+    done = ", ".join(f"{origin} as {id}" for origin, id in stats.ids)
+    print(f"lmtpfast enqueue: {problem}; stopped"
+          + (f" after queueing {len(stats.ids)} message(s): {done}" if stats.ids
+             else "; nothing queued"), file=sys.stderr)
+    return status
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,21 +160,24 @@ def run(args: argparse.Namespace) -> int:
     elif args.eml_dir:
         sources = iter_eml_dir(args.eml_dir, recursive=args.recursive)
     else:
-        sources = _files(args.files)
+        problem = _check_files(args.files, args.max_size)
+        if problem is not None:
+            print(f"lmtpfast enqueue: {problem}; nothing queued", file=sys.stderr)
+            return _exit.EX_DATAERR if "larger than" in problem else _exit.EX_NOINPUT
+        sources = _files(args.files, args.max_size)
+    stats = ImportStats()
     try:
-        stats = import_messages(spool, sources, sender=args.sender,
-                                recipients=args.recipients or None,
-                                from_headers=args.from_headers, fsync=not args.no_fsync,
-                                options=options)
+        import_messages(spool, sources, sender=args.sender, recipients=args.recipients or None,
+                        from_headers=args.from_headers, fsync=not args.no_fsync,
+                        options=options, stats=stats)
     except BadEnvelope as exc:
-        print(f"lmtpfast enqueue: {exc}", file=sys.stderr)
-        return _exit.EX_USAGE
+        return _stopped(stats, str(exc), _exit.EX_USAGE)
+    except _input.TooBig as exc:
+        return _stopped(stats, str(exc), _exit.EX_DATAERR)
     except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as exc:
-        print(f"lmtpfast enqueue: {exc}", file=sys.stderr)
-        return _exit.EX_NOINPUT
+        return _stopped(stats, str(exc), _exit.EX_NOINPUT)
     except OSError as exc:
-        print(f"lmtpfast enqueue: {exc}", file=sys.stderr)
-        return _exit.EX_IOERR
+        return _stopped(stats, str(exc), _exit.EX_IOERR)
     for problem in stats.problems:
         print(f"lmtpfast enqueue: skipped {problem}", file=sys.stderr)
     if not args.quiet:

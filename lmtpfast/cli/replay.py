@@ -32,7 +32,7 @@ from lmtpfast.spool import (
     open_deliverer,
 )
 
-from . import _exit, _run
+from . import _exit, _output, _run
 
 __all__ = ["parse_duration", "register", "run"]
 
@@ -117,6 +117,8 @@ class _JsonReport:
 
     Outcomes are written as they happen, so the report costs no memory; the
     file appears under its name only when complete (temporary name, rename).
+    A write error (a full disk) never stops the replay: the report is
+    abandoned, its temporary file removed, and :attr:`error` says why.
     """
 
     def __init__(self, path: str) -> None:
@@ -130,29 +132,52 @@ class _JsonReport:
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)
         os.fchmod(fd, 0o600)
-        self._f: IO[bytes] = open(fd, "wb")  # noqa: SIM115 (closed in finish/abort)
-        self._f.write(b'{"version":1,"outcomes":[\n')
+        self._f: IO[bytes] | None = open(fd, "wb")  # noqa: SIM115 (closed in finish/abort)
         self._first = True
         self._enc = msgspec.json.Encoder()
+        #: Why the report could not be written (``None`` while it can).
+        self.error: OSError | None = None
+        self._write(b'{"version":1,"outcomes":[\n')
+
+    def _write(self, data: bytes) -> None:
+        if self._f is None:
+            return
+        try:
+            self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            self.abort()
 
     def add(self, outcome: Outcome) -> None:
         if not self._first:
-            self._f.write(b",\n")
+            self._write(b",\n")
         self._first = False
-        self._f.write(self._enc.encode(outcome))
+        self._write(self._enc.encode(outcome))
 
     def finish(self, totals: Totals, status: int, metrics: dict[str, Any] | None = None) -> None:
-        self._f.write(b'\n],"summary":')
+        self._write(b'\n],"summary":')
         summary = self._enc.encode(totals)
         if metrics is not None:  # the counters of the Prometheus endpoint, by the same names
             summary = summary[:-1] + b',"metrics":' + self._enc.encode(metrics) + b"}"
-        self._f.write(summary)
-        self._f.write(b',"exit_status":%d}\n' % status)
-        self._f.close()
-        os.replace(self.tmp, self.path)
+        self._write(summary)
+        self._write(b',"exit_status":%d}\n' % status)
+        if self._f is None:
+            return
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.error = exc
+            self.abort()
 
     def abort(self) -> None:
-        self._f.close()
+        f, self._f = self._f, None
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
 
@@ -238,7 +263,7 @@ class _CliObserver(Observer):
         if self.bar is not None:
             self.bar._progress.console.print(line, markup=False, highlight=False)
         else:
-            print(line, flush=False)
+            _output.print_line(line)
 
     def outcome(self, outcome: Outcome) -> None:
         self._emit(outcome)
@@ -315,16 +340,16 @@ def _summary_rows(t: Totals, counts: dict[str, int] | None) -> list[tuple[str, s
 
 def _print_summary(t: Totals, obs: _CliObserver, counts: dict[str, int] | None,
                    status: int) -> None:
-    out = sys.stdout
+    say = _output.print_line  # a reader gone (| head) changes nothing
     if obs.failures and not obs.verbose:
-        print("not delivered:", file=out)
+        say("not delivered:")
         for o in obs.failures:
-            print("  " + o.line(), file=out)
+            say("  " + o.line())
         if obs.more_failures:
-            print(f"  ... and {obs.more_failures} more (see --json)", file=out)
+            say(f"  ... and {obs.more_failures} more (see --json)")
     rows = _summary_rows(t, counts)
     rows.append(("exit status", str(status)))
-    if out.isatty():
+    if not _output.stdout_gone() and sys.stdout.isatty():
         try:
             from rich.console import Console
             from rich.table import Table
@@ -339,8 +364,8 @@ def _print_summary(t: Totals, obs: _CliObserver, counts: dict[str, int] | None,
             Console().print(table)
             return
     width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}", file=out)
+    for n, (k, v) in enumerate(rows, 1):
+        say(f"{k:<{width}}  {v}", flush=n == len(rows))
 
 
 # -- running -----------------------------------------------------------------------
@@ -385,6 +410,10 @@ def _replay(args: argparse.Namespace, spool: Spool, policy: RetryPolicy,
     if args.json_report:
         try:
             report = _JsonReport(args.json_report)
+        except IsADirectoryError:
+            print(f"lmtpfast replay: --json {args.json_report}: is a directory (give a file "
+                  "name)", file=sys.stderr)
+            return _exit.EX_USAGE
         except OSError as exc:
             print(f"lmtpfast replay: cannot write {args.json_report}: {exc.strerror or exc}",
                   file=sys.stderr)
@@ -435,6 +464,12 @@ def _replay(args: argparse.Namespace, spool: Spool, policy: RetryPolicy,
                 status = _exit.EX_TEMPFAIL
     if report is not None:
         report.finish(totals, status)
+        if report.error is not None:
+            print(f"lmtpfast replay: the report {args.json_report} could not be written "
+                  f"({report.error.strerror or report.error}); no report was left",
+                  file=sys.stderr)
+            if status == _exit.EX_OK:
+                status = _exit.EX_IOERR  # the deliveries went well, the report did not
     if not args.quiet:
         counts = None
         with contextlib.suppress(OSError):

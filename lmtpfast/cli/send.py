@@ -1,15 +1,26 @@
-"""``lmtpfast send``: deliver one message and print one line per recipient."""
+"""``lmtpfast send``: deliver one message and print one line per recipient.
+
+Made to be run by an MTA as well as by people: Postfix's pipe(8) reads the
+first characters of the output and the exit status (see docs/postfix.md), so
+every line starts with the enhanced status code, the first line is the
+recipient whose outcome decides the exit status, and the status is the
+sysexits code closest to it (:mod:`lmtpfast.cli._exit`). Errors of our own
+(usage, configuration, unreadable input) start with ``4.3.5``: an MTA then
+defers the mail instead of bouncing it for a set-up mistake.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from lmtpfast import (
+    DELIVERED,
+    PERMANENT,
+    TRANSIENT,
     ConfigurationError,
     ConnectError,
-    ContentError,
     LMTPError,
     LocalProtocolError,
     RecipientResult,
@@ -19,73 +30,163 @@ from lmtpfast import (
     parse_destination,
 )
 
-from . import _exit, _run, _security
+from . import _exit, _input, _output, _run, _security
 
 __all__ = ["register", "run"]
+
+_HELP = """\
+Deliver one message over LMTP and print one line per recipient, each starting
+with its enhanced status code (2.0.0 delivered, 4.x.x try again, 5.x.x refused
+for good); the first line is the recipient that decided the exit status.
+
+Exit status: 0 every recipient delivered; 75 some recipient not finally
+decided (try again later); otherwise the first refusal's: 67 no such user
+(5.1.x), 65 the message cannot be sent as it is (5.6.x), 77 refused by policy
+(5.7.x), 73 mailbox full or disabled (5.2.x), 69 other refusals; 64 bad usage,
+66 unreadable input, 78 bad configuration (these print 4.3.5 first, so an MTA
+defers rather than bounces).
+
+One status for several recipients: with several --rcpt a non-zero status also
+covers the recipients that were delivered (75 makes an MTA send them the
+message again, a refusal makes it bounce them too). An MTA must therefore run
+one recipient per command: in Postfix, TRANSPORT_destination_recipient_limit =
+1 (docs/postfix.md has the master.cf and main.cf lines).
+"""
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "send",
         help="deliver one message",
-        description="Deliver one message over LMTP and print one line per recipient. "
-        "Exit status: 0 all delivered, 75 any recipient not finally decided (try again), "
-        "65 every undelivered recipient permanently refused, 64 bad usage, 66 unreadable input.",
+        description=_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--server", required=True, metavar="DEST",
                    help="unix:/path, host, host:port, [ipv6]:port, inet:host:port")
     p.add_argument("--from", dest="sender", required=True, metavar="ADDR",
                    help="envelope sender ('' for the null sender)")
     p.add_argument("--rcpt", dest="recipients", action="append", required=True, metavar="ADDR",
-                   help="envelope recipient (repeat for more)")
+                   help="envelope recipient (repeat for more; an MTA should give one, see above)")
     p.add_argument("file", nargs="?", default="-", help="message file, or - for standard input")
     p.add_argument("--lhlo-name", metavar="NAME", help="name to give in LHLO (default: host name)")
     p.add_argument("--no-pipelining", action="store_true", help="send one command at a time")
     p.add_argument("--timeout-scale", type=float, default=1.0, metavar="F",
                    help="multiply every Postfix default timeout by F")
+    p.add_argument("--max-size", type=_input.parse_size, default=_input.DEFAULT_MAX_SIZE,
+                   metavar="N", help="refuse a message larger than N bytes (k, m, g suffixes; 0: "
+                   f"no limit; default {_input.DEFAULT_MAX_SIZE // 1024 // 1024}m); the "
+                   "server's SIZE applies too")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     _security.add_arguments(p)
     p.set_defaults(func=run)
 
+    def usage_error(message: str) -> NoReturn:
+        # argparse's own errors come first in the output too: mark them ours.
+        sys.stderr.write(f"{_exit.OUR_FAULT} {p.prog}: error: {message}\n")
+        p.print_usage(sys.stderr)
+        sys.exit(_exit.EX_USAGE)
 
-def _read_message(name: str) -> bytes:
+    setattr(p, "error", usage_error)  # noqa: B010
+
+
+def _fail(status: int, text: str) -> int:
+    """A failure of ours: one line, starting with the code that makes an MTA defer."""
+    print(f"{_exit.OUR_FAULT} lmtpfast send: {text}", file=sys.stderr, flush=True)
+    return status
+
+
+def _read_message(name: str, limit: int) -> bytes:
     if name == "-":
-        return sys.stdin.buffer.read()
+        return _input.read_limited(sys.stdin.buffer, limit)
     with open(name, "rb") as f:
-        return f.read()
+        return _input.read_limited(f, limit)
+
+
+def _one_line(text: str) -> str:
+    # A multi-line reply is one line here: one line per recipient, always.
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _line(r: RecipientResult) -> str:
+    enh = f" {r.enhanced}" if r.enhanced else ""
+    extra = " (may be delivered more than once on retry)" if r.possibly_delivered else ""
+    return f"{_exit.enhanced_of(r)} {r.address}: {r.code}{enh} {_one_line(r.text)}{extra}"
 
 
 def print_results(results: list[RecipientResult], as_json: bool) -> None:
     if as_json:
         import msgspec
 
-        sys.stdout.write(msgspec.json.encode(results).decode() + "\n")
+        _output.print_line(msgspec.json.encode(results).decode(), flush=True)
         return
-    for r in results:
-        print(r.line())
+    # The deciding recipient first: an MTA takes the DSN from the first line.
+    first = _exit.deciding(results)
+    order = list(range(len(results)))
+    if first:
+        order.insert(0, order.pop(first))
+    for n, i in enumerate(order, 1):
+        _output.print_line(_line(results[i]), flush=n == len(order))
+
+
+def _local(recipients: list[str], code: int, enhanced: str, text: str, stage: str,
+           dest: str | None = None) -> list[RecipientResult]:
+    status = DELIVERED if code < 400 else TRANSIENT if code < 500 else PERMANENT
+    return [RecipientResult(address=a, status=status, code=code, enhanced=enhanced, text=text,
+                            stage=stage, destination=dest, local=True) for a in recipients]
+
+
+def _session_failed(exc: BaseException, recipients: list[str], dest: str) -> list[RecipientResult]:
+    """The session could not be set up: every recipient is undecided (try again)."""
+    if isinstance(exc, ConnectError):
+        return _local(recipients, 451, "4.4.1", str(exc), "connect", dest)
+    if isinstance(exc, ReplyError):
+        # Even a 5xx greeting defers (Postfix's lmtp_skip_5xx_greeting = yes).
+        text = f"{dest} refused the session: {exc.code} {exc.text}".rstrip()
+        return _local(recipients, 451, "4.4.2", text, exc.stage or "connect", dest)
+    stage = getattr(exc, "stage", "") or "connect"
+    return _local(recipients, 451, "4.4.2", f"session with {dest} failed: {exc}", stage, dest)
+
+
+def _check_utf8(what: str, address: str) -> None:
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        # Bytes that are not UTF-8 on the command line arrive as surrogates.
+        shown = address.encode("utf-8", "surrogateescape")
+        raise LocalProtocolError(f"{what} {shown!r} is not valid UTF-8") from None
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         dest = parse_destination(args.server)
     except ConfigurationError as exc:
-        print(f"lmtpfast send: --server: {exc}", file=sys.stderr)
-        return _exit.EX_USAGE
+        return _fail(_exit.EX_USAGE, f"--server: {exc}")
     try:
-        message = _read_message(args.file)
-    except OSError as exc:
-        print(f"lmtpfast send: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
-        return _exit.EX_NOINPUT
+        _check_utf8("--from", args.sender)
+        for r in args.recipients:
+            _check_utf8("--rcpt", r)
+    except LocalProtocolError as exc:
+        return _fail(_exit.EX_USAGE, str(exc))
     try:
         timeouts = Timeouts.scaled(args.timeout_scale)
     except ConfigurationError as exc:
-        print(f"lmtpfast send: --timeout-scale: {exc}", file=sys.stderr)
-        return _exit.EX_USAGE
+        return _fail(_exit.EX_USAGE, f"--timeout-scale: {exc}")
     try:
         tls, auth = _security.policies(args, dest)
     except ConfigurationError as exc:
-        print(f"lmtpfast send: {exc}", file=sys.stderr)
-        return _exit.EX_CONFIG if exc.source else _exit.EX_USAGE
+        return _fail(_exit.EX_CONFIG if exc.source else _exit.EX_USAGE, str(exc))
+    try:
+        message = _read_message(args.file, args.max_size)
+    except OSError as exc:
+        return _fail(_exit.EX_NOINPUT, f"cannot read {args.file}: {exc.strerror or exc}")
+    except _input.TooBig as exc:
+        # Refused for every recipient before anything is sent, as the
+        # server's own SIZE refusal would be (552 5.3.4).
+        return _report(_local(args.recipients, 552, "5.3.4", str(exc), "local"), args, str(exc))
+    if (nul := message.find(b"\0")) >= 0:
+        # Checked before connecting: a NUL cannot be sent in DATA or BDAT.
+        text = f"message contains a NUL byte at offset {nul}; it cannot be sent"
+        return _report(_local(args.recipients, 554, "5.6.0", text, "local"), args, text)
 
     async def deliver() -> list[RecipientResult]:
         conn = await connect(dest, lhlo_name=args.lhlo_name, timeouts=timeouts,
@@ -97,17 +198,21 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         results = _run.run(deliver())
-    except ContentError as exc:
-        print(f"lmtpfast send: {exc}", file=sys.stderr)
-        return _exit.EX_DATAERR
-    except LocalProtocolError as exc:
-        print(f"lmtpfast send: {exc}", file=sys.stderr)
-        return _exit.EX_USAGE
-    except ReplyError as exc:
-        print(f"lmtpfast send: {dest}: {exc}", file=sys.stderr)
-        return _exit.EX_TEMPFAIL
-    except (ConnectError, LMTPError, OSError) as exc:
-        print(f"lmtpfast send: {dest}: {exc}", file=sys.stderr)
-        return _exit.EX_TEMPFAIL
+    except LocalProtocolError as exc:  # a bad address: nothing was sent
+        return _fail(_exit.EX_USAGE, str(exc))
+    except (LMTPError, OSError) as exc:
+        # The session could not be set up; TODO(core): the failure table's
+        # failure_results() says the same for every front end once on main.
+        return _report(_session_failed(exc, args.recipients, str(dest)), args,
+                       f"{dest}: {exc}")
+    return _report(results, args)
+
+
+def _report(results: list[RecipientResult], args: argparse.Namespace,
+            problem: str | None = None) -> int:
+    """The results on standard output, then the problem (if any) on standard error."""
+    # In this order: an MTA reads both as one stream and looks at its start.
     print_results(results, args.json)
+    if problem:
+        print(f"lmtpfast send: {problem}", file=sys.stderr)
     return _exit.status_for(results)

@@ -129,6 +129,12 @@ def check_address(address: object, *, sender: bool = False) -> str:
         raise BadEnvelope("empty recipient address")
     if len(address) > 1024:
         raise BadEnvelope(f"address longer than 1024 characters: {address[:40]!r}...")
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        # Bytes that are not UTF-8 (a command-line argument) arrive as surrogates.
+        shown = address.encode("utf-8", "surrogateescape")
+        raise BadEnvelope(f"address {shown!r} is not valid UTF-8") from None
     problem = address_problem(address)
     if problem is not None:
         raise BadEnvelope(f"bad address {address!r}: {problem}")

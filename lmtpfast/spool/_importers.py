@@ -19,6 +19,7 @@ from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import Any
 
+from .._errors import ContentError
 from ._format import BadEnvelope
 from ._store import Spool
 
@@ -48,6 +49,8 @@ class ImportStats:
     queued: int = 0
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
+    #: ``(origin, ID)`` of every message queued, in order (what a failed run did).
+    ids: list[tuple[str, str]] = field(default_factory=list)
 
 
 def iter_maildir(path: str | os.PathLike[str]) -> Iterator[Source]:
@@ -172,18 +175,21 @@ def import_messages(
     from_headers: bool = False,
     fsync: bool = True,
     options: dict[str, Any] | None = None,
+    stats: ImportStats | None = None,
 ) -> ImportStats:
     """Queue every message of *sources*.
 
     The envelope is *sender*/*recipients*; with *from_headers* a message's own
     ``Return-Path``/``Delivered-To``/``X-Original-To`` are used where they are
     present and the arguments fill the gaps. A message left without a sender
-    or a recipient is skipped and named in :attr:`ImportStats.problems`.
+    or a recipient, with a bad address or a NUL byte, is skipped and named in
+    :attr:`ImportStats.problems`. *stats*, when given, is filled as messages
+    are queued (so a caller knows what was queued if a source fails midway).
     With ``fsync=False`` the files are not flushed one by one; the folders
     are synced once at the end. *options* go to every envelope (``ret``,
     ``envid``, ``notify``: see :func:`~lmtpfast.spool.new_envelope`).
     """
-    stats = ImportStats()
+    stats = ImportStats() if stats is None else stats
     for src in sources:
         s, rcpts = sender, list(recipients or [])
         if from_headers:
@@ -198,12 +204,13 @@ def import_messages(
             stats.problems.append(f"{src.origin}: no envelope {what} (give it on the command line)")
             continue
         try:
-            spool.enqueue(src.data, s, rcpts, fsync=fsync, **(options or {}))
-        except BadEnvelope as exc:
+            id = spool.enqueue(src.data, s, rcpts, fsync=fsync, **(options or {}))
+        except (BadEnvelope, ContentError) as exc:
             stats.skipped += 1
             stats.problems.append(f"{src.origin}: {exc}")
             continue
         stats.queued += 1
+        stats.ids.append((src.origin, id))
     if not fsync:
         spool.sync()
     return stats

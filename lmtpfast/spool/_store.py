@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, NoReturn
 
+from .._errors import ContentError
 from ._format import (
     MAX_ENVELOPE_SIZE,
     BadEnvelope,
@@ -431,10 +432,15 @@ class Spool:
         visible. With *fsync* (the default) both files and both folders are
         flushed before returning, as an MTA must before it accepts a message.
         *envelope_options*: ``arrival``, ``ret``, ``envid``, ``notify``, ``orcpt``
-        (see :func:`~lmtpfast.spool.new_envelope`).
+        (see :func:`~lmtpfast.spool.new_envelope`). Raises
+        :class:`BadEnvelope` for a bad address and :class:`~lmtpfast.ContentError`
+        for a message with a NUL byte (it could never be sent).
         """
         env = new_envelope(sender, list(recipients), **envelope_options)  # type: ignore[arg-type]
         env_bytes = encode_envelope(env)
+        if (nul := message.find(b"\0")) >= 0:
+            # Refused now rather than queued and bounced later: it cannot be sent.
+            raise ContentError(f"message contains a NUL byte at offset {nul}; it cannot be sent")
         tmp_msg = self.write_tmp(message, fsync=fsync)
         try:
             while True:
