@@ -181,7 +181,7 @@ cdef class DotDecoder:
     after it, so ``take()`` returns the same chunks.
     """
 
-    def __init__(self, *, keep=True, limit=0):
+    def __init__(self, keep=True, limit=0):
         lmtp_dot_init(&self._st)
         self._keep = keep
         self._limit = limit
