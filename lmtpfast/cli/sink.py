@@ -2,7 +2,11 @@
 
 Exit status: 0 after a clean stop (SIGINT, SIGTERM or ``--duration``),
 64 (EX_USAGE) for a bad option or fault spec, 71 (EX_OSERR) when it cannot
-listen.
+listen (or give its unix sockets the owner and mode asked for).
+
+Unix sockets are 0666 by default, whatever the umask, so that Postfix's
+lmtp(8) (user ``postfix``) can connect to a sink started as root;
+``--socket-mode`` and ``--socket-owner`` choose otherwise (docs/postfix.md).
 """
 
 from __future__ import annotations
@@ -26,9 +30,39 @@ __all__ = ["DEFAULT_LISTEN", "register", "run"]
 #: Unprivileged, loopback only, and easy to remember next to LMTP's port 24.
 DEFAULT_LISTEN = "127.0.0.1:2400"
 
+#: Postfix's lmtp(8) runs as user ``postfix`` and needs write permission on a
+#: unix socket to connect; a socket made by root under umask 022 is 0755.
+DEFAULT_SOCKET_MODE = 0o666
+
 EX_OK = 0
 EX_USAGE = 64
 EX_OSERR = 71
+
+
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r} (e.g. 0666, 0660)") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {text!r} is not between 0000 and 0777")
+    return mode
+
+
+def _owner(spec: str) -> tuple[int, int]:
+    """``USER[:GROUP]`` -> (uid, gid); the group defaults to the user's (-1: unchanged)."""
+    import grp
+    import pwd
+
+    user, _, group = spec.partition(":")
+    try:
+        pw = pwd.getpwnam(user) if user else None
+        uid = pw.pw_uid if pw is not None else -1
+        gid = grp.getgrnam(group).gr_gid if group else (pw.pw_gid if pw is not None else -1)
+    except KeyError as exc:
+        raise ConfigurationError(f"no such user or group: {exc.args[0]}",
+                                 source="--socket-owner") from None
+    return uid, gid
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -96,6 +130,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=0,
         help="refuse connections beyond N with 421 (default 0 = no limit)",
     )
+    p.add_argument(
+        "--socket-mode",
+        metavar="MODE",
+        type=_octal_mode,
+        default=DEFAULT_SOCKET_MODE,
+        help="permissions of unix sockets, octal (default 0666: any local user, Postfix's "
+        "lmtp(8) as user postfix included, may connect, whatever the umask)",
+    )
+    p.add_argument(
+        "--socket-owner",
+        metavar="USER[:GROUP]",
+        help="owner of unix sockets (as root), e.g. postfix:postfix with --socket-mode 0600",
+    )
     p.add_argument("--duration", metavar="S", type=float, help="stop by itself after S seconds")
     p.add_argument(
         "--ready-file",
@@ -121,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the sink until SIGINT/SIGTERM or ``--duration``; return the exit status."""
     try:
         sink = _build(args)
+        args.socket_ids = None if args.socket_owner is None else _owner(args.socket_owner)
     except ConfigurationError as exc:
         return _fail(EX_USAGE, str(exc))
     factory = _loop_factory(args.loop)
@@ -170,6 +218,11 @@ async def _serve(sink: Sink, args: argparse.Namespace) -> int:
         await sink.start()
     except OSError as exc:
         return _fail(EX_OSERR, f"cannot listen: {exc}")
+    try:
+        _set_socket_modes(sink, args.socket_mode, args.socket_ids)
+    except OSError as exc:
+        await sink.stop()
+        return _fail(EX_OSERR, f"cannot set the socket's owner or mode: {exc}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -195,6 +248,17 @@ async def _serve(sink: Sink, args: argparse.Namespace) -> int:
         except OSError as exc:
             return _fail(EX_OSERR, f"cannot write {args.stats_json}: {exc}")
     return EX_OK
+
+
+def _set_socket_modes(sink: Sink, mode: int, ids: tuple[int, int] | None) -> None:
+    # Before the ready file is written and the sink says it listens, so a
+    # client that waits for either finds the socket usable.
+    for dest in sink.destinations:
+        if dest.startswith("unix:"):
+            path = dest[5:]
+            if ids is not None:
+                os.chown(path, *ids)
+            os.chmod(path, mode)
 
 
 def print_stats(stats: SinkStats, out: TextIO) -> None:
