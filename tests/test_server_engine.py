@@ -778,3 +778,68 @@ def test_idle_timeout(impl: str, runner: asyncio.Runner) -> None:
             w.close()
 
     runner.run(asyncio.wait_for(main(), 60))
+
+
+# -- what the command deadline reads; replies that come later, written together -------------
+
+def test_commands_and_in_content_say_whose_turn_it_is(impl: str) -> None:
+    s = session(impl)
+    s.start()
+    s.receive_data(b"LHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\n")
+    assert s.commands == 3 and not s.in_content
+    s.receive_data(b"DATA\r\nSubject: x\r\n")
+    assert s.in_content and s.commands == 4
+    s.receive_data(b"\r\nbody\r\n.\r\nRCPT TO")  # a command not finished yet
+    assert not s.in_content and s.commands == 4
+    s2 = session(impl)
+    s2.start()
+    s2.receive_data(b"LHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nBDAT 10\r\nabc")
+    assert s2.in_content  # inside a chunk
+    s2.receive_data(b"defghij")
+    assert not s2.in_content
+
+
+class _LaterFinals(Handler):
+    def end_of_content(self, session: Any, env: Envelope) -> Any:
+        # Answers that all come in one loop iteration, the last one first.
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in env.recipients]
+        for f in reversed(futs):
+            loop.call_soon(f.set_result, None)
+        return futs
+
+
+def test_late_answers_keep_rcpt_order_and_deadline_stops_slow_loris(
+        impl: str, runner: asyncio.Runner, tmp_path: Path) -> None:
+    async def main() -> None:
+        sock = tmp_path / "s"
+        async with Server(f"unix:{sock}", _LaterFinals(), SessionConfig(hostname="mx.test"),
+                          engine=impl, command_timeout=0.3, unix_mode=0o666) as server:
+            assert os.stat(sock).st_mode & 0o777 == 0o666
+            r, w = await asyncio.open_unix_connection(str(sock))
+            w.write(b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nRCPT TO:<b@x>\r\n"
+                    b"RCPT TO:<c@x>\r\nDATA\r\nhi\r\n.\r\n")
+            finals = []
+            while len(finals) < 3:
+                line = await asyncio.wait_for(r.readline(), 10)
+                if line.startswith(b"250 2.0.0 <"):
+                    finals.append(line.split(b">")[0])
+            assert finals == [b"250 2.0.0 <a@x", b"250 2.0.0 <b@x", b"250 2.0.0 <c@x"]
+            # Now a slow-loris client: a byte at a time, never a whole command.
+            reading = asyncio.ensure_future(r.read())
+            for byte in b"MAIL FROM:<x@y" * 50:
+                try:
+                    w.write(bytes([byte]))
+                    await w.drain()
+                except ConnectionError:
+                    break
+                if reading.done():
+                    break
+                await asyncio.sleep(0.02)  # the client's pace, not a synchronisation
+            else:
+                pytest.fail("the trickling client was never timed out")
+            got = await asyncio.wait_for(reading, 10)
+            assert got == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
+            w.close()
+
+    runner.run(asyncio.wait_for(main(), 60))

@@ -34,6 +34,7 @@ cdef class ServerSession:
     cdef public object peer
     cdef public object local
     cdef public long long received
+    cdef public long long commands
     cdef object _cfg
     cdef object _handler
     cdef object _hooks

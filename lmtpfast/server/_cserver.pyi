@@ -28,6 +28,7 @@ class ServerSession:
     peer: Any
     local: Any
     received: int
+    commands: int
     def __init__(
         self, config: SessionConfig, handler: Handler | None = None, stats: SinkStats | None = None
     ) -> None: ...
@@ -43,6 +44,8 @@ class ServerSession:
     def idle(self) -> bool: ...
     @property
     def in_transaction(self) -> bool: ...
+    @property
+    def in_content(self) -> bool: ...
     @property
     def tls(self) -> bool: ...
     @property

@@ -353,6 +353,7 @@ cdef class ServerSession:
         self.peer = None
         self.local = None
         self.received = 0
+        self.commands = 0
         self._out = []
         self._w = None
         self._held = None
@@ -444,6 +445,11 @@ cdef class ServerSession:
     @property
     def in_transaction(self):
         return self._sender is not None
+
+    @property
+    def in_content(self):
+        """True while message content is read (after DATA's 354, or inside a BDAT chunk)."""
+        return self._state == S_DATA or (self._state == S_BDAT and self._bdat_left > 0)
 
     @property
     def tls(self):
@@ -853,6 +859,7 @@ cdef class ServerSession:
         cdef const char *sp
         cdef Py_ssize_t vlen
         cdef unsigned int v
+        self.commands += 1
         if n > self._max_line:
             if not self._junk_stop():
                 self._put_bytes(_R_TOO_LONG)

@@ -130,6 +130,14 @@ class Server:
     ``421 4.4.2`` when the client sent nothing for that long while the
     server waited for it (time spent waiting for the handler does not count;
     neither do stalled connections, which a fault keeps open on purpose).
+    ``command_timeout`` (seconds, None = none) is a deadline, not a silence
+    timer: a command line must be complete that long after the client's turn
+    began (its last command, or the last answer it waited for), and while
+    message content is read, each ``max_line_length`` bytes must arrive
+    within it; a slow-loris client that trickles bytes gets ``421 4.4.2``
+    too. ``tls_timeout`` bounds the STARTTLS handshake. ``unix_mode`` sets
+    the permissions of unix sockets (``0o666`` lets Postfix's lmtp(8), user
+    ``postfix``, connect).
     After :meth:`start`, :attr:`destinations` holds the real destinations,
     e.g. ``"127.0.0.1:40123"`` or ``"unix:/tmp/s"``.
     """
@@ -145,6 +153,9 @@ class Server:
         ssl_context: ssl.SSLContext | None = None,
         engine: str | ModuleType | None = None,
         idle_timeout: float | None = None,
+        command_timeout: float | None = None,
+        tls_timeout: float | None = None,
+        unix_mode: int | None = None,
     ) -> None:
         dests = [listen] if isinstance(listen, str) else list(listen)
         if not dests:
@@ -154,7 +165,13 @@ class Server:
             raise ConfigurationError("max_connections must be >= 0", source="server limits")
         if idle_timeout is not None and not idle_timeout > 0:
             raise ConfigurationError("idle_timeout must be > 0 seconds", source="server limits")
+        for name, value in (("command_timeout", command_timeout), ("tls_timeout", tls_timeout)):
+            if value is not None and not value > 0:
+                raise ConfigurationError(f"{name} must be > 0 seconds", source="server limits")
         self.idle_timeout = idle_timeout
+        self.command_timeout = command_timeout
+        self.tls_timeout = tls_timeout
+        self.unix_mode = unix_mode
         self._sweeper: asyncio.Task[None] | None = None
         self.handler = handler
         self.config = config
@@ -193,6 +210,8 @@ class Server:
                         lambda: ServerProtocol(self), where, backlog=1024
                     )
                     self._unix_paths.append(where)
+                    if self.unix_mode is not None:
+                        os.chmod(where, self.unix_mode)
                     self.destinations.append(f"unix:{where}")
                 else:
                     server = await loop.create_server(
@@ -204,17 +223,22 @@ class Server:
         except BaseException:
             await self.stop()
             raise
-        if self.idle_timeout is not None:
-            self._sweeper = asyncio.ensure_future(self._sweep(self.idle_timeout))
+        limits = [t for t in (self.idle_timeout, self.command_timeout) if t is not None]
+        if limits:
+            self._sweeper = asyncio.ensure_future(self._sweep(min(limits)))
 
-    async def _sweep(self, timeout: float) -> None:
+    async def _sweep(self, shortest: float) -> None:
         # One timer for every connection: no per-read timer on the hot path.
         loop = asyncio.get_running_loop()
+        idle, deadline = self.idle_timeout, self.command_timeout
         while True:
-            await asyncio.sleep(max(0.02, timeout / 4))
+            await asyncio.sleep(max(0.02, shortest / 4))
             now = loop.time()
             for conn in list(self._connections):
-                conn.check_idle(now, timeout)
+                if idle is not None:
+                    conn.check_idle(now, idle)
+                if deadline is not None:
+                    conn.check_deadline(now, deadline)
 
     async def stop(self) -> None:
         """Stop listening, close every connection, remove unix sockets."""
@@ -281,6 +305,8 @@ class ServerProtocol(asyncio.Protocol):
 
     __slots__ = (
         "_blocked",
+        "_coalescing",
+        "_deadline_mark",
         "_loop",
         "_queue",
         "_read_paused",
@@ -307,8 +333,9 @@ class ServerProtocol(asyncio.Protocol):
         # While a Delay runs, later items wait in _queue; after STALL/CLOSE
         # _blocked stays set and _queue is None: nothing is written again.
         self._blocked = False
+        self._coalescing = False  # _blocked only until the end of this loop iteration
         self._queue: list[Item] | None = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._tls_task: asyncio.Future[None] | None = None
         self._waits: set[asyncio.Future[Any]] = set()
         self._read_paused = False
@@ -316,6 +343,9 @@ class ServerProtocol(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._seen = -1  # the idle timeout: bytes received at the last sweep, and since when
         self._since = 0.0
+        # The command deadline: (commands, bytes received, since when) at the
+        # client's last progress.
+        self._deadline_mark: tuple[int, int, float] | None = None
         # The compiled engine brings its own data_received (the common case
         # in C: feed, then one write); set before the transport caches it.
         self._reader: Any = None
@@ -433,6 +463,22 @@ class ServerProtocol(asyncio.Protocol):
         elif now - self._since >= timeout:
             self.close_with_421(b"421 4.4.2 %s Error: timeout exceeded\r\n")
 
+    def check_deadline(self, now: float, timeout: float) -> None:
+        """The command deadline: progress (a whole command, a record of content) or 421 4.4.2."""
+        session = self._session
+        if session is None:
+            return
+        mark = self._deadline_mark
+        commands, received = session.commands, session.received
+        if (mark is None or session.blocked or self._blocked or self._waits
+                or commands != mark[0]
+                or (received - mark[1] >= self._server.config.max_line_length
+                and session.in_content)):
+            # Our turn (an answer owed), or the client got on: its time starts again.
+            self._deadline_mark = (commands, received, now)
+        elif now - mark[2] >= timeout:
+            self.close_with_421(b"421 4.4.2 %s Error: timeout exceeded\r\n")
+
     def close_if_idle(self) -> None:
         """Shutting down: say 421 and close if no transaction is under way."""
         session = self._session
@@ -443,6 +489,9 @@ class ServerProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing() or self._session is None:
             return
+        if self._coalescing and self._timer is not None:
+            self._timer.cancel()
+            self._resume()  # replies already decided go out before the 421
         if not self._blocked:  # a stalled or delayed connection says nothing more
             transport.write(reply % self._server.config.hostname.encode("utf-8", "replace"))
         self._set_blocked(True)
@@ -500,7 +549,17 @@ class ServerProtocol(asyncio.Protocol):
         session = self._session
         if session is None:
             return
-        self._dispatch(session.resolve(pending, answer, exc))
+        items = session.resolve(pending, answer, exc)
+        if len(items) == 1 and type(items[0]) is bytes and not self._blocked:
+            # A reply that came later: written at the end of this loop iteration,
+            # with whatever else is answered by then (four back ends answering
+            # at once cost one write). A zero-length delay keeps the order.
+            self._blocked = True
+            self._coalescing = True
+            self._queue = [items[0]]
+            self._timer = self._loop.call_soon(self._resume)
+        else:
+            self._dispatch(items)
         self._update_reading()
 
     def _run(self, items: list[Item]) -> None:
@@ -541,6 +600,7 @@ class ServerProtocol(asyncio.Protocol):
 
     def _resume(self) -> None:
         self._timer = None
+        self._coalescing = False
         items = self._queue or []
         self._set_blocked(False)
         self._queue = []
@@ -557,8 +617,10 @@ class ServerProtocol(asyncio.Protocol):
             transport.abort()
             return
         try:
-            new = await self._loop.start_tls(transport, self, ctx, server_side=True)
-        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            new = await asyncio.wait_for(
+                self._loop.start_tls(transport, self, ctx, server_side=True),
+                self._server.tls_timeout)
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("TLS handshake failed: %s", exc)
             transport.abort()
             return

@@ -291,6 +291,7 @@ class ServerSession:
         "_too_big",
         "_utf8",
         "_w",
+        "commands",
         "context",
         "local",
         "peer",
@@ -312,6 +313,8 @@ class ServerSession:
         self.local: Any = None
         #: Bytes fed so far (the I/O layer's idle timeout watches it).
         self.received = 0
+        #: Command lines read so far (the I/O layer's command deadline watches it).
+        self.commands = 0
         self._out: list[Item] = []
         self._w: list[Any] = (
             self._out
@@ -382,6 +385,11 @@ class ServerSession:
     def in_transaction(self) -> bool:
         """True between an accepted MAIL and the end of its content (or a reset)."""
         return self._sender is not None
+
+    @property
+    def in_content(self) -> bool:
+        """True while message content is read (after DATA's 354, or inside a BDAT chunk)."""
+        return self._state == _DATA or (self._state == _BDAT and self._bdat_left > 0)
 
     @property
     def tls(self) -> bool:
@@ -714,6 +722,7 @@ class ServerSession:
     # --- commands ------------------------------------------------------------
 
     def _command(self, line: bytes) -> None:
+        self.commands += 1
         w = self._w
         if len(line) > self._cfg.max_line_length:
             if not self._junk_stop():
