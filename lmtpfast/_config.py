@@ -503,12 +503,12 @@ def _open(name: str, base: Path, cache: CacheSettings, source: str, kind: str) -
         raise ConfigurationError(exc.problem, source=source, field=kind) from None
 
 
-def load_config(path: str | os.PathLike[str]) -> AgentConfig:
-    """Read and validate a TOML config file (map paths are relative to its folder)."""
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A TOML file's data; :class:`ConfigurationError` with the file and line when it is bad."""
     source = os.fspath(path)
     try:
         with open(source, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as exc:
         raise ConfigurationError(f"cannot read config file: {exc.strerror or exc}",
                                  source=source) from None
@@ -525,4 +525,10 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
         if m:
             problem += f" (column {m.group(2)})"
         raise ConfigurationError(f"TOML syntax: {problem}", source=source, line=line) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read and validate a TOML config file (map paths are relative to its folder)."""
+    source = os.fspath(path)
+    data = read_toml(source)
     return config_from_dict(data, source=source, base_dir=Path(source).resolve().parent)

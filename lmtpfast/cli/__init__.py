@@ -21,7 +21,7 @@ __all__ = ["main"]
 
 # Subcommand modules, in the order --help lists them.
 _SUBCOMMANDS = ("send", "replay", "run", "enqueue", "queue", "check-config", "probe", "map", "bench",
-                "sink")
+                "sink", "proxy")
 
 
 class _Parser(argparse.ArgumentParser):

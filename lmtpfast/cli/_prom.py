@@ -12,7 +12,7 @@ every metric.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from lmtpfast import Metrics
@@ -156,10 +156,12 @@ class MetricsCollector:
         yield entries
 
 
-def serve(listen: str, metrics: Metrics, agent: Callable[[], Any]) -> tuple[Any, Any]:
+def serve(listen: str, metrics: Metrics, agent: Callable[[], Any],
+          extra: Sequence[Any] = ()) -> tuple[Any, Any]:
     """Start the endpoint on ``HOST:PORT`` (``[::1]:PORT`` for IPv6); returns (server, thread).
 
-    Port 0 picks a free port: ``server.server_port`` says which.
+    Port 0 picks a free port: ``server.server_port`` says which. ``extra``
+    collectors add a command's own families (the proxy's counters).
     """
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.process_collector import ProcessCollector
@@ -170,6 +172,8 @@ def serve(listen: str, metrics: Metrics, agent: Callable[[], Any]) -> tuple[Any,
         raise ValueError(f"--metrics-listen {listen!r}: give HOST:PORT, e.g. 127.0.0.1:9124")
     registry = CollectorRegistry()
     registry.register(MetricsCollector(metrics, agent))  # type: ignore[arg-type]
+    for collector in extra:
+        registry.register(collector)
     ProcessCollector(registry=registry)
     server, thread = start_http_server(int(port), addr=host, registry=registry)
     return server, thread

@@ -5,11 +5,14 @@ pure-Python reference otherwise; both behave alike); what a server does with
 the mail is a ``Handler``; ``Server`` runs the engine over asyncio for one
 handler. ``Sink`` is the server with the sink's handler (store, discard,
 inject faults as a ``FaultPlan``/``FaultRule``/``parse_fault`` says);
-``DotDecoder`` is the strict DATA decoder. See ``docs/sink.md``.
+``DotDecoder`` is the strict DATA decoder. See ``docs/sink.md``. ``Proxy``
+is the server with the proxy's handler (``ProxyHandler``): an LMTP front end
+that routes every recipient to its back end (``docs/proxy.md``).
 """
 
 from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
 from ._common import (
     ABORT,
     CLOSE,
@@ -35,9 +38,28 @@ from ._sink import ReceivedMessage, Sink, SinkHandler
 
 if TYPE_CHECKING:
     # Both engines have the same API; type checkers see the reference's.
+    from ._proxy import ProxyHandler, ProxyRecord, ProxyStats
+    from ._proxyconf import (
+        ClientTimeouts,
+        ProxySettings,
+        load_proxy_config,
+        proxy_config_from_dict,
+    )
+    from ._proxyserver import Proxy
     from ._session import ServerSession
 else:
     ServerSession = IMPLEMENTATIONS[IMPLEMENTATION].ServerSession
+    # The proxy needs the agent: imported on first use, so the sink stays light.
+    __getattr__ = lazy_exports(__name__, {
+        "Proxy": "_proxyserver",
+        "ProxyHandler": "_proxy",
+        "ProxyRecord": "_proxy",
+        "ProxyStats": "_proxy",
+        "ProxySettings": "_proxyconf",
+        "ClientTimeouts": "_proxyconf",
+        "load_proxy_config": "_proxyconf",
+        "proxy_config_from_dict": "_proxyconf",
+    })
 
 __all__ = [
     "ABORT",
@@ -50,6 +72,7 @@ __all__ = [
     "STALL",
     "START_TLS",
     "Answer",
+    "ClientTimeouts",
     "Decision",
     "Delay",
     "DotDecoder",
@@ -59,6 +82,11 @@ __all__ = [
     "Handler",
     "Item",
     "Pending",
+    "Proxy",
+    "ProxyHandler",
+    "ProxyRecord",
+    "ProxySettings",
+    "ProxyStats",
     "ReceivedMessage",
     "Server",
     "ServerProtocol",
@@ -67,5 +95,7 @@ __all__ = [
     "Sink",
     "SinkHandler",
     "SinkStats",
+    "load_proxy_config",
     "parse_fault",
+    "proxy_config_from_dict",
 ]

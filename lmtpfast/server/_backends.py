@@ -1,0 +1,123 @@
+"""The proxy's one door to the delivery agent: routing and delivery to the back ends.
+
+Every call the proxy makes into :class:`~lmtpfast.Agent` is here, so the
+proxy's handler (``_proxy.py``) knows nothing about how a delivery request is
+built or which agent is current (a reload swaps it). What it offers:
+
+* :meth:`Backends.route_now` — a recipient's routing from memory (file maps,
+  cached answers), or None when a map must be asked;
+* :meth:`Backends.route_many` — the routings of many recipients in one
+  batched round of lookups (a pipelined group of RCPTs);
+* :meth:`Backends.deliver` — one message to the recipients of one back end,
+  over the agent's pooled, pipelined connections; one result per recipient.
+
+The agent rewrites (virtual map), checks (recipient map) and routes
+(transport map) exactly as it does for ``lmtpfast replay``, so the proxy and
+replay agree on where every recipient goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import msgspec
+
+from .._agent import Agent, AgentStats
+from .._dsn import DSN
+from .._results import RecipientResult
+from .._routing import Routing
+
+__all__ = ["Backends"]
+
+log = logging.getLogger("lmtpfast.proxy")
+
+
+class Backends:
+    """The current agent, its routing and its delivery, behind one small interface."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self._retired: list[asyncio.Task[None]] = []
+
+    @property
+    def agent(self) -> Agent:
+        return self._agent
+
+    def route_now(self, recipient: str) -> Routing | None:
+        """The routing of ``recipient`` without I/O, or None when a network map must answer."""
+        try:
+            return self._agent.route(recipient)
+        except RuntimeError:
+            return None
+
+    async def route_many(self, recipients: Sequence[str]) -> list[Routing]:
+        """Route every recipient: one batched round of lookups per step, whatever the count."""
+        return await self._agent.route_many(recipients)
+
+    async def deliver(
+        self,
+        content: bytes | memoryview,
+        sender: str,
+        routings: Sequence[Routing],
+        *,
+        mail_params: Sequence[str] = (),
+        dsn: DSN | None = None,
+    ) -> list[RecipientResult]:
+        """Deliver ``content`` to recipients routed to one back end; one result each.
+
+        The routings are those decided at RCPT time (the proxy never routes a
+        recipient twice: a map that goes down between RCPT and the dot cannot
+        turn an accepted recipient into a failure). Recipients that are the
+        same address after rewriting are sent once and share the outcome; the
+        transport's ``recipient_limit`` splits the transaction. SIZE, BODY and
+        SMTPUTF8 are added per back end by the session, from what it offers.
+        """
+        # TODO(core): Delivery (issue 11.1): build it once per message and pass
+        # subsets, so the content is encoded once for every back end and the
+        # DSN parameters (``dsn``) reach the back ends that offer DSN; and a
+        # public Agent method for routings decided earlier, instead of its pools.
+        del dsn
+        agent = self._agent
+        first = routings[0]
+        assert first.destination is not None
+        pool = agent._pool(first.transport, first.destination)
+        limit = agent.config.transports[first.transport].recipient_limit
+        positions: dict[str, list[int]] = {}
+        for i, r in enumerate(routings):
+            positions.setdefault(r.address, []).append(i)
+        addresses = list(positions)
+        out: list[RecipientResult | None] = [None] * len(routings)
+        chunks = [addresses[i:i + limit] for i in range(0, len(addresses), limit)]
+        if len(chunks) == 1:
+            outcomes = [await pool.deliver(sender, chunks[0], content, mail_params=mail_params)]
+        else:
+            outcomes = await asyncio.gather(*(
+                pool.deliver(sender, chunk, content, mail_params=mail_params)
+                for chunk in chunks))
+        replace = msgspec.structs.replace
+        for chunk, results in zip(chunks, outcomes, strict=True):
+            for address, result in zip(chunk, results, strict=True):
+                for i in positions[address]:
+                    rcpt = routings[i].recipient
+                    out[i] = result if result.address == rcpt else replace(result, address=rcpt)
+        return out  # type: ignore[return-value]  # every position is filled
+
+    @property
+    def stats(self) -> AgentStats:
+        """The agent's counters (connections opened, reused, transactions ...)."""
+        return self._agent.stats
+
+    def replace(self, agent: Agent, *, close_timeout: float = 30.0) -> None:
+        """Switch to ``agent`` (a reload); the old one finishes what it has and closes."""
+        old, self._agent = self._agent, agent
+        task = asyncio.ensure_future(old.close(close_timeout))
+        self._retired.append(task)
+        task.add_done_callback(self._retired.remove)
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Close the agent (its deliveries in flight finish first, up to ``timeout``)."""
+        await self._agent.close(timeout)
+        if self._retired:
+            await asyncio.gather(*self._retired, return_exceptions=True)
