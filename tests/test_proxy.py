@@ -397,3 +397,21 @@ def test_loops_to_knows_wildcard_listeners() -> None:
     assert loops_to(Destination("inet", host="localhost", port=24), listen, names)
     assert not loops_to(Destination("inet", host="127.0.0.1", port=25), listen, names)
     assert not loops_to(Destination("inet", host="10.9.9.9", port=24), listen, names)
+
+
+def test_the_deployment_in_docs_proxy_md_loads(tmp_path: Path) -> None:
+    import re
+
+    from lmtpfast.server import load_proxy_config
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "proxy.md").read_text()
+    toml = re.search(r"`/etc/lmtpfast/proxy.toml`:\n\n```toml\n(.*?)```", doc, re.S)
+    cf = re.search(r"read\nunchanged \(`docs/maps.md`\):\n\n```\n(.*?)```", doc, re.S)
+    assert toml is not None and cf is not None
+    (tmp_path / "pgsql-mailbox.cf").write_text(cf.group(1))
+    (tmp_path / "pgsql-mailbox.cf").chmod(0o600)
+    path = tmp_path / "proxy.toml"
+    path.write_text(toml.group(1).replace("/etc/lmtpfast/", f"{tmp_path}/"))
+    settings, config = load_proxy_config(path)
+    assert settings.hopcount_limit == 50 and settings.timeouts.command == 300
+    assert config.recipient_maps and config.transport_maps

@@ -814,7 +814,7 @@ def test_late_answers_keep_rcpt_order_and_deadline_stops_slow_loris(
     async def main() -> None:
         sock = tmp_path / "s"
         async with Server(f"unix:{sock}", _LaterFinals(), SessionConfig(hostname="mx.test"),
-                          engine=impl, command_timeout=0.3, unix_mode=0o666) as server:
+                          engine=impl, command_timeout=0.3, unix_mode=0o666):
             assert os.stat(sock).st_mode & 0o777 == 0o666
             r, w = await asyncio.open_unix_connection(str(sock))
             w.write(b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nRCPT TO:<b@x>\r\n"
