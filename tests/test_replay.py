@@ -281,6 +281,7 @@ CRASH_RUNS = [("uvloop", int(_CRASH_SIZE or 20000)), ("asyncio", int(_CRASH_SIZE
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("loop, count", CRASH_RUNS)
 def test_kill_9_during_replay_into_dovecot_loses_nothing(dovecot: TempDovecot, tmp_path: Path,
                                                          loop: str, count: int) -> None:
@@ -304,27 +305,38 @@ def test_kill_9_during_replay_into_dovecot_loses_nothing(dovecot: TempDovecot, t
     concurrency = 16
     kills = 0
     runs = 0
-    deadline = time.monotonic() + 300
+    # Below the test's own timeout, so a slow machine fails here with a count,
+    # and the replay of a failed run never outlives it (it would deliver into
+    # the next run's Dovecot).
+    deadline = time.monotonic() + 540
     started = time.monotonic()
-    while True:
-        runs += 1
-        proc = subprocess.Popen(
-            _cli("replay", str(spool.path), "--server", dovecot.destination_unix, "--once", "-q",
-                 "--concurrency", str(concurrency), "--min-backoff", "0", "--loop", loop),
-            stdin=subprocess.DEVNULL)
-        if kills < 8:
-            time.sleep(rng.uniform(0.3, 3.0))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                kills += 1
-                continue
-        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        left = os.listdir(spool.path / "incoming") + os.listdir(spool.path / "deferred")
-        if rc == 0 and not left:
-            break
-        assert rc in (0, 75), f"replay exited {rc}"
-        assert time.monotonic() < deadline, f"spool not empty after {runs} runs: {len(left)} left"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        while True:
+            runs += 1
+            proc = subprocess.Popen(
+                _cli("replay", str(spool.path), "--server", dovecot.destination_unix, "--once",
+                     "-q", "--concurrency", str(concurrency), "--min-backoff", "0",
+                     "--loop", loop),
+                stdin=subprocess.DEVNULL)
+            if kills < 8:
+                time.sleep(rng.uniform(0.3, 3.0))
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    kills += 1
+                    continue
+            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            left = os.listdir(spool.path / "incoming") + os.listdir(spool.path / "deferred")
+            if rc == 0 and not left:
+                break
+            assert rc in (0, 75), f"replay exited {rc}"
+            assert time.monotonic() < deadline, (
+                f"spool not empty after {runs} runs: {len(left)} left")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
     elapsed = time.monotonic() - started
     assert kills >= 3, "the replay was too quick to be killed: raise LMTPFAST_CRASH_MESSAGES"
     got: Counter[tuple[str, str]] = Counter()

@@ -133,6 +133,7 @@ class NetNamespaces:
         self.tag = f"{os.getpid()}-{secrets.token_hex(3)}"
         self._hub = f"{_PREFIX}{self.tag}-hub"
         self._made: list[str] = []
+        self._children: list[subprocess.Popen[Any]] = []
         self._addresses = {n: str(net.network_address + i + 1) for i, n in enumerate(names)}
         atexit.register(self.close)
         try:
@@ -189,13 +190,23 @@ class NetNamespaces:
 
         The process is killed at :meth:`close` if still running.
         """
-        return subprocess.Popen(self.wrap(name, cmd), **kwargs)
+        proc: subprocess.Popen[Any] = subprocess.Popen(self.wrap(name, cmd), **kwargs)
+        # Killed by close() itself too: until `ip netns exec` has entered the
+        # namespace, `ip netns pids` cannot see it (a race under load).
+        self._children.append(proc)
+        return proc
 
     # -- clean-up ----------------------------------------------------------------
 
     def close(self) -> None:
         """Kill what runs inside, delete every namespace (and so veths and bridge); idempotent."""
         made, self._made = self._made, []
+        children, self._children = self._children, []
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(30)
         for ns in reversed(made):
             _delete(ns)
         with contextlib.suppress(Exception):
