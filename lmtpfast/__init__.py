@@ -27,14 +27,15 @@ _EXPORTS: dict[str, str] = {
     "Client": "_session",
     "connect": "_session",
     "deliver": "_session",
-    "Message": "_session",
+    "Message": "_delivery",
+    "Delivery": "_delivery",
     "Agent": "_agent",
     "AgentStats": "_agent",
     "Routing": "_routing",
     "SyncAgent": "_sync",
     "deliver_sync": "_sync",
     "Pool": "_pool",
-    "PoolClosed": "_pool",
+    "PoolClosed": "_errors",
     "PoolStats": "_pool",
     # settings and configuration
     "PoolSettings": "_settings",
@@ -76,6 +77,9 @@ _EXPORTS: dict[str, str] = {
     "CacheStats": "_maps",
     "read_private_file": "_passwords",
     # outcomes
+    "Failure": "_failures",
+    "FAILURES": "_failures",
+    "failure_results": "_failures",
     "RecipientResult": "_results",
     "Status": "_results",
     "DELIVERED": "_results",
@@ -103,6 +107,7 @@ __all__ = [
     "DEFAULT_TRANSPORT",
     "DELIVERED",
     "DSN",
+    "FAILURES",
     "PERMANENT",
     "SECURITY_LEVELS",
     "TRACE",
@@ -121,8 +126,10 @@ __all__ = [
     "ConnectTimeout",
     "ContentError",
     "Credentials",
+    "Delivery",
     "DeliveryFailed",
     "Destination",
+    "Failure",
     "LMTPError",
     "LocalProtocolError",
     "Map",
@@ -159,6 +166,7 @@ __all__ = [
     "connect",
     "deliver",
     "deliver_sync",
+    "failure_results",
     "load_config",
     "loop_factory",
     "open_map",
@@ -179,6 +187,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from ._agent import Agent, AgentStats
     from ._config import DEFAULT_TRANSPORT, AgentConfig, Transport, config_from_dict, load_config
+    from ._delivery import Delivery, Message
     from ._destination import Destination, parse_destination
     from ._dsn import DSN
     from ._errors import (
@@ -190,6 +199,7 @@ if TYPE_CHECKING:
         DeliveryFailed,
         LMTPError,
         LocalProtocolError,
+        PoolClosed,
         ProtocolError,
         ReadTimeout,
         RemoteProtocolError,
@@ -197,15 +207,16 @@ if TYPE_CHECKING:
         ServerDisconnected,
         TLSError,
     )
+    from ._failures import FAILURES, Failure, failure_results
     from ._loop import loop_factory
     from ._maps import CachedMap, CacheSettings, CacheStats, Map, MapError, MapWarning, open_map
     from ._metrics import TRACE, Metrics, Trace
     from ._passwords import PasswordMap, read_private_file
-    from ._pool import Pool, PoolClosed, PoolStats
+    from ._pool import Pool, PoolStats
     from ._results import DELIVERED, PERMANENT, TRANSIENT, RecipientResult, Status
     from ._routing import Route, Router, Routing, TransportMap, VirtualMap, parse_route
     from ._sasl import DEFAULT_MECHANISMS, AuthPolicy, Credentials, parse_mechanisms
-    from ._session import Client, Message, connect, deliver
+    from ._session import Client, connect, deliver
     from ._settings import PoolSettings, Timeouts
     from ._sync import SyncAgent, deliver_sync
     from ._tls import SECURITY_LEVELS, TLSInfo, TLSPolicy

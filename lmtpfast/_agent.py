@@ -28,10 +28,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from types import ModuleType
 from typing import Any, Literal
 
 import msgspec
@@ -43,22 +43,28 @@ from ._config import (
     config_from_dict,
     load_config,
 )
+from ._delivery import Delivery, Message
 from ._destination import Destination, parse_destination
-from ._errors import ConfigurationError, ContentError, LocalProtocolError
+from ._dsn import DSN
+from ._errors import ConfigurationError, LMTPError, LocalProtocolError
+from ._failures import failure_results
 from ._maps import Map, is_map_name
 from ._pool import Pool, PoolStats
-from ._results import RecipientResult, status_of
+from ._results import RecipientResult
 from ._routing import Route, Router, Routing, TransportMap, VirtualMap, as_maps, parse_route
-from ._session import Message, message_bytes
 from ._settings import PoolSettings
-from .proto._common import address_problem
+from .proto import Engine
 
 __all__ = ["Agent", "AgentStats", "Routing"]  # Routing lives in _routing
 
-_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
 _ROUTE_CACHE_SIZE = 65536
 _FOREVER = float("inf")
 _monotonic = time.monotonic
+
+# A transaction on a reused connection that fails before the server answered
+# anything is tried this many times in all (a fresh connection normally
+# takes it the second time: by then the loop has seen the other dead ones).
+_MAX_ATTEMPTS = 3
 
 
 def _route_ttl(router: Router, cache: Any) -> float:
@@ -87,14 +93,38 @@ class AgentStats(PoolStats):
     deliveries: int = 0
     recipients: int = 0
     pools: int = 0
+    #: Transactions tried again because a reused connection had died under them.
+    retries: int = 0
+    #: Follow-up transactions for recipients a server refused with "452 too many
+    #: recipients" (RFC 5321 4.5.3.1.10).
+    follow_ups: int = 0
 
 
 _POOL_COUNTERS = tuple(f.name for f in dataclasses.fields(PoolStats))
 
 
-def _refusal(recipient: str, code: int, enhanced: str, text: str, stage: str) -> RecipientResult:
-    return RecipientResult(address=recipient, status=status_of(code), code=code,
-                           enhanced=enhanced, text=text, stage=stage, local=True)
+class _Target:
+    """Where a route's transactions go: one pool, and how to treat that transport."""
+
+    __slots__ = ("dest", "limit", "pool", "skip_5xx_greeting")
+
+    def __init__(self, pool: Pool, limit: int, skip_5xx_greeting: bool) -> None:
+        self.pool = pool
+        self.dest = str(pool.destination)
+        self.limit = limit
+        self.skip_5xx_greeting = skip_5xx_greeting
+
+
+def _too_many_recipients(r: RecipientResult) -> bool:
+    """A "452 too many recipients" at RCPT (RFC 5321 4.5.3.1.10): send the rest again now."""
+    return (r.code == 452 and r.stage == "rcpt" and not r.local
+            and (r.enhanced == "4.5.3" or "too many recipients" in r.text.lower()))
+
+
+def _died_before_reply(results: list[RecipientResult]) -> bool:
+    """True when the connection failed before the server answered this transaction at all."""
+    return all(r.local and r.stage == "mail" and not r.possibly_delivered and r.transient
+               for r in results)
 
 
 def _as_map(value: Any, cls: type[Any], what: str) -> Any:
@@ -131,8 +161,15 @@ class Agent:
               default="lmtp:unix:/var/imap/socket/lmtp")
 
     ``transport_map`` and ``virtual_map`` take a map object, a ``{key: value}``
-    mapping or a map file path. The agent belongs to the event loop that
-    first uses it; :mod:`lmtpfast._sync` runs one from threads.
+    mapping or a map file path. ``engine`` picks the core every connection
+    runs on (``"c"``, ``"python"``; default: compiled when built). The agent
+    belongs to the event loop that first uses it; :mod:`lmtpfast._sync` runs
+    one from threads.
+
+    The agent is where failures become results: a connection that cannot be
+    had, a session that breaks before its transaction, a reused connection
+    found dead (the transaction is tried again on another: nothing reached the
+    server) all get their result from the failure table (``_failures``).
     """
 
     def __init__(
@@ -147,6 +184,7 @@ class Agent:
         recipient_map: Map | str | Sequence[Map | str] | None = None,
         no_route: Literal["defer", "bounce"] = "defer",
         config: AgentConfig | None = None,
+        engine: str | Engine | ModuleType | None = None,
     ) -> None:
         if config is None:
             route = parse_route(default, source="default") if isinstance(default, str) else default
@@ -171,6 +209,7 @@ class Agent:
             raise TypeError("give either config= or the individual settings, not both")
         config.check_routes_something()
         self.config = config
+        self.engine = engine
         self._transports: Mapping[str, Transport] = config.transports
         self._router = Router(
             transport_maps=(*((config.transport_map.as_map(),) if config.transport_map else ()),
@@ -184,34 +223,41 @@ class Agent:
             default_transport=DEFAULT_TRANSPORT,
             no_route=config.no_route,
         )
-        self._pools: dict[tuple[str, Destination], Pool] = {}
+        self._pools: dict[tuple[str, Destination], _Target] = {}
         # Routes from file maps never change; from network maps they are kept
         # as long as the shortest cache TTL (the maps' caches decide freshness).
         self._route_ttl = _route_ttl(self._router, config.map_cache)
-        self._route_cache: dict[str, tuple[Routing, Pool | None, int, float]] = {}
+        self._route_cache: dict[str, tuple[Routing, _Target | None, float]] = {}
         self._closed = False
         self._deliveries = 0
         self._recipients = 0
+        self._retries = 0
+        self._follow_ups = 0
 
     # -- constructors --------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: str | os.PathLike[str] | AgentConfig | Mapping[str, Any]) -> Agent:
+    def from_config(
+        cls, config: str | os.PathLike[str] | AgentConfig | Mapping[str, Any], *,
+        engine: str | Engine | ModuleType | None = None,
+    ) -> Agent:
         """An agent from a TOML file path, an :class:`AgentConfig`, or the file's data as a dict."""
         if isinstance(config, AgentConfig):
-            return cls(config=config)
+            return cls(config=config, engine=engine)
         if isinstance(config, Mapping):
-            return cls(config=config_from_dict(config))
-        return cls(config=load_config(config))
+            return cls(config=config_from_dict(config), engine=engine)
+        return cls(config=load_config(config), engine=engine)
 
     @classmethod
     def for_server(cls, destination: str | Destination, **settings: Any) -> Agent:
-        """An agent that sends every recipient to one server.
+        """An agent that sends every recipient to one server (one default route).
 
         ``settings`` are :class:`Transport` fields (``recipient_limit``,
-        ``lhlo_name``, ``timeouts``, ``pipelining``, ``ignore_keywords``) and
-        :class:`PoolSettings` fields (``max_connections``, ``pipeline_depth`` ...).
+        ``lhlo_name``, ``timeouts``, ``pipelining``, ``ignore_keywords``,
+        ``skip_5xx_greeting``...), :class:`PoolSettings` fields
+        (``max_connections``, ``pipeline_depth`` ...) and ``engine``.
         """
+        engine = settings.pop("engine", None)
         pool_names = set(PoolSettings.__struct_fields__)
         transport_names = {f.name for f in fields(Transport)} - {"destination"}
         pool_kw = {k: settings.pop(k) for k in list(settings) if k in pool_names}
@@ -223,7 +269,8 @@ class Agent:
                 raise TypeError("give pool=PoolSettings(...) or pool fields, not both")
             settings["pool"] = PoolSettings(**pool_kw)
         transport = Transport(destination=parse_destination(destination), **settings)
-        return cls(transports={DEFAULT_TRANSPORT: transport}, default=Route(DEFAULT_TRANSPORT))
+        return cls(transports={DEFAULT_TRANSPORT: transport}, default=Route(DEFAULT_TRANSPORT),
+                   engine=engine)
 
     # -- routing -------------------------------------------------------------------
 
@@ -243,15 +290,14 @@ class Agent:
         """Rewrite and route recipients, asking network maps (batched) as needed."""
         return await self._router.route_many(recipients)
 
-    def _entry(self, r: Routing) -> tuple[Routing, Pool | None, int, float]:
+    def _entry(self, r: Routing) -> tuple[Routing, _Target | None, float]:
         expires = _monotonic() + self._route_ttl if self._route_ttl < _FOREVER else _FOREVER
         if r.failure is None:
             assert r.destination is not None
-            return (r, self._pool(r.transport, r.destination),
-                    self._transports[r.transport].recipient_limit, expires)
-        return (r, None, 0, expires)
+            return (r, self._target(r.transport, r.destination), expires)
+        return (r, None, expires)
 
-    def _remember(self, recipient: str, hit: tuple[Routing, Pool | None, int, float]) -> None:
+    def _remember(self, recipient: str, hit: tuple[Routing, _Target | None, float]) -> None:
         r = hit[0]
         if self._route_ttl <= 0 or (r.failure is not None and r.failure.transient):
             return  # a lookup failure is never remembered
@@ -260,10 +306,10 @@ class Agent:
             cache.clear()
         cache[recipient] = hit
 
-    def _cached_route(self, recipient: str) -> tuple[Routing, Pool | None, int, float] | None:
-        """The routing of ``recipient``, its pool and recipient limit, or None (needs I/O)."""
-        hit = self._route_cache.get(recipient) if isinstance(recipient, str) else None
-        if hit is not None and (hit[3] == _FOREVER or hit[3] > _monotonic()):
+    def _cached_route(self, recipient: str) -> tuple[Routing, _Target | None, float] | None:
+        """The routing of ``recipient`` and its target, or None (a map must be asked)."""
+        hit = self._route_cache.get(recipient)
+        if hit is not None and (hit[2] == _FOREVER or hit[2] > _monotonic()):
             return hit
         r = self._router.route_cached(recipient)
         if r is None:
@@ -273,7 +319,7 @@ class Agent:
         return hit
 
     async def _routes(self, recipients: Sequence[str]
-                      ) -> list[tuple[Routing, Pool | None, int, float]]:
+                      ) -> list[tuple[Routing, _Target | None, float]]:
         """Every recipient's routing: from memory, else one batched round of lookups."""
         routed = [self._cached_route(rcpt) for rcpt in recipients]
         missing = [i for i, e in enumerate(routed) if e is None]
@@ -285,104 +331,201 @@ class Agent:
                 routed[i] = hit
         return routed  # type: ignore[return-value]
 
-    def _pool(self, name: str, dest: Destination) -> Pool:
-        pool = self._pools.get((name, dest))
-        if pool is None:
+    def _target(self, name: str, dest: Destination) -> _Target:
+        target = self._pools.get((name, dest))
+        if target is None:
             t = self._transports[name]
             pool = Pool(dest, t.pool, lhlo_name=t.lhlo_name or self.config.lhlo_name,
                         timeouts=t.timeouts, pipelining=t.pipelining,
                         ignore_keywords=t.ignore_keywords,
-                        tls=t.tls, auth=t.auth_for(dest))
+                        tls=t.tls, auth=t.auth_for(dest), engine=self.engine)
             # The TLS policy and SASL identity are functions of (transport,
             # destination), so this key separates identities (see Pool.key).
-            self._pools[(name, dest)] = pool
-        return pool
+            target = self._pools[(name, dest)] = _Target(pool, t.recipient_limit,
+                                                         t.skip_5xx_greeting)
+        return target
 
     # -- delivery --------------------------------------------------------------------
 
     async def deliver(
         self,
-        message: Message,
+        message: Message | Delivery,
         *,
-        sender: str,
-        recipients: Sequence[str],
+        sender: str | None = None,
+        recipients: Sequence[str] | None = None,
         mail_params: Sequence[str] = (),
+        dsn: DSN | None = None,
     ) -> list[RecipientResult]:
-        """Deliver ``message`` to ``recipients``; one result per recipient, in input order.
+        """Deliver a message to its recipients; one result per recipient, in input order.
+
+        ``deliver(delivery)`` takes a :class:`~lmtpfast.Delivery` (built once
+        by the caller, e.g. replay); ``deliver(message, sender=...,
+        recipients=..., mail_params=..., dsn=...)`` builds one. DSN reaches
+        every back end that advertises it.
 
         Raises :class:`LocalProtocolError` only for what no recipient could
         change: a bad sender address or a NUL byte in the message.
         """
         if self._closed:
             raise RuntimeError("the agent is closed")
-        if isinstance(recipients, str):
-            raise TypeError("recipients must be a sequence of addresses, not one string")
-        if not recipients:
-            raise LocalProtocolError("no recipients: a delivery needs at least one")
-        if address_problem(sender, allow_empty=True) is not None:
-            raise LocalProtocolError(f"bad sender address {sender!r}")
-        raw = message_bytes(message)
-        nul = raw.find(b"\0") if isinstance(raw, bytes) else -1
-        if nul >= 0:
-            raise ContentError(f"message contains a NUL byte at offset {nul}; it cannot be sent")
+        if type(message) is Delivery:
+            if sender is not None or recipients is not None or mail_params or dsn is not None:
+                raise TypeError("deliver(delivery) takes no other arguments")
+            d = message
+        else:
+            if recipients is None:
+                raise TypeError("deliver() needs sender= and recipients= (or a Delivery)")
+            d = Delivery.build(message, sender=sender,  # type: ignore[arg-type]
+                               recipients=recipients,
+                               mail_params=mail_params, dsn=dsn)
+        rcpts = d.recipients
+        n = len(rcpts)
         self._deliveries += 1
-        self._recipients += len(recipients)
-        replace = msgspec.structs.replace
-        n = len(recipients)
-        if n == 1:  # the common cases first, without the grouping machinery
-            rcpt = recipients[0]
-            hit = self._cached_route(rcpt) or (await self._routes(recipients))[0]
-            r, pool = hit[0], hit[1]
-            if pool is None:
+        self._recipients += n
+        refused = d.refused
+        if n == 1 and not refused:  # the common cases first, without the grouping machinery
+            rcpt = rcpts[0]
+            hit = self._cached_route(rcpt) or (await self._routes(rcpts))[0]
+            r, target = hit[0], hit[1]
+            if target is None:
                 assert r.failure is not None
                 return [r.failure]
-            (result,) = await pool.deliver(sender, [r.address], raw, mail_params=mail_params)
-            return [result if result.address == rcpt else replace(result, address=rcpt)]
-        routed = await self._routes(recipients)
-        pool = routed[0][1]
-        if pool is not None and n <= routed[0][2] and all(e[1] is pool for e in routed):
-            addresses = [e[0].address for e in routed]
+            sub = d if r.address == rcpt else d.subset((0,), (r.address,))
+            return await self._send(target, sub, rcpts)
+        if refused:  # recipients whose address cannot be sent are not routed
+            good = [i for i in range(n) if i not in refused]
+            got = await self._routes([rcpts[i] for i in good])
+            routed: list[tuple[Routing, _Target | None, float] | None] = [None] * n
+            for i, e in zip(good, got, strict=True):
+                routed[i] = e
+        else:
+            routed = await self._routes(rcpts)  # type: ignore[assignment]
+        first = routed[0]
+        if first is not None and first[1] is not None and n <= first[1].limit and all(
+                e is not None and e[1] is first[1] for e in routed):
+            addresses = [e[0].address for e in routed if e is not None]
             if len(set(addresses)) == n:  # one back end, no duplicates: one transaction
-                results = await pool.deliver(sender, addresses, raw, mail_params=mail_params)
-                return [res if res.address == rcpt else replace(res, address=rcpt)
-                        for res, rcpt in zip(results, recipients, strict=True)]
+                sub = d if addresses == list(rcpts) else d.subset(range(n), addresses)
+                return await self._send(first[1], sub, rcpts)
         out: list[RecipientResult | None] = [None] * n
-        # pool (one per transport and destination) -> final address -> input positions
-        groups: dict[Pool, tuple[int, dict[str, list[int]]]] = {}
-        for i, (r, rpool, limit, _) in enumerate(routed):
-            if rpool is None:
+        # target (one per transport and destination) -> final address -> input positions
+        groups: dict[_Target, dict[str, list[int]]] = {}
+        for i, entry in enumerate(routed):
+            if entry is None:
+                out[i] = refused[i]
+                continue
+            r, target = entry[0], entry[1]
+            if target is None:
                 out[i] = r.failure
                 continue
-            entry = groups.get(rpool)
-            if entry is None:
-                entry = groups[rpool] = (limit, {})
-            positions = entry[1].get(r.address)
+            by_address = groups.get(target)
+            if by_address is None:
+                by_address = groups[target] = {}
+            positions = by_address.get(r.address)
             if positions is None:
-                entry[1][r.address] = [i]
+                by_address[r.address] = [i]
             else:
                 positions.append(i)
 
-        batches: list[tuple[Pool, dict[str, list[int]], list[str]]] = []
-        for gpool, (limit, by_address) in groups.items():
+        batches: list[tuple[_Target, dict[str, list[int]], list[str]]] = []
+        for target, by_address in groups.items():
             addresses = list(by_address)
-            for start in range(0, len(addresses), limit):
-                batches.append((gpool, by_address, addresses[start : start + limit]))
+            for start in range(0, len(addresses), target.limit):
+                batches.append((target, by_address, addresses[start : start + target.limit]))
+
+        def part(by_address: dict[str, list[int]], chunk: list[str]) -> Delivery:
+            # The first input position of each address carries its parameters.
+            return d.subset([by_address[a][0] for a in chunk], chunk)
 
         if len(batches) == 1:
-            bpool, _, chunk = batches[0]
-            outcomes = [await bpool.deliver(sender, chunk, raw, mail_params=mail_params)]
+            target, by_address, chunk = batches[0]
+            outcomes = [await self._send(target, part(by_address, chunk))]
         elif batches:
             outcomes = await asyncio.gather(*(
-                bpool.deliver(sender, chunk, raw, mail_params=mail_params)
-                for bpool, _, chunk in batches))
+                self._send(target, part(by_address, chunk))
+                for target, by_address, chunk in batches))
         else:
             outcomes = []
+        replace = msgspec.structs.replace
         for (_, by_address, chunk), results in zip(batches, outcomes, strict=True):
             for address, result in zip(chunk, results, strict=True):
                 for i in by_address[address]:
-                    rcpt = recipients[i]
+                    rcpt = rcpts[i]
                     out[i] = result if rcpt == result.address else replace(result, address=rcpt)
         return out  # type: ignore[return-value]  # every slot is filled above
+
+    async def _send(
+        self, target: _Target, d: Delivery, addresses: Sequence[str] | None = None,
+    ) -> list[RecipientResult]:
+        """One transaction's results, with ``destination`` (and ``addresses``, when given) set.
+
+        Sends the recipients a server refused with "452 too many recipients"
+        again at once, in follow-up transactions, while each round gets some
+        recipient past that (so a server that says 452 to everything is not
+        hammered), as Postfix does.
+        """
+        results = await self._attempt(target, d)
+        latest, positions = results, list(range(len(results)))
+        while True:
+            again = [positions[j] for j, r in enumerate(latest) if _too_many_recipients(r)]
+            # No progress (everyone refused so) ends it: each round must shrink the set.
+            if not again or len(again) == len(latest):
+                break
+            self._follow_ups += 1
+            latest, positions = await self._attempt(target, d.subset(again)), again
+            for i, r in zip(again, latest, strict=True):
+                results[i] = r
+        dest = target.dest
+        replace = msgspec.structs.replace
+        if addresses is None:
+            return [r if r.destination == dest else replace(r, destination=dest)
+                    for r in results]
+        return [r if r.destination == dest and r.address == a else
+                replace(r, address=a, destination=dest)
+                for r, a in zip(results, addresses, strict=True)]
+
+    async def _attempt(self, target: _Target, d: Delivery) -> list[RecipientResult]:
+        """Send ``d`` on a pooled connection; failures before any reply become results.
+
+        A transaction that provably reached nobody (the connection broke before
+        it was sent, or a reused connection died before the server answered
+        anything) is tried again on another connection, up to ``_MAX_ATTEMPTS``.
+        """
+        pool = target.pool
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            conn = pool.acquire_nowait()
+            if conn is None:
+                try:
+                    conn = await pool.acquire()
+                except (LMTPError, OSError) as exc:
+                    if isinstance(exc, LocalProtocolError):
+                        raise
+                    return failure_results(exc, d.recipients, destination=target.dest,
+                                         skip_5xx_greeting=target.skip_5xx_greeting)
+            reused = conn.transactions > 0
+            ok = False
+            try:
+                results = await conn.send(d)
+                ok = True
+            except LocalProtocolError:
+                ok = conn.usable  # nothing was sent; the connection is intact
+                raise
+            except (LMTPError, OSError) as exc:
+                # The connection broke between being handed out and this send:
+                # nothing of the transaction went out.
+                if attempt < _MAX_ATTEMPTS:
+                    self._retries += 1
+                    continue
+                return failure_results(exc, d.recipients, destination=target.dest,
+                                     skip_5xx_greeting=target.skip_5xx_greeting)
+            finally:
+                pool.release(conn, reusable=ok)
+            if reused and attempt < _MAX_ATTEMPTS and _died_before_reply(results):
+                # The server had closed this cached connection: nothing reached it.
+                self._retries += 1
+                continue
+            return results
+        raise AssertionError("unreachable")
 
     # -- state, closing ----------------------------------------------------------------
 
@@ -390,16 +533,18 @@ class Agent:
     def stats(self) -> AgentStats:
         """Counters summed over every pool (peak: the largest of any one pool)."""
         total = AgentStats(deliveries=self._deliveries, recipients=self._recipients,
-                           pools=len(self._pools))
-        for pool in self._pools.values():
+                           pools=len(self._pools), retries=self._retries,
+                           follow_ups=self._follow_ups)
+        for target in self._pools.values():
+            stats = target.pool.stats
             for f in _POOL_COUNTERS:
-                mine, theirs = getattr(total, f), getattr(pool.stats, f)
+                mine, theirs = getattr(total, f), getattr(stats, f)
                 setattr(total, f, max(mine, theirs) if f.startswith("peak_") else mine + theirs)
         return total
 
     def pools(self) -> dict[tuple[str, Destination], Pool]:
         """The pools made so far, by (transport name, destination)."""
-        return dict(self._pools)
+        return {key: target.pool for key, target in self._pools.items()}
 
     def maps(self) -> tuple[Map, ...]:
         """Every lookup table routing uses (their ``stats``, when cached, feed the metrics)."""
@@ -414,7 +559,7 @@ class Agent:
         ``close_timeout``, or ``timeout``), QUIT every connection, close the maps."""
         self._closed = True
         if self._pools:
-            await asyncio.gather(*(p.close(timeout) for p in self._pools.values()))
+            await asyncio.gather(*(t.pool.close(timeout) for t in self._pools.values()))
         await self._router.aclose()
 
     async def __aenter__(self) -> Agent:
@@ -425,3 +570,4 @@ class Agent:
 
     def __repr__(self) -> str:
         return f"<lmtpfast.Agent transports={sorted(self._transports)} pools={len(self._pools)}>"
+

@@ -95,6 +95,10 @@ class Transport:
     sasl_mechanisms: tuple[str, ...] = DEFAULT_MECHANISMS
     #: PLAIN/LOGIN allowed? ``None``: not on unencrypted TCP (Postfix's noplaintext).
     sasl_allow_plaintext: bool | None = None
+    #: A 5xx greeting defers the recipients, as Postfix's ``lmtp_skip_5xx_greeting
+    #: = yes`` (a back end that greets with 554 is usually starting or stopping);
+    #: ``False`` takes it as permanent.
+    skip_5xx_greeting: bool = True
 
     def __post_init__(self) -> None:
         if self.destination is not None and not isinstance(self.destination, Destination):
@@ -253,6 +257,7 @@ class _TransportTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     lhlo_name: str | None = None
     pipelining: bool = True
     ignore_keywords: list[str] = []
+    skip_5xx_greeting: bool = True
     pool: PoolSettings = PoolSettings()
     timeouts: _TimeoutsTable = _TimeoutsTable()
     tls_security_level: str = "none"
@@ -382,6 +387,7 @@ def _transport_from_table(
         return Transport(
             destination=dest, recipient_limit=table.recipient_limit,
             lhlo_name=name, pipelining=table.pipelining,
+            skip_5xx_greeting=table.skip_5xx_greeting,
             ignore_keywords=tuple(table.ignore_keywords), pool=table.pool,
             timeouts=table.timeouts.to_timeouts(),
             tls=tls, sasl_password_maps=maps, sasl_mechanisms=mechanisms,

@@ -24,6 +24,7 @@ __all__ = [
     "DeliveryFailed",
     "LMTPError",
     "LocalProtocolError",
+    "PoolClosed",
     "ProtocolError",
     "ReadTimeout",
     "RemoteProtocolError",
@@ -118,6 +119,10 @@ class ReplyError(LMTPError):
     @property
     def permanent(self) -> bool:
         return self.code >= 500
+
+
+class PoolClosed(LMTPError):
+    """The pool (or the agent) was closed before a connection was free."""
 
 
 class DeliveryFailed(LMTPError):

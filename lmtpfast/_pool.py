@@ -1,32 +1,38 @@
-"""A connection pool for one LMTP destination (Postfix's connection cache, lmtp(8) section 9).
+"""A pool of connections to one LMTP destination (Postfix's connection cache, lmtp(8) section 9).
 
->>> pool = Pool("unix:/run/dovecot/lmtp", PoolSettings(max_connections=8))   # doctest: +SKIP
->>> results = await pool.deliver("a@example.org", ["b@example.org"], message)
->>> await pool.close()
+>>> async with Pool("unix:/run/dovecot/lmtp",              # doctest: +SKIP
+...                 PoolSettings(max_connections=8)) as pool:
+...     async with pool.acquire() as conn:
+...         results = await conn.send(delivery)
 
-One pool serves one destination with one set of settings, so a connection
-never switches back ends. It is owned by the event loop that first uses it and
-takes no locks: idle connections sit on a LIFO stack (the most recently used,
-warmest one is reused first, the coldest ones age out), callers that find
-every slot busy wait on futures served in order.
+A pool only pools (asyncpg's ``pool.py`` is the model): it opens connections
+(``_session.connect``), hands them out, takes them back, and closes the ones
+that are broken, too old, too used or idle too long. Retries and turning
+failures into per-recipient results are the agent's job (``_agent.py``).
 
-Pipelining across callers: ``Client.send`` may be called concurrently on one
-connection, and the transactions then travel back to back. The pool uses that
-only when it has to: an idle connection first; else a new connection while
-fewer than ``max_connections`` are open; only when the concurrency limit is
-reached does a busy connection take more transactions, up to
-``pipeline_depth`` in flight, before callers queue. Back ends like Dovecot
-deliver one message at a time per connection (one process each), so spreading
-first keeps them parallel; pipelining at the limit keeps every connection's
-pipe full instead of idling a round trip between transactions. ``docs/agent.md``
-has the measurements behind this choice.
+One pool serves one destination with one set of settings (TLS policy, SASL
+identity), so a connection never switches back ends or users. It belongs to
+the event loop that first uses it and takes no locks:
+
+* idle connections sit on a LIFO stack: the most recently used, warmest one
+  is reused first, the coldest ones age out (``idle_timeout``, checked by one
+  timer, :meth:`Pool.sweep`);
+* ``max_connections`` bounds the connections open or being opened; callers
+  that find every slot busy wait on futures served in order;
+* a connection once ``max_transactions`` were given to it, ``reuse_time_limit``
+  seconds after it opened, or opened before :meth:`Pool.expire_connections`
+  (a generation counter) is closed when it comes back instead of reused;
+* pipelining across callers: ``Client.send`` may be called concurrently on one
+  connection. The pool uses that only when it has to: an idle connection
+  first; else a new one while fewer than ``max_connections`` are open; only at
+  the limit does a busy connection take more callers, up to ``pipeline_depth``
+  in flight, before callers queue. Back ends like Dovecot deliver one message
+  at a time per connection, so spreading first keeps them parallel;
+  ``docs/agent.md`` has the measurements.
 
 A connection that saw any error, timeout, desync or cancellation is closed,
-never reused (:attr:`Client.usable` says). An idle connection the server closed
-is noticed when it is taken (or, if the close was still in flight, by the
-transaction failing before the server answered anything) and replaced; the
-caller's delivery is retried on another connection, which is safe because
-nothing of the message was sent.
+never reused (:attr:`Client.usable` says). Time comes from ``clock`` (the
+loop's clock by default), so tests can age connections without sleeping.
 """
 
 from __future__ import annotations
@@ -34,39 +40,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from types import ModuleType, TracebackType
 from typing import Any
 
-import msgspec
-
 from ._destination import Destination, parse_destination
-from ._errors import (
-    AuthenticationError,
-    ConnectError,
-    ConnectTimeout,
-    LMTPError,
-    LocalProtocolError,
-    ReplyError,
-    TLSError,
-)
-from ._results import RecipientResult, status_of
+from ._errors import LMTPError, PoolClosed
 from ._sasl import AuthPolicy, Credentials
-from ._session import Client, Message, connect, message_bytes
+from ._session import Client, connect
 from ._settings import PoolSettings, Timeouts
 from ._tls import TLSPolicy
+from .proto import Engine, get_engine
 
 __all__ = ["Pool", "PoolClosed", "PoolStats"]
 
-
-# A transaction on a reused connection that fails before the server answered
-# anything is retried this many times in all (a fresh connection normally
-# takes it the second time: by then the loop has seen the other dead ones).
-_MAX_ATTEMPTS = 3
-
 # Seconds a connection being retired may take to answer QUIT before it is cut.
 _QUIT_LIMIT = 5.0
-
 
 
 @dataclass
@@ -74,50 +64,73 @@ class PoolStats:
     """Counters for tests and benchmarks (never reset)."""
 
     connections_opened: int = 0
-    #: Transactions put on a connection that already existed (idle or pipelined).
+    #: Times a connection that already existed was handed out (idle or pipelined).
     connections_reused: int = 0
     connections_closed: int = 0
     connect_failures: int = 0
+    #: Transactions sent on this pool's connections.
     transactions: int = 0
-    #: Transactions retried because a reused connection had died under them.
-    retries: int = 0
     #: Most connections open (or being opened) at once.
     peak_connections: int = 0
     #: Idle connections found dead (closed by the server) when taken or probed.
     dead_idle: int = 0
-    #: Most transactions in flight on one connection at once.
+    #: Most callers holding one connection at once (transactions pipelined on it).
     peak_pipelined: int = 0
 
 
-class PoolClosed(LMTPError):
-    """The pool was closed before a connection was free."""
-
-
-class _Conn:
+class _Holder:
     """A pooled connection and its bookkeeping."""
 
-    __slots__ = ("client", "idle_since", "load", "opened_at", "pipelining", "retired", "uses")
+    __slots__ = ("client", "generation", "idle_since", "load", "opened_at", "pipelining",
+                 "retired", "sent", "uses")
 
-    def __init__(self, client: Client, now: float) -> None:
+    def __init__(self, client: Client, now: float, generation: int) -> None:
         self.client = client
         self.pipelining = client.pipelining
         self.opened_at = now
         self.idle_since = now
-        self.load = 0  # transactions in flight
-        self.uses = 0  # transactions given to it so far (sent or still queued)
-        self.retired = False  # take no new work; close when load drops to 0
+        self.generation = generation
+        self.load = 0  # callers holding it now
+        self.uses = 0  # times handed out (sent or still to send)
+        self.sent = 0  # client.transactions already counted in the stats
+        self.retired = False  # hand it out no more; close when load drops to 0
 
 
 # Handed to a waiter instead of a connection: "a slot is reserved for you, open one".
 _SLOT: Any = object()
 
 
-def _now() -> float:
-    return asyncio.get_running_loop().time()  # (a pool is only used on its loop)
+class _Acquire:
+    """What :meth:`Pool.acquire` returns: ``await`` it, or use it with ``async with``."""
+
+    __slots__ = ("_client", "_pool")
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._client: Client | None = None
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._pool._acquire().__await__()
+
+    async def __aenter__(self) -> Client:
+        self._client = await self._pool._acquire()
+        return self._client
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            # A connection whose borrower raised is not reused: it may be mid-command.
+            self._pool.release(client, reusable=et is None)
 
 
 class Pool:
-    """Connections to one destination, reused, capped at ``settings.max_connections``."""
+    """Connections to one destination, reused, at most ``settings.max_connections`` at once.
+
+    ``connect`` options (``lhlo_name``, ``timeouts``, ``pipelining``,
+    ``ignore_keywords``, ``tls``, ``auth``, ``engine``) apply to every
+    connection. ``clock`` (seconds, monotonic) defaults to the event loop's.
+    """
 
     def __init__(
         self,
@@ -131,6 +144,8 @@ class Pool:
         stats: PoolStats | None = None,
         tls: TLSPolicy | str | None = None,
         auth: Credentials | AuthPolicy | None = None,
+        engine: str | Engine | ModuleType | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.destination = parse_destination(destination)
         self.settings = settings or PoolSettings()
@@ -140,18 +155,22 @@ class Pool:
         # user never serves another.
         self.tls = TLSPolicy.parse(tls)
         self.auth = AuthPolicy.parse(auth)
+        self.engine = get_engine(engine)
         self._connect_kwargs: dict[str, Any] = {
             "lhlo_name": lhlo_name, "timeouts": timeouts, "pipelining": pipelining,
             "ignore_keywords": tuple(ignore_keywords), "tls": self.tls, "auth": self.auth,
+            "engine": self.engine,
         }
+        self._clock = clock
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._idle: list[_Conn] = []  # LIFO: the end is the most recently used
-        self._conns: set[_Conn] = set()  # every open connection, idle or busy
-        self._opening = 0  # slots taken by connections being opened (or reserved)
+        self._idle: list[_Holder] = []  # LIFO: the end is the most recently used
+        self._holders: dict[Client, _Holder] = {}  # every open connection, idle or busy
+        self._opening = 0  # slots taken by connections being opened, reserved or closing
         self._waiters: deque[asyncio.Future[Any]] = deque()
         self._closing_tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
-        self._deliveries = 0  # deliver() calls in progress
+        self._generation = 0
+        self._outstanding = 0  # acquisitions not yet released (or still waiting)
         self._drained: asyncio.Future[None] | None = None
         self._closed = False
         self._dest_text = str(self.destination)
@@ -159,7 +178,7 @@ class Pool:
         self._down_error: BaseException | None = None
 
     def __repr__(self) -> str:
-        return (f"<lmtpfast.Pool {self._dest_text} open={len(self._conns)} "
+        return (f"<lmtpfast.Pool {self._dest_text} open={len(self._holders)} "
                 f"idle={len(self._idle)} waiting={len(self._waiters)}>")
 
     @property
@@ -171,8 +190,8 @@ class Pool:
 
     @property
     def size(self) -> int:
-        """Connections open or being opened."""
-        return len(self._conns) + self._opening
+        """Connections open, being opened or being closed."""
+        return len(self._holders) + self._opening
 
     @property
     def idle_connections(self) -> int:
@@ -182,139 +201,94 @@ class Pool:
     def closed(self) -> bool:
         return self._closed
 
-    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+    def _now(self) -> float:
+        clock = self._clock
+        if clock is not None:
+            return clock()
+        loop = self._loop
+        return (loop or asyncio.get_running_loop()).time()
+
+    def _bind_loop(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
         elif self._loop is not loop:
             raise RuntimeError("a Pool belongs to the event loop that first used it")
-        return loop
-
-    # -- delivery ----------------------------------------------------------------
-
-    async def deliver(
-        self,
-        sender: str,
-        recipients: Sequence[str],
-        message: Message,
-        *,
-        mail_params: Sequence[str] = (),
-    ) -> list[RecipientResult]:
-        """Deliver one transaction on a pooled connection; one result per recipient.
-
-        Failures to connect, greet or say LHLO become results (transient, or
-        permanent for a 5xx greeting/LHLO), not exceptions, with ``destination``
-        filled. A :class:`LocalProtocolError` (bad sender or address, NUL in the
-        message) still raises: nothing was sent and retrying cannot help.
-        """
-        if self._loop is not asyncio.get_running_loop():
-            self._bind_loop()
-        if self._closed:
-            raise PoolClosed(f"pool for {self._dest_text} is closed")
-        raw = message if type(message) is bytes else message_bytes(message)
-        dest = self._dest_text
-        stats = self.stats
-        self._deliveries += 1
-        try:
-            for attempt in range(1, _MAX_ATTEMPTS + 1):
-                # Most deliveries find a connection without waiting: skip the coroutine.
-                got = self._acquire_nowait()
-                try:
-                    conn, reused = got if got is not None else await self._acquire()
-                except (LMTPError, OSError) as exc:
-                    if isinstance(exc, LocalProtocolError):
-                        raise
-                    return _failed(recipients, exc, dest)
-                if conn.load > stats.peak_pipelined:
-                    stats.peak_pipelined = conn.load
-                ok = False
-                try:
-                    results = await conn.client.send(sender, recipients, raw,
-                                                     mail_params=mail_params)
-                    ok = True
-                except LocalProtocolError:
-                    ok = conn.client.usable  # nothing was sent; the connection is intact
-                    raise
-                except (LMTPError, OSError) as exc:
-                    # The connection broke between being handed out and this
-                    # send: nothing of the transaction went out.
-                    if attempt < _MAX_ATTEMPTS:
-                        stats.retries += 1
-                        continue
-                    return _failed(recipients, exc, dest)
-                finally:
-                    self._release(conn, ok)
-                stats.transactions += 1
-                if reused and attempt < _MAX_ATTEMPTS and _died_before_reply(results):
-                    # The server had closed this cached connection: nothing reached it.
-                    stats.retries += 1
-                    continue
-                replace = msgspec.structs.replace
-                return [replace(r, destination=dest) for r in results]
-            raise AssertionError("unreachable")
-        finally:
-            self._deliveries -= 1
-            if self._deliveries == 0 and self._drained is not None and not self._drained.done():
-                self._drained.set_result(None)
-
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[Client]:
-        """Borrow a connection for commands of your own (``async with pool.connection() as c``).
-
-        Connect errors raise here. The connection goes back to the pool unless
-        it saw an error or the block raised.
-        """
-        self._bind_loop()
-        if self._closed:
-            raise PoolClosed(f"pool for {self._dest_text} is closed")
-        self._deliveries += 1
-        try:
-            conn, _ = await self._acquire()
-            ok = False
-            try:
-                yield conn.client
-                ok = True
-            finally:
-                self._release(conn, ok)
-        finally:
-            self._deliveries -= 1
-            if self._deliveries == 0 and self._drained is not None and not self._drained.done():
-                self._drained.set_result(None)
 
     # -- acquire / release -------------------------------------------------------
 
-    def _acquire_nowait(self) -> tuple[_Conn, bool] | None:
-        """What :meth:`_acquire` gives when that needs no waiting, else ``None``."""
-        if self.settings.probe != "none" or self._waiters:
-            return None  # a probe needs I/O; queued callers go first
-        conn = self._take_idle()
-        if conn is None:
-            if self.size < self.settings.max_connections:
-                return None  # a new connection is opened (by _acquire)
-            conn = self._share()
-            if conn is None:
-                return None
-        self.stats.connections_reused += 1
-        return conn, True
+    def acquire(self) -> _Acquire:
+        """A connection: ``conn = await pool.acquire()`` ... ``pool.release(conn)``,
+        or ``async with pool.acquire() as conn``.
 
-    async def _acquire(self) -> tuple[_Conn, bool]:
-        """A connection with one more transaction counted on it, and whether it existed."""
+        An idle connection, a new one, or (at ``max_connections``) a busy one
+        with room in its pipeline; else wait for one. Connect failures raise
+        (:class:`ConnectError`, :class:`ReplyError`, :class:`TLSError`...);
+        :class:`PoolClosed` once the pool is closed.
+        """
+        return _Acquire(self)
+
+    #: ``async with pool.connection() as conn``: the same as :meth:`acquire`.
+    connection = acquire
+
+    def acquire_nowait(self) -> Client | None:
+        """A connection if one can be had without waiting or I/O, else ``None``.
+
+        The agent's fast path: most deliveries find an idle or shareable
+        connection, and this skips a coroutine. Release it as any other.
+        """
+        if self._loop is not asyncio.get_running_loop():
+            self._bind_loop()
+        if self._closed or self.settings.probe != "none" or self._waiters:
+            return None  # a probe needs I/O; queued callers go first
+        holder = self._take_idle()
+        if holder is None:
+            if self.size < self.settings.max_connections:
+                return None  # a new connection is opened (by acquire)
+            holder = self._share()
+            if holder is None:
+                return None
+        return self._hand_out(holder)
+
+    async def _acquire(self) -> Client:
+        self._bind_loop()
+        if self._closed:
+            raise PoolClosed(f"pool for {self._dest_text} is closed")
+        self._outstanding += 1  # close() waits for callers still waiting, too
+        try:
+            holder = await self._get()
+        except BaseException:
+            self._outstanding -= 1
+            self._check_drained()
+            raise
+        self._outstanding -= 1  # _hand_out counts it again, with no await between
+        return self._hand_out(holder)
+
+    def _hand_out(self, holder: _Holder) -> Client:
+        self._outstanding += 1
+        stats = self.stats
+        if holder.uses > 1:
+            stats.connections_reused += 1
+        if holder.load > stats.peak_pipelined:
+            stats.peak_pipelined = holder.load
+        return holder.client
+
+    async def _get(self) -> _Holder:
+        """A holder with one more caller counted on it."""
         settings = self.settings
         while True:
-            conn = self._take_idle()
-            if conn is not None:
-                if settings.probe != "none" and not await self._probe(conn):
+            holder = self._take_idle()
+            if holder is not None:
+                if settings.probe != "none" and not await self._probe(holder):
                     continue
-                self.stats.connections_reused += 1
-                return conn, True
+                return holder
             if self.size < settings.max_connections:
                 self._check_down()
                 self._opening += 1
-                return await self._open(), False
-            conn = self._share()
-            if conn is not None:
-                self.stats.connections_reused += 1
-                return conn, True
+                return await self._open()
+            holder = self._share()
+            if holder is not None:
+                return holder
             got = await self._wait()
             if got is _SLOT:
                 try:
@@ -323,38 +297,94 @@ class Pool:
                     self._opening -= 1
                     self._slot_freed()
                     raise
-                return await self._open(), False
-            self.stats.connections_reused += 1
-            return got, True
+                return await self._open()
+            if isinstance(got, _Holder):
+                return got
 
-    def _take_idle(self) -> _Conn | None:
+    def release(self, client: Client, *, reusable: bool = True) -> None:
+        """Give a connection back. ``reusable=False`` closes it (it saw something odd).
+
+        A connection that is broken, retired, too old or too used is closed
+        instead of kept; its capacity goes to the first waiter otherwise.
+        """
+        holder = self._holders.get(client)
+        if holder is None or holder.load <= 0:
+            raise ValueError(f"{client!r} was not acquired from {self!r}")
+        self._outstanding -= 1
+        holder.load -= 1
+        sent = client.transactions - holder.sent
+        if sent:
+            self.stats.transactions += sent
+            holder.sent = client.transactions
+        self._put_back(holder, reusable=reusable)
+        self._check_drained()
+
+    def _put_back(self, holder: _Holder, *, reusable: bool) -> None:
+        if not reusable or holder.retired or not holder.client.usable or self._expired(holder):
+            holder.retired = True
+            if holder.load == 0:
+                self._discard(holder)
+        else:
+            self._give(holder)
+
+    def _give(self, holder: _Holder) -> None:
+        # The freed capacity goes straight to the first waiter (FIFO, no stealing).
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                holder.load += 1
+                holder.uses += 1
+                fut.set_result(holder)
+                return
+        if holder.load == 0:
+            if self._closed:
+                self._discard(holder)
+                return
+            holder.idle_since = self._now()
+            self._idle.append(holder)
+            self._arm_sweeper()
+
+    def expire_connections(self) -> None:
+        """Retire every connection open now: idle ones close at once, busy ones when released.
+
+        New connections are opened as needed (asyncpg's generation counter:
+        after a configuration or server change, nothing older is reused).
+        """
+        self._generation += 1
+        for holder in list(self._idle):
+            self._discard(holder)
+        for holder in self._holders.values():
+            holder.retired = True
+
+    def _take_idle(self) -> _Holder | None:
         idle = self._idle
         while idle:
-            conn = idle.pop()
-            if not _alive(conn.client):
+            holder = idle.pop()
+            if not holder.client.alive():
                 self.stats.dead_idle += 1
-                self._discard(conn)
+                self._discard(holder)
                 continue
-            if self._expired(conn):
-                self._discard(conn)
+            if self._expired(holder):
+                self._discard(holder)
                 continue
-            conn.load = 1
-            conn.uses += 1
-            return conn
+            holder.load = 1
+            holder.uses += 1
+            return holder
         return None
 
-    def _share(self) -> _Conn | None:
-        """The least loaded busy connection that may take one more transaction."""
+    def _share(self) -> _Holder | None:
+        """The least loaded busy connection that may take one more caller."""
         depth = self.settings.pipeline_depth
         if depth <= 1:
             return None
         while True:
-            best: _Conn | None = None
+            best: _Holder | None = None
             low = depth
-            for conn in self._conns:
-                load = conn.load
-                if 0 < load < low and conn.pipelining and not conn.retired:
-                    best, low = conn, load
+            for holder in self._holders.values():
+                load = holder.load
+                if 0 < load < low and holder.pipelining and not holder.retired:
+                    best, low = holder, load
                     if load == 1:
                         break
             if best is None:
@@ -366,7 +396,8 @@ class Pool:
             best.retired = True  # it takes no more; look again
 
     async def _wait(self) -> Any:
-        fut: asyncio.Future[Any] = self._bind_loop().create_future()
+        assert self._loop is not None
+        fut: asyncio.Future[Any] = self._loop.create_future()
         self._waiters.append(fut)
         try:
             return await fut
@@ -376,9 +407,10 @@ class Pool:
                 if got is _SLOT:
                     self._opening -= 1
                     self._slot_freed()
-                else:
+                elif isinstance(got, _Holder):
                     got.uses -= 1  # handed over but never used
-                    self._release(got, True)
+                    got.load -= 1
+                    self._put_back(got, reusable=True)
             else:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
@@ -387,11 +419,11 @@ class Pool:
     def _check_down(self) -> None:
         """Raise the last connect failure while the destination is backed off."""
         if self._down_error is not None:
-            if _now() < self._down_until:
+            if self._now() < self._down_until:
                 raise self._down_error
             self._down_error = None
 
-    async def _open(self) -> _Conn:
+    async def _open(self) -> _Holder:
         """Open a connection in the slot already counted in ``_opening``."""
         self.stats.peak_connections = max(self.stats.peak_connections, self.size)
         try:
@@ -402,99 +434,79 @@ class Pool:
                 self.stats.connect_failures += 1
                 if self.settings.connect_backoff > 0:
                     self._down_error = exc
-                    self._down_until = _now() + self.settings.connect_backoff
+                    self._down_until = self._now() + self.settings.connect_backoff
             self._slot_freed()
             raise
         self._opening -= 1
         self._down_error = None
-        conn = _Conn(client, _now())
-        conn.load = 1
-        conn.uses = 1
-        self._conns.add(conn)
+        holder = _Holder(client, self._now(), self._generation)
+        holder.load = 1
+        holder.uses = 1
+        self._holders[client] = holder
         self.stats.connections_opened += 1
+        if self._closed:
+            holder.retired = True
         # Callers that queued while connections were being opened (they are
         # not shareable before LHLO) may pipeline on this one right away;
         # else they would only trickle in, one per finished transaction.
         depth = self.settings.pipeline_depth
-        if conn.pipelining and depth > 1:
+        if holder.pipelining and depth > 1:
             waiters = self._waiters
-            while waiters and conn.load < depth and not self._expired(conn):
+            while waiters and holder.load < depth and not self._expired(holder):
                 fut = waiters.popleft()
                 if not fut.done():
-                    conn.load += 1
-                    conn.uses += 1
-                    fut.set_result(conn)
-        return conn
+                    holder.load += 1
+                    holder.uses += 1
+                    fut.set_result(holder)
+        return holder
 
-    async def _probe(self, conn: _Conn) -> bool:
+    async def _probe(self, holder: _Holder) -> bool:
         try:
             if self.settings.probe == "rset":
-                await conn.client.rset()
+                await holder.client.rset()
             else:
-                await conn.client.noop()
+                await holder.client.noop()
             return True
         except BaseException as exc:
             self.stats.dead_idle += 1
-            conn.load = 0
-            conn.client.abort()
-            self._discard(conn)
+            holder.load = 0
+            holder.client.abort()
+            self._discard(holder)
             if not isinstance(exc, Exception):
                 raise
             return False
 
-    def _expired(self, conn: _Conn) -> bool:
+    def _expired(self, holder: _Holder) -> bool:
         settings = self.settings
-        if settings.max_transactions and conn.uses >= settings.max_transactions:
+        if holder.generation != self._generation:
             return True
-        return _now() - conn.opened_at >= settings.reuse_time_limit
+        if settings.max_transactions and holder.uses >= settings.max_transactions:
+            return True
+        return self._now() - holder.opened_at >= settings.reuse_time_limit
 
-    def _release(self, conn: _Conn, ok: bool) -> None:
-        conn.load -= 1
-        if not ok or not conn.client.usable or conn.retired or self._expired(conn):
-            conn.retired = True
-            if conn.load == 0:
-                self._discard(conn)
-            return
-        # Hand the freed capacity straight to the first waiter (FIFO, no stealing).
-        waiters = self._waiters
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                conn.load += 1
-                conn.uses += 1
-                fut.set_result(conn)
-                return
-        if conn.load == 0:
-            if self._closed:
-                self._discard(conn)
-                return
-            conn.idle_since = _now()
-            self._idle.append(conn)
-            self._arm_sweeper()
-
-    def _discard(self, conn: _Conn) -> None:
+    def _discard(self, holder: _Holder) -> None:
         """Close a connection in the background; its slot frees once it is closed."""
-        if conn not in self._conns:
+        if self._holders.pop(holder.client, None) is None:
             return
-        self._conns.discard(conn)
-        if conn in self._idle:
-            self._idle.remove(conn)
+        if holder in self._idle:
+            self._idle.remove(holder)
         # The slot stays counted until the socket is closed, so the server
         # never sees more than max_connections at once.
         self._opening += 1
         self.stats.connections_closed += 1
-        task = asyncio.get_running_loop().create_task(self._close_conn(conn))
+        assert self._loop is not None
+        task = self._loop.create_task(self._close_conn(holder))
         self._closing_tasks.add(task)
         task.add_done_callback(self._closing_tasks.discard)
 
-    async def _close_conn(self, conn: _Conn) -> None:
+    async def _close_conn(self, holder: _Holder) -> None:
         try:
             # QUIT politely when the connection is sound (quit() only closes
             # otherwise); a server slow to answer QUIT must not hold the slot.
             async with asyncio.timeout(_QUIT_LIMIT):
-                await conn.client.quit()
+                await holder.client.quit()
         except BaseException:
-            conn.client.abort()
+            holder.client.abort()
         finally:
             self._opening -= 1
             self._slot_freed()
@@ -514,26 +526,44 @@ class Pool:
     # -- idle expiry -------------------------------------------------------------
 
     def _arm_sweeper(self) -> None:
-        if self._sweeper is None and self._idle:
+        if self._sweeper is None and self._idle and self._loop is not None:
             oldest = self._idle[0]  # LIFO: the bottom has waited longest
-            self._sweeper = asyncio.get_running_loop().call_at(
-                oldest.idle_since + self.settings.idle_timeout, self._sweep)
+            delay = oldest.idle_since + self.settings.idle_timeout - self._now()
+            self._sweeper = self._loop.call_later(max(delay, 0.0), self._on_sweep)
 
-    def _sweep(self) -> None:
+    def _on_sweep(self) -> None:
         self._sweeper = None
-        cutoff = _now() - self.settings.idle_timeout
+        self.sweep()
+
+    def sweep(self) -> int:
+        """Close the connections idle for ``idle_timeout`` or more; how many were closed.
+
+        The pool's idle timer calls this; a test with an injected clock may too.
+        """
+        cutoff = self._now() - self.settings.idle_timeout
+        closed = 0
         while self._idle and self._idle[0].idle_since <= cutoff:
             self._discard(self._idle[0])
+            closed += 1
+        if self._sweeper is not None and not self._idle:
+            self._sweeper.cancel()
+            self._sweeper = None
         self._arm_sweeper()
+        return closed
 
     # -- closing -----------------------------------------------------------------
 
-    async def close(self, timeout: float | None = None) -> None:
-        """Stop taking deliveries, wait for those in flight, QUIT every connection.
+    def _check_drained(self) -> None:
+        if (self._outstanding == 0 and self._drained is not None
+                and not self._drained.done()):
+            self._drained.set_result(None)
 
-        Deliveries still running after ``timeout`` (default
-        ``settings.close_timeout``) seconds are cut off: their connections are
-        aborted, so their recipients get transient results.
+    async def close(self, timeout: float | None = None) -> None:
+        """Hand out nothing more, wait for the connections in use, QUIT every connection.
+
+        Connections still in use after ``timeout`` (default
+        ``settings.close_timeout``) seconds are aborted, so their transactions
+        get transient results; callers still waiting get :class:`PoolClosed`.
         """
         if self._loop is None:
             self._closed = True
@@ -541,83 +571,37 @@ class Pool:
         self._bind_loop()
         self._closed = True
         limit = self.settings.close_timeout if timeout is None else timeout
-        if self._deliveries:
-            self._drained = asyncio.get_running_loop().create_future()
+        if self._outstanding > 0:
+            self._drained = self._loop.create_future()
             try:
                 await asyncio.wait_for(asyncio.shield(self._drained), limit)
             except TimeoutError:
-                for conn in list(self._conns):
-                    conn.client.abort()
-                for fut in self._waiters:
-                    if not fut.done():
-                        fut.set_exception(PoolClosed(
-                            f"pool for {self._dest_text} closed before a connection was free"))
-                self._waiters.clear()
+                self.terminate()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self._drained), 5.0)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for conn in list(self._conns):
-            if conn.load == 0:
-                self._discard(conn)
-            else:
-                conn.client.abort()
-                self._discard(conn)
+        for holder in list(self._holders.values()):
+            if holder.load:
+                holder.client.abort()
+            self._discard(holder)
         if self._closing_tasks:
             await asyncio.gather(*self._closing_tasks, return_exceptions=True)
+
+    def terminate(self) -> None:
+        """Abort every connection at once and fail every waiter with :class:`PoolClosed`."""
+        self._closed = True
+        for holder in list(self._holders.values()):
+            holder.client.abort()
+        waiters, self._waiters = self._waiters, deque()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(PoolClosed(
+                    f"pool for {self._dest_text} closed before a connection was free"))
 
     async def __aenter__(self) -> Pool:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-def _alive(client: Client) -> bool:
-    """``Client.alive()`` (a poll for an unread EOF) where the client has it, else ``usable``."""
-    alive = getattr(client, "alive", None)
-    return bool(alive()) if alive is not None else client.usable
-
-
-def _died_before_reply(results: list[RecipientResult]) -> bool:
-    """True when the connection failed before the server answered this transaction at all."""
-    return all(r.local and r.stage == "mail" and not r.possibly_delivered and r.transient
-               for r in results)
-
-
-def _failed(recipients: Sequence[str], exc: BaseException, dest: str) -> list[RecipientResult]:
-    """Results for recipients that never reached a server (connect, greeting, LHLO failed)."""
-    if isinstance(exc, ReplyError) and exc.stage == "auth":
-        # A refused AUTH defers, as Postfix does (smtp_sasl_auth_soft_bounce):
-        # credentials or the server's user database get fixed, then mail flows.
-        reply = " ".join(str(p) for p in (exc.code, exc.enhanced, exc.text) if p)
-        text = f"SASL authentication to {dest} failed; server said: {reply}"
-        enhanced: str | None = "4.7.0"
-        code, stage, local = 454, "auth", True
-        if exc.transient:
-            code, enhanced, local = exc.code, exc.enhanced, False
-    elif isinstance(exc, AuthenticationError):
-        code, enhanced, stage, local = 454, "4.7.0", "auth", True
-        text = f"SASL authentication to {dest} failed: {exc}"
-    elif isinstance(exc, TLSError):
-        code, enhanced, stage, text, local = 454, "4.7.5", "starttls", str(exc), True
-    elif isinstance(exc, ReplyError):
-        code, enhanced, stage = exc.code, exc.enhanced, exc.stage or "connect"
-        text = f"{dest} refused the session: {exc.code} {exc.text}".rstrip()
-        local = False
-    elif isinstance(exc, ConnectTimeout | ConnectError):
-        code, enhanced, stage, text, local = 451, "4.4.1", "connect", str(exc), True
-    elif isinstance(exc, PoolClosed):
-        code, enhanced, stage, text, local = 451, "4.3.2", "connect", str(exc), True
-    else:  # a timeout or a broken session during greeting/LHLO
-        code, enhanced, local = 451, "4.4.2", True
-        stage = getattr(exc, "stage", "") or "connect"
-        text = f"session with {dest} failed: {exc}"
-    if enhanced is None:
-        enhanced = "5.0.0" if code >= 500 else "4.0.0"
-    return [
-        RecipientResult(address=r, status=status_of(code), code=code, enhanced=enhanced,
-                        text=text, stage=stage, destination=dest, local=local)
-        for r in recipients
-    ]

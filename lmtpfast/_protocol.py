@@ -14,6 +14,7 @@ import ssl
 from collections import deque
 from typing import cast
 
+from ._delivery import STREAM_CHUNK
 from ._errors import (
     LMTPError,
     ReadTimeout,
@@ -37,12 +38,6 @@ from .proto.content import ContentEncoder
 
 __all__ = ["LMTPProtocol", "StreamedContent"]
 
-# Messages up to this size are encoded whole before sending and written with
-# the final dot (and the next transaction's commands) in one write. Larger
-# ones are encoded and written piece by piece under flow control, so a 50 MiB
-# message is never copied whole.
-STREAM_CHUNK = 256 * 1024
-
 
 
 class StreamedContent:
@@ -50,13 +45,16 @@ class StreamedContent:
 
     With ``chunking`` each encoded piece goes out as a BDAT chunk (RFC 3030,
     no dot-stuffing); otherwise as DATA content ending in the final dot.
+    ``encoder`` is the engine's ``ContentEncoder`` class.
     """
 
-    __slots__ = ("chunking", "raw")
+    __slots__ = ("chunking", "encoder", "raw")
 
-    def __init__(self, raw: memoryview, chunking: bool = False) -> None:
+    def __init__(self, raw: memoryview, chunking: bool = False,
+                 encoder: type[ContentEncoder] = ContentEncoder) -> None:
         self.raw = raw
         self.chunking = chunking
+        self.encoder = encoder
 
 
 class LMTPProtocol(asyncio.Protocol):
@@ -401,7 +399,7 @@ class LMTPProtocol(asyncio.Protocol):
         loop = self._loop
         # Without PIPELINING each BDAT chunk waits for its reply (RFC 2920).
         one_by_one = bdat and not engine.pipelining
-        encoder = ContentEncoder(dot_stuff=not bdat)
+        encoder = content.encoder(dot_stuff=not bdat)
         raw = content.raw
         try:
             for start in range(0, len(raw), STREAM_CHUNK):

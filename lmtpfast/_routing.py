@@ -37,6 +37,17 @@ from typing import Any, Self
 
 from ._destination import DEFAULT_PORT, Destination, parse_destination
 from ._errors import ConfigurationError
+from ._failures import (
+    ALIAS_LOOP,
+    BAD_RECIPIENT,
+    ERROR_TRANSPORT,
+    MAP_FAILURE,
+    NO_DESTINATION,
+    NO_ROUTE,
+    NO_ROUTE_BOUNCE,
+    RETRY_TRANSPORT,
+    UNKNOWN_RECIPIENT,
+)
 from ._maps import (
     NOT_CACHED,
     Map,
@@ -423,9 +434,17 @@ class Routing:
     failure: RecipientResult | None = None
 
 
-def _refusal(recipient: str, code: int, enhanced: str, text: str, stage: str) -> RecipientResult:
-    return RecipientResult(address=recipient, status=status_of(code), code=code,
-                           enhanced=enhanced, text=text, stage=stage, local=True)
+def _operator_result(recipient: str, name: str, key: str, nexthop: str) -> RecipientResult:
+    """The result of an ``error:``/``retry:`` route: the operator's text and enhanced code."""
+    entry = ERROR_TRANSPORT if name == "error" else RETRY_TRANSPORT
+    mt = _ENHANCED.match(nexthop)
+    enhanced = mt.group(1) if mt else entry.enhanced
+    text = (nexthop[mt.end():] if mt else nexthop) or f"{name} transport ({key})"
+    code = entry.code
+    if mt and enhanced[0] != str(code)[0]:
+        code = 550 if enhanced[0] == "5" else 450
+    return RecipientResult(recipient, status_of(code), code, enhanced, text, entry.stage,
+                           None, True)
 
 
 class _NeedIO(Exception):
@@ -588,13 +607,12 @@ class Router:
         if not isinstance(recipient, str):
             raise TypeError(f"recipient must be str, not {type(recipient).__name__}")
         if not recipient or address_problem(recipient) is not None:
-            return Routing(recipient, recipient, failure=_refusal(
-                recipient, 501, "5.1.3", f"bad recipient address syntax: {recipient!r}", "local"))
+            return Routing(recipient, recipient, failure=BAD_RECIPIENT.result(
+                recipient, detail=repr(recipient)))
 
         def temp(err: MapError, address: str) -> Routing:
-            code, enhanced, text = map_failure(err)
-            return Routing(recipient, address, failure=_refusal(recipient, code, enhanced,
-                                                                text, "route"))
+            return Routing(recipient, address, failure=MAP_FAILURE.result(
+                recipient, detail=map_failure(err)[2]))
 
         address = recipient
         rewritten = False
@@ -617,25 +635,23 @@ class Router:
                     address = nxt
                     break
                 if nxt.lower() in seen:
-                    return Routing(recipient, recipient, failure=_refusal(
-                        recipient, 554, "5.4.6", f"virtual map loop at {nxt!r}", "route"))
+                    return Routing(recipient, recipient, failure=ALIAS_LOOP.result(
+                        recipient, detail=f"virtual map loop at {nxt!r}"))
                 seen.add(nxt.lower())
                 address = nxt
                 rewritten = True
             else:
-                return Routing(recipient, recipient, failure=_refusal(
-                    recipient, 554, "5.4.6",
-                    f"more than {MAX_REWRITES} virtual map rewrites for {recipient!r}", "route"))
+                return Routing(recipient, recipient, failure=ALIAS_LOOP.result(
+                    recipient,
+                    detail=f"more than {MAX_REWRITES} virtual map rewrites for {recipient!r}"))
 
         if self.recipient_maps is not None and not rewritten:
             found = self._find(self.recipient_maps, self._alias_keys(recipient.lower()), local)
             if isinstance(found, MapError):
                 return temp(found, address)
             if found is None:
-                return Routing(recipient, address, failure=_refusal(
-                    recipient, 550, "5.1.1",
-                    f"<{recipient}>: Recipient address rejected: User unknown in the "
-                    "recipient table", "route"))
+                return Routing(recipient, address, failure=UNKNOWN_RECIPIENT.result(
+                    recipient))
 
         if self.transport_maps:
             found = self._find(self.transport_maps, self._transport_keys(address.lower()), local)
@@ -655,39 +671,24 @@ class Router:
         else:
             # A failure of ours (the configuration): it defers by default, as a
             # map that is down does; no_route = "bounce" makes it final.
-            # TODO(core): the failure table's NO_ROUTE entry (451 4.4.4; 554
-            # 5.4.4 with "bounce") once _failures.py is on main.
-            bounce = self.no_route == "bounce"
-            return Routing(recipient, address, failure=_refusal(
-                recipient, 554 if bounce else 451, "5.4.4" if bounce else "4.4.4",
-                f"no route for {address}: no transport map entry matches and no default route "
-                "is configured", "route"))
+            entry = NO_ROUTE_BOUNCE if self.no_route == "bounce" else NO_ROUTE
+            return Routing(recipient, address, failure=entry.result(recipient, to=address))
         name = route.transport or self.default_transport
         if name in ERROR_TRANSPORTS:
-            text = route.nexthop
-            mt = _ENHANCED.match(text)
-            permanent = name == "error"
-            enhanced = mt.group(1) if mt else ("5.0.0" if permanent else "4.0.0")
-            text = text[mt.end():] if mt else text
-            code = 550 if permanent else 450
-            if mt and enhanced[0] != str(code)[0]:
-                code = 550 if enhanced[0] == "5" else 450
-            return Routing(recipient, address, name, key=key, failure=_refusal(
-                recipient, code, enhanced, text or f"{name} transport ({key})", "route"))
+            return Routing(recipient, address, name, key=key,
+                           failure=_operator_result(recipient, name, key, route.nexthop))
         if name not in self.destinations:
             # Only a network map can name a transport the config lacks (files are
             # checked at load): ours to fix, so defer.
-            return Routing(recipient, address, name, key=key, failure=_refusal(
-                recipient, 451, "4.3.0", f"route {str(route)!r} for {address} names transport "
-                f"{name!r}, which is not declared", "route"))
+            return Routing(recipient, address, name, key=key, failure=MAP_FAILURE.result(
+                recipient, detail=f"route {str(route)!r} for {address} names transport "
+                f"{name!r}, which is not declared"))
         dest = route.destination or self.destinations[name]
         if dest is None:
             domain = address.rpartition("@")[2]
             if not domain or "@" not in address:
-                return Routing(recipient, address, name, key=key, failure=_refusal(
-                    recipient, 554, "5.4.4",
-                    f"no destination for {address}: route {str(route)!r} has no next hop and "
-                    f"transport {name!r} no destination", "route"))
+                return Routing(recipient, address, name, key=key, failure=NO_DESTINATION.result(
+                    recipient, to=address, route=str(route), transport=name))
             dest = Destination("inet", host=domain.strip("[]"), port=DEFAULT_PORT)
         return Routing(recipient, address, name, dest, key)
 
@@ -728,9 +729,8 @@ class Router:
                     local[(id(m), k)] = got.get(k, MapError(m.mapname, "no answer"))
         for i in pending:  # rounds exhausted (cannot happen with sane maps): defer
             err = MapError("routing", "too many lookup rounds")
-            code, enhanced, text = map_failure(err)
-            out[i] = Routing(recipients[i], recipients[i], failure=_refusal(
-                recipients[i], code, enhanced, text, "route"))
+            out[i] = Routing(recipients[i], recipients[i], failure=MAP_FAILURE.result(
+                recipients[i], detail=map_failure(err)[2]))
         return out  # type: ignore[return-value]
 
     async def route(self, recipient: str) -> Routing:

@@ -47,20 +47,15 @@ import base64
 import binascii
 import hashlib
 import hmac
-import logging
 import secrets
 import stringprep
 import unicodedata
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from ._errors import AuthenticationError, ConfigurationError, LMTPError, ReplyError
 from .proto import Reply
-
-if TYPE_CHECKING:
-    from ._destination import Destination
-    from ._protocol import LMTPProtocol
 
 __all__ = [
     "DEFAULT_MECHANISMS",
@@ -70,12 +65,9 @@ __all__ = [
     "Credentials",
     "Mechanism",
     "authenticate",
-    "login",
     "parse_mechanisms",
     "saslprep",
 ]
-
-log = logging.getLogger("lmtpfast.sasl")
 
 #: Every mechanism implemented here, best first: the default preference order.
 DEFAULT_MECHANISMS: tuple[str, ...] = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN")
@@ -490,38 +482,3 @@ async def authenticate(
         raise ReplyError(reply.code, reply.enhanced, reply.text, "auth")
     mechanism.finish()
     return reply
-
-
-async def login(
-    protocol: LMTPProtocol, policy: AuthPolicy | None, destination: Destination, *,
-    encrypted: bool,
-) -> Mechanism | None:
-    """AUTH as ``policy`` says, after LHLO (and STARTTLS); the mechanism used, or ``None``.
-
-    Nothing happens without a policy or when the server advertises no AUTH
-    (as Postfix: the server then decides whether it takes mail anyway). A
-    failure is logged at WARNING with the destination, user name, mechanism
-    and the server's reply, never the password, and re-raised.
-    """
-    if policy is None:
-        return None
-    caps = protocol.engine.capabilities
-    # The server's own order, for messages (Capabilities.auth is a set).
-    offered = caps.keywords.get("AUTH", "").upper().split() if caps is not None else []
-    if not offered:
-        return None
-    peer = str(destination)
-    try:
-        mechanism = policy.select(offered, encrypted=encrypted, unix=destination.is_unix,
-                                  peer=peer)
-    except AuthenticationError as exc:
-        log.warning("SASL authentication to %s as %s not attempted: %s",
-                    peer, policy.identity, exc)
-        raise
-    try:
-        await authenticate(protocol.command, mechanism)
-    except (ReplyError, AuthenticationError) as exc:
-        log.warning("SASL authentication to %s as %s with %s failed: %s",
-                    peer, policy.identity, mechanism.name, exc)
-        raise
-    return mechanism

@@ -1,7 +1,13 @@
-"""One LMTP session: connect, greeting, LHLO, transactions, QUIT.
+"""One LMTP session: the set-up sequence, transactions, QUIT.
 
 >>> async with await lmtpfast.connect("unix:/run/dovecot/lmtp") as conn:   # doctest: +SKIP
 ...     results = await conn.send("a@example.org", ["b@example.org"], message)
+
+:func:`connect` is the whole set-up, in one ordered sequence (asyncpg's
+``connect_utils`` is the model): connect -> greeting -> LHLO -> STARTTLS ->
+LHLO -> AUTH. The decisions come from the pure policy modules (``_tls`` says
+whether and how to use TLS, ``_sasl`` picks the mechanism and computes its
+steps); this module drives them over the protocol.
 
 ``send`` may be called concurrently on one connection: the transactions are
 pipelined back to back (content, final dot and the next MAIL/RCPT/DATA in one
@@ -11,90 +17,57 @@ write), so a busy connection needs about one round trip per message.
 from __future__ import annotations
 
 import asyncio
-import email.message
-import email.policy
 import logging
 import socket
 from collections.abc import Sequence
+from types import ModuleType
 
+from ._delivery import Delivery, Message, message_bytes
 from ._destination import Destination, parse_destination
 from ._dsn import DSN
 from ._errors import (
+    AuthenticationError,
     ConnectError,
     ConnectTimeout,
     ContentError,
-    LocalProtocolError,
     ReplyError,
     ServerDisconnected,
     TLSError,
 )
-from ._protocol import STREAM_CHUNK, LMTPProtocol, StreamedContent
-from ._results import RecipientResult, status_of
-from ._sasl import AuthPolicy, Credentials
-from ._sasl import login as sasl_login
+from ._failures import EIGHTBIT_MISSING, SIZE_LIMIT, SMTPUTF8_MISSING
+from ._protocol import LMTPProtocol, StreamedContent
+from ._results import RecipientResult
+from ._sasl import AuthPolicy, Credentials, Mechanism, authenticate
 from ._settings import Timeouts
-from ._tls import TLSInfo, TLSPolicy
-from ._tls import negotiate as negotiate_tls
-from .proto import Capabilities, Connection, Reply
-from .proto.content import encode_content
+from ._tls import TLSInfo, TLSPolicy, check_starttls_reply, wants_starttls
+from .proto import Capabilities, Engine, Reply, get_engine
 
 __all__ = ["Client", "Message", "connect", "deliver", "message_bytes"]
 
 log = logging.getLogger("lmtpfast.client")
-
-Message = bytes | bytearray | memoryview | str | email.message.Message
-
-# Messages larger than this are streamed (encoded while written).
-STREAM_THRESHOLD = 4 * STREAM_CHUNK
-
-
-def message_bytes(message: Message) -> bytes | memoryview:
-    """The raw bytes of a message given as bytes, str or ``email.message.Message``."""
-    if isinstance(message, bytes):
-        return message
-    if isinstance(message, bytearray | memoryview):
-        return memoryview(message).cast("B")
-    if isinstance(message, str):
-        return message.encode("utf-8")
-    if isinstance(message, email.message.Message):
-        policy = message.policy
-        if isinstance(policy, email.policy.EmailPolicy):
-            policy = policy.clone(linesep="\r\n")
-        return message.as_bytes(policy=policy)
-    raise TypeError(f"message must be bytes, str or email.message.Message, not {type(message).__name__}")
-
-
-def _scan(raw: bytes | memoryview) -> tuple[int, bool]:
-    """Offset of the first NUL (or -1) and whether the message is 7-bit, without copying it whole."""
-    if isinstance(raw, bytes):
-        return raw.find(b"\0"), raw.isascii()
-    nul, ascii_only = -1, True
-    for start in range(0, len(raw), STREAM_CHUNK):
-        piece = bytes(raw[start : start + STREAM_CHUNK])
-        if nul < 0 and (at := piece.find(b"\0")) >= 0:
-            nul = start + at
-        ascii_only = ascii_only and piece.isascii()
-    return nul, ascii_only
-
-
-def _local_result(address: str, code: int, enhanced: str, text: str) -> RecipientResult:
-    return RecipientResult(address=address, status=status_of(code), code=code,
-                           enhanced=enhanced, text=text, stage="local", local=True)
+sasl_log = logging.getLogger("lmtpfast.sasl")
 
 
 class Client:
     """An open LMTP connection. Create it with :func:`connect`."""
 
+    #: The SASL identity this session authenticated as (``None``: no AUTH was done).
+    authenticated_as: str | None = None
+    #: The SASL mechanism that authenticated it.
+    auth_mechanism: str | None = None
+
     def __init__(
         self, protocol: LMTPProtocol, destination: Destination, greeting: Reply,
-        lhlo_reply: Reply,
+        lhlo_reply: Reply, engine: Engine, *, chunking: bool = True,
     ) -> None:
         self._protocol = protocol
         self.destination = destination
         self.greeting = greeting
         self.lhlo_reply = lhlo_reply
+        #: The core this session runs on (``engine.name``: ``"c"`` or ``"python"``).
+        self.engine = engine
         self.transactions = 0  # started on this connection
-        self._use_chunking = True
+        self._use_chunking = chunking
 
     @property
     def capabilities(self) -> Capabilities:
@@ -110,11 +83,6 @@ class Client:
     def chunking(self) -> bool:
         """True when messages go as BDAT chunks (RFC 3030) rather than DATA."""
         return self._use_chunking and self.capabilities.chunking
-
-    #: The SASL identity this session authenticated as (``None``: no AUTH was done).
-    authenticated_as: str | None = None
-    #: The SASL mechanism that authenticated it.
-    auth_mechanism: str | None = None
 
     @property
     def tls(self) -> TLSInfo | None:
@@ -150,91 +118,107 @@ class Client:
 
     async def send(
         self,
-        sender: str,
-        recipients: Sequence[str],
-        message: Message,
+        delivery: Delivery | str,
+        recipients: Sequence[str] | None = None,
+        message: Message | None = None,
         *,
         mail_params: Sequence[str] = (),
         rcpt_params: Sequence[Sequence[str]] | None = None,
         dsn: DSN | None = None,
     ) -> list[RecipientResult]:
-        """Deliver ``message``; one result per recipient, in RCPT order.
+        """Deliver one message; one result per recipient, in RCPT order.
 
-        ``dsn`` (RFC 3461) is passed on when the server advertises DSN and
-        dropped otherwise. ``mail_params``/``rcpt_params`` add raw ESMTP
-        parameters; SIZE, BODY and SMTPUTF8 are added here as needed.
+        ``send(delivery)`` takes a :class:`~lmtpfast.Delivery`;
+        ``send(sender, recipients, message, ...)`` builds one (see
+        :meth:`Delivery.build`). ``dsn`` (RFC 3461) is passed on when the
+        server advertises DSN and dropped otherwise. ``mail_params`` and
+        ``rcpt_params`` add raw ESMTP parameters; SIZE, BODY and SMTPUTF8 are
+        added here as needed.
 
-        Partial failure is data, not an exception. A :class:`LocalProtocolError`
-        means the arguments themselves are wrong (nothing was sent);
-        :class:`ServerDisconnected` means the connection was already unusable.
+        Partial failure is data, not an exception: a recipient whose address
+        cannot be sent, or that the server cannot take (SIZE, SMTPUTF8,
+        8BITMIME), gets its result from the failure table and the others go
+        on. :class:`LocalProtocolError` means the request itself is wrong (a
+        bad sender, a NUL byte: nothing was sent); :class:`ServerDisconnected`
+        means the connection was already unusable.
         """
-        if isinstance(recipients, str):
-            raise LocalProtocolError("recipients must be a sequence of addresses, not one string")
-        recipients = list(recipients)
-        if not recipients:
-            raise LocalProtocolError("no recipients")
-        raw = message_bytes(message)
-        nul, ascii_only = _scan(raw)
-        if nul >= 0:
-            raise ContentError(f"message contains a NUL byte at offset {nul}; it cannot be sent")
+        if type(delivery) is not Delivery:
+            if not isinstance(delivery, str) or recipients is None or message is None:
+                raise TypeError("send(delivery) or send(sender, recipients, message)")
+            delivery = Delivery.build(message, sender=delivery, recipients=recipients,
+                                      mail_params=mail_params, rcpt_params=rcpt_params, dsn=dsn)
+        elif recipients is not None or message is not None or mail_params or rcpt_params or dsn:
+            raise TypeError("send(delivery) takes no other arguments: they are in the Delivery")
+        return await self._send(delivery)
+
+    async def _send(self, d: Delivery) -> list[RecipientResult]:
         caps = self.capabilities
-        params = list(mail_params)
-        if rcpt_params is not None and len(rcpt_params) != len(recipients):
-            raise LocalProtocolError("rcpt_params must have one entry per recipient")
-        if dsn is not None and caps.dsn:
-            params += dsn.mail_params()
-            extra = dsn.rcpt_params(recipients)
-            rcpt_params = (extra if rcpt_params is None else
-                           [[*a, *b] for a, b in zip(rcpt_params, extra, strict=True)])
-        # Parameter names the caller gave (the common case gives none).
-        upper = {p.split("=", 1)[0].upper() for p in params} if params else set()
+        n = len(d.recipients)
+        local: dict[int, RecipientResult] | None = dict(d.refused) if d.refused else None
 
         # SMTPUTF8 (RFC 6531): needed when an address is not ASCII.
-        needs_utf8 = not sender.isascii() or not all(r.isascii() for r in recipients)
-        local: dict[int, RecipientResult] = {}
-        if needs_utf8 and not caps.smtputf8:
-            why = "non-ASCII address, and the server does not offer SMTPUTF8"
-            if not sender.isascii():
-                return [_local_result(r, 553, "5.6.7", why) for r in recipients]
-            for i, r in enumerate(recipients):
-                if not r.isascii():
-                    local[i] = _local_result(r, 553, "5.6.7", why)
-        elif needs_utf8 and "SMTPUTF8" not in upper:
+        smtputf8 = d.smtputf8
+        if smtputf8 and not caps.smtputf8:
+            local = local or {}
+            every = not d.sender.isascii()
+            for i, r in enumerate(d.recipients):
+                if i not in local and (every or not r.isascii()):
+                    local[i] = SMTPUTF8_MISSING.result(r)
+            smtputf8 = False
+        # 8-bit content to a server without 8BITMIME (RFC 5321 2.4: MUST NOT):
+        # converted to 7 bits as Postfix does, or refused when it cannot be.
+        body = d
+        if d.eight_bit and not caps.eightbitmime:
+            try:
+                body = d.seven_bit()
+            except ContentError as exc:
+                return self._merge(d, [], range(0), {
+                    i: (local or {}).get(i) or EIGHTBIT_MISSING.result(r, detail=exc)
+                    for i, r in enumerate(d.recipients)})
+
+        params = list(d.mail_params) if d.mail_params else []
+        if caps.dsn and d.dsn_mail:
+            params += d.dsn_mail
+        chunking = self.chunking
+        content: bytes | StreamedContent
+        if body.streamed:
+            content = StreamedContent(memoryview(body.content).cast("B"), chunking=chunking,
+                                      encoder=self.engine.ContentEncoder)
+        else:
+            content = body.encoded(dot_stuff=not chunking, encode=self.engine.encode_content)
+        given = d.given
+        limit = caps.size
+        if limit is not None:
+            size = body.size
+            if limit and size > limit:
+                return self._merge(d, [], range(0), {
+                    i: (local or {}).get(i) or SIZE_LIMIT.result(r, size=size, limit=limit)
+                    for i, r in enumerate(d.recipients)})
+            if "SIZE" not in given:
+                params.append(f"SIZE={size}")
+        if body.eight_bit and "BODY" not in given:
+            params.append("BODY=8BITMIME")
+        if smtputf8 and "SMTPUTF8" not in given:
             params.append("SMTPUTF8")
 
-        chunking = self.chunking
-        if len(raw) > STREAM_THRESHOLD:
-            content: bytes | StreamedContent = StreamedContent(memoryview(raw).cast("B"),
-                                                               chunking=chunking)
-            size = len(raw)
-        else:
-            content = encode_content(raw, dot_stuff=not chunking)
-            size = len(content)
-        eight_bit = not ascii_only
-        limit = caps.size
-        if limit and size > limit:
-            why = f"message of {size} bytes exceeds the server's size limit of {limit} bytes"
-            return [_local_result(r, 552, "5.3.4", why) for r in recipients]
-        if limit is not None and "SIZE" not in upper:
-            params.append(f"SIZE={size}")
-        if eight_bit and caps.eightbitmime and "BODY" not in upper:
-            params.append("BODY=8BITMIME")
-
         if local:
-            send_idx = [i for i in range(len(recipients)) if i not in local]
+            send_idx: Sequence[int] = [i for i in range(n) if i not in local]
             if not send_idx:
-                return [local[i] for i in range(len(recipients))]
-            send_rcpts = [recipients[i] for i in send_idx]
+                return [local[i] for i in range(n)]
+            rcpts = [d.recipients[i] for i in send_idx]
         else:  # the common case: every recipient goes to the server
-            send_idx = None
-            send_rcpts = recipients
-        send_params = None
-        if rcpt_params is not None:
-            send_params = [list(rcpt_params[i]) for i in (send_idx or range(len(recipients)))]
+            send_idx = range(n)
+            rcpts = list(d.recipients)
+        rcpt_params: list[list[str]] | None = None
+        extra, dsn_rcpt = d.rcpt_params, d.dsn_rcpt if caps.dsn else None
+        if extra is not None or dsn_rcpt is not None:
+            rcpt_params = [[*(extra[i] if extra is not None else ()),
+                            *(dsn_rcpt[i] if dsn_rcpt is not None else ())] for i in send_idx]
+
         self.transactions += 1
         fut = self._protocol.transaction(
-            sender, send_rcpts, content, mail_params=params, rcpt_params=send_params,
-            smtputf8="SMTPUTF8" in params, chunking=chunking,
+            d.sender, rcpts, content, mail_params=params, rcpt_params=rcpt_params,
+            smtputf8=smtputf8 or "SMTPUTF8" in given, chunking=chunking,
         )
         try:
             # Cancelling the caller cancels fut too; the transport skips done futures.
@@ -243,11 +227,18 @@ class Client:
             # The server may be mid-transaction: the connection cannot be reused.
             self._protocol.abort(ServerDisconnected("delivery cancelled by the caller"))
             raise
-        if send_idx is not None:
-            merged = dict(zip(send_idx, results, strict=True))
-            merged.update(local)
-            results = [merged[i] for i in range(len(recipients))]
+        if local:
+            return self._merge(d, results, send_idx, local)
         return results
+
+    @staticmethod
+    def _merge(
+        d: Delivery, results: list[RecipientResult], sent: Sequence[int],
+        local: dict[int, RecipientResult],
+    ) -> list[RecipientResult]:
+        merged = dict(zip(sent, results, strict=True))
+        merged.update(local)
+        return [merged[i] for i in range(len(d.recipients))]
 
     async def command(self, verb: str, argument: str | None = None) -> Reply:
         """Send a session command and return its reply; a refusal raises :class:`ReplyError`."""
@@ -300,11 +291,14 @@ async def connect(
     max_reply_lines: int | None = None,
     tls: TLSPolicy | str | None = None,
     auth: Credentials | AuthPolicy | None = None,
+    engine: str | Engine | ModuleType | None = None,
 ) -> Client:
-    """Connect to an LMTP server, read its greeting and say LHLO.
+    """Connect to an LMTP server and set the session up: greeting, LHLO, STARTTLS, AUTH.
 
     ``pipelining`` and ``chunking`` (BDAT, RFC 3030) are used when the server
-    advertises them, unless turned off here.
+    advertises them, unless turned off here. ``engine`` picks the core:
+    ``"c"`` (compiled), ``"python"`` (the reference), or ``None`` for the
+    default (compiled when built).
 
     Raises :class:`ConnectError` (:class:`ConnectTimeout`) when the server
     cannot be reached, :class:`ReplyError` when the greeting or LHLO is refused.
@@ -319,74 +313,152 @@ async def connect(
     the server offers; a refusal is a :class:`ReplyError` at stage ``auth``,
     a local problem an :class:`~lmtpfast.AuthenticationError`.
     """
-    options = dict(locals())  # for the plain-text retry of level "may"
     dest = parse_destination(destination)
     tls_policy = TLSPolicy.parse(tls)
-    auth_policy = AuthPolicy.parse(auth)
-    timeouts = timeouts or Timeouts()
-    loop = asyncio.get_running_loop()
-    kwargs = {}
-    if max_line_length is not None:
-        kwargs["max_line_length"] = max_line_length
-    if max_reply_lines is not None:
-        kwargs["max_reply_lines"] = max_reply_lines
-    engine = Connection(lhlo_name or socket.gethostname() or "localhost",
-                        pipelining=pipelining, ignore_keywords=ignore_keywords, **kwargs)
-    peer = str(dest)
-
-    def factory() -> LMTPProtocol:
-        return LMTPProtocol(engine, timeouts, loop, peer)
-
+    settings = _Setup(
+        dest, lhlo_name or socket.gethostname() or "localhost", timeouts or Timeouts(),
+        pipelining, chunking, tuple(ignore_keywords), max_line_length, max_reply_lines,
+        AuthPolicy.parse(auth), get_engine(engine))
     try:
-        async with asyncio.timeout(timeouts.connect):
-            if dest.is_unix:
-                _, protocol = await loop.create_unix_connection(factory, dest.path)
-            else:
-                _, protocol = await loop.create_connection(factory, dest.host, dest.port)
-    except TimeoutError:
-        raise ConnectTimeout(f"connect to {peer} timed out after {timeouts.connect:g}s") from None
-    except OSError as exc:
-        raise ConnectError(f"cannot connect to {peer}: {exc.strerror or exc}") from exc
-    try:
-        greeting = await protocol.wait_greeting()
-        if greeting.code != 220:
-            raise ReplyError(greeting.code, greeting.enhanced, greeting.text, "greeting")
-        lhlo = await protocol.command("LHLO")
-        if not 200 <= lhlo.code < 300:
-            raise ReplyError(lhlo.code, lhlo.enhanced, lhlo.text, "lhlo")
-        lhlo, tls_info = await negotiate_tls(protocol, tls_policy, dest, lhlo)
-        mechanism = await sasl_login(protocol, auth_policy, dest, encrypted=tls_info is not None)
+        return await settings.run(tls_policy)
     except TLSError as exc:
-        protocol.abort(ServerDisconnected("session setup failed"))
         if tls_policy.level != "may":
             raise
         # Postfix's opportunistic TLS: a failed handshake is retried in plain text.
         log.warning("%s; tls_security_level = may: retrying in plain text", exc)
-        options["tls"] = None
-        return await connect(**options)
-    except BaseException:
-        protocol.abort(ServerDisconnected("session setup failed"))
-        raise
-    protocol.setup_stage = None  # the session is ready: later failures are not set-up ones
-    client = Client(protocol, dest, greeting, lhlo)
-    if mechanism is not None and auth_policy is not None:
-        client.authenticated_as = auth_policy.identity
-        client.auth_mechanism = mechanism.name
-    client._use_chunking = chunking
-    return client
+        return await settings.run(TLSPolicy.parse(None))
+
+
+class _Setup:
+    """The session set-up sequence for one destination (what :func:`connect` runs)."""
+
+    def __init__(
+        self, dest: Destination, lhlo_name: str, timeouts: Timeouts, pipelining: bool,
+        chunking: bool, ignore_keywords: tuple[str, ...], max_line_length: int | None,
+        max_reply_lines: int | None, auth: AuthPolicy | None, engine: Engine,
+    ) -> None:
+        self.dest = dest
+        self.peer = str(dest)
+        self.lhlo_name = lhlo_name
+        self.timeouts = timeouts
+        self.pipelining = pipelining
+        self.chunking = chunking
+        self.ignore_keywords = ignore_keywords
+        self.limits = {k: v for k, v in (("max_line_length", max_line_length),
+                                         ("max_reply_lines", max_reply_lines)) if v is not None}
+        self.auth = auth
+        self.engine = engine
+
+    async def run(self, tls_policy: TLSPolicy) -> Client:
+        protocol = await self._open()
+        try:
+            greeting = await protocol.wait_greeting()
+            if greeting.code != 220:
+                raise ReplyError(greeting.code, greeting.enhanced, greeting.text, "greeting")
+            lhlo = await self._lhlo(protocol)
+            tls_info = None
+            caps = protocol.engine.capabilities
+            if wants_starttls(tls_policy, caps is not None and caps.starttls, self.peer):
+                hostname = tls_policy.hostname_for(self.dest.host)
+                context = tls_policy.context()
+                reply = await protocol.command("STARTTLS")
+                if check_starttls_reply(tls_policy, reply, self.peer):
+                    tls_info = await protocol.start_tls(context, hostname, tls_policy.verifies)
+                    lhlo = await self._lhlo(protocol)  # only the new capabilities count
+            mechanism = await self._login(protocol, encrypted=tls_info is not None)
+        except BaseException:
+            protocol.abort(ServerDisconnected("session setup failed"))
+            raise
+        protocol.setup_stage = None  # the session is ready: later failures are not set-up ones
+        client = Client(protocol, self.dest, greeting, lhlo, self.engine, chunking=self.chunking)
+        if mechanism is not None and self.auth is not None:
+            client.authenticated_as = self.auth.identity
+            client.auth_mechanism = mechanism.name
+        return client
+
+    async def _open(self) -> LMTPProtocol:
+        loop = asyncio.get_running_loop()
+        conn = self.engine.Connection(self.lhlo_name, pipelining=self.pipelining,
+                                      ignore_keywords=self.ignore_keywords, **self.limits)
+        timeouts, peer, dest = self.timeouts, self.peer, self.dest
+
+        def factory() -> LMTPProtocol:
+            return LMTPProtocol(conn, timeouts, loop, peer)
+
+        try:
+            async with asyncio.timeout(timeouts.connect):
+                if dest.is_unix:
+                    _, protocol = await loop.create_unix_connection(factory, dest.path)
+                else:
+                    _, protocol = await loop.create_connection(factory, dest.host, dest.port)
+        except TimeoutError:
+            raise ConnectTimeout(
+                f"connect to {peer} timed out after {timeouts.connect:g}s") from None
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to {peer}: {exc.strerror or exc}") from exc
+        return protocol
+
+    @staticmethod
+    async def _lhlo(protocol: LMTPProtocol) -> Reply:
+        reply = await protocol.command("LHLO")
+        if not 200 <= reply.code < 300:
+            raise ReplyError(reply.code, reply.enhanced, reply.text, "lhlo")
+        return reply
+
+    async def _login(self, protocol: LMTPProtocol, *, encrypted: bool) -> Mechanism | None:
+        """AUTH as the policy says; the mechanism used, or ``None``.
+
+        Nothing happens without a policy or when the server advertises no AUTH
+        (as Postfix: the server then decides whether it takes mail anyway). A
+        failure is logged at WARNING with the destination, user name,
+        mechanism and the server's reply, never the password, and re-raised.
+        """
+        policy = self.auth
+        if policy is None:
+            return None
+        caps = protocol.engine.capabilities
+        # The server's own order, for messages (Capabilities.auth is a set).
+        offered = caps.keywords.get("AUTH", "").upper().split() if caps is not None else []
+        if not offered:
+            return None
+        peer = self.peer
+        try:
+            mechanism = policy.select(offered, encrypted=encrypted, unix=self.dest.is_unix,
+                                      peer=peer)
+        except AuthenticationError as exc:
+            sasl_log.warning("SASL authentication to %s as %s not attempted: %s",
+                             peer, policy.identity, exc)
+            raise
+        try:
+            await authenticate(protocol.command, mechanism)
+        except (ReplyError, AuthenticationError) as exc:
+            sasl_log.warning("SASL authentication to %s as %s with %s failed: %s",
+                             peer, policy.identity, mechanism.name, exc)
+            raise
+        return mechanism
 
 
 async def deliver(
-    message: Message,
+    message: Message | Delivery,
     *,
-    sender: str,
-    recipients: Sequence[str],
+    sender: str | None = None,
+    recipients: Sequence[str] | None = None,
     server: str | Destination,
     **connect_options: object,
 ) -> list[RecipientResult]:
-    """Connect, deliver one message, QUIT. One result per recipient, in order."""
+    """Connect, deliver one message, QUIT. One result per recipient, in order.
+
+    ``message`` may be a :class:`~lmtpfast.Delivery` (then without
+    ``sender``/``recipients``).
+    """
+    if isinstance(message, Delivery):
+        delivery = message
+    else:
+        if sender is None or recipients is None:
+            raise TypeError("deliver() needs sender= and recipients= (or a Delivery)")
+        delivery = Delivery.build(message, sender=sender, recipients=recipients)
     client = await connect(server, **connect_options)  # type: ignore[arg-type]
     try:
-        return await client.send(sender, recipients, message)
+        return await client.send(delivery)
     finally:
         await client.quit()

@@ -24,10 +24,11 @@ from typing import Any, TypeVar
 
 from ._agent import Agent, AgentStats
 from ._config import AgentConfig
+from ._delivery import Delivery, Message
 from ._destination import Destination
+from ._dsn import DSN
 from ._loop import loop_factory
 from ._results import RecipientResult
-from ._session import Message
 
 __all__ = ["SyncAgent", "deliver_sync"]
 
@@ -112,17 +113,20 @@ class SyncAgent:
 
     def deliver(
         self,
-        message: Message,
+        message: Message | Delivery,
         *,
-        sender: str,
-        recipients: Sequence[str],
+        sender: str | None = None,
+        recipients: Sequence[str] | None = None,
         mail_params: Sequence[str] = (),
+        dsn: DSN | None = None,
         timeout: float | None = None,
     ) -> list[RecipientResult]:
-        """Blocking :meth:`Agent.deliver`. ``timeout`` bounds the whole call
-        (the delivery is cancelled then, and :class:`TimeoutError` raised)."""
+        """Blocking :meth:`Agent.deliver` (a :class:`~lmtpfast.Delivery`, or a message with
+        ``sender=`` and ``recipients=``). ``timeout`` bounds the whole call (the
+        delivery is cancelled then, and :class:`TimeoutError` raised)."""
         return self._call(self.agent.deliver(message, sender=sender, recipients=recipients,
-                                             mail_params=mail_params), timeout, check_open=True)
+                                             mail_params=mail_params, dsn=dsn),
+                          timeout, check_open=True)
 
     @property
     def stats(self) -> AgentStats:

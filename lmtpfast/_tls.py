@@ -49,8 +49,6 @@ import msgspec
 from ._errors import ConfigurationError, ReplyError, TLSError
 
 if TYPE_CHECKING:
-    from ._destination import Destination
-    from ._protocol import LMTPProtocol
     from .proto import Reply
 
 __all__ = [
@@ -58,9 +56,10 @@ __all__ = [
     "SecurityLevel",
     "TLSInfo",
     "TLSPolicy",
+    "check_starttls_reply",
     "make_context",
-    "negotiate",
     "tls_info",
+    "wants_starttls",
 ]
 
 log = logging.getLogger("lmtpfast.tls")
@@ -270,44 +269,37 @@ def tls_info(ssl_object: ssl.SSLObject | ssl.SSLSocket, verified: bool,
                    fingerprint=fingerprint, verified=verified, server_hostname=server_hostname)
 
 
-async def negotiate(
-    protocol: LMTPProtocol, policy: TLSPolicy, destination: Destination, lhlo: Reply,
-) -> tuple[Reply, TLSInfo | None]:
-    """STARTTLS as ``policy`` says, right after the first LHLO.
+def wants_starttls(policy: TLSPolicy, offered: bool, peer: str) -> bool:
+    """Whether the session says STARTTLS after its first LHLO (a pure decision).
 
-    Returns the LHLO reply to use (the one said again after TLS, whose
-    capabilities are the only ones trusted) and what TLS negotiated, or the
-    first reply and ``None`` when the session stays in plain text (level
-    ``none``, or ``may`` with a server that does not offer or refuses it).
-    Raises :class:`TLSError` when TLS is required and cannot be had, and
-    :class:`ConfigurationError` for a policy that cannot work here.
+    Raises :class:`TLSError` when the policy requires TLS and ``peer`` does not
+    offer it.
     """
     if not policy.enabled:
-        return lhlo, None
-    peer = str(destination)
-    caps = protocol.engine.capabilities
-    if caps is None or not caps.starttls:
+        return False
+    if not offered:
         if policy.required:
             raise TLSError(f"TLS is required (tls_security_level = {policy.level}) but {peer} "
                            "does not offer STARTTLS: configure TLS on the server or lower the "
                            "level for this destination")
-        return lhlo, None
-    hostname = policy.hostname_for(destination.host)
-    context = policy.context()
-    reply = await protocol.command("STARTTLS")
+        return False
+    return True
+
+
+def check_starttls_reply(policy: TLSPolicy, reply: Reply, peer: str) -> bool:
+    """True when ``reply`` (to STARTTLS) lets the handshake begin; False: go on in plain text.
+
+    A 421 raises :class:`ReplyError` (the server is closing: going on in plain
+    text would send MAIL into a connection that is going away); any other
+    refusal raises :class:`TLSError` when TLS is required.
+    """
+    if reply.code == 220:
+        return True
     if reply.code == 421:
-        # The server is closing the connection: going on in plain text would
-        # send MAIL into a connection that is going away.
         raise ReplyError(reply.code, reply.enhanced, reply.text, "starttls")
-    if reply.code != 220:
-        if policy.required:
-            raise TLSError(f"TLS is required (tls_security_level = {policy.level}) but {peer} "
-                           f"refused STARTTLS: {reply.code} {reply.text}")
-        log.info("%s refused STARTTLS (%d %s); level 'may': going on in plain text",
-                 peer, reply.code, reply.text)
-        return lhlo, None
-    info = await protocol.start_tls(context, hostname, policy.verifies)
-    lhlo = await protocol.command("LHLO")
-    if not 200 <= lhlo.code < 300:
-        raise ReplyError(lhlo.code, lhlo.enhanced, lhlo.text, "lhlo")
-    return lhlo, info
+    if policy.required:
+        raise TLSError(f"TLS is required (tls_security_level = {policy.level}) but {peer} "
+                       f"refused STARTTLS: {reply.code} {reply.text}")
+    log.info("%s refused STARTTLS (%d %s); level 'may': going on in plain text",
+             peer, reply.code, reply.text)
+    return False

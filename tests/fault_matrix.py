@@ -216,7 +216,7 @@ def _fill_backlog(port: int) -> list[socket.socket]:
     return fillers
 
 
-async def run_case(case: Case) -> Outcome:
+async def run_case(case: Case, engine: str | None = None) -> Outcome:
     """Play ``case`` (see the module docstring); returns what happened."""
     loop = asyncio.get_running_loop()
     tmp = tempfile.mkdtemp(prefix="lmtpfm-", dir="/tmp")
@@ -269,7 +269,7 @@ async def run_case(case: Case) -> Outcome:
         else:
             raise ValueError(f"row {case.id}: unknown injection {case.injection!r}")
 
-        agent = Agent.for_server(dest, timeouts=_timeouts(), **pool_kw)
+        agent = Agent.for_server(dest, timeouts=_timeouts(), engine=engine, **pool_kw)
         if case.stage == "rset":
             warm = await agent.deliver(message("warm"), sender=SENDER, recipients=RECIPIENTS)
             assert all(r.delivered for r in warm), warm
@@ -299,7 +299,7 @@ async def run_case(case: Case) -> Outcome:
         (pool,) = agent.pools().values()
 
         def usable() -> int:
-            return sum(c.client.usable for c in pool._conns)
+            return sum(c.client.usable for c in pool._holders.values())
 
         # A QUIT in the background ends, and every connection the client no
         # longer uses is closed on its side (the proxy sees the hang-up).

@@ -413,7 +413,7 @@ async def test_each_mechanism_then_delivery(cyrus: TempCyrus, mechanism: str,
     policy = AuthPolicy(Credentials(LMTP_USER, LMTP_PASSWORD), (mechanism,),
                         allow_plaintext=True)
     before = len(cyrus.messages("alice"))
-    async with await connect(cyrus.destination_tcp, auth=policy) as c:
+    async with await connect(cyrus.destination_tcp, auth=policy, engine=engine) as c:
         assert (c.authenticated_as, c.auth_mechanism) == (LMTP_USER, mechanism)
         assert mechanism in c.capabilities.auth
         results = await c.send("s@example.org", ["alice@example.com", "nobody@example.com"],

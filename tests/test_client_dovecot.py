@@ -30,7 +30,7 @@ def _stored_as_sent(raw: bytes) -> bytes:
 async def test_partial_refusal_positions(dovecot, engine: str, via: str, chunking: bool) -> None:
     dest = dovecot.destination_unix if via == "unix" else dovecot.destination_tcp
     msg = b"From: s@example.org\r\nSubject: three\r\n\r\nHello.\r\n"
-    async with await connect(dest, lhlo_name="client.example", chunking=chunking) as conn:
+    async with await connect(dest, lhlo_name="client.example", chunking=chunking, engine=engine) as conn:
         assert conn.pipelining
         assert conn.chunking == chunking
         results = await conn.send(
@@ -65,7 +65,7 @@ async def test_nothing_ends_data_early(dovecot, engine: str, raw: bytes, chunkin
     results = await lmtpfast.deliver(
         raw, sender="s@example.org", recipients=["carol@example.com"],
         server=dovecot.destination_unix, chunking=chunking,
-    )
+     engine=engine)
     assert [r.code for r in results] == [250]
     stored = dovecot.messages("carol")
     assert len(stored) == 1, "the message must be stored exactly once"
@@ -75,7 +75,7 @@ async def test_nothing_ends_data_early(dovecot, engine: str, raw: bytes, chunkin
 
 
 async def test_many_transactions_one_connection(dovecot, engine: str) -> None:
-    async with await connect(dovecot.destination_unix) as conn:
+    async with await connect(dovecot.destination_unix, engine=engine) as conn:
         batches = await asyncio.gather(*[
             conn.send("s@example.org", ["alice@example.com", "dave@example.com"],
                       b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i))
@@ -87,7 +87,7 @@ async def test_many_transactions_one_connection(dovecot, engine: str) -> None:
 
 
 async def test_without_pipelining(dovecot, engine: str) -> None:
-    async with await connect(dovecot.destination_tcp, pipelining=False) as conn:
+    async with await connect(dovecot.destination_tcp, pipelining=False, engine=engine) as conn:
         assert not conn.pipelining
         results = await conn.send("", ["nobody@example.com", "alice@example.com"], b"x\r\n")
         # Every recipient refused: no DATA is sent and the connection stays usable.
@@ -106,7 +106,7 @@ async def test_big_message_streams_intact(dovecot, engine: str, chunking: bool) 
     results = await lmtpfast.deliver(raw, sender="s@example.org",
                                      recipients=["alice@example.com", "nobody@example.com",
                                                  "bob@example.com"],
-                                     server=dovecot.destination_unix, chunking=chunking)
+                                     server=dovecot.destination_unix, chunking=chunking, engine=engine)
     assert [r.code for r in results] == [250, 550, 250]
     for user in ("alice", "bob"):
         assert body_as_sent(dovecot.messages(user)[0]) == _stored_as_sent(raw)
@@ -120,7 +120,7 @@ BDAT_SIZES = [0, 1, 256 * 1024, 20 * 1024 * 1024]
 async def test_bdat_sizes_byte_identical(dovecot, engine: str, size: int) -> None:
     line = b"abcdefghij" * 7 + b"\r\n"
     raw = (line * (size // len(line) + 1))[:size]
-    async with await connect(dovecot.destination_unix, chunking=True) as conn:
+    async with await connect(dovecot.destination_unix, chunking=True, engine=engine) as conn:
         assert conn.chunking
         results = await conn.send("s@example.org", ["dave@example.com", "ghost@example.com"], raw)
     assert [r.code for r in results] == [250, 550]

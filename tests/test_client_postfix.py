@@ -19,7 +19,7 @@ async def test_ten_thousand_messages_one_pipelined_connection(smtp_sink, engine:
     in_flight = asyncio.Semaphore(64)  # transactions queued on the one connection
     delivered = 0
 
-    async with await connect(sink.destination) as conn:
+    async with await connect(sink.destination, engine=engine) as conn:
         assert conn.pipelining
 
         async def one(n: int) -> None:
@@ -38,13 +38,13 @@ async def test_ten_thousand_messages_one_pipelined_connection(smtp_sink, engine:
 
 async def test_disconnect_after_final_dot_is_transient_and_flagged(smtp_sink, engine: str) -> None:
     sink = smtp_sink("-q", ".")
-    async with await connect(sink.destination) as conn:
+    async with await connect(sink.destination, engine=engine) as conn:
         results = await conn.send("s@example.org", ["a@example.com", "b@example.com"], MESSAGE)
         assert not conn.usable
     assert [r.status for r in results] == ["transient", "transient"]
     assert all(r.local and r.stage == "final" and r.possibly_delivered for r in results)
     # The next delivery uses a new connection and succeeds.
-    async with await connect(smtp_sink().destination) as conn:
+    async with await connect(smtp_sink().destination, engine=engine) as conn:
         ok = await conn.send("s@example.org", ["a@example.com"], MESSAGE)
     assert ok[0].delivered
 
@@ -54,7 +54,7 @@ async def test_disconnect_before_content_is_transient_not_flagged(
     smtp_sink, engine: str, command: str
 ) -> None:
     sink = smtp_sink("-q", command)
-    async with await connect(sink.destination) as conn:
+    async with await connect(sink.destination, engine=engine) as conn:
         results = await conn.send("s@example.org", ["a@example.com", "b@example.com"], MESSAGE)
     assert [r.status for r in results] == ["transient", "transient"]
     assert all(r.local and not r.possibly_delivered for r in results)
@@ -62,13 +62,13 @@ async def test_disconnect_before_content_is_transient_not_flagged(
 
 async def test_soft_and_hard_rejects(smtp_sink, engine: str) -> None:
     soft = smtp_sink("-r", "rcpt")
-    async with await connect(soft.destination) as conn:
+    async with await connect(soft.destination, engine=engine) as conn:
         assert not conn.pipelining  # smtp-sink hides PIPELINING with -r
         results = await conn.send("s@example.org", ["a@example.com"], MESSAGE)
     assert results[0].status == "transient" and results[0].stage == "rcpt"
     assert not results[0].local
     hard = smtp_sink("-f", ".")
-    async with await connect(hard.destination) as conn:
+    async with await connect(hard.destination, engine=engine) as conn:
         results = await conn.send("s@example.org", ["a@example.com", "b@example.com"], MESSAGE)
     assert [r.status for r in results] == ["permanent", "permanent"]
     assert all(r.stage in ("final", "data") for r in results)
@@ -80,7 +80,7 @@ async def test_stalled_reply_times_out(smtp_sink, engine: str) -> None:
     # one at the head of the queue: MAIL's.
     sink = smtp_sink("-w", "30")
     timeouts = Timeouts(mail=0.5, rcpt=0.5, data=0.5)
-    async with await connect(sink.destination, timeouts=timeouts) as conn:
+    async with await connect(sink.destination, timeouts=timeouts, engine=engine) as conn:
         results = await conn.send("s@example.org", ["a@example.com"], MESSAGE)
         assert not conn.usable
     assert results[0].transient and results[0].local
@@ -90,6 +90,6 @@ async def test_stalled_reply_times_out(smtp_sink, engine: str) -> None:
 
 async def test_tcp_destination(smtp_sink, engine: str) -> None:
     sink = smtp_sink(tcp=True)
-    async with await connect(sink.destination) as conn:
+    async with await connect(sink.destination, engine=engine) as conn:
         results = await conn.send("", ["a@example.com"], MESSAGE)
     assert results[0].delivered

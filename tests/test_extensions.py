@@ -17,7 +17,7 @@ EIGHT_BIT = "Subject: caf\u00e9\r\n\r\nd\u00e9j\u00e0 vu\r\n".encode()
 
 async def test_smtputf8_address_to_server_without_it(smtp_sink, engine: str) -> None:
     sink = smtp_sink(capture=True)  # smtp-sink does not offer SMTPUTF8
-    async with await connect(sink.destination) as conn:
+    async with await connect(sink.destination, engine=engine) as conn:
         assert not conn.capabilities.smtputf8
         results = await conn.send("s@example.org", ["ok@example.com", "j\u00f6rg@example.com"],
                                   ASCII)
@@ -34,7 +34,7 @@ async def test_smtputf8_address_to_server_without_it(smtp_sink, engine: str) -> 
 
 async def test_smtputf8_used_when_offered(engine: str) -> None:
     async with Sink("127.0.0.1:0", collect=True) as sink:
-        async with await connect(sink.destinations[0]) as conn:
+        async with await connect(sink.destinations[0], engine=engine) as conn:
             assert conn.capabilities.smtputf8
             results = await conn.send("s@example.org", ["j\u00f6rg@example.com"], EIGHT_BIT)
         assert results[0].delivered
@@ -44,7 +44,7 @@ async def test_smtputf8_used_when_offered(engine: str) -> None:
 
 async def test_8bitmime_and_size_parameters(smtp_sink, engine: str) -> None:
     sink = smtp_sink(capture=True)  # offers 8BITMIME, not SIZE
-    async with await connect(sink.destination, chunking=False) as conn:
+    async with await connect(sink.destination, chunking=False, engine=engine) as conn:
         await conn.send("a@example.org", ["b@example.com"], EIGHT_BIT)
         await conn.send("a@example.org", ["b@example.com"], ASCII)
     args = sorted(split_capture(d)[0]["X-Mail-Args"][0] for d in sink.captures())
@@ -53,7 +53,7 @@ async def test_8bitmime_and_size_parameters(smtp_sink, engine: str) -> None:
 
 async def test_size_checked_before_sending(engine: str) -> None:
     async with Sink("127.0.0.1:0", max_size=1000) as sink:
-        async with await connect(sink.destinations[0]) as conn:
+        async with await connect(sink.destinations[0], engine=engine) as conn:
             assert conn.capabilities.size == 1000
             big = await conn.send("a@b.org", ["c@d.org", "e@d.org"], b"x" * 2000)
             small = await conn.send("a@b.org", ["c@d.org"], b"x" * 100)
@@ -68,7 +68,7 @@ async def test_dsn_passed_when_offered(smtp_sink, engine: str) -> None:
     sink = smtp_sink(capture=True)  # offers DSN
     dsn = DSN(ret="HDRS", envid="id+1=x y", notify=("SUCCESS", "FAILURE"),
               orcpt=("orig@example.com", None))
-    async with await connect(sink.destination) as conn:
+    async with await connect(sink.destination, engine=engine) as conn:
         assert conn.capabilities.dsn
         results = await conn.send("a@example.org", ["b@example.com", "c@example.com"], ASCII,
                                   dsn=dsn)
@@ -84,7 +84,7 @@ async def test_dsn_passed_when_offered(smtp_sink, engine: str) -> None:
 async def test_dsn_dropped_when_not_offered(engine: str) -> None:
     only = ("PIPELINING", "ENHANCEDSTATUSCODES")
     async with Sink("127.0.0.1:0", extensions=only) as sink, await connect(
-        sink.destinations[0]
+        sink.destinations[0], engine=engine
     ) as conn:
         assert not conn.capabilities.dsn
         results = await conn.send("a@b.org", ["c@d.org"], ASCII, dsn=DSN(ret="FULL"))

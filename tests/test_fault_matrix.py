@@ -65,7 +65,7 @@ def test_table_is_complete() -> None:
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
 async def test_fault_matrix(case: Case, engine: str) -> None:
     limit = HANG_LIMIT if case.bug in ("K4", "K9") else CASE_LIMIT
-    out = await asyncio.wait_for(run_case(case), limit)
+    out = await asyncio.wait_for(run_case(case, engine=engine), limit)
     problems = check(case, out)
     assert not problems, f"{case.id} ({case.injection}): " + "; ".join(problems)
 
@@ -75,7 +75,7 @@ async def test_fault_matrix(case: Case, engine: str) -> None:
 
 async def test_quit_is_bounded_by_its_timeout(engine: str) -> None:
     async with Sink("127.0.0.1:0", faults=FaultPlan.parse(["quit=stall"])) as sink:
-        client = await connect(sink.destinations[0], timeouts=Timeouts(quit=LIMIT))
+        client = await connect(sink.destinations[0], timeouts=Timeouts(quit=LIMIT), engine=engine)
         (r,) = await client.send("a@example.org", ["b@example.org"], b"Subject: x\r\n\r\nx\r\n")
         assert r.delivered
         try:

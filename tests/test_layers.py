@@ -54,11 +54,7 @@ IO_MODULES = {"asyncio", "socket", "selectors", "ssl", "uvloop"}
 
 #: Known violations, each to be removed by the change that fixes it. The test
 #: fails when one disappears too, so this list stays true.
-KNOWN: set[tuple[str, str]] = {
-    # tls/sasl drive the protocol themselves (issue 11: session set-up in one place)
-    ("lmtpfast._tls", "lmtpfast._protocol"),
-    ("lmtpfast._sasl", "lmtpfast._protocol"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from lmtpfast import Agent
 from lmtpfast._testing.dovecot import TempDovecot
 from lmtpfast.server._faults import FaultPlan
 from lmtpfast.server._sink import Sink
@@ -31,7 +32,6 @@ from lmtpfast.spool._replay import (
     Replayer,
     RetryPolicy,
     exit_status,
-    open_deliverer,
 )
 
 MSGID = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
@@ -75,10 +75,10 @@ def sink_plan(*specs: str) -> FaultPlan:
 
 
 async def replay(spool: Spool, server: str, *, policy: RetryPolicy | None = None,
-                 **kw: object) -> tuple[Recorder, object]:
+                 engine: str | None = None, **kw: object) -> tuple[Recorder, object]:
     rec = Recorder()
-    async with open_deliverer(server=server, connections=4) as d:
-        r = Replayer(spool, d, concurrency=16, observer=rec,
+    async with Agent.for_server(server, max_connections=4, engine=engine) as agent:
+        r = Replayer(spool, agent, concurrency=16, observer=rec,
                      policy=policy or RetryPolicy(min_backoff=0), **kw)  # type: ignore[arg-type]
         totals = await r.run()
     return rec, totals
@@ -87,7 +87,8 @@ async def replay(spool: Spool, server: str, *, policy: RetryPolicy | None = None
 # -- mixed outcomes ------------------------------------------------------------------------
 
 
-async def test_mixed_outcomes_into_dovecot(dovecot: TempDovecot, tmp_path: Path) -> None:
+async def test_mixed_outcomes_into_dovecot(dovecot: TempDovecot, tmp_path: Path,
+                                           engine: str) -> None:
     """Unknown users end in failed/ with reasons; a tempfailing mailbox stays queued, then works."""
     spool = Spool(tmp_path / "spool", create=True)
     dom = "example.com"
@@ -103,7 +104,7 @@ async def test_mixed_outcomes_into_dovecot(dovecot: TempDovecot, tmp_path: Path)
     blocker = dovecot.mail_root / "carol"
     blocker.write_text("not a folder")
     try:
-        rec, totals = await replay(spool, dovecot.destination_unix)
+        rec, totals = await replay(spool, dovecot.destination_unix, engine=engine)
     finally:
         blocker.unlink()
     assert exit_status(totals) == 75  # type: ignore[arg-type]
@@ -124,7 +125,7 @@ async def test_mixed_outcomes_into_dovecot(dovecot: TempDovecot, tmp_path: Path)
     assert m5.recipients[0].last.code == 451
 
     # The mailbox works again: the next pass delivers what was deferred.
-    rec, totals = await replay(spool, dovecot.destination_unix)
+    rec, totals = await replay(spool, dovecot.destination_unix, engine=engine)
     assert rec.by_recipient() == {f"carol@{dom}": ["delivered", "delivered"]}
     assert exit_status(totals) == 65  # type: ignore[arg-type]  # m5 ends in failed/ (zed)
     assert entries(spool, "deferred") == [] and entries(spool, "incoming") == []
@@ -134,7 +135,7 @@ async def test_mixed_outcomes_into_dovecot(dovecot: TempDovecot, tmp_path: Path)
     assert stored == {"alice": ["m1", "m3"], "bob": ["m5"], "carol": ["m4", "m5"]}
 
 
-async def test_tempfailed_recipients_succeed_on_a_later_pass(tmp_path: Path) -> None:
+async def test_tempfailed_recipients_succeed_on_a_later_pass(tmp_path: Path, engine: str) -> None:
     """A sink that tempfails bob three times and refuses nobody@: mixed outcomes in one back end."""
     spool = Spool(tmp_path / "spool", create=True)
     for i in range(10):
@@ -145,7 +146,7 @@ async def test_tempfailed_recipients_succeed_on_a_later_pass(tmp_path: Path) -> 
                      "rcpt:nobody@*=550 5.1.1 User unknown")
     async with Sink(f"unix:{tmp_path}/lmtp", faults=plan, collect=True) as sink:
         dest = sink.destinations[0]
-        rec, totals = await replay(spool, dest)
+        rec, totals = await replay(spool, dest, engine=engine)
         assert exit_status(totals) == 75  # type: ignore[arg-type]
         outcomes = Counter((o.recipient, o.outcome) for o in rec.outcomes)
         assert outcomes == {("alice@example.com", "delivered"): 10,
@@ -154,7 +155,7 @@ async def test_tempfailed_recipients_succeed_on_a_later_pass(tmp_path: Path) -> 
                             ("nobody@example.com", "failed"): 2}
         assert len(entries(spool, "deferred")) == 3
         assert len(entries(spool, "failed")) == 2 * 3
-        rec, totals = await replay(spool, dest)
+        rec, totals = await replay(spool, dest, engine=engine)
         assert exit_status(totals) == 0  # type: ignore[arg-type]
         assert Counter(o.outcome for o in rec.outcomes) == {"delivered": 3}
         got = Counter((msgid_of(m.content), r) for m in sink.messages for r in m.recipients)
@@ -163,7 +164,7 @@ async def test_tempfailed_recipients_succeed_on_a_later_pass(tmp_path: Path) -> 
     assert len(got) == 20
 
 
-async def test_deferral_backoff_and_queue_lifetime(tmp_path: Path) -> None:
+async def test_deferral_backoff_and_queue_lifetime(tmp_path: Path, engine: str) -> None:
     spool = Spool(tmp_path / "spool", create=True)
     spool.enqueue(message("e1"), "s@example.org", ["carol@example.com", "alice@example.com"],
                   arrival=time.time() - 100)
@@ -171,23 +172,24 @@ async def test_deferral_backoff_and_queue_lifetime(tmp_path: Path) -> None:
     async with Sink(f"unix:{tmp_path}/lmtp", faults=plan) as sink:
         dest = sink.destinations[0]
         policy = RetryPolicy(min_backoff=60, max_backoff=100, max_lifetime=1000)
-        rec, totals = await replay(spool, dest, policy=policy)
+        rec, totals = await replay(spool, dest, engine=engine, policy=policy)
         [deferred] = [o for o in rec.outcomes if o.outcome == "deferred"]
         assert deferred.next_attempt is not None
         assert 55 < deferred.next_attempt - time.time() <= 60
         # Not due yet: a pass does nothing and says it is still queued.
-        rec, totals = await replay(spool, dest, policy=policy)
+        rec, totals = await replay(spool, dest, engine=engine, policy=policy)
         assert rec.outcomes == [] and totals.not_due == 1  # type: ignore[attr-defined]
         assert exit_status(totals) == 75  # type: ignore[arg-type]
         # The second failure doubles the delay, up to max_backoff.
-        rec, totals = await replay(spool, dest, policy=policy, flush=True)
+        rec, totals = await replay(spool, dest, engine=engine, policy=policy, flush=True)
         [deferred] = rec.outcomes
         assert deferred.next_attempt is not None
         assert 95 < deferred.next_attempt - time.time() <= 100
         # Older than the queue lifetime: the temporary failure becomes final.
         short = RetryPolicy(min_backoff=0, max_lifetime=50)
         bounces = tmp_path / "bounces"
-        rec, totals = await replay(spool, dest, policy=short, flush=True, bounce_dir=bounces)
+        rec, totals = await replay(spool, dest, engine=engine, policy=short, flush=True,
+                                   bounce_dir=bounces)
     [expired] = rec.outcomes
     assert expired.outcome == "expired" and "gave up" in expired.text
     assert exit_status(totals) == 65  # type: ignore[arg-type]
@@ -198,25 +200,26 @@ async def test_deferral_backoff_and_queue_lifetime(tmp_path: Path) -> None:
     assert b"Final-Recipient: rfc822; carol@example.com" in data and b"Status: 4.3.0" in data
 
 
-async def test_lost_reply_after_dot_is_retried_and_flagged(tmp_path: Path) -> None:
+async def test_lost_reply_after_dot_is_retried_and_flagged(tmp_path: Path, engine: str) -> None:
     """Connection lost after the final dot: retried, and reported as possibly duplicated."""
     spool = Spool(tmp_path / "spool", create=True)
     spool.enqueue(message("p1"), "s@example.org", ["alice@example.com"])
     async with Sink(f"unix:{tmp_path}/lmtp", faults=sink_plan("dot@times=1=disconnect")) as sink:
         dest = sink.destinations[0]
-        rec, totals = await replay(spool, dest)
+        rec, totals = await replay(spool, dest, engine=engine)
         [first] = rec.outcomes
         assert first.outcome == "deferred" and first.possibly_duplicated
         [id] = entries(spool, "deferred")
         env = decode_envelope((spool.path / "deferred" / id).read_bytes())
         assert env.recipients[0].possibly_delivered
-        rec, totals = await replay(spool, dest)
+        rec, totals = await replay(spool, dest, engine=engine)
     [second] = rec.outcomes
     assert second.outcome == "delivered" and second.possibly_duplicated
     assert totals.possibly_duplicated == 1  # type: ignore[attr-defined]
 
 
-async def test_corrupt_entries_are_quarantined_and_replay_goes_on(tmp_path: Path) -> None:
+async def test_corrupt_entries_are_quarantined_and_replay_goes_on(tmp_path: Path,
+                                                                 engine: str) -> None:
     spool = Spool(tmp_path / "spool", create=True)
     good = [spool.enqueue(message(f"g{i}"), "s@example.org", ["alice@example.com"])
             for i in range(5)]
@@ -229,7 +232,7 @@ async def test_corrupt_entries_are_quarantined_and_replay_goes_on(tmp_path: Path
     (spool.path / "msg" / bad[2]).unlink()  # message file lost
     (spool.path / "msg" / bad[2]).mkdir()  # ... and something unreadable in its place
     async with Sink(f"unix:{tmp_path}/lmtp", collect=True) as sink:
-        rec, totals = await replay(spool, sink.destinations[0])
+        rec, totals = await replay(spool, sink.destinations[0], engine=engine)
         assert len(sink.messages) == 5
     assert sorted(i for i, _ in rec.quarantine) == sorted(bad)
     reasons = {i: r for i, r in rec.quarantine}
@@ -413,21 +416,23 @@ def test_demo_runs_in_one_command() -> None:
     assert "moved to failed/" in out
 
 
-async def test_fallback_deliverer_without_the_agent(tmp_path: Path) -> None:
-    """ServerDeliverer: pipelined connections to one server, destination filled, connect errors transient."""
-    from lmtpfast.spool._replay import ServerDeliverer
-
+async def test_server_is_an_agent_with_one_route(tmp_path: Path, engine: str) -> None:
+    """--server: pipelined connections to one server, destination filled, connect errors
+    transient."""
     spool = Spool(tmp_path / "spool", create=True)
     for i in range(40):
         spool.enqueue(message(f"f{i}"), "s@example.org", ["alice@example.com", "bob@example.com"])
     async with Sink(f"unix:{tmp_path}/lmtp", collect=True) as sink:
         dest = sink.destinations[0]
         rec = Recorder()
-        async with ServerDeliverer(dest, connections=3) as d:
-            totals = await Replayer(spool, d, concurrency=12, observer=rec).run()
+        async with Agent.for_server(dest, max_connections=3, engine=engine) as agent:
+            totals = await Replayer(spool, agent, concurrency=12, observer=rec).run()
+            assert agent.stats.connections_opened <= 3
         assert len(sink.messages) == 40
     assert totals.recipients_delivered == 80 and exit_status(totals) == 0
     assert {o.destination for o in rec.outcomes} == {dest}
-    async with ServerDeliverer(f"unix:{tmp_path}/nothing-here") as d:
-        [r] = await d.deliver(b"Subject: x\r\n\r\nx\r\n", sender="", recipients=["a@x.org"])
-    assert r.transient and r.stage == "connect" and r.local
+    spool.enqueue(message("none"), "", ["a@x.org"])
+    rec, totals = await replay(spool, f"unix:{tmp_path}/nothing-here", engine=engine)
+    (o,) = rec.outcomes
+    assert (o.outcome, o.code, o.enhanced, o.stage, o.local) == (
+        "deferred", 451, "4.4.1", "connect", True)

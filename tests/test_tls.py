@@ -85,7 +85,7 @@ async def test_none_stays_plain_although_offered(dv: TempDovecot) -> None:
 @pytest.mark.parametrize("via", ["tcp", "unix"])
 async def test_may_uses_tls_without_verifying(dv: TempDovecot, via: str, engine: str) -> None:
     dest = dv.destination_tcp if via == "tcp" else dv.destination_unix
-    async with await connect(dest, tls="may") as c:
+    async with await connect(dest, tls="may", engine=engine) as c:
         assert c.tls is not None
         assert c.tls.version in ("TLSv1.2", "TLSv1.3")
         assert not c.tls.verified
@@ -308,7 +308,7 @@ async def test_bytes_after_the_220_are_refused(certs: Certs, injected: bytes,
     policy = TLSPolicy(level="may")
     async with server:
         with pytest.raises(RemoteProtocolError):
-            await connect(dest, tls=policy)
+            await connect(dest, tls=policy, engine=engine)
 
 
 async def test_starttls_refused_is_fatal_only_when_required() -> None:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .._errors import ConfigurationError
+from .._failures import MAP_FAILURE
 from ._base import (
     NOT_CACHED,
     LookupResult,
@@ -68,10 +69,10 @@ KNOWN_TYPES = FILE_TYPES | NETWORK_TYPES | _OTHER
 _TYPE = re.compile(r"([a-z][a-z0-9_]*):(.*)", re.S)
 
 #: The temporary result a recipient gets when a map it needed could not answer
-#: (Postfix: "451 4.3.0 <addr>: Temporary lookup failure"). Kept here until the
-#: failure table (lmtpfast/_failures.py, issue 11) lands; then it moves there.
-MAP_FAILURE_CODE = 451
-MAP_FAILURE_ENHANCED = "4.3.0"
+#: (Postfix: "451 4.3.0 <addr>: Temporary lookup failure"): the failure table's
+#: ``map-failure`` row (lmtpfast/_failures.py).
+MAP_FAILURE_CODE = MAP_FAILURE.code
+MAP_FAILURE_ENHANCED = MAP_FAILURE.enhanced
 
 
 def map_failure(err: MapError) -> tuple[int, str, str]:

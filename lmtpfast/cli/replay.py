@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import msgspec
 
-from lmtpfast import ConfigurationError, Timeouts
+from lmtpfast import Agent, ConfigurationError, Timeouts
 from lmtpfast.spool import (
     Observer,
     Outcome,
@@ -29,7 +29,6 @@ from lmtpfast.spool import (
     SpoolError,
     Totals,
     exit_status,
-    open_deliverer,
 )
 
 from . import _exit, _output, _run
@@ -82,7 +81,7 @@ def register(sub: Any) -> None:
     p.add_argument("--concurrency", type=_positive_int, default=64, metavar="N",
                    help="messages in flight at once (default 64)")
     p.add_argument("--connections", type=_positive_int, default=8, metavar="N",
-                   help="connections when delivering without the agent (default 8)")
+                   help="--server: connections to it at most (default 8)")
     p.add_argument("--json", metavar="REPORT", dest="json_report",
                    help="write a machine-readable report (every outcome, the summary) to REPORT")
     p.add_argument("--flush", action="store_true",
@@ -435,9 +434,12 @@ def _replay(args: argparse.Namespace, spool: Spool, policy: RetryPolicy,
             # First signal: finish the messages in flight and stop cleanly.
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, hangup)
-        async with open_deliverer(server=args.server, config=args.config,
-                                  connections=args.connections, timeouts=timeouts) as deliverer:
-            replayer = Replayer(spool, deliverer, concurrency=args.concurrency, policy=policy,
+        # Replay delivers through the agent only: --server is one default route.
+        agent = (Agent.from_config(args.config) if args.config is not None else
+                 Agent.for_server(args.server, max_connections=args.connections,
+                                  timeouts=timeouts))
+        async with agent:
+            replayer = Replayer(spool, agent, concurrency=args.concurrency, policy=policy,
                                 observer=obs, flush=args.flush, bounce_dir=args.bounce_dir,
                                 count_first=progress)
             return await replayer.run(watch=args.watch, interval=args.interval, stop=stop)

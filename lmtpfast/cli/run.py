@@ -29,7 +29,7 @@ import signal
 import sys
 from typing import Any
 
-from lmtpfast import ConfigurationError, Metrics, Timeouts
+from lmtpfast import Agent, ConfigurationError, Metrics, Timeouts
 from lmtpfast.spool import (
     DirQueue,
     Observer,
@@ -40,7 +40,6 @@ from lmtpfast.spool import (
     Spool,
     SpoolError,
     Totals,
-    open_deliverer,
 )
 
 from . import _exit, _log, _run
@@ -212,19 +211,22 @@ class Daemon:
         self.replayer: Replayer | None = None
         self._reloading: asyncio.Task[None] | None = None
         self._hard = asyncio.Event()
-        # The open_deliverer context of the agent delivering now.
+        # The agent delivering now (an async context manager: closing it lets
+        # its deliveries in flight finish).
         self._cm: Any = None
         self.totals = Totals()
         self.cut_short = False
         self.report: Any = None
 
-    def _deliverer(self) -> Any:
-        return open_deliverer(server=self.args.server, config=self.args.config,
-                              connections=self.args.connections,
-                              timeouts=Timeouts.scaled(self.args.timeout_scale))
+    def _deliverer(self) -> Agent:
+        # Replay delivers through the agent only: --server is one default route.
+        if self.args.config is not None:
+            return Agent.from_config(self.args.config)
+        return Agent.for_server(self.args.server, max_connections=self.args.connections,
+                                timeouts=Timeouts.scaled(self.args.timeout_scale))
 
     def current_agent(self) -> Any:
-        return self.replayer.deliverer if self.replayer is not None else None
+        return self.replayer.agent if self.replayer is not None else None
 
     # -- signals ------------------------------------------------------------------------
 
@@ -260,7 +262,7 @@ class Daemon:
             self.notify.ready("delivering (reload failed)")
             return
         assert self.replayer is not None
-        self.replayer.deliverer = deliverer
+        self.replayer.agent = deliverer
         old_cm, self._cm = self._cm, new
         self.metrics.reloads["ok"] = self.metrics.reloads.get("ok", 0) + 1
         self.log.message(f"reloaded {self.args.config} (configuration and maps)")

@@ -16,17 +16,17 @@ import sys
 from typing import Any, NoReturn
 
 from lmtpfast import (
-    DELIVERED,
-    PERMANENT,
-    TRANSIENT,
+    DSN,
+    FAILURES,
     ConfigurationError,
-    ConnectError,
+    ContentError,
+    Delivery,
     LMTPError,
     LocalProtocolError,
     RecipientResult,
-    ReplyError,
     Timeouts,
     connect,
+    failure_results,
     parse_destination,
 )
 
@@ -77,6 +77,12 @@ def register(sub: Any) -> None:
                    f"no limit; default {_input.DEFAULT_MAX_SIZE // 1024 // 1024}m); the "
                    "server's SIZE applies too")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--notify", metavar="LIST",
+                   help="DSN NOTIFY for every recipient: NEVER, or SUCCESS,FAILURE,DELAY")
+    p.add_argument("--ret", choices=("FULL", "HDRS"), help="DSN RET: what a bounce returns")
+    p.add_argument("--envid", metavar="ID", help="DSN ENVID")
+    p.add_argument("--orcpt", action="append", metavar="ADDR",
+                   help="DSN ORCPT (original recipient), one per --rcpt in order")
     _security.add_arguments(p)
     p.set_defaults(func=run)
 
@@ -128,23 +134,14 @@ def print_results(results: list[RecipientResult], as_json: bool) -> None:
         _output.print_line(_line(results[i]), flush=n == len(order))
 
 
-def _local(recipients: list[str], code: int, enhanced: str, text: str, stage: str,
-           dest: str | None = None) -> list[RecipientResult]:
-    status = DELIVERED if code < 400 else TRANSIENT if code < 500 else PERMANENT
-    return [RecipientResult(address=a, status=status, code=code, enhanced=enhanced, text=text,
-                            stage=stage, destination=dest, local=True) for a in recipients]
-
-
-def _session_failed(exc: BaseException, recipients: list[str], dest: str) -> list[RecipientResult]:
-    """The session could not be set up: every recipient is undecided (try again)."""
-    if isinstance(exc, ConnectError):
-        return _local(recipients, 451, "4.4.1", str(exc), "connect", dest)
-    if isinstance(exc, ReplyError):
-        # Even a 5xx greeting defers (Postfix's lmtp_skip_5xx_greeting = yes).
-        text = f"{dest} refused the session: {exc.code} {exc.text}".rstrip()
-        return _local(recipients, 451, "4.4.2", text, exc.stage or "connect", dest)
-    stage = getattr(exc, "stage", "") or "connect"
-    return _local(recipients, 451, "4.4.2", f"session with {dest} failed: {exc}", stage, dest)
+def _dsn(args: argparse.Namespace) -> DSN | None:
+    if not (args.notify or args.ret or args.envid or args.orcpt):
+        return None
+    notify = tuple(w.strip().upper() for w in (args.notify or "").split(",") if w.strip())
+    if args.orcpt is not None and len(args.orcpt) != len(args.recipients):
+        raise LocalProtocolError("give one --orcpt per --rcpt")
+    return DSN(ret=args.ret, envid=args.envid, notify=notify,  # type: ignore[arg-type]
+               orcpt=None if args.orcpt is None else tuple(args.orcpt))
 
 
 def _check_utf8(what: str, address: str) -> None:
@@ -182,28 +179,34 @@ def run(args: argparse.Namespace) -> int:
     except _input.TooBig as exc:
         # Refused for every recipient before anything is sent, as the
         # server's own SIZE refusal would be (552 5.3.4).
-        return _report(_local(args.recipients, 552, "5.3.4", str(exc), "local"), args, str(exc))
-    if (nul := message.find(b"\0")) >= 0:
-        # Checked before connecting: a NUL cannot be sent in DATA or BDAT.
-        text = f"message contains a NUL byte at offset {nul}; it cannot be sent"
-        return _report(_local(args.recipients, 554, "5.6.0", text, "local"), args, text)
+        too_big = FAILURES["too-big"].results(args.recipients, detail=exc)
+        return _report(too_big, args, str(exc))
+    # The request is checked once, before connecting (Delivery.build): a NUL
+    # is refused for every recipient, a bad address is a usage error.
+    try:
+        delivery = Delivery.build(message, sender=args.sender, recipients=args.recipients,
+                                  dsn=_dsn(args))
+    except ContentError as exc:
+        return _report(failure_results(exc, args.recipients), args, str(exc))
+    except LocalProtocolError as exc:
+        return _fail(_exit.EX_USAGE, str(exc))
+    if delivery.refused:
+        return _fail(_exit.EX_USAGE, "; ".join(r.text for r in delivery.refused.values()))
 
     async def deliver() -> list[RecipientResult]:
         conn = await connect(dest, lhlo_name=args.lhlo_name, timeouts=timeouts,
                              pipelining=not args.no_pipelining, tls=tls, auth=auth)
         try:
-            return await conn.send(args.sender, args.recipients, message)
+            return await conn.send(delivery)
         finally:
             await conn.quit()
 
     try:
         results = _run.run(deliver())
-    except LocalProtocolError as exc:  # a bad address: nothing was sent
-        return _fail(_exit.EX_USAGE, str(exc))
     except (LMTPError, OSError) as exc:
-        # The session could not be set up; TODO(core): the failure table's
-        # failure_results() says the same for every front end once on main.
-        return _report(_session_failed(exc, args.recipients, str(dest)), args,
+        # The session could not be set up: the failure table says what each
+        # recipient gets, as it says it for the agent and replay.
+        return _report(failure_results(exc, args.recipients, destination=str(dest)), args,
                        f"{dest}: {exc}")
     return _report(results, args)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _pyproto
 from ._common import (
@@ -31,11 +31,13 @@ __all__ = [
     "CommandReply",
     "Connection",
     "ConnectionBroken",
+    "Engine",
     "ReadyForData",
     "Reply",
     "ReplyParser",
     "Transaction",
     "TransactionDone",
+    "get_engine",
 ]
 
 
@@ -66,3 +68,49 @@ if TYPE_CHECKING:
 else:
     Connection = _impl.Connection
     ReplyParser = _impl.ReplyParser
+
+
+class Engine(NamedTuple):
+    """One implementation of the core: its engine and its content encoder."""
+
+    #: ``"c"`` (compiled) or ``"python"`` (the reference).
+    name: str
+    Connection: Any  # the engine class (both have ``_pyproto.Connection``'s API)
+    encode_content: Any
+    ContentEncoder: Any
+
+
+def get_engine(engine: str | Engine | ModuleType | None = None) -> Engine:
+    """The core to run on: ``"c"``, ``"python"``, a module of :data:`IMPLEMENTATIONS`, or
+    ``None`` for the default (compiled when built, unless ``LMTPFAST_NO_EXTENSIONS=1``).
+
+    The layers above take it as their ``engine=`` parameter, so one process
+    (a test, a benchmark) can run both side by side.
+    """
+    from . import content
+
+    if isinstance(engine, Engine):
+        return engine
+    if engine is None:
+        name = IMPLEMENTATION
+    elif isinstance(engine, ModuleType):
+        found = [k for k, m in IMPLEMENTATIONS.items() if m is engine]
+        if not found:
+            raise ValueError(f"{engine.__name__} is not an lmtpfast engine")
+        name = found[0]
+    else:
+        name = engine
+    proto_mod = IMPLEMENTATIONS.get(name)
+    content_mod = content.IMPLEMENTATIONS.get(name)
+    if proto_mod is None or content_mod is None:
+        known = ", ".join(repr(k) for k in IMPLEMENTATIONS)
+        raise ValueError(f"engine {name!r} is not available here (available: {known}; the "
+                         "compiled one needs `python setup.py build_ext --inplace`)")
+    cached = _ENGINES.get(name)
+    if cached is None:
+        cached = _ENGINES[name] = Engine(name, proto_mod.Connection, content_mod.encode_content,
+                                         content_mod.ContentEncoder)
+    return cached
+
+
+_ENGINES: dict[str, Engine] = {}

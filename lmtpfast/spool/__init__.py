@@ -7,7 +7,7 @@ The format is described in ``docs/spool.md``: one immutable message file per
 entry in ``msg/``, one small JSON envelope (msgspec) in ``incoming/`` or
 ``deferred/``; the lock on the message file is the claim of the replay that
 delivers it. :class:`Replayer` delivers a spool's due entries through an
-:class:`~lmtpfast.Agent`.
+:class:`~lmtpfast.Agent` (one :class:`~lmtpfast.Delivery` per entry, DSN included).
 
 Names are imported on first use: ``lmtpfast enqueue`` never loads the
 delivery side.
@@ -42,15 +42,13 @@ _EXPORTS: dict[str, str] = {
     "iter_eml_dir": "_importers",
     "iter_maildir": "_importers",
     "iter_mbox": "_importers",
-    "Deliverer": "_replay",
     "Observer": "_replay",
     "Outcome": "_replay",
     "Replayer": "_replay",
     "RetryPolicy": "_replay",
-    "ServerDeliverer": "_replay",
     "Totals": "_replay",
+    "delivery_for": "_replay",
     "exit_status": "_replay",
-    "open_deliverer": "_replay",
     "build_bounce": "_bounce",
     "write_bounce": "_bounce",
     "ActionResult": "_queue",
@@ -77,7 +75,6 @@ __all__ = [
     "BadEnvelope",
     "Claim",
     "ClaimBatch",
-    "Deliverer",
     "DirQueue",
     "Entry",
     "EntryInfo",
@@ -100,7 +97,6 @@ __all__ = [
     "SQLiteStore",
     "Scan",
     "Selection",
-    "ServerDeliverer",
     "Source",
     "Spool",
     "SpoolError",
@@ -109,6 +105,7 @@ __all__ = [
     "build_bounce",
     "check_address",
     "decode_envelope",
+    "delivery_for",
     "encode_envelope",
     "enqueue",
     "envelope_from_headers",
@@ -118,7 +115,6 @@ __all__ = [
     "iter_maildir",
     "iter_mbox",
     "new_envelope",
-    "open_deliverer",
     "open_queue",
     "write_bounce",
 ]
@@ -170,15 +166,13 @@ if TYPE_CHECKING:
         open_queue,
     )
     from ._replay import (
-        Deliverer,
         Observer,
         Outcome,
         Replayer,
         RetryPolicy,
-        ServerDeliverer,
         Totals,
+        delivery_for,
         exit_status,
-        open_deliverer,
     )
     from ._sqlite import SQLiteQueue, SQLiteStore
     from ._store import Claim, Quarantined, Scan, Spool, SpoolError, enqueue

@@ -1,7 +1,12 @@
 """The replay engine: deliver a spool's due messages and record every outcome.
 
->>> async with open_deliverer(server="unix:/run/dovecot/lmtp") as d:   # doctest: +SKIP
-...     totals = await Replayer(Spool("/var/spool/lmtpfast"), d).run()
+>>> async with Agent.for_server("unix:/run/dovecot/lmtp") as agent:   # doctest: +SKIP
+...     totals = await Replayer(Spool("/var/spool/lmtpfast"), agent).run()
+
+Replay delivers through :class:`~lmtpfast.Agent` only (a bare ``--server``
+is an agent with one default route): each entry becomes one
+:class:`~lmtpfast.Delivery` with its DSN (RET, ENVID; NOTIFY and ORCPT per
+recipient), which reaches every back end that advertises DSN.
 
 Per recipient: delivered → removed from the envelope; permanent → kept as
 ``failed`` with its reply; transient → kept ``queued`` and the message is tried
@@ -18,52 +23,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
-from .._destination import Destination, parse_destination
-from .._errors import (
-    ConfigurationError,
-    ContentError,
-    LMTPError,
-    LocalProtocolError,
-    ServerDisconnected,
-)
+from .._delivery import BadSender, Delivery
+from .._dsn import DSN
+from .._errors import ConfigurationError, ContentError, LMTPError
+from .._failures import BAD_CONTENT, BAD_SENDER, LOCAL_ERROR
 from .._metrics import TRACE, Trace
-from .._results import RecipientResult, status_of
-from .._session import Client, connect
-from .._settings import Timeouts
-from ._format import Reason, encode_envelope
+from .._results import RecipientResult
+from ._format import Envelope, Reason, Recipient, encode_envelope
 from ._store import Claim, Quarantined, Spool
 
+if TYPE_CHECKING:
+    from .._agent import Agent
+
 __all__ = [
-    "Deliverer",
     "Observer",
     "Outcome",
     "Replayer",
     "RetryPolicy",
-    "ServerDeliverer",
     "Totals",
+    "delivery_for",
     "exit_status",
-    "open_deliverer",
 ]
-
-
-class Deliverer(Protocol):
-    """What replay delivers through: :class:`lmtpfast.Agent`, or :class:`ServerDeliverer`."""
-
-    async def deliver(
-        self, message: bytes, *, sender: str, recipients: Sequence[str]
-    ) -> list[RecipientResult]: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,11 +189,6 @@ def exit_status(totals: Totals) -> int:
     return 0
 
 
-def _local(address: str, code: int, enhanced: str, text: str, stage: str) -> RecipientResult:
-    return RecipientResult(address=address, status=status_of(code), code=code, enhanced=enhanced,
-                           text=text, stage=stage, local=True)
-
-
 #: Reply texts kept in an envelope are cut to this many characters, and
 #: destinations to 256, so the space an envelope rewrite needs has a bound
 #: that can be reserved before a delivery (see :meth:`Claim.reserve`).
@@ -248,7 +231,7 @@ def _reasons_text(id: str, claim: Claim) -> str:
 
 
 class Replayer:
-    """Delivers the due entries of *spool* through *deliverer*.
+    """Delivers the due entries of *spool* through *agent* (an :class:`~lmtpfast.Agent`).
 
     *concurrency* bounds the messages in flight (and so the memory). *flush*
     tries deferred entries whatever their next attempt time (``postqueue -f``).
@@ -259,7 +242,7 @@ class Replayer:
     def __init__(
         self,
         spool: Spool,
-        deliverer: Deliverer,
+        agent: Agent,
         *,
         concurrency: int = 64,
         policy: RetryPolicy | None = None,
@@ -273,7 +256,7 @@ class Replayer:
         if concurrency < 1:
             raise ConfigurationError("concurrency must be 1 or more", field="concurrency")
         self.spool = spool
-        self.deliverer = deliverer
+        self.agent = agent
         self.concurrency = concurrency
         self.policy = policy or RetryPolicy()
         self.observer = observer or Observer()
@@ -445,8 +428,7 @@ class Replayer:
             started = self.clock()
             token = TRACE.set(trace)
             try:
-                results = await self._deliver(message, env.sender,
-                                              [r.address for r in pending])
+                results = await self._deliver(message, env, pending)
             finally:
                 TRACE.reset(token)
         else:
@@ -585,21 +567,19 @@ class Replayer:
         self.observer.backing_off(_problem(exc), self._trouble_delay)
 
     async def _deliver(
-        self, message: bytes, sender: str, recipients: list[str]
+        self, message: bytes, env: Envelope, pending: list[Recipient],
     ) -> list[RecipientResult]:
+        addresses = [r.address for r in pending]
         try:
-            results = await self.deliverer.deliver(message, sender=sender, recipients=recipients)
+            return await self.agent.deliver(delivery_for(message, env, pending))
         except ContentError as exc:
-            return [_local(a, 554, "5.6.0", str(exc), "local") for a in recipients]
-        except LocalProtocolError as exc:
-            return [_local(a, 553, "5.1.3", str(exc), "local") for a in recipients]
+            return BAD_CONTENT.results(addresses, detail=exc)
+        except BadSender as exc:
+            return BAD_SENDER.results(addresses, detail=exc.address)
         except (LMTPError, OSError) as exc:
-            return [_local(a, 451, "4.3.0", f"delivery failed: {exc}", "local")
-                    for a in recipients]
-        if len(results) != len(recipients):  # a deliverer bug must not lose anybody
-            text = f"deliverer returned {len(results)} results for {len(recipients)} recipients"
-            return [_local(a, 451, "4.3.0", text, "local") for a in recipients]
-        return results
+            # LocalProtocolError (a DSN value a hand-made envelope got wrong...)
+            # included: nothing was sent; the entry stays queued.
+            return LOCAL_ERROR.results(addresses, detail=exc)
 
     def _report(
         self, claim: Claim, timing: tuple[float, int, tuple[float, float, float, float]],
@@ -658,137 +638,13 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f} seconds"
 
 
-# -- delivering without the agent ---------------------------------------------
-
-
-class ServerDeliverer:
-    """A few pipelined connections to one server, used round-robin.
-
-    The minimal stand-in for :class:`lmtpfast.Agent` when it is not
-    available: no routing, no batching, lazy connections replaced when they
-    break. Results get ``destination`` filled in.
-    """
-
-    def __init__(
-        self,
-        destination: str | Destination,
-        *,
-        connections: int = 8,
-        timeouts: Timeouts | None = None,
-        lhlo_name: str | None = None,
-    ) -> None:
-        if connections < 1:
-            raise ConfigurationError("connections must be 1 or more", field="connections")
-        self.destination = parse_destination(destination)
-        self.timeouts = timeouts
-        self.lhlo_name = lhlo_name
-        self._clients: list[Client | None] = [None] * connections
-        self._locks = [asyncio.Lock() for _ in range(connections)]
-        self._next = 0
-        self._closed = False
-
-    async def _client(self, slot: int) -> Client:
-        client = self._clients[slot]
-        if client is not None and client.usable:
-            return client
-        async with self._locks[slot]:
-            client = self._clients[slot]
-            if client is None or not client.usable:
-                if client is not None:
-                    client.abort()
-                self._clients[slot] = None
-                client = await connect(self.destination, timeouts=self.timeouts,
-                                       lhlo_name=self.lhlo_name)
-                self._clients[slot] = client
-            return client
-
-    async def deliver(
-        self, message: bytes, *, sender: str, recipients: Sequence[str]
-    ) -> list[RecipientResult]:
-        if self._closed:
-            raise ServerDisconnected("deliverer is closed")
-        dest = str(self.destination)
-        for attempt in range(2):
-            slot = self._next
-            self._next = (slot + 1) % len(self._clients)
-            try:
-                client = await self._client(slot)
-            except (LMTPError, OSError) as exc:
-                return [_local(a, 451, "4.4.1", str(exc), "connect") for a in recipients]
-            try:
-                results = await client.send(sender, recipients, message)
-            except (ServerDisconnected, LocalProtocolError) as exc:
-                # A connection that broke before this transaction was queued:
-                # nothing was sent, so one retry on a fresh connection is safe.
-                if client.usable or attempt:
-                    if isinstance(exc, LocalProtocolError) and client.usable:
-                        raise
-                    return [_local(a, 451, "4.4.2", str(exc), "connect") for a in recipients]
-                continue
-            return [r if r.destination else msgspec.structs.replace(r, destination=dest)
-                    for r in results]
-        raise AssertionError("unreachable")
-
-    async def close(self) -> None:
-        self._closed = True
-        clients = [c for c in self._clients if c is not None]
-        self._clients = [None] * len(self._clients)
-        await asyncio.gather(*(c.quit() for c in clients), return_exceptions=True)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-
-class _Closing:
-    """``async with`` around any deliverer."""
-
-    def __init__(self, deliverer: Deliverer) -> None:
-        self.deliverer = deliverer
-
-    async def __aenter__(self) -> Deliverer:
-        return self.deliverer
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.deliverer.close()
-
-
-def open_deliverer(
-    *,
-    server: str | None = None,
-    config: str | os.PathLike[str] | None = None,
-    connections: int = 8,
-    timeouts: Timeouts | None = None,
-) -> _Closing:
-    """The deliverer for ``--server`` or ``--config``, as ``async with`` context.
-
-    Uses :class:`lmtpfast.Agent` (routing, pool, recipient batching)
-    when this installation has it; otherwise ``--server`` falls back to
-    :class:`ServerDeliverer` and ``--config`` is refused.
-    """
-    if (server is None) == (config is None):
-        raise ConfigurationError("give exactly one of --server or --config")
-    agent_mod: Any = None
-    try:
-        agent_mod = importlib.import_module("lmtpfast._agent")
-    except ModuleNotFoundError as exc:
-        if exc.name != "lmtpfast._agent":
-            raise
-    if config is not None:
-        if agent_mod is None:
-            raise ConfigurationError("--config needs lmtpfast._agent, which this build lacks",
-                                     source=os.fspath(config))
-        deliverer: Deliverer = agent_mod.Agent.from_config(config)
-        return _Closing(deliverer)
-    assert server is not None
-    dest = parse_destination(server)
-    if agent_mod is not None:
-        settings: dict[str, Any] = {"max_connections": connections}
-        if timeouts is not None:
-            settings["timeouts"] = timeouts
-        return _Closing(agent_mod.Agent.for_server(dest, **settings))
-    return _Closing(ServerDeliverer(dest, connections=connections, timeouts=timeouts))
+def delivery_for(message: bytes, env: Envelope, pending: list[Recipient]) -> Delivery:
+    """The :class:`~lmtpfast.Delivery` for an entry's *pending* recipients, with its DSN."""
+    dsn = None
+    if (env.ret is not None or env.envid is not None
+            or any(r.notify or r.orcpt for r in pending)):
+        dsn = DSN(ret=env.ret, envid=env.envid,
+                  notify_each=tuple(r.notify for r in pending),  # type: ignore[misc]
+                  orcpt=tuple(r.orcpt for r in pending))
+    return Delivery.build(message, sender=env.sender, recipients=[r.address for r in pending],
+                          dsn=dsn)

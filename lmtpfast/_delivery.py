@@ -1,0 +1,343 @@
+"""One delivery request, built once at the public edge and passed down unchanged.
+
+>>> d = Delivery.build(message, sender="a@example.org",    # doctest: +SKIP
+...                    recipients=["b@example.org"])
+>>> results = await client.send(d)                        # doctest: +SKIP
+
+``Agent.deliver``, ``Client.send``, ``deliver()`` and replay build a
+:class:`Delivery` from what the caller gave, and everything below (agent ->
+pool -> session -> protocol -> engine) works on that one object. The facts a
+server's capabilities are checked against are computed here, once:
+
+* the addresses are checked (the engine's own rule, ``proto._common``): a bad
+  sender raises :class:`LocalProtocolError`, a bad recipient becomes that
+  recipient's permanent result (``_failures.BAD_RECIPIENT``) and the others go on;
+* a NUL byte in the content raises :class:`ContentError` (it can never be sent);
+* 8-bit content and addresses that need SMTPUTF8 are noted;
+* the SIZE (RFC 1870 counts the message with CRLF line ends and without the
+  dots DATA adds) and each encoded form (dot-stuffed for DATA, CRLF only for
+  BDAT, a 7-bit conversion for servers without 8BITMIME) are computed the
+  first time a server needs them and cached: one message to four back ends
+  is encoded once per form, not four times;
+* DSN (RFC 3461) parameters are formatted once; the session adds them only
+  where the server advertises DSN.
+
+:meth:`Delivery.subset` gives the part of a delivery one route takes: the
+same content, facts and cache, the chosen recipients with their parameters.
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.generator
+import email.message
+import email.policy
+import io
+import quopri
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+
+from ._dsn import DSN
+from ._errors import ContentError, LocalProtocolError
+from ._failures import BAD_RECIPIENT
+from ._results import RecipientResult
+from .proto._common import encode_address
+from .proto.content import ContentEncoder, encode_content
+
+__all__ = ["STREAM_CHUNK", "STREAM_THRESHOLD", "BadSender", "Delivery", "Message",
+           "message_bytes", "to_7bit"]
+
+Message = bytes | bytearray | memoryview | str | email.message.Message
+
+# Messages up to STREAM_THRESHOLD bytes are encoded whole and sent with their
+# final dot (and the next transaction's commands) in one write; larger ones
+# are encoded and written STREAM_CHUNK bytes at a time under flow control, so
+# a 50 MiB message is never copied whole.
+STREAM_CHUNK = 256 * 1024
+STREAM_THRESHOLD = 4 * STREAM_CHUNK
+
+_NO_REFUSALS: Mapping[int, RecipientResult] = {}
+
+
+class BadSender(LocalProtocolError):
+    """The sender address cannot be sent (the whole delivery is refused)."""
+
+    def __init__(self, address: object, why: str) -> None:
+        super().__init__(f"bad sender address {address!r}: {why}")
+        self.address = address
+
+
+def message_bytes(message: Message) -> bytes | memoryview:
+    """The raw bytes of a message given as bytes, str or ``email.message.Message``."""
+    if isinstance(message, bytes):
+        return message
+    if isinstance(message, bytearray | memoryview):
+        return memoryview(message).cast("B")
+    if isinstance(message, str):
+        return message.encode("utf-8")
+    if isinstance(message, email.message.Message):
+        policy = message.policy
+        if isinstance(policy, email.policy.EmailPolicy):
+            policy = policy.clone(linesep="\r\n")
+        return message.as_bytes(policy=policy)
+    raise TypeError(
+        f"message must be bytes, str or email.message.Message, not {type(message).__name__}")
+
+
+def _scan_large(raw: memoryview) -> bool:
+    """Raise on a NUL; return whether the message is 7-bit, a chunk at a time (no whole copy)."""
+    ascii_only = True
+    for start in range(0, len(raw), STREAM_CHUNK):
+        piece = bytes(raw[start : start + STREAM_CHUNK])
+        if (at := piece.find(b"\0")) >= 0:
+            raise ContentError(f"NUL byte at offset {start + at} of the message content: NUL "
+                               "cannot be sent in LMTP DATA or BDAT (encode the body, e.g. base64)")
+        ascii_only = ascii_only and piece.isascii()
+    return ascii_only
+
+
+class Delivery(msgspec.Struct, frozen=True, gc=False):
+    """One message for one sender and its recipients, with everything known about it.
+
+    Build it with :meth:`build` (which checks it); the fields are read-only.
+    ``refused`` maps the index of each recipient whose address cannot be sent
+    to its permanent result; the session never sends those.
+    """
+
+    sender: str
+    recipients: tuple[str, ...]
+    content: bytes | memoryview
+    #: Raw ESMTP parameters the caller gave for MAIL and per recipient.
+    mail_params: tuple[str, ...] = ()
+    rcpt_params: tuple[tuple[str, ...], ...] | None = None
+    #: DSN parameters (RFC 3461), sent only to servers that advertise DSN.
+    dsn_mail: tuple[str, ...] = ()
+    dsn_rcpt: tuple[tuple[str, ...], ...] | None = None
+    #: The content has a byte >= 0x80.
+    eight_bit: bool = False
+    #: An address is not ASCII: the transaction needs SMTPUTF8 (RFC 6531).
+    smtputf8: bool = False
+    refused: Mapping[int, RecipientResult] = _NO_REFUSALS
+    #: Names of the MAIL parameters the caller gave (upper case): SIZE, BODY or
+    #: SMTPUTF8 given there are not added again.
+    given: frozenset[str] = frozenset()
+    #: Encoded forms and derived facts, filled on first use (shared by subsets).
+    cache: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        message: Message,
+        *,
+        sender: str,
+        recipients: Sequence[str],
+        mail_params: Sequence[str] = (),
+        rcpt_params: Sequence[Sequence[str]] | None = None,
+        dsn: DSN | None = None,
+    ) -> Delivery:
+        """Check and describe a delivery; see the module docstring for what is checked.
+
+        Raises :class:`LocalProtocolError` for a bad sender, no recipients,
+        parameters that cannot be sent or that do not match the recipients;
+        :class:`ContentError` for a NUL byte; :class:`TypeError` for a
+        message or recipient list of the wrong type.
+        """
+        if isinstance(recipients, str):
+            raise TypeError("recipients must be a sequence of addresses, not one string")
+        rcpts = tuple(recipients)
+        if not rcpts:
+            raise LocalProtocolError("no recipients: a delivery needs at least one")
+        try:
+            encode_address(sender, allow_empty=True, utf8=True)
+        except LocalProtocolError as exc:
+            raise BadSender(sender, str(exc)) from None
+        smtputf8 = not sender.isascii()
+        refused: dict[int, RecipientResult] | None = None
+        for i, rcpt in enumerate(rcpts):
+            if type(rcpt) is not str:
+                raise TypeError(f"recipient must be str, not {type(rcpt).__name__}")
+            try:
+                encode_address(rcpt, utf8=True)
+            except LocalProtocolError as exc:
+                if refused is None:
+                    refused = {}
+                refused[i] = BAD_RECIPIENT.result(rcpt, detail=exc)
+                continue
+            if not smtputf8 and not rcpt.isascii():
+                smtputf8 = True
+        raw = message_bytes(message)
+        if isinstance(raw, bytes) and len(raw) <= STREAM_THRESHOLD:
+            if (nul := raw.find(b"\0")) >= 0:
+                raise ContentError(f"NUL byte at offset {nul} of the message content: NUL "
+                                   "cannot be sent in LMTP DATA or BDAT (encode the body, "
+                                   "e.g. base64)")
+            eight_bit = not raw.isascii()
+        else:
+            eight_bit = not _scan_large(memoryview(raw).cast("B"))
+        # The parameters themselves are checked by the engine as it encodes them.
+        params: tuple[str, ...] = ()
+        given: frozenset[str] = frozenset()
+        if mail_params:
+            params = tuple(mail_params)
+            given = frozenset(str(p).split("=", 1)[0].upper() for p in params)
+        per_rcpt = None
+        if rcpt_params is not None:
+            if len(rcpt_params) != len(rcpts):
+                raise LocalProtocolError("rcpt_params must have one entry per recipient")
+            per_rcpt = tuple(tuple(p) for p in rcpt_params)
+        dsn_mail: tuple[str, ...] = ()
+        dsn_rcpt = None
+        if dsn is not None:
+            dsn_mail = tuple(dsn.mail_params())
+            each = dsn.rcpt_params(rcpts)
+            if any(each):
+                dsn_rcpt = tuple(tuple(p) for p in each)
+        return cls(sender, rcpts, raw, params, per_rcpt, dsn_mail, dsn_rcpt, eight_bit,
+                   smtputf8, refused or _NO_REFUSALS, given)
+
+    # -- facts computed on first use ------------------------------------------------------
+
+    @property
+    def streamed(self) -> bool:
+        """Too large to encode whole: sent a piece at a time under flow control."""
+        return len(self.content) > STREAM_THRESHOLD
+
+    def encoded(self, *, dot_stuff: bool, encode: Any = encode_content) -> bytes:
+        """The whole encoded content: dot-stuffed for DATA, CRLF only for BDAT (cached).
+
+        ``encode`` is the engine's ``encode_content`` (both give the same bytes).
+        """
+        key = "data" if dot_stuff else "bdat"
+        form: bytes | None = self.cache.get(key)
+        if form is None:
+            form = self.cache[key] = encode(self.content, dot_stuff=dot_stuff)
+        return form
+
+    @property
+    def size(self) -> int:
+        """The message size as RFC 1870 counts it: CRLF line ends, no dot-stuffing."""
+        cache = self.cache
+        size: int | None = cache.get("size")
+        if size is None:
+            bdat = cache.get("bdat")
+            data = cache.get("data")
+            if bdat is not None:
+                size = len(bdat)
+            elif data is not None:
+                # Every encoded line that starts with a dot got exactly one added.
+                size = len(data) - data.count(b"\n.") - (data[:1] == b".")
+            elif self.streamed:
+                enc = ContentEncoder(dot_stuff=False)
+                raw = memoryview(self.content).cast("B")
+                for start in range(0, len(raw), STREAM_CHUNK):
+                    enc.encode(raw[start : start + STREAM_CHUNK])
+                enc.finish()
+                size = enc.bytes_out
+            else:
+                size = len(self.encoded(dot_stuff=False))
+            cache["size"] = size
+        return size
+
+    def seven_bit(self) -> Delivery:
+        """This delivery with its content converted to 7 bits (for a server without 8BITMIME).
+
+        Bodies that are 8-bit get quoted-printable (text) or base64 (other
+        types), as Postfix converts. Raises :class:`ContentError` when that is
+        not possible (8-bit header lines, no MIME structure); cached.
+        """
+        if not self.eight_bit:
+            return self
+        cached = self.cache.get("7bit")
+        if isinstance(cached, Exception):
+            raise cached
+        if cached is None:
+            try:
+                converted = to_7bit(bytes(self.content))
+            except ContentError as exc:
+                self.cache["7bit"] = exc
+                raise
+            cached = self.cache["7bit"] = msgspec.structs.replace(
+                self, content=converted, eight_bit=False, cache={})
+        assert isinstance(cached, Delivery)
+        return cached
+
+    # -- parts ---------------------------------------------------------------------------
+
+    def subset(self, indexes: Sequence[int], addresses: Sequence[str] | None = None) -> Delivery:
+        """The delivery for the recipients at ``indexes`` (same content, facts and cache).
+
+        ``addresses`` replaces their addresses (the agent's virtual map
+        rewrites them); their parameters and DSN follow them.
+        """
+        if addresses is None:
+            rcpts = tuple(self.recipients[i] for i in indexes)
+        else:
+            rcpts = tuple(addresses)
+            if len(rcpts) != len(indexes):
+                raise ValueError("one address per index")
+        per = self.rcpt_params
+        dsn = self.dsn_rcpt
+        refused: Mapping[int, RecipientResult] = _NO_REFUSALS
+        if self.refused:
+            refused = {j: self.refused[i] for j, i in enumerate(indexes) if i in self.refused}
+        smtputf8 = self.smtputf8
+        if addresses is not None and not smtputf8:
+            smtputf8 = not all(a.isascii() for a in rcpts)
+        return Delivery(
+            self.sender, rcpts, self.content, self.mail_params,
+            None if per is None else tuple(per[i] for i in indexes),
+            self.dsn_mail, None if dsn is None else tuple(dsn[i] for i in indexes),
+            self.eight_bit, smtputf8, refused, self.given, self.cache)
+
+    def __repr__(self) -> str:
+        return (f"<lmtpfast.Delivery from {self.sender!r} to {len(self.recipients)} "
+                f"recipient(s), {len(self.content)} bytes>")
+
+
+# -- 8-bit to 7-bit ----------------------------------------------------------------------------
+
+def _header_end(raw: bytes) -> int:
+    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    return min(ends) if ends else len(raw)
+
+
+def to_7bit(raw: bytes) -> bytes:
+    """``raw`` with every 8-bit MIME body re-encoded: quoted-printable for text, else base64.
+
+    Header lines are kept as they are; :class:`ContentError` when they hold
+    8-bit bytes (they would need RFC 2047 encoding with a charset nobody
+    declared) or when the message has no MIME structure to declare an
+    encoding in. The result has CRLF line ends.
+    """
+    if not raw[: _header_end(raw)].isascii():
+        raise ContentError("8-bit bytes in the message header")
+    msg = email.message_from_bytes(raw.replace(b"\r\n", b"\n"), policy=email.policy.compat32)
+    if msg.get("MIME-Version") is None:
+        raise ContentError("8-bit body without MIME headers (no MIME-Version)")
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+        if cte not in ("7bit", "8bit", "binary"):
+            continue  # already encoded (quoted-printable, base64): ASCII
+        data = part.get_payload(decode=True)
+        if not isinstance(data, bytes) or data.isascii():
+            continue
+        del part["Content-Transfer-Encoding"]
+        if part.get_content_maintype() == "text":
+            part.set_payload(quopri.encodestring(data).decode("ascii"))
+            part["Content-Transfer-Encoding"] = "quoted-printable"
+        else:
+            part.set_payload(base64.encodebytes(data).decode("ascii"))
+            part["Content-Transfer-Encoding"] = "base64"
+    out = io.BytesIO()
+    email.generator.BytesGenerator(
+        out, mangle_from_=False, maxheaderlen=0,
+        policy=email.policy.compat32.clone(linesep="\r\n")).flatten(msg)
+    result = out.getvalue()
+    if not result.isascii():
+        raise ContentError("8-bit bytes outside any MIME body (preamble or epilogue)")
+    return result
