@@ -29,7 +29,7 @@ import asyncio
 import dataclasses
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from types import ModuleType
 from typing import Any, Literal
@@ -185,6 +185,7 @@ class Agent:
         no_route: Literal["defer", "bounce"] = "defer",
         config: AgentConfig | None = None,
         engine: str | Engine | ModuleType | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if config is None:
             route = parse_route(default, source="default") if isinstance(default, str) else default
@@ -210,6 +211,7 @@ class Agent:
         config.check_routes_something()
         self.config = config
         self.engine = engine
+        self._clock = clock  # the pools' clock (seconds, monotonic; default: the loop's)
         self._transports: Mapping[str, Transport] = config.transports
         self._router = Router(
             transport_maps=(*((config.transport_map.as_map(),) if config.transport_map else ()),
@@ -240,13 +242,14 @@ class Agent:
     def from_config(
         cls, config: str | os.PathLike[str] | AgentConfig | Mapping[str, Any], *,
         engine: str | Engine | ModuleType | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> Agent:
         """An agent from a TOML file path, an :class:`AgentConfig`, or the file's data as a dict."""
         if isinstance(config, AgentConfig):
-            return cls(config=config, engine=engine)
+            return cls(config=config, engine=engine, clock=clock)
         if isinstance(config, Mapping):
-            return cls(config=config_from_dict(config), engine=engine)
-        return cls(config=load_config(config), engine=engine)
+            return cls(config=config_from_dict(config), engine=engine, clock=clock)
+        return cls(config=load_config(config), engine=engine, clock=clock)
 
     @classmethod
     def for_server(cls, destination: str | Destination, **settings: Any) -> Agent:
@@ -255,9 +258,10 @@ class Agent:
         ``settings`` are :class:`Transport` fields (``recipient_limit``,
         ``lhlo_name``, ``timeouts``, ``pipelining``, ``ignore_keywords``,
         ``skip_5xx_greeting``...), :class:`PoolSettings` fields
-        (``max_connections``, ``pipeline_depth`` ...) and ``engine``.
+        (``max_connections``, ``pipeline_depth`` ...), ``engine`` and ``clock``.
         """
         engine = settings.pop("engine", None)
+        clock = settings.pop("clock", None)
         pool_names = set(PoolSettings.__struct_fields__)
         transport_names = {f.name for f in fields(Transport)} - {"destination"}
         pool_kw = {k: settings.pop(k) for k in list(settings) if k in pool_names}
@@ -270,7 +274,7 @@ class Agent:
             settings["pool"] = PoolSettings(**pool_kw)
         transport = Transport(destination=parse_destination(destination), **settings)
         return cls(transports={DEFAULT_TRANSPORT: transport}, default=Route(DEFAULT_TRANSPORT),
-                   engine=engine)
+                   engine=engine, clock=clock)
 
     # -- routing -------------------------------------------------------------------
 
@@ -338,7 +342,8 @@ class Agent:
             pool = Pool(dest, t.pool, lhlo_name=t.lhlo_name or self.config.lhlo_name,
                         timeouts=t.timeouts, pipelining=t.pipelining,
                         ignore_keywords=t.ignore_keywords,
-                        tls=t.tls, auth=t.auth_for(dest), engine=self.engine)
+                        tls=t.tls, auth=t.auth_for(dest), engine=self.engine,
+                        clock=self._clock)
             # The TLS policy and SASL identity are functions of (transport,
             # destination), so this key separates identities (see Pool.key).
             target = self._pools[(name, dest)] = _Target(pool, t.recipient_limit,

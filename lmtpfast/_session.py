@@ -268,6 +268,10 @@ class Client:
         """Drop the connection at once (open transactions get transient results)."""
         self._protocol.abort(ServerDisconnected("connection aborted by the client"))
 
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed (by either side)."""
+        await self._protocol.wait_closed()
+
     async def __aenter__(self) -> Client:
         return self
 

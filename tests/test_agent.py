@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import select
 import signal
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,22 +51,38 @@ def lmtp_workers(dovecot) -> list[int]:  # type: ignore[no-untyped-def]
     return pids
 
 
+async def until(cond: Callable[[], object], limit: float = 30.0) -> None:
+    """Yield to the loop until ``cond()`` holds; ``limit`` only guards against a hang."""
+    deadline = asyncio.get_running_loop().time() + limit
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0)
+
+
+class Clock:
+    """A clock the test moves by hand (the agent's pools age connections by it)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def kill_workers(dovecot) -> int:  # type: ignore[no-untyped-def]
-    pids = lmtp_workers(dovecot)
-    for pid in pids:
+    """SIGKILL the workers and wait until each has exited (a pidfd turns readable then)."""
+    fds = []
+    for pid in lmtp_workers(dovecot):
+        try:
+            fds.append(os.pidfd_open(pid))
+        except ProcessLookupError:
+            continue
         os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in pids):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    return len(pids)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
+    for fd in fds:
+        ready, _, _ = select.select([fd], [], [], 10)
+        os.close(fd)
+        assert ready, "a killed lmtp worker did not exit"
+    return len(fds)
 
 
 # -- routing over two back ends ---------------------------------------------------------
@@ -165,17 +182,17 @@ async def test_unresponsive_backend_fails_fast_not_one_timeout_per_caller() -> N
 
     async with Sink("127.0.0.1:0", faults=FaultPlan.parse(["greeting=stall"])) as sink:
         dest = sink.destinations[0]
-        agent = Agent.for_server(dest, max_connections=2, timeouts=Timeouts(greeting=0.3))
-        started = time.monotonic()
+        # The pools' clock stands still: the back-off never runs out during the test.
+        agent = Agent.for_server(dest, max_connections=2, timeouts=Timeouts(greeting=0.3),
+                                 clock=lambda: 1000.0)
         batches = await asyncio.gather(*(
             agent.deliver(MSG, sender="s@example.org", recipients=[f"a{i}@example.com"])
             for i in range(200)))
-        elapsed = time.monotonic() - started
         await agent.close()
-    # without the back-off: 100 rounds of 2 connects, 0.3 s each = 30 s
-    assert elapsed < 5, elapsed
     assert all(b[0].transient and b[0].stage == "greeting" for b in batches), batches[0]
-    assert agent.stats.connect_failures <= 4
+    # Without the back-off each caller would wait for its own connect (200
+    # failures, 100 rounds of 0.3 s); with it the first two failures answer all.
+    assert agent.stats.connect_failures == 2
 
 
 async def test_local_errors_raise(smtp_sink) -> None:
@@ -301,7 +318,10 @@ async def test_idle_connections_killed_by_server_are_replaced(dovecot_factory, n
         assert kill_workers(dv) >= 1  # the server side of every idle connection dies
         results = []
         if notice == "loop-saw-it":
-            await asyncio.sleep(0.2)  # the loop reads the EOFs: the pool sees dead connections
+            # The loop reads the EOFs: the pool sees dead connections.
+            (pool,) = agent.pools().values()
+            await asyncio.wait_for(asyncio.gather(*(
+                h.client.wait_closed() for h in pool._idle)), 30)
         else:
             # The EOFs are pending but unread: awaited directly (no new task, so
             # no trip through the loop first), the delivery takes a connection
@@ -333,35 +353,45 @@ async def test_reuse_limits_and_probe(smtp_sink) -> None:
         stats = agent.stats
     assert stats.connections_opened == 3  # 2 + 2 + 1 transactions
     assert stats.connections_reused == 2
-    async with Agent.for_server(sink.destination, reuse_time_limit=0.05) as agent:
+    clock = Clock()
+    async with Agent.for_server(sink.destination, reuse_time_limit=60, clock=clock) as agent:
         await agent.deliver(MSG, sender="s@example.org", recipients=["a@example.com"])
-        await asyncio.sleep(0.1)
+        clock.now += 59
+        await agent.deliver(MSG, sender="s@example.org", recipients=["a@example.com"])
+        assert agent.stats.connections_opened == 1  # still young enough
+        clock.now += 1
         await agent.deliver(MSG, sender="s@example.org", recipients=["a@example.com"])
         assert agent.stats.connections_opened == 2
 
 
 async def test_idle_connections_close_after_idle_timeout(smtp_sink) -> None:
     sink = smtp_sink()
-    async with Agent.for_server(sink.destination, idle_timeout=0.1) as agent:
+    clock = Clock()
+    async with Agent.for_server(sink.destination, idle_timeout=10, clock=clock) as agent:
         await asyncio.gather(*(
             agent.deliver(MSG, sender="s@example.org", recipients=["a@example.com"])
             for _ in range(3)))
         (pool,) = agent.pools().values()
         assert pool.idle_connections == 3
-        await asyncio.sleep(0.4)
-        assert pool.idle_connections == 0 and pool.size == 0
-        assert agent.stats.connections_closed == 3
+        clock.now += 9.9
+        assert pool.sweep() == 0  # what the idle timer does when it fires
+        clock.now += 0.1
+        assert pool.sweep() == 3
+        assert pool.idle_connections == 0 and agent.stats.connections_closed == 3
+        await asyncio.gather(*pool._closing_tasks)
+        assert pool.size == 0
 
 
 async def test_close_waits_for_deliveries_in_flight(smtp_sink) -> None:
     sink = smtp_sink("-w", "1")  # the DATA reply comes after one second
     agent = Agent.for_server(sink.destination)
+    await agent.deliver(MSG, sender="s@example.org", recipients=["a@example.com"])  # warm
     task = asyncio.ensure_future(
         agent.deliver(MSG, sender="s@example.org", recipients=["a@example.com"]))
-    await asyncio.sleep(0.2)
-    started = time.monotonic()
+    (pool,) = agent.pools().values()
+    await until(lambda: pool.idle_connections == 0)  # the idle connection carries it now
     await agent.close()
-    assert time.monotonic() - started > 0.5  # it waited
+    # close() waited for it: had it cut the delivery off, it would be transient.
     assert task.done() and task.result()[0].delivered
 
 
@@ -371,7 +401,9 @@ async def test_close_deadline_cuts_off(smtp_sink) -> None:
     tasks = [asyncio.ensure_future(
         agent.deliver(MSG, sender="s@example.org", recipients=[f"a{i}@example.com"]))
         for i in range(3)]  # one on the connection, two waiting for it
-    await asyncio.sleep(0.2)
+    await until(lambda: bool(agent.pools()))
+    (pool,) = agent.pools().values()
+    await until(lambda: pool.stats.connections_opened == 1 and len(pool._waiters) == 2)
     await agent.close(timeout=0.3)
     results = [t.result()[0] for t in tasks]
     assert all(r.transient and r.local for r in results), results
@@ -387,12 +419,15 @@ async def test_cancelled_delivery_never_returns_its_connection(smtp_sink) -> Non
         task = asyncio.ensure_future(
             agent.deliver(MSG, sender="s@example.org",
                           recipients=["a@slow.example", "b@fast.example"]))
-        await asyncio.sleep(0.3)
+        pools = agent.pools
+        await until(lambda: len(pools()) == 2 and all(
+            p.stats.connections_opened == 1 for p in pools().values()))
+        # Connected, so the transaction went out in the same step (its DATA waits 30 s).
+        slow_pool = next(p for (name, _), p in pools().items() if name == "slow")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0.05)
-        slow_pool = agent.pools()[("slow", next(iter(agent.pools()))[1])]
+        # Its connection was dropped, not given back.
         assert slow_pool.idle_connections == 0 and slow_pool.stats.connections_closed == 1
 
 

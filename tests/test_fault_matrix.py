@@ -28,9 +28,9 @@ CASES = load_cases()
 # lists them with a reproduction each).
 BUGS: dict[str, str] = {}  # K1-K9 are fixed; a new one gets its label and reason here
 
-# A row must finish well within this (a stall costs one stage timeout); a
-# known hang is cut sooner so its xfail stays cheap.
-CASE_LIMIT = 15.0
+# Only a guard against a hang (a stall costs one stage timeout, 0.5 s; no
+# timing is asserted); a known hang is cut sooner so its xfail stays cheap.
+CASE_LIMIT = 60.0
 HANG_LIMIT = 4.0
 
 

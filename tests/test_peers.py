@@ -8,6 +8,7 @@ conftest loads the plugin for the full suite).
 
 from __future__ import annotations
 
+import os
 import select
 import shutil
 import socket
@@ -247,12 +248,27 @@ def test_dovecot_stop_leaves_no_process(dovecot_factory: DovecotFactory) -> None
     assert dv._proc is not None
     sid = dv._proc.pid
     assert session_pids(sid)
-    started = time.monotonic()
-    dv.stop()
-    assert time.monotonic() - started < 3
+    dv.stop()  # returns once every process of the instance is gone
     assert session_pids(sid) == []
     assert not dv.running
     dv.stop()  # idempotent
+
+
+def wait_exited(pids: list[int], limit: float = 30.0) -> None:
+    """Wait until each of ``pids`` has exited (its pidfd turns readable); ``limit`` guards a hang."""
+    fds = []
+    for pid in pids:
+        try:
+            fds.append(os.pidfd_open(pid))
+        except ProcessLookupError:
+            continue
+    try:
+        deadline = time.monotonic() + limit
+        for fd in fds:
+            select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 CHILD = """
@@ -286,11 +302,7 @@ def test_peers_end_when_test_process_is_killed(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if not session_pids(int(dv_sid)) and not session_pids(int(sink_sid)):
-            break
-        time.sleep(0.05)
+    wait_exited([*session_pids(int(dv_sid)), *session_pids(int(sink_sid))])
     try:
         assert session_pids(int(dv_sid)) == []
         assert session_pids(int(sink_sid)) == []
@@ -370,9 +382,7 @@ def test_smtp_sink_capture(smtp_sink: SmtpSinkFactory) -> None:
         assert conn.command("QUIT")[0] == 221
     finally:
         conn.close()
-    deadline = time.monotonic() + 5
-    while not sink.captures() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    # smtp-sink writes and closes the dump before it answers the dot: it is there now.
     [dump] = sink.captures()
     meta, message = split_capture(dump)
     assert meta["X-Mail-Args"] == ["<s@example.org>"]
@@ -387,7 +397,7 @@ def test_smtp_source_against_sink(smtp_sink: SmtpSinkFactory, tcp: bool) -> None
     run = run_smtp_source(sink.destination, messages=200, sessions=4, recipients=3, size=1024)
     assert run.ok, run.output
     assert run.returncode == 0 and not run.timed_out
-    assert 0 < run.elapsed < 60
+    assert run.elapsed > 0
     assert run.cpu >= 0 and run.cpu == pytest.approx(run.cpu_user + run.cpu_system)
     assert sink.running
 

@@ -111,11 +111,11 @@ async def test_cut_after_marker_split_across_reads(sockdir: str) -> None:
     ):
         reader, writer = await open_client(proxy.destination)
         writer.write(b"aaaMA")
-        await writer.drain()
-        await asyncio.sleep(0.05)
+        # Its echo proves the proxy read (and forwarded) the first half on its own.
+        first = await asyncio.wait_for(reader.readexactly(5), TIMEOUT)
         writer.write(b"RKbbb")
         # The server gets everything up to and including the marker, then EOF.
-        echoed = await read_until_eof(reader)
+        echoed = first + await read_until_eof(reader)
         assert got == [b"aaaMARK"]
         assert b"aaaMARK".startswith(echoed)  # whatever the echo got back before the cut
         assert proxy.stats.fired == 1
