@@ -127,7 +127,7 @@ class RecipientsRefusedAfterData(SMTPRecipientsRefused, SMTPDataError):  # type:
         self.args = (recipients,)
 
 
-class ContentError(SMTPException, _ContentError):  # type: ignore[misc]
+class ContentError(SMTPException, _ContentError):
     """The message cannot be sent as it is (a NUL byte); nothing was sent.
 
     Both an ``smtplib.SMTPException`` and :class:`lmtpfast.ContentError`
@@ -137,7 +137,7 @@ class ContentError(SMTPException, _ContentError):  # type: ignore[misc]
     offset: int | None = None
 
 
-class AuthenticationError(SMTPException, _AuthenticationError):  # type: ignore[misc]
+class AuthenticationError(SMTPException, _AuthenticationError):
     """SASL failed on our side (e.g. a SCRAM server signature that does not verify).
 
     Not an :class:`SMTPAuthenticationError` on purpose: ``login()`` does not

@@ -5,8 +5,9 @@
 #
 # Run as root on a fresh Debian 12 machine: Dovecot's LMTP server and
 # Postfix's smtp-sink/smtp-source come from Debian packages (no service is
-# started), the package is built with its compiled core, then ruff, mypy
-# and the whole pytest suite run (on both engines and both event loops).
+# started), the package is built with its compiled core, then ruff, mypy,
+# stubtest and the whole pytest suite run (on both engines and both event
+# loops). Without root or apt: python3 -m pytest -m "not peers" (CONTRIBUTING.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,5 +23,8 @@ python3 -c 'import lmtpfast.proto._cproto, lmtpfast.proto._ccontent' 2>/dev/null
 
 python3 -m ruff check lmtpfast tests bench
 python3 -m mypy lmtpfast
+# Every .pyi against the compiled module it describes.
+python3 -m mypy.stubtest --mypy-config-file pyproject.toml \
+    lmtpfast.proto._cproto lmtpfast.proto._ccontent
 bash scripts/sanitize.sh  # core tests under ASan/UBSan in a temp copy (never in this tree)
 exec python3 -m pytest -q "$@"

@@ -424,8 +424,18 @@ _MARKERS: dict[str, str] = {
 }
 
 
+#: Markers that mean "talks to a real server": each such test is also marked ``peers``,
+#: so ``pytest -m "not peers"`` runs the unit rings alone (no root, no apt).
+PEER_MARKERS = frozenset({"dovecot", "postfix", "postgres", "slapd", "mariadb", "postfix_mta",
+                          "netns", "maps", "cyrus"})
+#: Fixtures of test modules that start a real server (the module's own ones).
+PEER_FIXTURES = frozenset({"cyrus", "cyrus_tls", "dv"})
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Register the markers this plugin applies (harmless if pyproject has them too)."""
+    config.addinivalue_line("markers", "peers: talks to a real server (any of the others)")
+    config.addinivalue_line("markers", "cyrus: needs a private Cyrus lmtpd")
     config.addinivalue_line("markers", "dovecot: needs Dovecot's LMTP server")
     config.addinivalue_line("markers", "postfix: needs Postfix's smtp-sink/smtp-source")
     config.addinivalue_line("markers", "postgres: needs a private PostgreSQL cluster")
@@ -442,3 +452,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for fixture, marker in _MARKERS.items():
             if fixture in fixturenames and marker not in item.keywords:
                 item.add_marker(marker)
+        if "peers" not in item.keywords and (
+                PEER_FIXTURES.intersection(fixturenames)
+                or any(m in item.keywords for m in PEER_MARKERS)):
+            item.add_marker("peers")

@@ -159,8 +159,12 @@ cdef bytes _encode_obj(lmtp_enc_state *st, object data, bint dot_stuff, bint fin
 
 @cython.auto_pickle(False)
 @cython.final
+@cython.embedsignature(False)  # Cython writes "(dot_stuff=True, *)": stubtest needs the real one
 cdef class ContentEncoder:
-    """Streaming encoder for one message: feed chunks to :meth:`encode`, then call :meth:`finish`.
+    """ContentEncoder(*, dot_stuff=True)
+--
+
+Streaming encoder for one message: feed chunks to :meth:`encode`, then call :meth:`finish`.
 
     ``dot_stuff=True`` for DATA, ``False`` for BDAT (same line-end
     normalisation, no dot-stuffing). A chunk holding a NUL raises

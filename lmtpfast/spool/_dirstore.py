@@ -298,7 +298,7 @@ class DirQueue(Queue):
         for queue in ("deferred", "incoming"):
             if (self.spool.path / queue / id).exists():
                 with contextlib.suppress(Quarantined):
-                    return self.spool.claim(queue, id)  # type: ignore[arg-type]
+                    return self.spool.claim(queue, id)
         return None
 
     async def _each(self, selection: Selection, states: tuple[EntryState, ...],
