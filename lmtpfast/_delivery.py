@@ -60,6 +60,20 @@ STREAM_CHUNK = 256 * 1024
 STREAM_THRESHOLD = 4 * STREAM_CHUNK
 
 _NO_REFUSALS: Mapping[int, RecipientResult] = {}
+_NOTHING_GIVEN: frozenset[str] = frozenset()
+
+
+def _refusals(rcpts: tuple[str, ...]) -> dict[int, RecipientResult]:
+    """The results of the recipients whose address cannot be sent (the slow path)."""
+    refused: dict[int, RecipientResult] = {}
+    for i, rcpt in enumerate(rcpts):
+        if type(rcpt) is not str:
+            raise TypeError(f"recipient must be str, not {type(rcpt).__name__}")
+        try:
+            encode_address(rcpt, utf8=True)
+        except LocalProtocolError as exc:
+            refused[i] = BAD_RECIPIENT.result(rcpt, detail=exc)
+    return refused
 
 
 class BadSender(LocalProtocolError):
@@ -123,7 +137,7 @@ class Delivery(msgspec.Struct, frozen=True, gc=False):
     refused: Mapping[int, RecipientResult] = _NO_REFUSALS
     #: Names of the MAIL parameters the caller gave (upper case): SIZE, BODY or
     #: SMTPUTF8 given there are not added again.
-    given: frozenset[str] = frozenset()
+    given: frozenset[str] = _NOTHING_GIVEN
     #: Encoded forms and derived facts, filled on first use (shared by subsets).
     cache: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -145,9 +159,13 @@ class Delivery(msgspec.Struct, frozen=True, gc=False):
         :class:`ContentError` for a NUL byte; :class:`TypeError` for a
         message or recipient list of the wrong type.
         """
-        if isinstance(recipients, str):
+        # Once per message: the common case (bytes, a list of plain addresses) is kept lean.
+        if type(recipients) is tuple:
+            rcpts = recipients
+        elif isinstance(recipients, str):
             raise TypeError("recipients must be a sequence of addresses, not one string")
-        rcpts = tuple(recipients)
+        else:
+            rcpts = tuple(recipients)
         if not rcpts:
             raise LocalProtocolError("no recipients: a delivery needs at least one")
         try:
@@ -156,20 +174,18 @@ class Delivery(msgspec.Struct, frozen=True, gc=False):
             raise BadSender(sender, str(exc)) from None
         smtputf8 = not sender.isascii()
         refused: dict[int, RecipientResult] | None = None
-        for i, rcpt in enumerate(rcpts):
-            if type(rcpt) is not str:
-                raise TypeError(f"recipient must be str, not {type(rcpt).__name__}")
+        for rcpt in rcpts:
             try:
                 encode_address(rcpt, utf8=True)
-            except LocalProtocolError as exc:
-                if refused is None:
-                    refused = {}
-                refused[i] = BAD_RECIPIENT.result(rcpt, detail=exc)
-                continue
+            except LocalProtocolError:
+                refused = _refusals(rcpts)
+                break
             if not smtputf8 and not rcpt.isascii():
                 smtputf8 = True
-        raw = message_bytes(message)
-        if isinstance(raw, bytes) and len(raw) <= STREAM_THRESHOLD:
+        if refused is not None and not smtputf8:
+            smtputf8 = not all(type(r) is str and r.isascii() for r in rcpts)
+        raw = message if type(message) is bytes else message_bytes(message)
+        if type(raw) is bytes and len(raw) <= STREAM_THRESHOLD:
             if (nul := raw.find(b"\0")) >= 0:
                 raise ContentError(f"NUL byte at offset {nul} of the message content: NUL "
                                    "cannot be sent in LMTP DATA or BDAT (encode the body, "
@@ -179,7 +195,7 @@ class Delivery(msgspec.Struct, frozen=True, gc=False):
             eight_bit = not _scan_large(memoryview(raw).cast("B"))
         # The parameters themselves are checked by the engine as it encodes them.
         params: tuple[str, ...] = ()
-        given: frozenset[str] = frozenset()
+        given = _NOTHING_GIVEN
         if mail_params:
             params = tuple(mail_params)
             given = frozenset(str(p).split("=", 1)[0].upper() for p in params)
