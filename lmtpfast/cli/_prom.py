@@ -171,7 +171,7 @@ def serve(listen: str, metrics: Metrics, agent: Callable[[], Any],
     if not port.isdigit():
         raise ValueError(f"--metrics-listen {listen!r}: give HOST:PORT, e.g. 127.0.0.1:9124")
     registry = CollectorRegistry()
-    registry.register(MetricsCollector(metrics, agent))  # type: ignore[arg-type]
+    registry.register(MetricsCollector(metrics, agent))
     for collector in extra:
         registry.register(collector)
     ProcessCollector(registry=registry)

@@ -227,7 +227,7 @@ def _joined(items: list[Item]) -> list[Item]:
     run: list[bytes] = []
     for i in items:
         if type(i) is bytes:
-            run.append(i)  # type: ignore[arg-type]
+            run.append(i)
             continue
         if run:
             out.append(run[0] if len(run) == 1 else b"".join(run))
@@ -542,7 +542,7 @@ class ServerSession:
                 if item is DEFAULT:
                     w.append(default)
                 elif item is CLOSE or item is ABORT or item is STALL:
-                    self._finish(item)  # type: ignore[arg-type]
+                    self._finish(item)
                     return code
                 else:
                     w.append(item)
@@ -1005,7 +1005,7 @@ class ServerSession:
                 self._end_of_content(self._bdat_size, self._too_big)
                 w = self._w
             elif item is CLOSE or item is ABORT or item is STALL:
-                self._finish(item)  # type: ignore[arg-type]
+                self._finish(item)
                 return
             else:
                 w.append(item)
