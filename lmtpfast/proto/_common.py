@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from .._errors import LocalProtocolError
-from .._results import RecipientResult, Status, status_of
+from .._failures import LOST, PROTOCOL_ERROR, made_up
+from .._results import RecipientResult, Status
 
 __all__ = [
     "BDAT_BURST",
@@ -20,6 +21,8 @@ __all__ = [
     "Capabilities",
     "CommandReply",
     "ConnectionBroken",
+    "Event",
+    "NeedData",
     "ReadyForData",
     "Reply",
     "Transaction",
@@ -30,6 +33,12 @@ __all__ = [
     "encode_local_name",
     "encode_param",
 ]
+
+#: What the engines give a recipient whose transaction a broken connection
+#: interrupted (the failure table's rows, lmtpfast/_failures.py): the server
+#: broke the protocol, or the connection was lost or timed out.
+PROTOCOL_CODE, PROTOCOL_ENHANCED = PROTOCOL_ERROR.code, PROTOCOL_ERROR.enhanced
+LOST_CODE, LOST_ENHANCED = LOST.code, LOST.enhanced
 
 # RFC 5321 says 512 octets per reply line; real servers exceed it (long
 # LHLO keyword lists, SESSIONID tails), so allow generous but bounded input.
@@ -43,7 +52,9 @@ DEFAULT_MAX_REPLY_LINES = 200
 BDAT_BURST = 8
 
 
-class _NeedData:
+class NeedData:
+    """The type of :data:`NEED_DATA` (one instance)."""
+
     __slots__ = ()
 
     def __repr__(self) -> str:
@@ -51,7 +62,7 @@ class _NeedData:
 
 
 #: ``next_event()`` returns this when it needs more bytes from the peer.
-NEED_DATA = _NeedData()
+NEED_DATA = NeedData()
 
 
 class Reply:
@@ -496,20 +507,9 @@ def fail_transaction(
             where = "rcpt"
         else:
             where = stage if stage in ("connect", "greeting", "lhlo", "starttls", "auth") else "mail"
-        results.append(
-            RecipientResult(
-                address=address,
-                status=status_of(code),
-                code=code,
-                enhanced=enhanced,
-                text=why,
-                stage=where,
-                local=True,
-                # With BDAT the content may be sent before the RCPT reply
-                # came back: the server may have delivered either way.
-                possibly_delivered=txn.dot_sent,
-            )
-        )
+        # With BDAT the content may be sent before the RCPT reply came back:
+        # the server may have delivered either way.
+        results.append(made_up(address, code, enhanced, why, where, txn.dot_sent))
     txn.results = results
     txn.done = True
 
@@ -569,4 +569,5 @@ class ConnectionBroken:
         return f"ConnectionBroken({self.error!r}, {len(self.transactions)} transactions)"
 
 
-Event = ReadyForData | TransactionDone | CommandReply | ConnectionBroken
+#: What ``Connection.next_event()`` returns.
+Event = ReadyForData | TransactionDone | CommandReply | ConnectionBroken | NeedData

@@ -23,7 +23,11 @@ from ._common import (
     BDAT_BURST,
     DEFAULT_MAX_LINE_LENGTH,
     DEFAULT_MAX_REPLY_LINES,
+    LOST_CODE,
+    LOST_ENHANCED,
     NEED_DATA,
+    PROTOCOL_CODE,
+    PROTOCOL_ENHANCED,
     Capabilities,
     CommandReply,
     ConnectionBroken,
@@ -561,7 +565,7 @@ cdef class Connection:
             try:
                 reply = parser._next_reply()
             except RemoteProtocolError as exc:
-                self._break(exc, 451, "4.5.0")
+                self._break(exc, PROTOCOL_CODE, PROTOCOL_ENHANCED)
                 continue
             if reply is None:
                 if self._eof:
@@ -571,7 +575,7 @@ cdef class Connection:
             self._on_reply(reply, parser._reply_code)
         return events.pop()
 
-    def fail(self, error, code=451, enhanced="4.4.2"):
+    def fail(self, error, code=LOST_CODE, enhanced=LOST_ENHANCED):
         """Break the connection from outside (timeout, write error, cancellation).
 
         Every open transaction is decided with a made-up ``code`` reply; a
@@ -711,7 +715,7 @@ cdef class Connection:
             # Received before the dot was sent, so it cannot answer the dot.
             self._break(RemoteProtocolError(
                 "reply received before the end of the message content: replies out of step"),
-                451, "4.5.0", True)
+                PROTOCOL_CODE, PROTOCOL_ENHANCED, True)
             return
         self._data_ready = None
         self._content_owed = None
@@ -733,7 +737,8 @@ cdef class Connection:
         self._tls_pending = False
         if leftover or partial:
             self._break(
-                RemoteProtocolError("server sent data after its STARTTLS reply"), 451, "4.5.0"
+                RemoteProtocolError("server sent data after its STARTTLS reply"),
+                PROTOCOL_CODE, PROTOCOL_ENHANCED
             )
             return
         self.capabilities = None
@@ -804,8 +809,8 @@ cdef class Connection:
         if not self._expect.size():
             self._break(
                 RemoteProtocolError(f"unexpected reply nobody waited for: {code}"),
-                451,
-                "4.5.0",
+                PROTOCOL_CODE,
+                PROTOCOL_ENHANCED,
                 True,
             )
             return 0
@@ -818,7 +823,8 @@ cdef class Connection:
             stage = c.name if kind == _COMMAND else _STAGE_NAMES[kind]
             self._break(RemoteProtocolError(
                 f"{code} reply while waiting for the {stage.upper()} reply: "
-                "replies out of step"), 451, "4.5.0", True)
+                "replies out of step"),
+                PROTOCOL_CODE, PROTOCOL_ENHANCED, True)
             return 0
         if kind == _RCPT:
             txn.rcpt_replies[idx] = reply
@@ -865,7 +871,8 @@ cdef class Connection:
         elif kind == _RSET_INTERNAL:
             if not _ok(code):
                 self._break(
-                    RemoteProtocolError(f"RSET refused: {code} {reply.text}"), 451, "4.5.0",
+                    RemoteProtocolError(f"RSET refused: {code} {reply.text}"),
+                    PROTOCOL_CODE, PROTOCOL_ENHANCED,
                     True,
                 )
                 return 0
@@ -899,7 +906,8 @@ cdef class Connection:
         if code != 354 and code < 400:
             # As in _pyproto: replies out of step; never a delivery.
             self._break(RemoteProtocolError(
-                f"{code} reply to DATA, 354 expected: replies out of step"), 451, "4.5.0", True)
+                f"{code} reply to DATA, 354 expected: replies out of step"),
+                PROTOCOL_CODE, PROTOCOL_ENHANCED, True)
             return 0
         txn.data_reply = reply
         mail_ok = _reply_ok(txn.mail_reply)
@@ -976,7 +984,7 @@ cdef class Connection:
             # Bytes nobody asked for: a surplus reply, so the ones before may be shifted.
             self._break(RemoteProtocolError(
                 "server sent more replies than there were commands: replies out of step"),
-                451, "4.5.0", True)
+                PROTOCOL_CODE, PROTOCOL_ENHANCED, True)
             return 0
         self._release_held()
         return 0
@@ -1009,7 +1017,7 @@ cdef class Connection:
             why = "lost connection with server before sending the transaction"
         else:
             why = "server closed an idle connection"
-        self._break(ServerDisconnected(why), 451, "4.4.2")
+        self._break(ServerDisconnected(why), LOST_CODE, LOST_ENHANCED)
         return 0
 
     cdef int _break(self, object error, int code, object enhanced, bint desync=False) except -1:

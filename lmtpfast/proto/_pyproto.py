@@ -42,10 +42,15 @@ from ._common import (
     BDAT_BURST,
     DEFAULT_MAX_LINE_LENGTH,
     DEFAULT_MAX_REPLY_LINES,
+    LOST_CODE,
+    LOST_ENHANCED,
     NEED_DATA,
+    PROTOCOL_CODE,
+    PROTOCOL_ENHANCED,
     Capabilities,
     CommandReply,
     ConnectionBroken,
+    Event,
     ReadyForData,
     Reply,
     Transaction,
@@ -259,7 +264,7 @@ class Connection:
         )
         self._outq: deque[tuple[bytes, int, Transaction | None, int, str]] = deque()
         self._wbuf: list[bytes] = []
-        self._events: deque[object] = deque()
+        self._events: deque[Event] = deque()
         self._content_owed: Transaction | None = None  # DATA sent, content not yet
         self._data_ready: Transaction | None = None  # 354 received, content not yet
         self._quit_queued = False
@@ -330,7 +335,7 @@ class Connection:
             # Replies already buffered are still processed before the EOF counts.
             self._eof = True
 
-    def next_event(self) -> object:
+    def next_event(self) -> Event:
         """The next event, or ``NEED_DATA`` when more bytes are needed."""
         events = self._events
         while not events:
@@ -339,7 +344,7 @@ class Connection:
             try:
                 reply = self._parser.next_reply()
             except RemoteProtocolError as exc:
-                self._break(exc, 451, "4.5.0")
+                self._break(exc, PROTOCOL_CODE, PROTOCOL_ENHANCED)
                 continue
             if reply is None:
                 if self._eof:
@@ -349,7 +354,7 @@ class Connection:
             self._on_reply(reply)
         return events.popleft()
 
-    def fail(self, error: Exception, code: int = 451, enhanced: str = "4.4.2") -> None:
+    def fail(self, error: Exception, code: int = LOST_CODE, enhanced: str = LOST_ENHANCED) -> None:
         """Break the connection from outside (timeout, write error, cancellation).
 
         Every open transaction is decided with a made-up ``code`` reply; a
@@ -492,7 +497,7 @@ class Connection:
             # Received before the dot was sent, so it cannot answer the dot.
             self._break(RemoteProtocolError(
                 "reply received before the end of the message content: replies out of step"),
-                451, "4.5.0", desync=True)
+                PROTOCOL_CODE, PROTOCOL_ENHANCED, desync=True)
             return
         self._data_ready = None
         self._content_owed = None
@@ -514,7 +519,8 @@ class Connection:
         self._tls_pending = False
         if leftover or partial:
             self._break(
-                RemoteProtocolError("server sent data after its STARTTLS reply"), 451, "4.5.0"
+                RemoteProtocolError("server sent data after its STARTTLS reply"),
+                PROTOCOL_CODE, PROTOCOL_ENHANCED
             )
             return
         self.capabilities = None
@@ -580,8 +586,8 @@ class Connection:
         if not self._expect:
             self._break(
                 RemoteProtocolError(f"unexpected reply nobody waited for: {reply.code}"),
-                451,
-                "4.5.0",
+                PROTOCOL_CODE,
+                PROTOCOL_ENHANCED,
                 desync=True,
             )
             return
@@ -593,7 +599,8 @@ class Connection:
             # stream is shifted.
             self._break(RemoteProtocolError(
                 f"{code} reply while waiting for the {_STAGES.get(kind, name).upper()} reply: "
-                "replies out of step"), 451, "4.5.0", desync=True)
+                "replies out of step"),
+                PROTOCOL_CODE, PROTOCOL_ENHANCED, desync=True)
             return
         if kind == _RCPT:
             assert txn is not None
@@ -648,7 +655,8 @@ class Connection:
         elif kind == _RSET_INTERNAL:
             if not 200 <= code < 300:
                 self._break(
-                    RemoteProtocolError(f"RSET refused: {code} {reply.text}"), 451, "4.5.0",
+                    RemoteProtocolError(f"RSET refused: {code} {reply.text}"),
+                    PROTOCOL_CODE, PROTOCOL_ENHANCED,
                     desync=True,
                 )
                 return
@@ -682,7 +690,8 @@ class Connection:
             # of step (an unsolicited reply shifted them). Never read it as a
             # final reply: that would report a delivery nobody stored.
             self._break(RemoteProtocolError(
-                f"{reply.code} reply to DATA, 354 expected: replies out of step"), 451, "4.5.0",
+                f"{reply.code} reply to DATA, 354 expected: replies out of step"),
+                PROTOCOL_CODE, PROTOCOL_ENHANCED,
                 desync=True)
             return
         txn.data_reply = reply
@@ -767,7 +776,7 @@ class Connection:
             # Bytes nobody asked for: a surplus reply, so the ones before may be shifted.
             self._break(RemoteProtocolError(
                 "server sent more replies than there were commands: replies out of step"),
-                451, "4.5.0", desync=True)
+                PROTOCOL_CODE, PROTOCOL_ENHANCED, desync=True)
             return
         self._release_held()
 
@@ -798,7 +807,7 @@ class Connection:
             why = "lost connection with server before sending the transaction"
         else:
             why = "server closed an idle connection"
-        self._break(ServerDisconnected(why), 451, "4.4.2")
+        self._break(ServerDisconnected(why), LOST_CODE, LOST_ENHANCED)
 
     def _break(self, error: Exception, code: int, enhanced: str, desync: bool = False) -> None:
         self.error = error
