@@ -1,4 +1,5 @@
-"""Map lookup speed: cached lookups, and uncached pgsql lookups batched vs one query per key vs postmap.
+"""Map lookup speed: cached lookups; uncached pgsql lookups batched vs one query per key vs
+postmap.
 
     python bench/bench_maps.py [--keys N] [--runs R] [--loop uvloop|asyncio]
 

@@ -42,7 +42,8 @@ def make_spool(where: Path, count: int, size: int, rcpt: str) -> Spool:
     return spool
 
 
-def replay(spool: Spool, dest: str, *, concurrency: int, connections: int) -> tuple[float, int, int]:
+def replay(spool: Spool, dest: str, *, concurrency: int,
+           connections: int) -> tuple[float, int, int]:
     """Run the CLI once; (seconds, exit status, peak RSS in KiB)."""
     cmd = [sys.executable, "-m", "lmtpfast", "replay", str(spool.path), "--server", dest,
            "--once", "-q", "--concurrency", str(concurrency), "--connections", str(connections)]

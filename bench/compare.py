@@ -105,7 +105,8 @@ def main() -> None:
                 msgs = max(2_000, args.messages * 1024 // size) if size > 1024 else args.messages
                 if rcpts > 1 or conns == 1:
                     msgs = max(2_000, msgs // 2)
-                ours = median_of(lmtpfast_run, args.repeat, sink.destination, msgs, conns, rcpts, size)
+                ours = median_of(lmtpfast_run, args.repeat, sink.destination, msgs, conns,
+                                 rcpts, size)
                 row = [via, f"{size // 1024} KiB", str(rcpts), str(conns), f"{ours[0]:,.0f}",
                        f"{ours[1]:.1f}"]
                 for fn in peers.values():

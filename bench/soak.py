@@ -4,7 +4,8 @@
     python bench/soak.py --messages 20000 --json out   # a CI-sized one
 
 Several ``lmtpfast sink`` processes (``--backends``, default 4) listen on unix
-sockets (offering CHUNKING, so the client sends BDAT; ``--data`` hides it); each injects about ``--fault-rate`` (default 1%) random faults of
+sockets (offering CHUNKING, so the client sends BDAT; ``--data`` hides it); each injects
+about ``--fault-rate`` (default 1%) random faults of
 every kind the sink knows (disconnects, resets, 421s, stalls, garbage,
 oversized and unsolicited replies, too few final replies, transient
 refusals), from fixed seeds so a run can be replayed. One agent routes each
@@ -302,7 +303,8 @@ async def soak(args: argparse.Namespace, tmp: Path, report: Report) -> None:
     report.stages = dict(stages.most_common())
 
 
-def check(report: Report, sink_stats: list[dict[str, Any]], tmp: Path, args: argparse.Namespace) -> None:
+def check(report: Report, sink_stats: list[dict[str, Any]], tmp: Path,
+          args: argparse.Namespace) -> None:
     p = report.problems
     if report.delivered + report.failed + report.undecided != report.recipients_sent:
         p.append(f"not accounted: {report.delivered}+{report.failed}+{report.undecided} "
@@ -389,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
           f"converged {report.converged})")
     print(f"wall {report.wall_s:.1f}s  rate {report.rate_msg_s:.0f} msg/s  faults fired "
           f"{report.faults_fired}  rss start/warm/peak/end {report.rss_start_mib:.1f}/"
-          f"{report.rss_after_warmup_mib:.1f}/{report.rss_peak_mib:.1f}/{report.rss_end_mib:.1f} MiB"
+          f"{report.rss_after_warmup_mib:.1f}/{report.rss_peak_mib:.1f}/"
+          f"{report.rss_end_mib:.1f} MiB"
           f" (slope {report.rss_slope_mib_per_100k} MiB/100k msgs)"
           f"  fds {report.fds_before}->{report.fds_after}")
     print("content sent with", "DATA" if args.data else "BDAT (CHUNKING offered)")

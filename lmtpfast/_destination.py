@@ -59,7 +59,8 @@ def _port(value: str, text: str) -> int:
     try:
         return socket.getservbyname(value, "tcp")
     except OSError:
-        raise ConfigurationError(f"unknown service name {value!r} in destination {text!r}") from None
+        raise ConfigurationError(
+            f"unknown service name {value!r} in destination {text!r}") from None
 
 
 def parse_destination(text: str | Destination) -> Destination:

@@ -15,7 +15,8 @@ PERMANENT: Status = "permanent"
 
 
 def status_of(code: int) -> Status:
-    """The status a reply code means for a recipient: 2xx delivered, 5xx permanent, else transient."""
+    """The status a reply code means for a recipient: 2xx delivered, 5xx permanent, else
+    transient."""
     if 200 <= code < 300:
         return DELIVERED
     if 500 <= code < 600:

@@ -78,7 +78,8 @@ __all__ = [
 ERROR_TRANSPORTS = frozenset({"error", "retry"})
 
 _TRANSPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_DOMAIN = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
+_DOMAIN = re.compile(rf"(?:{_LABEL})(?:\.{_LABEL})*")
 _BAD_ADDRESS_CHARS = frozenset("\r\n\0<> \t,")
 # Rewrites applied to one address at most (Postfix stops loops the same way).
 MAX_REWRITES = 20
@@ -228,7 +229,8 @@ class _MapFile:
         raise NotImplementedError
 
     def as_map(self) -> Map:
-        """This map as a ``texthash:`` :class:`~lmtpfast._maps.Map` (checked entries, raw values)."""
+        """This map as a ``texthash:`` :class:`~lmtpfast._maps.Map` (checked entries, raw
+        values)."""
         m = getattr(self, "_as_map", None)
         if m is None:
             m = TextMap(self.source, entries={k: e.value for k, e in self._entries.items()})

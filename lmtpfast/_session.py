@@ -86,7 +86,7 @@ class Client:
 
     @property
     def tls(self) -> TLSInfo | None:
-        """What STARTTLS negotiated (version, cipher, peer certificate), or ``None`` in plain text."""
+        """What STARTTLS negotiated (version, cipher, peer certificate); ``None``: plain text."""
         return self._protocol.tls
 
     @property

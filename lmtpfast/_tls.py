@@ -160,7 +160,8 @@ class TLSPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         if name is None and self.verifies:
             raise ConfigurationError(
                 f"TLS level {self.level!r} verifies the certificate, but a unix socket has no "
-                "host name to check it against: set tls_server_hostname", field="tls_server_hostname")
+                "host name to check it against: set tls_server_hostname",
+                field="tls_server_hostname")
         return name
 
     def context(self) -> ssl.SSLContext:

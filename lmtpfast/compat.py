@@ -160,7 +160,8 @@ def _engine_class(engine: str | ModuleType | None) -> Callable[..., Any]:
 
 
 def _bare(quoted: str) -> str:
-    """What smtplib puts between ``<>``, from ``quoteaddr()``'s result (it accepts ``Name <a@b>``)."""
+    """What smtplib puts between ``<>``, from ``quoteaddr()``'s result (it accepts ``Name
+    <a@b>``)."""
     return quoted[1:-1] if quoted.startswith("<") and quoted.endswith(">") else quoted
 
 
@@ -571,7 +572,8 @@ class LMTP(smtplib.LMTP):
                 if engine.error is not None or engine.idle:
                     break
                 if closing:
-                    engine.fail(ServerDisconnected("the server replied 421 and closes the connection"))
+                    engine.fail(ServerDisconnected(
+                        "the server replied 421 and closes the connection"))
                     continue
                 try:
                     code, msg = self.getreply()

@@ -1,4 +1,5 @@
-"""Address syntax: one check in the core, used by the engine, the agent and the spool (issue 10 item 6).
+"""Address syntax: one check in the core, used by the engine, the agent and the spool (issue
+10 item 6).
 
 RFC 5321 4.1.2 allows a quoted local part (``"john doe"@example.com``,
 sent by Postfix); it is accepted everywhere. What could end a command or
@@ -100,7 +101,8 @@ def t_unbalanced_refused_nothing_sent(s: Script) -> None:
     assert s.sent() == b"" and c.idle and c.usable
 
 
-@pytest.mark.parametrize("transcript", [t_quoted_local_parts_sent, t_unbalanced_refused_nothing_sent])
+@pytest.mark.parametrize("transcript",
+                         [t_quoted_local_parts_sent, t_unbalanced_refused_nothing_sent])
 def test_engine_addresses(impl: ModuleType, transcript) -> None:  # noqa: F811
     transcript(Script(impl, Cut("whole")))
 

@@ -176,7 +176,8 @@ def test_saslprep_rfc4013_examples() -> None:
 
 def test_mechanism_selection() -> None:
     creds = Credentials("u", "p")
-    cyrus = ["SCRAM-SHA-512", "SCRAM-SHA-256", "SCRAM-SHA-1", "DIGEST-MD5", "CRAM-MD5", "NTLM", "PLAIN", "LOGIN"]
+    cyrus = ["SCRAM-SHA-512", "SCRAM-SHA-256", "SCRAM-SHA-1", "DIGEST-MD5", "CRAM-MD5", "NTLM",
+             "PLAIN", "LOGIN"]
     pick = AuthPolicy(creds).select
     assert pick(cyrus, encrypted=False, unix=False).name == "SCRAM-SHA-256"
     assert pick(["scram-sha-1", "plain"], encrypted=False, unix=False).name == "SCRAM-SHA-1"

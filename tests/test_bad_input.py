@@ -325,7 +325,8 @@ def _c4() -> None:
 @case("C5")
 def _c5() -> None:
     with tmpdir() as d:
-        text = "[transports.lmtp1]\ndestination = 'unix:/x'\n[transports.lmtp1.timeouts]\nmail = -1\n"
+        text = ("[transports.lmtp1]\ndestination = 'unix:/x'\n[transports.lmtp1.timeouts]\n"
+                "mail = -1\n")
         raises(ConfigurationError, r"\[transports.lmtp1.timeouts.mail\]",
                lambda: load_config(_toml(d, text)))
 

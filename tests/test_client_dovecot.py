@@ -30,7 +30,8 @@ def _stored_as_sent(raw: bytes) -> bytes:
 async def test_partial_refusal_positions(dovecot, engine: str, via: str, chunking: bool) -> None:
     dest = dovecot.destination_unix if via == "unix" else dovecot.destination_tcp
     msg = b"From: s@example.org\r\nSubject: three\r\n\r\nHello.\r\n"
-    async with await connect(dest, lhlo_name="client.example", chunking=chunking, engine=engine) as conn:
+    async with await connect(dest, lhlo_name="client.example", chunking=chunking,
+                             engine=engine) as conn:
         assert conn.pipelining
         assert conn.chunking == chunking
         results = await conn.send(
@@ -53,7 +54,8 @@ SMUGGLING = [
     b"Subject: c\r\rline\r.\rafter bare CR dot\r",
     b".\r\n",
     b"..\r\n.\r\n...\r\n",
-    b"Subject: d\r\n\r\n.leading\r\n..two\r\n.\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<bob@example.com>\r\n",
+    b"Subject: d\r\n\r\n.leading\r\n..two\r\n.\r\nMAIL FROM:<evil@x>\r\n"
+    b"RCPT TO:<bob@example.com>\r\n",
     b"Subject: e\n\nno newline at end.",
     b"Subject: f\r\n\r\n\n.\r\n\r.\n.\r",
 ]
@@ -106,7 +108,8 @@ async def test_big_message_streams_intact(dovecot, engine: str, chunking: bool) 
     results = await lmtpfast.deliver(raw, sender="s@example.org",
                                      recipients=["alice@example.com", "nobody@example.com",
                                                  "bob@example.com"],
-                                     server=dovecot.destination_unix, chunking=chunking, engine=engine)
+                                     server=dovecot.destination_unix, chunking=chunking,
+                                     engine=engine)
     assert [r.code for r in results] == [250, 550, 250]
     for user in ("alice", "bob"):
         assert body_as_sent(dovecot.messages(user)[0]) == _stored_as_sent(raw)

@@ -218,7 +218,8 @@ def test_newline_in_lhlo_name(dovecot: Any) -> None:
     # CPython's test_issue43124_escape_localhostname, with LMTP's verb
     for cls in (smtplib.LMTP, compat.LMTP):
         s = cls(str(dovecot.unix_path), local_hostname="hi\nX-INJECTED", timeout=10)
-        with pytest.raises(ValueError, match=r"prohibited newline characters: lhlo hi\\nX-INJECTED"):
+        with pytest.raises(ValueError,
+                           match=r"prohibited newline characters: lhlo hi\\nX-INJECTED"):
             s.sendmail(SENDER, ["alice@example.com"], MSG)
         assert s.noop()[0] == 250
         s.close()

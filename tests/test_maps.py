@@ -94,7 +94,8 @@ def test_file_maps_match_postmap(tmp_path: Path) -> None:
     assert any("ignoring this line" in w and ":7:" in w for w in warnings)
 
 
-def test_cf_unknown_keys_warn_and_check_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cf_unknown_keys_warn_and_check_exits_78(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     cf = tmp_path / "pg.cf"
     cf.write_text("hosts = localhost\nuser = u\npassword = s3cret\ndbname = d\n"
                   "query = SELECT v FROM t WHERE k='%s'\nexpansion_limt = 1\n")
@@ -273,7 +274,8 @@ async def test_agent_routes_through_pgsql_and_defers_when_it_is_down(
                            for r in results[1:])
             finally:
                 postgres_db.server.start()
-            results = await agent.deliver(MSG, sender="s@example.org", recipients=["u2@example.com"])
+            results = await agent.deliver(MSG, sender="s@example.org",
+                                          recipients=["u2@example.com"])
             assert results[0].delivered
 
 

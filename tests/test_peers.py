@@ -255,7 +255,8 @@ def test_dovecot_stop_leaves_no_process(dovecot_factory: DovecotFactory) -> None
 
 
 def wait_exited(pids: list[int], limit: float = 30.0) -> None:
-    """Wait until each of ``pids`` has exited (its pidfd turns readable); ``limit`` guards a hang."""
+    """Wait until each of ``pids`` has exited (its pidfd turns readable); ``limit`` guards a
+    hang."""
     fds = []
     for pid in pids:
         try:

@@ -30,7 +30,7 @@ def sockdir() -> Iterator[str]:
 
 @asynccontextmanager
 async def echo_server(path: str, greeting: bytes = b"") -> AsyncIterator[list[bytes]]:
-    """A unix server that sends ``greeting`` then echoes; yields what it received, per connection."""
+    """A unix server that sends ``greeting`` then echoes; yields what it got, per connection."""
     got: list[bytes] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -107,7 +107,8 @@ async def test_clean_forwarding(sockdir: str) -> None:
 async def test_cut_after_marker_split_across_reads(sockdir: str) -> None:
     async with (
         echo_server(f"{sockdir}/up") as got,
-        FaultProxy(f"unix:{sockdir}/up", fault="up@after:MARK=cut", listen=f"unix:{sockdir}/p") as proxy,
+        FaultProxy(f"unix:{sockdir}/up", fault="up@after:MARK=cut",
+                   listen=f"unix:{sockdir}/p") as proxy,
     ):
         reader, writer = await open_client(proxy.destination)
         writer.write(b"aaaMA")
@@ -124,7 +125,8 @@ async def test_cut_after_marker_split_across_reads(sockdir: str) -> None:
 async def test_before_marker_with_occurrence(sockdir: str) -> None:
     async with (
         echo_server(f"{sockdir}/up") as got,
-        FaultProxy(f"unix:{sockdir}/up", fault="up@before:X#2=cut", listen=f"unix:{sockdir}/p") as proxy,
+        FaultProxy(f"unix:{sockdir}/up", fault="up@before:X#2=cut",
+                   listen=f"unix:{sockdir}/p") as proxy,
     ):
         reader, writer = await open_client(proxy.destination)
         writer.write(b"1X2X3X")
@@ -136,7 +138,8 @@ async def test_before_marker_with_occurrence(sockdir: str) -> None:
 async def test_at_byte_count_corrupt_then_forward(sockdir: str) -> None:
     async with (
         echo_server(f"{sockdir}/up", b"250 OK\r\n250 OK\r\n") as got,
-        FaultProxy(f"unix:{sockdir}/up", fault="down@at:8=corrupt:X", listen=f"unix:{sockdir}/p") as proxy,
+        FaultProxy(f"unix:{sockdir}/up", fault="down@at:8=corrupt:X",
+                   listen=f"unix:{sockdir}/p") as proxy,
     ):
         reader, writer = await open_client(proxy.destination)
         assert await asyncio.wait_for(reader.readexactly(16), TIMEOUT) == (
@@ -150,7 +153,8 @@ async def test_at_byte_count_corrupt_then_forward(sockdir: str) -> None:
 async def test_fault_only_on_its_connection(sockdir: str) -> None:
     async with (
         echo_server(f"{sockdir}/up", b"hi\r\n"),
-        FaultProxy(f"unix:{sockdir}/up", fault="down@at:0=cut", listen=f"unix:{sockdir}/p") as proxy,
+        FaultProxy(f"unix:{sockdir}/up", fault="down@at:0=cut",
+                   listen=f"unix:{sockdir}/p") as proxy,
     ):
         r1, _ = await open_client(proxy.destination)
         assert await read_until_eof(r1) == b""
@@ -175,7 +179,8 @@ async def test_send_down_then_cut(sockdir: str) -> None:
 async def test_stall_keeps_client_open_until_it_hangs_up(sockdir: str) -> None:
     async with (
         echo_server(f"{sockdir}/up") as got,
-        FaultProxy(f"unix:{sockdir}/up", fault="up@after:STOP=stall", listen=f"unix:{sockdir}/p") as proxy,
+        FaultProxy(f"unix:{sockdir}/up", fault="up@after:STOP=stall",
+                   listen=f"unix:{sockdir}/p") as proxy,
     ):
         reader, writer = await open_client(proxy.destination)
         writer.write(b"go STOP more")
@@ -194,7 +199,8 @@ async def test_stall_keeps_client_open_until_it_hangs_up(sockdir: str) -> None:
 async def test_blackhole_blocks_the_writer(sockdir: str) -> None:
     async with (
         echo_server(f"{sockdir}/up"),
-        FaultProxy(f"unix:{sockdir}/up", fault="up@at:10=blackhole", listen=f"unix:{sockdir}/p") as proxy,
+        FaultProxy(f"unix:{sockdir}/up", fault="up@at:10=blackhole",
+                   listen=f"unix:{sockdir}/p") as proxy,
     ):
         _, writer = await open_client(proxy.destination)
         writer.write(b"x" * (8 << 20))

@@ -81,7 +81,8 @@ async def test_enqueue_claim_record_cycle(kind: str, tmp_path: Path) -> None:
         batch = await q.claim(10, due=due)
         assert len(batch.entries) == 10 and not batch.exhausted
         first = batch.entries[0]
-        assert bytes(first.content) == msg(int(first.envelope.recipients[0].address[1:].split("@")[0]))
+        first_rcpt = first.envelope.recipients[0].address
+        assert bytes(first.content) == msg(int(first_rcpt[1:].split("@")[0]))
         ups = [Update(e, "done") for e in batch.entries[:5]]
         later = due + 3600
         for e in batch.entries[5:]:

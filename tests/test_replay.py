@@ -131,7 +131,8 @@ async def test_mixed_outcomes_into_dovecot(dovecot: TempDovecot, tmp_path: Path,
     assert entries(spool, "deferred") == [] and entries(spool, "incoming") == []
     assert entries(spool, "msg") == []
     assert f"{ids['m5']}.txt" in entries(spool, "failed")
-    stored = {u: sorted(msgid_of(m) for m in dovecot.messages(u)) for u in ("alice", "bob", "carol")}
+    stored = {u: sorted(msgid_of(m) for m in dovecot.messages(u))
+              for u in ("alice", "bob", "carol")}
     assert stored == {"alice": ["m1", "m3"], "bob": ["m5"], "carol": ["m4", "m5"]}
 
 

@@ -179,4 +179,5 @@ def test_virtual_domain_rewrite_recursion_and_loops() -> None:
     assert vmap.rewrite("info@example.org") == "info@example.org"
     with pytest.raises(ValueError, match="loop"):
         vmap.rewrite("ping@example.org")
-    assert VirtualMap({"u@x.example": "v@y.example"}).rewrite("u+ext@x.example", "+") == "v@y.example"
+    vmap = VirtualMap({"u@x.example": "v@y.example"})
+    assert vmap.rewrite("u+ext@x.example", "+") == "v@y.example"

@@ -514,7 +514,8 @@ def test_junk_command_limit(impl: str) -> None:
     s = session(impl, max_commands=2)
     s.start()
     out = s.receive_data(
-        b"LHLO c\r\nNOOP\r\nNOOP\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nDATA\r\nx\r\n.\r\nNOOP\r\nNOOP\r\n"
+        b"LHLO c\r\nNOOP\r\nNOOP\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nDATA\r\nx\r\n.\r\n"
+        b"NOOP\r\nNOOP\r\n"
     )
     assert 421 not in codes(out)
 

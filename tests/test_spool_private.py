@@ -218,7 +218,8 @@ async def test_everything_written_is_private_whatever_the_umask(tmp_path: Path,
     assert os.listdir(spool_dir / "deferred") and os.listdir(spool_dir / "failed")
     assert os.listdir(spool_dir / "quarantine") and os.listdir(work / "bounces")
     assert (work / "report.json").exists()
-    wrong = {**_modes(spool_dir), **{f"bounces/{k}": v for k, v in _modes(work / "bounces").items()}}
+    bounces = {f"bounces/{k}": v for k, v in _modes(work / "bounces").items()}
+    wrong = {**_modes(spool_dir), **bounces}
     assert stat.S_IMODE(spool_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((work / "bounces").stat().st_mode) == 0o700
     assert stat.S_IMODE((work / "report.json").stat().st_mode) == 0o600

@@ -48,7 +48,8 @@ def test_sync_timeout_and_one_shot(smtp_sink) -> None:
     with SyncAgent.for_server(slow.destination) as agent, pytest.raises(TimeoutError):
         agent.deliver(MSG, sender="s@example.org", recipients=["a@example.com"], timeout=0.3)
     fast = smtp_sink()
-    results = deliver_sync(MSG, sender="s@example.org", recipients=["a@example.com", "b@example.com"],
+    results = deliver_sync(MSG, sender="s@example.org",
+                           recipients=["a@example.com", "b@example.com"],
                            server=fast.destination, use_uvloop=False)
     assert [r.code for r in results] == [250, 250]
     assert results[0].destination == fast.destination

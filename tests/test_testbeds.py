@@ -277,7 +277,7 @@ def test_postmap_queries_pgsql_ldap_mysql_maps_on_the_beds(
     tmp_path: Path,
 ) -> None:  # fmt: skip
     postgres_db.psql("CREATE TABLE transport (domain text PRIMARY KEY, transport text);"
-                     "INSERT INTO transport VALUES ('example.com', 'lmtp:unix:/run/pg');")  # fmt: skip
+                     "INSERT INTO transport VALUES ('example.com', 'lmtp:unix:/run/pg');")
     pg_cf = write_map_cf(tmp_path / "pgsql.cf", pgsql_map_settings(
         postgres, user=postgres_db.user, password=postgres_db.password, dbname=postgres_db.name,
         query="SELECT transport FROM transport WHERE domain = '%s'"))  # fmt: skip
@@ -285,11 +285,13 @@ def test_postmap_queries_pgsql_ldap_mysql_maps_on_the_beds(
     assert postmap_query("example.org", f"pgsql:{pg_cf}") is None
 
     ldap_cf = write_map_cf(tmp_path / "ldap.cf", ldap_map_settings(
-        slapd, query_filter="(mailLocalAddress=%s)", result_attribute="mailRoutingAddress"))  # fmt: skip
+        slapd, query_filter="(mailLocalAddress=%s)",
+        result_attribute="mailRoutingAddress"))  # fmt: skip
     assert postmap_query("a.example@example.com", f"ldap:{ldap_cf}") == "alice@mail1.example.com"
     assert postmap_query("nobody@example.com", f"ldap:{ldap_cf}") is None
     drops_cf = write_map_cf(tmp_path / "drops.cf", ldap_map_settings(
-        slapd, query_filter="(mail=%s)", result_attribute="lmtpfastMaildrop", bind=True))  # fmt: skip
+        slapd, query_filter="(mail=%s)", result_attribute="lmtpfastMaildrop",
+        bind=True))  # fmt: skip
     drops = postmap_query("bob@example.com", f"ldap:{drops_cf}")
     assert drops is not None
     assert sorted(drops.split(",")) == ["bob-archive@mail2.example.com", "bob@mail2.example.com"]
@@ -333,11 +335,13 @@ def test_netns_two_hosts_reach_postgres_in_a_third(netns: NetnsFactory) -> None:
         pg.create_user("u", "pw")
         for host in ("a", "b"):
             out = net.run(host, [str(PG_BIN / "psql"), "-XAt", "-c",
-                                 "SELECT host(inet_client_addr())", pg.dsn_for("u", "pw")])  # fmt: skip
+                                 "SELECT host(inet_client_addr())",
+                                 pg.dsn_for("u", "pw")])  # fmt: skip
             assert out.stdout == f"{net.address(host)}\n"
         # Loopback inside "a" is a's own: the server is not there.
         refused = net.run("a", [str(PG_BIN / "psql"), "-XAt", "-c", "SELECT 1",
-                                f"postgresql://u:pw@127.0.0.1:{pg.port}/postgres"], check=False)  # fmt: skip
+                                f"postgresql://u:pw@127.0.0.1:{pg.port}/postgres"],
+                          check=False)  # fmt: skip
         assert refused.returncode != 0 and "refused" in refused.stderr
         # The host itself has no route into the namespaces' subnet.
         assert net.address("db") not in subprocess.run(

@@ -60,8 +60,9 @@ def run_tool(
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:  # fmt: skip
     """Run a client tool with text I/O and a timeout; :class:`ToolError` on failure if *check*."""
+    stdin = None if input is not None else subprocess.DEVNULL
     proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout,
-                          check=False, env=env, stdin=None if input is not None else subprocess.DEVNULL)  # fmt: skip
+                          check=False, env=env, stdin=stdin)  # fmt: skip
     if check and proc.returncode != 0:
         raise ToolError(proc.returncode, cmd, proc.stdout, proc.stderr)
     return proc

@@ -195,7 +195,8 @@ def in_ci() -> bool:
 
 def _unavailable(reason: str) -> NoReturn:
     if in_ci():
-        pytest.fail(f"real peer unavailable under CI (never skipped there): {reason}", pytrace=False)
+        pytest.fail(f"real peer unavailable under CI (never skipped there): {reason}",
+                    pytrace=False)
     pytest.skip(reason)
 
 
@@ -214,7 +215,8 @@ def require_peer(name: str) -> None:
     """
     if name == "dovecot":
         if find_dovecot() is None or not os.access("/usr/lib/dovecot/lmtp", os.X_OK):
-            _unavailable(f"Dovecot LMTP (dovecot-core, dovecot-lmtpd) not installed: {_INSTALL_HINT}")
+            _unavailable("Dovecot LMTP (dovecot-core, dovecot-lmtpd) not installed: "
+                         f"{_INSTALL_HINT}")
         if os.geteuid() != 0:
             _unavailable("TempDovecot needs root")
     elif name in ("smtp-sink", "smtp-source", "postfix"):

@@ -429,10 +429,13 @@ class TempPostfix(TempPeer):
             return ""
 
     def _diagnostics(self) -> str:
-        queue = run_tool([str(SBIN / "postqueue"), "-c", str(self.config_dir), "-p"],
-                         check=False, timeout=30).stdout if self.running else "(not running)"  # fmt: skip
+        queue = "(not running)"
+        if self.running:
+            queue = run_tool([str(SBIN / "postqueue"), "-c", str(self.config_dir), "-p"],
+                             check=False, timeout=30).stdout
         return (f"--- postqueue -p ---\n{queue}\n--- {self.maillog_path} ---\n"
-                f"{tail(self.maillog_path, 40)}\n--- {self.log_path} ---\n{tail(self.log_path, 10)}")  # fmt: skip
+                f"{tail(self.maillog_path, 40)}\n"
+                f"--- {self.log_path} ---\n{tail(self.log_path, 10)}")
 
     # -- mail in ------------------------------------------------------------------------
 

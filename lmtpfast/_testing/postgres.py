@@ -324,7 +324,8 @@ class TempPostgres(TempPeer):
         env = {**os.environ, "PGCONNECT_TIMEOUT": "10"}
         return run_tool(cmd, input=sql, timeout=timeout, check=check, env=env).stdout
 
-    def create_user(self, name: str, password: str | None = None, *, superuser: bool = False) -> str:
+    def create_user(self, name: str, password: str | None = None, *,
+                    superuser: bool = False) -> str:
         """Create a login role (with *password* for TCP logins); returns its TCP DSN."""
         opts = " SUPERUSER" if superuser else ""
         if password is not None:

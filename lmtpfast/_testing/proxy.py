@@ -33,7 +33,8 @@ Spec grammar (``ProxyFault.parse``)::
 
 TEXT takes Python escapes (``\\r\\n``, ``\\x3d`` for ``=``, ``\\x2c`` for
 ``,``) and ``[[C*N]]`` for the character C N times (an oversized reply:
-``send-down:250 [[x*9000]]\\r\\n``). ``N`` is the occurrence (default 1). Actions run in order; after
+``send-down:250 [[x*9000]]\\r\\n``). ``N`` is the occurrence (default 1). Actions run in
+order; after
 ``corrupt`` or ``send-*`` alone, forwarding goes on. The fault applies to one
 accepted connection (``connection``, 1-based; 0 = every connection), so the
 client's next connection goes through clean: that is how tests check that a

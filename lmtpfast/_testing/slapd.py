@@ -58,7 +58,8 @@ from ._procs import (
     stop_process,
 )
 
-__all__ = ["BASE_DN", "MAIL_DIT", "SCHEMA_DIR", "SLAPD", "PeerStartError", "TempSlapd", "ToolError", "find_slapd"]
+__all__ = ["BASE_DN", "MAIL_DIT", "SCHEMA_DIR", "SLAPD", "PeerStartError", "TempSlapd", "ToolError",
+           "find_slapd"]
 
 SLAPD = "/usr/sbin/slapd"
 SCHEMA_DIR = Path("/etc/ldap/schema")

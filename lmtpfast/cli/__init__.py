@@ -20,8 +20,8 @@ from . import _exit
 __all__ = ["main"]
 
 # Subcommand modules, in the order --help lists them.
-_SUBCOMMANDS = ("send", "replay", "run", "enqueue", "queue", "check-config", "probe", "map", "bench",
-                "sink", "proxy")
+_SUBCOMMANDS = ("send", "replay", "run", "enqueue", "queue", "check-config", "probe", "map",
+                "bench", "sink", "proxy")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,4 +1,5 @@
-"""The Prometheus endpoint (``--metrics-listen HOST:PORT``): ``prometheus_client`` over our counters.
+"""The Prometheus endpoint (``--metrics-listen HOST:PORT``): ``prometheus_client`` over our
+counters.
 
 The delivery path counts into a :class:`lmtpfast.Metrics` (plain dicts, no
 locks); this collector turns those numbers, the agent's pools and the maps'

@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
                 rtts.append((time.perf_counter() - s) * 1000)
             if rtts:
                 rtts.sort()
-                print(f"NOOP round trip: min {rtts[0]:.3f} ms, median {rtts[len(rtts) // 2]:.3f} ms, "
+                median = rtts[len(rtts) // 2]
+                print(f"NOOP round trip: min {rtts[0]:.3f} ms, median {median:.3f} ms, "
                       f"max {rtts[-1]:.3f} ms ({len(rtts)} samples)")
         finally:
             await conn.quit()

@@ -75,7 +75,8 @@ def register(sub: Any) -> None:
     target.add_argument("--server", metavar="DEST", help="unix:/path, host:port, [ipv6]:port")
     target.add_argument("--config", metavar="FILE", help="agent configuration (lmtpfast.toml)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--once", action="store_true", help="one pass over the due messages (default)")
+    mode.add_argument("--once", action="store_true",
+                      help="one pass over the due messages (default)")
     mode.add_argument("--watch", action="store_true",
                       help="keep delivering new and due messages until SIGINT/SIGTERM")
     p.add_argument("--concurrency", type=_positive_int, default=64, metavar="N",

@@ -184,7 +184,8 @@ def _build(args: argparse.Namespace) -> Sink:
     unknown = hidden - known
     if unknown:
         raise ConfigurationError(
-            f"cannot hide {', '.join(sorted(unknown))}: offered are {', '.join(DEFAULT_EXTENSIONS)}",
+            f"cannot hide {', '.join(sorted(unknown))}: "
+            f"offered are {', '.join(DEFAULT_EXTENSIONS)}",
             source="--hide",
         )
     if args.duration is not None and not args.duration > 0:

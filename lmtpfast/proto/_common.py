@@ -506,7 +506,8 @@ def fail_transaction(
         elif mail is not None:
             where = "rcpt"
         else:
-            where = stage if stage in ("connect", "greeting", "lhlo", "starttls", "auth") else "mail"
+            setup = ("connect", "greeting", "lhlo", "starttls", "auth")
+            where = stage if stage in setup else "mail"
         # With BDAT the content may be sent before the RCPT reply came back:
         # the server may have delivered either way.
         results.append(made_up(address, code, enhanced, why, where, txn.dot_sent))
@@ -539,7 +540,7 @@ class TransactionDone:
 
 
 class CommandReply:
-    """The reply to a session command (``greeting``, ``LHLO``, ``RSET``, ``NOOP``, ``QUIT``, ...)."""
+    """The reply to a session command (``greeting``, ``LHLO``, ``RSET``, ``NOOP``, ``QUIT``...)."""
 
     __slots__ = ("command", "reply")
 

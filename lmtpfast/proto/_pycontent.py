@@ -118,7 +118,8 @@ class ContentEncoder:
         return out
 
     def finish(self) -> bytes:
-        """``b"\\r\\n"`` if the content so far is non-empty and lacks a final line end, else ``b""``."""
+        """``b"\\r\\n"`` if the content so far is non-empty and lacks a final line end, else
+        ``b""``."""
         if self._at_line_start:  # also true for empty content: that stays empty
             return b""
         self._at_line_start = True

@@ -251,7 +251,8 @@ def parse_fault(spec: str) -> FaultRule:
     m = _SPEC_RE.match(spec.strip())
     if m is None:
         raise bad(
-            "expected COMMAND[@OPTION:...][:PATTERN]=ACTION, e.g. 'rcpt:bob@*=550 5.1.1 No such user'"
+            "expected COMMAND[@OPTION:...][:PATTERN]=ACTION, "
+            "e.g. 'rcpt:bob@*=550 5.1.1 No such user'"
         )
     cmd = m["cmd"].lower()
     if cmd not in COMMANDS:

@@ -79,8 +79,8 @@ def build_bounce(
             fields.append(f"Original-Recipient: {r.orcpt}")
         fields += [f"Final-Recipient: rfc822; {r.address}", "Action: failed"]
         last = r.last
-        status = last.enhanced if last and last.enhanced else ("5.0.0" if not last or last.code >= 500
-                                                              else "4.0.0")
+        status = last.enhanced if last and last.enhanced else (
+            "5.0.0" if not last or last.code >= 500 else "4.0.0")
         fields.append(f"Status: {status}")
         if last and last.destination and not last.local:
             fields.append(f"Remote-MTA: dns; {last.destination}")
@@ -117,7 +117,8 @@ def build_bounce(
         "\r\n\r\n".join(blocks),
         "",
         f"--{boundary}",
-        "Content-Description: " + ("Undelivered Message" if full else "Undelivered Message Headers"),
+        "Content-Description: "
+        + ("Undelivered Message" if full else "Undelivered Message Headers"),
         "Content-Type: " + ("message/rfc822" if full else "text/rfc822-headers"),
         "",
         "",

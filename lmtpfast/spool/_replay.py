@@ -477,16 +477,16 @@ class Replayer:
                 r.last = _reason(res, r.last.at,
                                  f"{r.last.text} (gave up: message in queue for {age})")
                 totals.recipients_expired += 1
-                self._report(claim, timing, r.address, "expired", res, r.attempts, r.possibly_delivered,
-                             text=r.last.text)
+                self._report(claim, timing, r.address, "expired", res, r.attempts,
+                             r.possibly_delivered, text=r.last.text)
             deferred = []
 
         if deferred:
             next_attempt = now + self.policy.backoff(env.attempts)
             for r, res in deferred:
                 totals.recipients_deferred += 1
-                self._report(claim, timing, r.address, "deferred", res, r.attempts, r.possibly_delivered,
-                             next_attempt=next_attempt)
+                self._report(claim, timing, r.address, "deferred", res, r.attempts,
+                             r.possibly_delivered, next_attempt=next_attempt)
             record = _Record(claim, "deferred", next_attempt, delivered_to)
         elif env.failed():
             record = _Record(claim, "failed", now + self.policy.backoff(env.attempts),
@@ -583,7 +583,8 @@ class Replayer:
 
     def _report(
         self, claim: Claim, timing: tuple[float, int, tuple[float, float, float, float]],
-        address: str, kind: OutcomeKind, res: RecipientResult, attempts: int, dup: bool, *, next_attempt: float | None = None, text: str | None = None,
+        address: str, kind: OutcomeKind, res: RecipientResult, attempts: int, dup: bool, *,
+        next_attempt: float | None = None, text: str | None = None,
     ) -> None:
         self.observer.outcome(Outcome(
             id=claim.id, recipient=address, outcome=kind, code=res.code, enhanced=res.enhanced,

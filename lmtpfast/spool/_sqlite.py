@@ -1,4 +1,5 @@
-"""The embedded queue store of a spool directory: SQLite (WAL) for the index, segment files for content.
+"""The embedded queue store of a spool directory: SQLite (WAL) for the index, segment files
+for content.
 
 Layout (see ``docs/spool.md`` for the why and the measurements)::
 
@@ -1474,7 +1475,8 @@ class SQLiteStore:
         return self._act(selection, one)
 
     def requeue(self, selection: Selection) -> ActionResult:
-        """Put failed (or quarantined, when readable) entries back, their recipients queued, due now."""
+        """Put failed (or quarantined, when readable) entries back, their recipients queued, due
+        now."""
         now = time.time()
 
         def one(i: int) -> str:

@@ -541,7 +541,8 @@ class Spool:
         if not stat.S_ISREG(st.st_mode):
             return f"{what} is not a regular file"
         if st.st_uid not in self._owners:
-            return f"{what} is owned by uid {st.st_uid}, not by the spool's owner (uid {self.owner})"
+            return (f"{what} is owned by uid {st.st_uid}, not by the spool's owner "
+                    f"(uid {self.owner})")
         return None
 
     def _own_links(self, id: str, st: os.stat_result) -> bool:
