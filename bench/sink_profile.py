@@ -163,7 +163,8 @@ def main() -> None:
     engines = args.engines.split(",")
     n, size = args.messages, args.size
     if "engine" in what:
-        print(f"server engine alone, {size}-byte messages (us/msg: wall time here; Ir/msg: callgrind)")
+        print(f"server engine alone, {size}-byte messages "
+              "(us/msg: wall time here; Ir/msg: callgrind)")
         for style in ("source", "bdat"):
             for rcpts in (1, 10):
                 for engine in engines:
@@ -171,14 +172,16 @@ def main() -> None:
                         [sys.executable, "-c",
                          f"import sys; sys.argv[1:] = ['--root', {str(ROOT)!r}]; import runpy; "
                          f"m = runpy.run_path({__file__!r}); "
-                         f"print(m['run_engine']({engine!r}, {style!r}, {rcpts}, {size}, {20 * n}))"],
+                         f"print(m['run_engine']({engine!r}, {style!r}, {rcpts}, {size}, "
+                         f"{20 * n}))"],
                         capture_output=True, text=True, check=True,
                     ).stdout.strip()
                     ir = engine_ir(engine, style, rcpts, size, n) if VALGRIND else float("nan")
                     print(f"  {style:6} rcpt={rcpts:<2} {engine:6} {float(us):8.2f} us/msg "
                           f"{ir:12,.0f} Ir/msg")
     if "process" in what and VALGRIND and SMTP_SOURCE.exists():
-        print(f"whole lmtpfast sink process driven by smtp-source -L -s 8, {size} bytes (callgrind)")
+        print(f"whole lmtpfast sink process driven by smtp-source -L -s 8, {size} bytes "
+              "(callgrind)")
         for rcpts in (1, 10):
             for engine in engines:
                 ir = process_ir(engine, rcpts, size, n)
