@@ -112,7 +112,8 @@ async def test_enqueue_non_utf8_address_is_a_usage_error(tmp_path: Path) -> None
 async def test_enqueue_refuses_a_message_with_nul(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     status, _, err = await lmtpfast("enqueue", str(spool), "--from", "a@example.org",
-                                    "--rcpt", "b@example.org", "-", stdin=b"Subject: x\r\n\r\na\0b\r\n")
+                                    "--rcpt", "b@example.org", "-",
+                                    stdin=b"Subject: x\r\n\r\na\0b\r\n")
     assert status == 65 and "NUL byte at offset" in err
     assert queued(spool) == []
 

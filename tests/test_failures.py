@@ -327,7 +327,9 @@ def _send_status(enhanced: str) -> int:
     """``lmtpfast send``'s exit status for a recipient's enhanced code (its --help)."""
     if enhanced[0] != "5":
         return 75
-    return {"1": 67, "6": 65, "7": 77, "2": 73}.get(enhanced.split(".")[1], 69)
+    if enhanced.split(".")[1:] == ["1", "2"]:
+        return 68
+    return {"1": 67, "2": 73, "5": 76, "6": 65, "7": 77}.get(enhanced.split(".")[1], 69)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, sc in SCENARIOS.items() if sc.send is not None))
