@@ -405,6 +405,34 @@ class Agent:
                 routed[i] = e
         else:
             routed = await self._routes(rcpts)  # type: ignore[assignment]
+        return await self._deliver_routed(d, routed)
+
+    async def deliver_routed(
+        self, delivery: Delivery, routings: Sequence[Routing],
+    ) -> list[RecipientResult]:
+        """Deliver to recipients routed earlier: ``routings[i]`` is ``delivery.recipients[i]``'s.
+
+        For a front end that routes at RCPT time (the proxy) and must not
+        route twice (a map that goes down between RCPT and the dot cannot
+        turn an accepted recipient into a failure). Grouping, recipient
+        limits, retries and failures as results are those of :meth:`deliver`.
+        """
+        if self._closed:
+            raise RuntimeError("the agent is closed")
+        if len(routings) != len(delivery.recipients):
+            raise ValueError("one routing per recipient of the delivery")
+        self._deliveries += 1
+        self._recipients += len(routings)
+        routed: list[tuple[Routing, _Target | None, float] | None] = [
+            None if i in delivery.refused else self._entry(r) for i, r in enumerate(routings)]
+        return await self._deliver_routed(delivery, routed)
+
+    async def _deliver_routed(
+        self, d: Delivery, routed: Sequence[tuple[Routing, _Target | None, float] | None],
+    ) -> list[RecipientResult]:
+        rcpts = d.recipients
+        n = len(rcpts)
+        refused = d.refused
         first = routed[0]
         if first is not None and first[1] is not None and n <= first[1].limit and all(
                 e is not None and e[1] is first[1] for e in routed):

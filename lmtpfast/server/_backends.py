@@ -22,9 +22,8 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-import msgspec
-
 from .._agent import Agent, AgentStats
+from .._delivery import Delivery
 from .._dsn import DSN
 from .._results import RecipientResult
 from .._routing import Routing
@@ -74,35 +73,12 @@ class Backends:
         transport's ``recipient_limit`` splits the transaction. SIZE, BODY and
         SMTPUTF8 are added per back end by the session, from what it offers.
         """
-        # TODO(core): Delivery (issue 11.1): build it once per message and pass
-        # subsets, so the content is encoded once for every back end and the
-        # DSN parameters (``dsn``) reach the back ends that offer DSN; and a
-        # public Agent method for routings decided earlier, instead of its pools.
-        del dsn
-        agent = self._agent
-        first = routings[0]
-        assert first.destination is not None
-        pool = agent._pool(first.transport, first.destination)
-        limit = agent.config.transports[first.transport].recipient_limit
-        positions: dict[str, list[int]] = {}
-        for i, r in enumerate(routings):
-            positions.setdefault(r.address, []).append(i)
-        addresses = list(positions)
-        out: list[RecipientResult | None] = [None] * len(routings)
-        chunks = [addresses[i:i + limit] for i in range(0, len(addresses), limit)]
-        if len(chunks) == 1:
-            outcomes = [await pool.deliver(sender, chunks[0], content, mail_params=mail_params)]
-        else:
-            outcomes = await asyncio.gather(*(
-                pool.deliver(sender, chunk, content, mail_params=mail_params)
-                for chunk in chunks))
-        replace = msgspec.structs.replace
-        for chunk, results in zip(chunks, outcomes, strict=True):
-            for address, result in zip(chunk, results, strict=True):
-                for i in positions[address]:
-                    rcpt = routings[i].recipient
-                    out[i] = result if result.address == rcpt else replace(result, address=rcpt)
-        return out  # type: ignore[return-value]  # every position is filled
+        # One Delivery for this back end's recipients: checked once, its DSN
+        # sent only where the back end offers DSN, then routed as decided.
+        delivery = Delivery.build(content, sender=sender,
+                                  recipients=[r.recipient for r in routings],
+                                  mail_params=mail_params, dsn=dsn)
+        return await self._agent.deliver_routed(delivery, routings)
 
     @property
     def stats(self) -> AgentStats:

@@ -130,7 +130,8 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         for ext in self.extensions:
             if ext.upper() not in _KNOWN_EXTENSIONS:
                 raise ConfigurationError(
-                    f"unknown extension {ext!r} (offered can be {', '.join(sorted(_KNOWN_EXTENSIONS))})",
+                    f"unknown extension {ext!r} "
+                    f"(offered can be {', '.join(sorted(_KNOWN_EXTENSIONS))})",
                     field="extensions")
         names = {e.upper() for e in self.extensions}
         for required in ("PIPELINING", "ENHANCEDSTATUSCODES"):

@@ -60,7 +60,8 @@ def static_destinations(config: AgentConfig) -> list[tuple[str, Destination]]:
     if config.transport_map is not None:
         for entry, route in config.transport_map.routes():
             if route.destination is not None:
-                where = f"{entry.source}:{entry.line}" if entry.line else f"transport_map.{entry.key}"
+                where = (f"{entry.source}:{entry.line}" if entry.line
+                         else f"transport_map.{entry.key}")
                 out.append((where, route.destination))
     return out
 
