@@ -12,13 +12,15 @@ from __future__ import annotations
 from types import ModuleType
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmtpfast import Agent, LocalProtocolError
 from lmtpfast.proto._common import address_problem, encode_address
 from lmtpfast.server import Sink
 from lmtpfast.spool import BadEnvelope, check_address
 
-from .test_engine import FROM, Cut, Script, impl, mail_burst, session  # noqa: F401
+from .test_engine import FROM, Cut, Script, both, impl, mail_burst, session  # noqa: F401
 
 GOOD = [
     "john@example.com",
@@ -143,3 +145,26 @@ async def test_quoted_local_part_delivered(tmp_path, engine: str) -> None:
     with pytest.raises(LocalProtocolError, match="bad sender address"):
         await Agent.for_server("unix:/nonexistent").deliver(
             b"x\r\n", sender='"unbalanced@example.org', recipients=["a@example.com"])
+
+
+_ALPHABET = st.sampled_from([*'ab.@+-"\\[]<> \t\r\n\0\x7f\x01é~', "postmaster", "x@y"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_ALPHABET, max_size=12).map("".join), st.booleans())
+def test_engines_check_addresses_as_the_one_function_does(
+        both: tuple[ModuleType, ModuleType], address: str, utf8: bool) -> None:  # noqa: F811
+    """The compiled engine's fast path accepts nothing ``address_problem`` refuses, and vice versa."""
+    try:
+        expected: object = b"RCPT TO:<" + encode_address(address, utf8=utf8) + b">\r\n"
+    except LocalProtocolError as exc:
+        expected = str(exc)
+    for mod in both:
+        s = Script(mod, Cut("whole"))
+        c = session(s)
+        try:
+            c.start_transaction(FROM, [address], smtputf8=utf8)
+            got: object = s.sent().split(b"\r\n", 1)[1].removesuffix(b"DATA\r\n")
+        except LocalProtocolError as exc:
+            got = str(exc)
+        assert got == expected, (mod.__name__, address)

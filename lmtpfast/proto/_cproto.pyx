@@ -15,7 +15,12 @@ from cpython.list cimport PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
-from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
+from cpython.unicode cimport (
+    PyUnicode_DATA,
+    PyUnicode_DecodeASCII,
+    PyUnicode_DecodeUTF8,
+    PyUnicode_GET_LENGTH,
+)
 from libc.string cimport memcmp, memcpy, memmove
 
 from .._errors import LocalProtocolError, RemoteProtocolError, ServerDisconnected
@@ -391,6 +396,34 @@ cdef inline _Cmd _cmd(bytes line, int kind, object txn, Py_ssize_t idx, str name
     return c
 
 
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+
+
+cdef object _plain_address(object address):
+    """The compiled fast path of ``_common.encode_address``, or None.
+
+    Printable ASCII without a quote, bracket, space or angle bracket is
+    accepted by ``address_problem`` as it is: encode it without a Python
+    call. Anything else (empty, non-ASCII, quoted, a literal, bad) goes to
+    the shared check, the one definition of what an address may be.
+    """
+    cdef Py_ssize_t n, i
+    cdef const unsigned char *p
+    cdef unsigned char ch
+    if type(address) is not str or not PyUnicode_IS_ASCII(address):
+        return None
+    n = PyUnicode_GET_LENGTH(address)
+    if n == 0:
+        return None
+    p = <const unsigned char *>PyUnicode_DATA(address)
+    for i in range(n):
+        ch = p[i]
+        if ch <= 32 or ch >= 127 or ch == 34 or ch == 60 or ch == 62 or ch == 91 or ch == 93:
+            return None
+    return PyBytes_FromStringAndSize(<const char *>p, n)
+
+
 cdef inline bint _ok(int code):
     return 200 <= code < 300
 
@@ -649,13 +682,19 @@ cdef class Connection:
             raise LocalProtocolError("a transaction needs at least one recipient")
         if rcpt_params is not None and len(rcpt_params) != len(recipients):
             raise LocalProtocolError("rcpt_params must have one entry per recipient")
-        mail = b"MAIL FROM:<" + encode_address(sender, allow_empty=True, utf8=smtputf8) + b">"
+        enc = _plain_address(sender)
+        if enc is None:
+            enc = encode_address(sender, allow_empty=True, utf8=smtputf8)
+        mail = b"MAIL FROM:<" + enc + b">"
         for p in mail_params:
             mail += b" " + encode_param(p)
         rcpt_lines = []
         i = 0
         for rcpt in recipients:
-            line = b"RCPT TO:<" + encode_address(rcpt, utf8=smtputf8) + b">"
+            enc = _plain_address(rcpt)
+            if enc is None:
+                enc = encode_address(rcpt, utf8=smtputf8)
+            line = b"RCPT TO:<" + enc + b">"
             if rcpt_params is not None:
                 for p in rcpt_params[i]:
                     line += b" " + encode_param(p)
@@ -828,9 +867,10 @@ cdef class Connection:
             return 0
         if kind == _RCPT:
             txn.rcpt_replies[idx] = reply
+            accepted = txn.accepted
             if _ok(code) and _reply_ok(txn.mail_reply):
-                txn.accepted.append(idx)
-            if idx == len(txn.recipients) - 1 and not txn.accepted:
+                accepted.append(idx)
+            if not accepted and idx == len(txn.recipients) - 1:
                 if not self.pipelining:
                     # Every recipient refused: do not send DATA, reset instead.
                     self._outq.drop_txn(txn)
@@ -995,11 +1035,11 @@ cdef class Connection:
         self._bdat_inflight = 0
         if not held:
             return 0
-        self._held = []
         for txn in held:
             _finish_transaction(txn)
             self._open.remove(txn)
             self._events.push(TransactionDone(txn))
+        del held[:]
         return 0
 
     cdef int _on_eof(self) except -1:

@@ -605,11 +605,12 @@ class Connection:
         if kind == _RCPT:
             assert txn is not None
             txn.rcpt_replies[idx] = reply
+            accepted = txn.accepted
             if 200 <= code < 300:
                 mail = txn.mail_reply
                 if mail is not None and 200 <= mail.code < 300:
-                    txn.accepted.append(idx)
-            if idx == len(txn.recipients) - 1 and not txn.accepted:
+                    accepted.append(idx)
+            if not accepted and idx == len(txn.recipients) - 1:
                 if not self.pipelining:
                     # Every recipient refused: do not send DATA, reset instead.
                     self._drop_queued(txn)
@@ -786,11 +787,11 @@ class Connection:
         held = self._held
         if not held:
             return
-        self._held = []
         for txn in held:
             finish_transaction(txn)
             self._open.remove(txn)
             self._events.append(TransactionDone(txn))
+        held.clear()
 
     def _on_eof(self) -> None:
         if self._expect and self._expect[0][3] == "QUIT" and not self._held:
