@@ -937,7 +937,8 @@ cdef class Connection:
             if self.error is not None:
                 return 0
             self._events.push(CommandReply(name, reply))
-        self._settle()
+        if not self._expect.size():
+            self._settle()  # (a call only when it can prove something)
         if self.error is None:
             self._pump()
         return 0

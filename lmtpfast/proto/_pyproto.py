@@ -107,7 +107,7 @@ class ReplyParser:
     @property
     def in_reply(self) -> bool:
         """True when part of a reply (a line or more) has been received."""
-        return self._code != 0 or self.buffered > 0
+        return self._code != 0 or len(self._buf) > self._start
 
     def next_reply(self) -> Reply | None:
         """The next complete reply, or ``None`` until more bytes arrive."""
@@ -681,7 +681,8 @@ class Connection:
             if self.error is not None:
                 return
             self._events.append(CommandReply(name, reply))
-        self._settle()
+        if not self._expect:
+            self._settle()  # (a call only when it can prove something)
         if self.error is None:
             self._pump()
 
