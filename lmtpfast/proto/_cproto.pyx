@@ -954,7 +954,9 @@ cdef class Connection:
         mail_ok = _reply_ok(txn.mail_reply)
         if code == 354:
             # In its place, so every reply before it was: the proof.
-            self._release_held()
+            self._bdat_inflight = 0
+            if self._held:
+                self._release_held()
             if txn.accepted:
                 self._data_ready = txn
                 self._events.push(ReadyForData(txn))

@@ -700,7 +700,9 @@ class Connection:
         mail_ok = txn.mail_reply is not None and 200 <= txn.mail_reply.code < 300
         if reply.code == 354:
             # In its place, so every reply before it was: the proof.
-            self._release_held()
+            self._bdat_inflight = 0
+            if self._held:
+                self._release_held()
             if txn.accepted:
                 self._data_ready = txn
                 self._events.append(ReadyForData(txn))
