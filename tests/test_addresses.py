@@ -154,7 +154,7 @@ _ALPHABET = st.sampled_from([*'ab.@+-"\\[]<> \t\r\n\0\x7f\x01é~', "postmaster",
 @given(st.lists(_ALPHABET, max_size=12).map("".join), st.booleans())
 def test_engines_check_addresses_as_the_one_function_does(
         both: tuple[ModuleType, ModuleType], address: str, utf8: bool) -> None:  # noqa: F811
-    """The compiled engine's fast path accepts nothing ``address_problem`` refuses, and vice versa."""
+    """The compiled fast path accepts nothing ``address_problem`` refuses, and vice versa."""
     try:
         expected: object = b"RCPT TO:<" + encode_address(address, utf8=utf8) + b">\r\n"
     except LocalProtocolError as exc:
