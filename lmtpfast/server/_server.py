@@ -42,6 +42,8 @@ __all__ = ["IMPLEMENTATION", "IMPLEMENTATIONS", "Server", "ServerProtocol", "par
 log = logging.getLogger("lmtpfast.server")
 
 _STOP_TIMEOUT = 5.0
+# How long a connection closed with a 421 stays half-open so the client reads it.
+_LINGER = 1.0
 
 
 def _load_compiled() -> ModuleType | None:
@@ -496,7 +498,26 @@ class ServerProtocol(asyncio.Protocol):
             transport.write(reply % self._server.config.hostname.encode("utf-8", "replace"))
         self._set_blocked(True)
         self._queue = None
-        transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._close_after_eof(transport)
+
+    def _close_after_eof(self, transport: asyncio.Transport) -> None:
+        # Closing with the client's bytes still unread makes the kernel reset
+        # the connection, and a reset can destroy the 421 before the client
+        # reads it. Say EOF first and close a moment later (a lingering close).
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            transport.close()
+            return
+        transport.pause_reading()
+        self._read_paused = True
+        self._timer = self._loop.call_later(_LINGER, transport.close)
 
     # --- carrying out items -------------------------------------------------
 
