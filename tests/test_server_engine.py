@@ -715,6 +715,39 @@ def test_starttls_with_a_real_tls_client(impl: str, runner: asyncio.Runner, tmp_
     runner.run(asyncio.wait_for(main(), 60))
 
 
+def test_first_command_under_tls_is_not_lost(impl: str, runner: asyncio.Runner) -> None:
+    """A client that says LHLO as soon as its side of the handshake is done (lmtpfast's
+    does): the TLS layer may hand that LHLO over before start_tls() returns."""
+    trustme = pytest.importorskip("trustme")
+    from lmtpfast import TLSPolicy, connect
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    ca_file = tempfile.NamedTemporaryFile(suffix=".pem", delete=False)  # noqa: SIM115
+    ca.cert_pem.write_to_path(ca_file.name)
+
+    async def main() -> None:
+        cfg = SessionConfig(extensions=["PIPELINING", "ENHANCEDSTATUSCODES", "STARTTLS"],
+                            tls_required=True)
+        async with Server("127.0.0.1:0", Handler(), cfg, ssl_context=server_ctx, engine=impl,
+                          tls_timeout=30) as server:
+            policy = TLSPolicy(level="verify", ca_file=ca_file.name, server_hostname="localhost")
+            for _ in range(5):
+                async with await asyncio.wait_for(
+                        connect(server.destinations[0], tls=policy), 20) as c:
+                    assert c.tls is not None
+                    results = await c.send("s@x", ["a@x"], b"Subject: tls\r\n\r\nhi\r\n")
+                    assert results[0].delivered
+            assert server.stats.transactions == 5
+
+    try:
+        runner.run(asyncio.wait_for(main(), 120))
+    finally:
+        os.unlink(ca_file.name)
+
+
 def test_idle_property(impl: str) -> None:
     s = session(impl)
     s.start()

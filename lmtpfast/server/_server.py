@@ -309,6 +309,7 @@ class ServerProtocol(asyncio.Protocol):
         "_blocked",
         "_coalescing",
         "_deadline_mark",
+        "_early",
         "_loop",
         "_queue",
         "_read_paused",
@@ -348,6 +349,9 @@ class ServerProtocol(asyncio.Protocol):
         # The command deadline: (commands, bytes received, since when) at the
         # client's last progress.
         self._deadline_mark: tuple[int, int, float] | None = None
+        # Data the TLS layer hands over before start_tls() has returned: the
+        # client's first command under TLS, kept for tls_started().
+        self._early: list[bytes] | None = None
         # The compiled engine brings its own data_received (the common case
         # in C: feed, then one write); set before the transport caches it.
         self._reader: Any = None
@@ -390,6 +394,9 @@ class ServerProtocol(asyncio.Protocol):
     def _data_received(self, data: bytes) -> None:
         session = self._session
         if session is None:
+            return
+        if self._early is not None:
+            self._early.append(data)  # already decrypted: the session is not told of TLS yet
             return
         self._stats.bytes_received += len(data)
         items = session.receive_data(data)
@@ -602,6 +609,8 @@ class ServerProtocol(asyncio.Protocol):
             if item is START_TLS:
                 self._set_blocked(True)
                 self._queue = items[i + 1 :]
+                if self._reader is not None:
+                    self._reader.write = None  # the Python path, which knows about TLS
                 self._tls_task = asyncio.ensure_future(self._start_tls())
                 return
             if type(item) is Pending:
@@ -637,12 +646,16 @@ class ServerProtocol(asyncio.Protocol):
             log.error("STARTTLS accepted but the server has no ssl_context")
             transport.abort()
             return
+        # Plain text that came after STARTTLS went to the session, which drops
+        # it (RFC 3207 6). From here on data comes through the TLS layer, which
+        # may hand the client's first command over before start_tls() returns.
+        self._early = []
         try:
-            new = await asyncio.wait_for(
-                self._loop.start_tls(transport, self, ctx, server_side=True),
-                self._server.tls_timeout)
+            async with asyncio.timeout(self._server.tls_timeout):
+                new = await self._loop.start_tls(transport, self, ctx, server_side=True)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("TLS handshake failed: %s", exc)
+            self._early = None
             transport.abort()
             return
         if new is None or self._session is None:
@@ -654,4 +667,7 @@ class ServerProtocol(asyncio.Protocol):
         items = self._session.tls_started()
         self._resume()
         self._dispatch(items)
+        early, self._early = self._early, None
+        for data in early or ():
+            self.data_received(data)
         self._update_reading()
