@@ -58,6 +58,7 @@ __all__ = [
     "TLSPolicy",
     "check_starttls_reply",
     "make_context",
+    "server_context",
     "tls_info",
     "wants_starttls",
 ]
@@ -198,6 +199,24 @@ def make_context(policy: TLSPolicy) -> ssl.SSLContext:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigurationError(f"cannot load the client certificate or key: {_why(exc)}",
                                      source=policy.cert_file, field="tls_cert_file") from None
+    return ctx
+
+
+def server_context(cert_file: str, key_file: str, *,
+                   min_version: str = "TLSv1.2") -> ssl.SSLContext:
+    """A server context (STARTTLS offered by the proxy): this certificate and key, TLS >= min.
+
+    Raises :class:`ConfigurationError` naming the file when they cannot be loaded.
+    """
+    if min_version not in _VERSIONS:
+        raise ConfigurationError(f"unknown TLS version {min_version!r}", field="tls_min_version")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = _VERSIONS[min_version]
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"cannot load the server certificate or key: {_why(exc)}",
+                                 source=cert_file, field="tls_cert_file") from None
     return ctx
 
 

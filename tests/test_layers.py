@@ -30,7 +30,8 @@ LAYERS: dict[str, int] = {
     # 1 core: the sans-IO engine and the request it is given
     "proto": 1, "_delivery": 1,
     # 2 policy: pure decisions (TLS, SASL), maps, routing, configuration
-    "_tls": 2, "_sasl": 2, "_passwords": 2, "_maps": 2, "_routing": 2, "_config": 2,
+    "_tls": 2, "_sasl": 2, "_saslserver": 2, "_passwords": 2, "_maps": 2, "_routing": 2,
+    "_config": 2,
     # 3 protocol: the asyncio.Protocol over the engine
     "_protocol": 3,
     # 4 session: connect and set-up, one Client

@@ -415,3 +415,117 @@ def test_the_deployment_in_docs_proxy_md_loads(tmp_path: Path) -> None:
     settings, config = load_proxy_config(path)
     assert settings.hopcount_limit == 50 and settings.timeouts.command == 300
     assert config.recipient_maps and config.transport_maps
+
+
+# -- STARTTLS and AUTH toward the client ----------------------------------------------------
+
+@pytest.fixture
+def tls_auth(tmp_path: Path) -> dict[str, Any]:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    users = tmp_path / "sasl_users"
+    users.write_text("# user password\nalice s3cret\nbob hunter2\n")
+    users.chmod(0o600)
+    return {"tls_cert_file": str(cert_file), "tls_key_file": str(key_file),
+            "sasl_users": str(users), "ca_file": str(ca_file)}
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN",
+                                       "LOGIN"])
+async def test_starttls_and_auth_required_on_tcp_only(tls_auth: dict[str, Any], tmp_path: Path,
+                                                      mechanism: str) -> None:
+    from lmtpfast import AuthenticationError, AuthPolicy, Credentials, ReplyError, TLSPolicy
+
+    ca_file = tls_auth.pop("ca_file")
+    async with backends(None) as (a,):
+        settings, config = proxy_config_from_dict({
+            "transport_map": _map([a], ["a.example"]),
+            "proxy": {**tls_auth, "auth": "tcp"}})
+        sock = tmp_path / "p.sock"
+        p = Proxy(config, settings, listen=["127.0.0.1:0", f"unix:{sock}"])
+        await p.start()
+        try:
+            tcp = p.destinations[0]
+            verify = TLSPolicy(level="verify", ca_file=ca_file, server_hostname="localhost")
+            policy = AuthPolicy(Credentials("alice", "s3cret"), mechanisms=(mechanism,))
+            # TCP without AUTH: MAIL is refused (530), nothing delivered.
+            async with await connect(tcp) as c:
+                results = await c.send("s@example.org", ["u@a.example"], MSG)
+                assert (results[0].code, results[0].enhanced) == (530, "5.7.0")
+                # PLAIN and LOGIN are not offered before TLS on TCP.
+                assert c.capabilities.auth and all(
+                    m not in ("PLAIN", "LOGIN") for m in c.capabilities.auth)
+            # STARTTLS (the certificate verifies), then AUTH with this mechanism.
+            async with await connect(tcp, tls=verify, auth=policy) as c:
+                assert c.tls is not None
+                results = await c.send("s@example.org", ["u@a.example"], MSG)
+                assert results[0].delivered
+            # A wrong password: 535, and the session is not authenticated.
+            bad = AuthPolicy(Credentials("alice", "wrong"), mechanisms=(mechanism,))
+            with pytest.raises((ReplyError, AuthenticationError)) as info:
+                await connect(tcp, tls=verify, auth=bad)
+            if isinstance(info.value, ReplyError):
+                assert info.value.code == 535
+            # The unix socket needs no AUTH (auth = "tcp").
+            async with await connect(f"unix:{sock}") as c:
+                assert (await c.send("s@example.org", ["u@a.example"], MSG))[0].delivered
+            assert len(a.messages) == 2
+        finally:
+            await p.shutdown(5)
+
+
+async def test_auth_plaintext_before_tls_is_refused_and_brute_force_ends_the_session(
+        tls_auth: dict[str, Any]) -> None:
+    tls_auth.pop("ca_file")
+    async with backends(None) as (a,):
+        settings, config = proxy_config_from_dict({
+            "transport_map": _map([a], ["a.example"]), "proxy": {**tls_auth, "auth": "required"}})
+        async with proxy(config, settings) as p:
+            host, port = p.destinations[0].rsplit(":", 1)
+            r, w = await asyncio.open_connection(host, int(port))
+            w.write(b"LHLO x\r\nAUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n")
+            for _ in range(20):
+                line = await asyncio.wait_for(r.readline(), 10)
+                if line.startswith(b"538"):
+                    break
+            assert line.startswith(b"538 5.7.11 ")
+            w.write(b"AUTH CRAM-MD5\r\n")
+            assert (await r.readline()).startswith(b"334 ")
+            w.write(b"YWxpY2UgMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDA=\r\n")
+            assert (await r.readline()).startswith(b"535 5.7.8 ")
+            w.write(b"AUTH CRAM-MD5\r\n*\r\nAUTH CRAM-MD5\r\n")
+            assert (await r.readline()).startswith(b"334 ")
+            assert (await r.readline()).startswith(b"501 ")  # cancelled: not a failure
+            assert (await r.readline()).startswith(b"334 ")
+            w.write(b"bm90IHJpZ2h0\r\nAUTH CRAM-MD5\r\n")
+            assert (await r.readline()).startswith(b"535 ")
+            assert (await r.readline()).startswith(b"334 ")
+            w.write(b"bm90IHJpZ2h0\r\n")
+            assert (await r.readline()).startswith(b"421 4.7.0 ")  # the third failure
+            assert await r.read() == b""
+            w.close()
+
+
+def test_sasl_users_file_must_be_private_and_well_formed(tmp_path: Path) -> None:
+    from lmtpfast._saslserver import SaslUsers
+
+    f = tmp_path / "users"
+    f.write_text("alice s3cret\n")
+    f.chmod(0o644)
+    with pytest.raises(ConfigurationError, match="chmod 600"):
+        SaslUsers.from_file(f)
+    f.chmod(0o600)
+    assert len(SaslUsers.from_file(f)) == 1 and "s3cret" not in repr(SaslUsers.from_file(f))
+    f.write_text("alice\n")
+    with pytest.raises(ConfigurationError, match="user password"):
+        SaslUsers.from_file(f)
+    with pytest.raises(ConfigurationError, match="sasl_users"):
+        proxy_config_from_dict({"default": "lmtp:unix:/x", "proxy": {"auth": "required"}})
+    with pytest.raises(ConfigurationError, match="DIGEST-MD5"):
+        proxy_config_from_dict({"default": "lmtp:unix:/x",
+                                "proxy": {"sasl_mechanisms": ["DIGEST-MD5"]}})

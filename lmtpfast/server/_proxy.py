@@ -28,6 +28,8 @@ It is the server engine (``ServerSession``) with :class:`ProxyHandler`:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import email.utils
 import itertools
 import logging
@@ -46,6 +48,7 @@ from .._destination import Destination
 from .._errors import ContentError, LocalProtocolError
 from .._results import RecipientResult, status_of
 from .._routing import Routing
+from .._saslserver import Exchange, SaslUsers, Step, begin
 from ._backends import Backends
 from ._common import Answer, Envelope, Handler
 from ._session import ServerSession
@@ -71,6 +74,16 @@ _RECEIVED = re.compile(rb"(?:^|\n)received:", re.IGNORECASE)
 
 _R_BAD_UTF8 = b"553 5.6.7 Address is not valid UTF-8\r\n"
 _R_NEED_AUTH = b"530 5.7.0 Authentication required\r\n"
+_R_AUTH_OK = b"235 2.7.0 Authentication successful\r\n"
+_R_AUTH_FAILED = b"535 5.7.8 Authentication credentials invalid\r\n"
+_R_AUTH_TOO_MANY = b"421 4.7.0 Too many failed authentications, closing\r\n"
+_R_NEED_ENCRYPTION = (b"538 5.7.11 Encryption required for requested authentication "
+                      b"mechanism\r\n")
+_R_BAD_BASE64 = b"501 5.5.2 Cannot decode the response (base64)\r\n"
+# AUTH failures in one session before it is closed (a brute-force brake).
+_MAX_AUTH_FAILURES = 3
+_PLAINTEXT = frozenset((b"PLAIN", b"LOGIN"))
+_PLAINTEXT_NAMES = frozenset(("PLAIN", "LOGIN"))
 
 
 def _default_enhanced(code: int) -> str:
@@ -291,7 +304,8 @@ class _Txn:
 class _Client:
     """Per-connection state (``session.context``)."""
 
-    __slots__ = ("auth_required", "helo", "name", "peer", "txn", "unix")
+    __slots__ = ("auth_failures", "auth_required", "auth_user", "exchange", "helo", "name",
+                 "peer", "txn", "unix")
 
     def __init__(self, peer: Any, unix: bool, auth_required: bool) -> None:
         self.peer = peer
@@ -299,6 +313,9 @@ class _Client:
         self.auth_required = auth_required
         self.helo = b""
         self.txn: _Txn | None = None
+        self.exchange: Exchange | None = None  # an AUTH exchange under way
+        self.auth_failures = 0
+        self.auth_user: str | None = None
         if unix:
             self.name = "unix socket"
         elif isinstance(peer, tuple) and peer:
@@ -337,6 +354,9 @@ class ProxyHandler(Handler):
         spool_dir: str | None = None,
         received_header: bool = True,
         auth_required: str = "none",
+        sasl_users: SaslUsers | None = None,
+        sasl_mechanisms: Sequence[str] = (),
+        sasl_plaintext: bool | None = None,
         on_result: Callable[[ProxyRecord], None] | None = None,
     ) -> None:
         self.backends = backends
@@ -352,6 +372,10 @@ class ProxyHandler(Handler):
         if auth_required not in ("none", "tcp", "always"):
             raise ValueError(f"auth_required must be none, tcp or always, not {auth_required!r}")
         self._auth_required = auth_required
+        self._users = sasl_users
+        self._mechanisms = frozenset(sasl_mechanisms)
+        self._plaintext = sasl_plaintext
+        self._lhlo_variants: dict[bytes, bytes] = {}
         self.on_result = on_result
         self._batch: list[tuple[_Txn, int, str, asyncio.Future[Answer]]] | None = None
         self._date = ("", 0)
@@ -374,8 +398,87 @@ class ProxyHandler(Handler):
         return ctx
 
     def lhlo(self, session: ServerSession, name: bytes, default: bytes) -> Answer:
-        self._client(session).helo = name
+        ctx = self._client(session)
+        ctx.helo = name
+        if self._users is not None and not self._plaintext_ok(ctx, session):
+            return self._without_plaintext(default)
         return None
+
+    # --- AUTH (RFC 4954), checked against the users table ------------------------
+
+    def _plaintext_ok(self, ctx: _Client, session: ServerSession) -> bool:
+        """PLAIN/LOGIN here? Only under TLS or on a unix socket, unless configured."""
+        if self._plaintext is not None:
+            return self._plaintext
+        return ctx.unix or session.tls
+
+    def _without_plaintext(self, reply: bytes) -> bytes:
+        """The LHLO reply without PLAIN and LOGIN on its AUTH line (cached)."""
+        out = self._lhlo_variants.get(reply)
+        if out is None:
+            lines = reply.split(b"\r\n")[:-1]
+            kept = []
+            for ln in lines:
+                if ln[4:9].upper() == b"AUTH ":
+                    mechs = [m for m in ln[9:].split() if m.upper() not in _PLAINTEXT]
+                    if not mechs:
+                        continue
+                    ln = ln[:9] + b" ".join(mechs)
+                kept.append(ln[4:])
+            out = b"".join((b"250 " if i == len(kept) - 1 else b"250-") + ln + b"\r\n"
+                           for i, ln in enumerate(kept))
+            self._lhlo_variants[reply] = out
+        return out
+
+    def auth(self, session: ServerSession, mechanism: bytes, initial: bytes | None,
+             default: bytes) -> Answer:
+        users = self._users
+        if users is None:
+            return None
+        ctx = self._client(session)
+        mech = mechanism.decode("ascii", "replace").upper()
+        if mech not in self._mechanisms:
+            return None  # 504: not offered
+        if mech in _PLAINTEXT_NAMES and not self._plaintext_ok(ctx, session):
+            return _R_NEED_ENCRYPTION
+        exchange = begin(mech, users, self.hostname)
+        if exchange is None:
+            return None
+        try:
+            data = None if initial is None else (
+                b"" if initial == b"=" else base64.b64decode(initial, validate=True))
+        except (binascii.Error, ValueError):
+            return _R_BAD_BASE64
+        ctx.exchange = exchange
+        return self._auth_step(ctx, exchange.start(data))
+
+    def auth_line(self, session: ServerSession, line: bytes, default: bytes) -> Answer:
+        ctx = self._client(session)
+        exchange = ctx.exchange
+        if exchange is None:
+            return None
+        try:
+            data = base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            ctx.exchange = None
+            return _R_BAD_BASE64
+        return self._auth_step(ctx, exchange.step(data))
+
+    def _auth_step(self, ctx: _Client, step: Step) -> Answer:
+        if step.kind == "challenge":
+            return b"334 " + base64.b64encode(step.data) + b"\r\n"
+        exchange, ctx.exchange = ctx.exchange, None
+        mech = exchange.name if exchange is not None else "?"
+        if step.kind == "success":
+            ctx.auth_user = step.user
+            log.info("%s: AUTH %s as %r", ctx.name, mech, step.user)
+            return _R_AUTH_OK
+        ctx.auth_failures += 1
+        who = exchange.user if exchange is not None else None
+        log.warning("%s: AUTH %s failed for %r (%d)", ctx.name, mech, who, ctx.auth_failures)
+        if ctx.auth_failures >= _MAX_AUTH_FAILURES:
+            return _R_AUTH_TOO_MANY
+        return _R_AUTH_FAILED
 
     def mail(
         self, session: ServerSession, sender: bytes, params: list[bytes], default: bytes

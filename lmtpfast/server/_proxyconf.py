@@ -33,6 +33,7 @@ import msgspec
 
 from .._config import AgentConfig, _convert, config_from_dict, read_toml
 from .._errors import ConfigurationError
+from .._saslserver import check_mechanisms
 from ._common import (
     DEFAULT_MAX_LINE_LENGTH,
     DEFAULT_MAX_RECIPIENTS,
@@ -122,7 +123,7 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     #: ``user password`` lines (mode 0600), for ``auth``.
     sasl_users: str | None = None
     sasl_mechanisms: list[str] = msgspec.field(
-        default_factory=lambda: ["SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN", "LOGIN"])
+        default_factory=lambda: ["SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN"])
     #: PLAIN/LOGIN over TCP without TLS (``None``: only on unix sockets).
     sasl_allow_plaintext: bool | None = None
 
@@ -149,6 +150,7 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         if self.auth != "none" and self.sasl_users is None:
             raise ConfigurationError(f"auth = {self.auth!r} needs sasl_users (a file of "
                                      "'user password' lines, mode 0600)", field="sasl_users")
+        check_mechanisms(self.sasl_mechanisms)
         if self.hostname and not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", self.hostname):
             raise ConfigurationError(f"bad host name {self.hostname!r}", field="hostname")
 

@@ -25,6 +25,8 @@ from .._agent import Agent, AgentStats
 from .._config import AgentConfig, config_from_dict
 from .._destination import Destination
 from .._errors import ConfigurationError
+from .._saslserver import SaslUsers, check_mechanisms
+from .._tls import server_context
 from ._backends import Backends
 from ._common import SessionConfig, SinkStats
 from ._proxy import ProxyHandler, ProxyRecord, ProxyStats, loops_to
@@ -110,15 +112,27 @@ class Proxy:
         hostname = settings.name
         self._local_names = local_names()
         auth = {"none": "none", "optional": "none", "required": "always", "tcp": "tcp"}
+        users = None
+        mechanisms: tuple[str, ...] = ()
+        if settings.auth != "none":
+            assert settings.sasl_users is not None  # checked by ProxySettings
+            users = SaslUsers.from_file(settings.sasl_users)
+            mechanisms = check_mechanisms(settings.sasl_mechanisms)
+        if ssl_context is None and settings.tls_cert_file is not None:
+            assert settings.tls_key_file is not None
+            ssl_context = server_context(settings.tls_cert_file, settings.tls_key_file)
         self.handler = ProxyHandler(
             self._backends, hostname=hostname, stats=self.stats, listen=self._listen,
             local_names=self._local_names, hopcount_limit=settings.hopcount_limit,
             spool_threshold=settings.spool_threshold, spool_dir=settings.spool_dir,
             received_header=settings.received_header, auth_required=auth[settings.auth],
-            on_result=on_result)
+            sasl_users=users, sasl_mechanisms=mechanisms,
+            sasl_plaintext=settings.sasl_allow_plaintext, on_result=on_result)
         extensions = list(settings.extensions)
-        if settings.tls_cert_file is not None:
+        if ssl_context is not None:
             extensions.append("STARTTLS")
+        if users is not None:
+            extensions.append("AUTH " + " ".join(mechanisms))
         self.session_config = SessionConfig(
             hostname=hostname, extensions=extensions, max_size=settings.max_size,
             max_line_length=settings.max_line_length, max_recipients=settings.max_recipients,
