@@ -51,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "VirtualMap": "_routing",
     "parse_route": "_routing",
     "Destination": "_destination",
+    "DestinationSet": "_destination",
     "parse_destination": "_destination",
     "DSN": "_dsn",
     "loop_factory": "_loop",
@@ -129,6 +130,7 @@ __all__ = [
     "Delivery",
     "DeliveryFailed",
     "Destination",
+    "DestinationSet",
     "Failure",
     "LMTPError",
     "LocalProtocolError",
@@ -188,7 +190,7 @@ if TYPE_CHECKING:
     from ._agent import Agent, AgentStats
     from ._config import DEFAULT_TRANSPORT, AgentConfig, Transport, config_from_dict, load_config
     from ._delivery import Delivery, Message
-    from ._destination import Destination, parse_destination
+    from ._destination import Destination, DestinationSet, parse_destination
     from ._dsn import DSN
     from ._errors import (
         AuthenticationError,

@@ -47,7 +47,7 @@ from ._delivery import Delivery, Message
 from ._destination import Destination, parse_destination
 from ._dsn import DSN
 from ._errors import ConfigurationError, LMTPError, LocalProtocolError
-from ._failures import failure_results
+from ._failures import SETUP_STAGES, failure_results
 from ._maps import Map, is_map_name
 from ._pool import Pool, PoolStats
 from ._results import RecipientResult
@@ -125,6 +125,12 @@ def _died_before_reply(results: list[RecipientResult]) -> bool:
     """True when the connection failed before the server answered this transaction at all."""
     return all(r.local and r.stage == "mail" and not r.possibly_delivered and r.transient
                for r in results)
+
+
+def _unreachable(r: RecipientResult | None) -> bool:
+    """The back end could not be had (connect, greeting, LHLO, TLS, AUTH): nothing reached it."""
+    return (r is not None and r.local and r.transient and not r.possibly_delivered
+            and r.stage in SETUP_STAGES)
 
 
 def _as_map(value: Any, cls: type[Any], what: str) -> Any:
@@ -220,7 +226,7 @@ class Agent:
                           *config.virtual_maps),
             recipient_maps=config.recipient_maps,
             default=config.default,
-            destinations={n: t.dest for n, t in config.transports.items()},
+            destinations={n: t.targets for n, t in config.transports.items()},
             delimiter=config.recipient_delimiter,
             default_transport=DEFAULT_TRANSPORT,
             no_route=config.no_route,
@@ -281,18 +287,20 @@ class Agent:
     def route(self, recipient: str) -> Routing:
         """Rewrite and route one recipient (what :meth:`deliver` does first).
 
-        Answers from the maps' memory; a recipient that needs a network map
-        lookup raises :class:`RuntimeError` (use :meth:`route_many`).
+        Answers from memory: the agent's route cache (file-map routes for
+        ever, network-map routes for the maps' cache TTL, failures never),
+        else the maps' own; a recipient that needs a network map lookup raises
+        :class:`RuntimeError` (use :meth:`route_many`).
         """
-        r = self._router.route_cached(recipient)
-        if r is None:
+        hit = self._cached_route(recipient)
+        if hit is None:
             raise RuntimeError(f"routing {recipient!r} needs a map lookup: use "
                                "'await agent.route_many([...])'")
-        return r
+        return hit[0]
 
     async def route_many(self, recipients: Sequence[str]) -> list[Routing]:
         """Rewrite and route recipients, asking network maps (batched) as needed."""
-        return await self._router.route_many(recipients)
+        return [hit[0] for hit in await self._routes(recipients)]
 
     def _entry(self, r: Routing) -> tuple[Routing, _Target | None, float]:
         expires = _monotonic() + self._route_ttl if self._route_ttl < _FOREVER else _FOREVER
@@ -395,8 +403,10 @@ class Agent:
             if target is None:
                 assert r.failure is not None
                 return [r.failure]
-            sub = d if r.address == rcpt else d.subset((0,), (r.address,))
-            return await self._send(target, sub, rcpts)
+            if not r.alternatives:
+                sub = d if r.address == rcpt else d.subset((0,), (r.address,))
+                return await self._send(target, sub, rcpts)
+            return await self._deliver_routed(d, [hit])
         if refused:  # recipients whose address cannot be sent are not routed
             good = [i for i in range(n) if i not in refused]
             got = await self._routes([rcpts[i] for i in good])
@@ -428,6 +438,27 @@ class Agent:
         return await self._deliver_routed(delivery, routed)
 
     async def _deliver_routed(
+        self, d: Delivery, routed: Sequence[tuple[Routing, _Target | None, float] | None],
+    ) -> list[RecipientResult]:
+        out = await self._deliver_once(d, routed)
+        # A destination set that fails over: the recipients whose member could
+        # not be had (nothing reached it) go to their next-ranked member.
+        again = [i for i, e in enumerate(routed)
+                 if e is not None and e[0].alternatives and _unreachable(out[i])]
+        if not again:
+            return out
+        rerouted: list[tuple[Routing, _Target | None, float] | None] = []
+        for i in again:
+            r = routed[i][0]  # type: ignore[index]  # not None: filtered above
+            rest = r.alternatives
+            rerouted.append(self._entry(dataclasses.replace(
+                r, destination=rest[0], alternatives=rest[1:])))
+        for i, result in zip(again, await self._deliver_routed(d.subset(again), rerouted),
+                             strict=True):
+            out[i] = result
+        return out
+
+    async def _deliver_once(
         self, d: Delivery, routed: Sequence[tuple[Routing, _Target | None, float] | None],
     ) -> list[RecipientResult]:
         rcpts = d.recipients

@@ -40,7 +40,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from ._destination import Destination, parse_destination
+from ._destination import Destination, DestinationSet, parse_destination
 from ._errors import ConfigurationError
 from ._maps import CacheSettings, Map, is_map_name, open_map, split_map_name
 from ._passwords import PasswordMap
@@ -72,10 +72,17 @@ class Transport:
 
     ``destination`` is used when a route names the transport without a next
     hop (``lmtp1:``); with neither, the recipient's domain on port 24 is used,
-    as Postfix does.
+    as Postfix does. ``destinations`` instead names a set of back ends that
+    share the transport's users: each user goes to one of them by consistent
+    (rendezvous) hashing of the address (:class:`~lmtpfast.DestinationSet`);
+    ``failover`` says whether the users of a member that cannot be reached
+    are deferred (False, the default: their mailboxes are there) or tried
+    on their next member.
     """
 
     destination: str | Destination | None = None
+    destinations: tuple[str | Destination, ...] = ()
+    failover: bool = False
     recipient_limit: int = DEFAULT_RECIPIENT_LIMIT
     lhlo_name: str | None = None
     pipelining: bool = True
@@ -103,6 +110,13 @@ class Transport:
     def __post_init__(self) -> None:
         if self.destination is not None and not isinstance(self.destination, Destination):
             object.__setattr__(self, "destination", parse_destination(self.destination))
+        if self.destinations:
+            if self.destination is not None:
+                raise ConfigurationError("give destination or destinations, not both",
+                                         field="destinations")
+            members = tuple(parse_destination(d) for d in self.destinations)
+            DestinationSet(members)  # checks: no duplicates
+            object.__setattr__(self, "destinations", members)
         limit = self.recipient_limit
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigurationError(f"must be an integer >= 1, got {limit!r}",
@@ -128,6 +142,13 @@ class Transport:
     def dest(self) -> Destination | None:
         """``destination`` parsed (``None`` when not set)."""
         return self.destination if isinstance(self.destination, Destination) else None
+
+    @property
+    def targets(self) -> Destination | DestinationSet | None:
+        """Where routes without a next hop go: ``destination``, or the set of ``destinations``."""
+        if self.destinations:
+            return DestinationSet(self.destinations, self.failover)  # type: ignore[arg-type]
+        return self.dest
 
     def auth_for(self, destination: str | Destination) -> AuthPolicy | None:
         """How to authenticate to ``destination``: ``sasl_credentials``, else the first
@@ -253,6 +274,8 @@ class _TimeoutsTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
 
 class _TransportTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     destination: str | None = None
+    destinations: list[str] = []
+    failover: bool = False
     recipient_limit: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_RECIPIENT_LIMIT
     lhlo_name: str | None = None
     pipelining: bool = True
@@ -378,6 +401,11 @@ def _transport_from_table(
         dest = None if table.destination is None else parse_destination(table.destination)
     except ConfigurationError as exc:
         raise ConfigurationError(exc.problem, source=source, field=f"{key}.destination") from None
+    try:
+        members = tuple(parse_destination(d) for d in table.destinations)
+    except ConfigurationError as exc:
+        raise ConfigurationError(exc.problem, source=source,
+                                 field=f"{key}.destinations") from None
     name = table.lhlo_name
     if name is not None and (not name or any(c.isspace() or c == "\0" for c in name)):
         raise ConfigurationError(f"bad LHLO name {name!r}", source=source,
@@ -385,7 +413,8 @@ def _transport_from_table(
     tls, maps, mechanisms = _security_from_table(table, source, key, base or Path.cwd())
     try:
         return Transport(
-            destination=dest, recipient_limit=table.recipient_limit,
+            destination=dest, destinations=members, failover=table.failover,
+            recipient_limit=table.recipient_limit,
             lhlo_name=name, pipelining=table.pipelining,
             skip_5xx_greeting=table.skip_5xx_greeting,
             ignore_keywords=tuple(table.ignore_keywords), pool=table.pool,

@@ -6,13 +6,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from ._errors import ConfigurationError
 
-__all__ = ["DEFAULT_PORT", "Destination", "parse_destination"]
+__all__ = ["DEFAULT_PORT", "Destination", "DestinationSet", "parse_destination"]
 
 #: The LMTP port Postfix assumes when none is given.
 DEFAULT_PORT = 24
@@ -40,6 +42,57 @@ class Destination:
     @classmethod
     def parse(cls, text: str | Destination) -> Destination:
         return parse_destination(text)
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationSet:
+    """Back ends that share one transport's users: each user goes to one of them.
+
+    The choice is rendezvous (highest-random-weight) hashing of the user's
+    address with each member: stable as long as the set is, and when a
+    member leaves the set only its own users move (each to its next-ranked
+    member); a member joining takes a fair share from every other. What
+    Dovecot's director did, without a director: every front end with the
+    same set computes the same answer.
+    """
+
+    members: tuple[Destination, ...]
+    #: A member that cannot be reached: its users are deferred (False, the
+    #: default: their mailboxes live there) or tried on their next-ranked member.
+    failover: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.members) < 1:
+            raise ConfigurationError("a destination set needs at least one member")
+        if len(set(self.members)) != len(self.members):
+            raise ConfigurationError("a destination set lists a member twice")
+
+    def ranked(self, key: str) -> tuple[Destination, ...]:
+        """Every member, best first, for ``key`` (a user's address, lower-cased)."""
+        if len(self.members) == 1:
+            return self.members
+        return tuple(sorted(self.members, key=lambda m: _weight(m, key), reverse=True))
+
+    def pick(self, key: str) -> Destination:
+        """The member that holds ``key``'s mailbox."""
+        return max(self.members, key=lambda m: _weight(m, key))
+
+    def __str__(self) -> str:
+        return "{" + ", ".join(str(m) for m in self.members) + "}"
+
+    @classmethod
+    def parse(cls, texts: Sequence[str | Destination], *, failover: bool = False
+              ) -> DestinationSet:
+        """A set from destination texts (``"imap1:24"``, ``"unix:/path"``) or Destinations."""
+        return cls(tuple(parse_destination(t) for t in texts), failover)
+
+
+def _weight(member: Destination, key: str) -> int:
+    # A stable hash (not Python's, which is salted per process): every front
+    # end and every restart picks the same member.
+    digest = hashlib.blake2b(f"{member}\n{key}".encode("utf-8", "surrogatepass"),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 def _port(value: str, text: str) -> int:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from ._destination import DEFAULT_PORT, Destination, parse_destination
+from ._destination import DEFAULT_PORT, Destination, DestinationSet, parse_destination
 from ._errors import ConfigurationError
 from ._failures import (
     ALIAS_LOOP,
@@ -434,6 +434,9 @@ class Routing:
     destination: Destination | None = None
     key: str = ""
     failure: RecipientResult | None = None
+    #: With a transport whose destination set fails over: the other members,
+    #: best first, to try when ``destination`` cannot be reached.
+    alternatives: tuple[Destination, ...] = ()
 
 
 def _operator_result(recipient: str, name: str, key: str, nexthop: str) -> RecipientResult:
@@ -507,7 +510,7 @@ class Router:
         virtual_maps: Sequence[Map] = (),
         recipient_maps: Sequence[Map] | None = None,
         default: Route | None = None,
-        destinations: Mapping[str, Destination | None] | None = None,
+        destinations: Mapping[str, Destination | DestinationSet | None] | None = None,
         delimiter: str = "",
         default_transport: str = "lmtp",
         no_route: str = "defer",
@@ -686,6 +689,17 @@ class Router:
                 recipient, detail=f"route {str(route)!r} for {address} names transport "
                 f"{name!r}, which is not declared"))
         dest = route.destination or self.destinations[name]
+        if isinstance(dest, DestinationSet):
+            # User affinity across a set of back ends: rendezvous hashing of the
+            # user (without an address extension: user+ext has user's mailbox).
+            user = address.lower()
+            part, at, domain = user.rpartition("@")
+            if self.delimiter and at and part:
+                user = f"{_strip_extension(part, self.delimiter)}@{domain}"
+            if dest.failover:
+                ranked = dest.ranked(user)
+                return Routing(recipient, address, name, ranked[0], key, alternatives=ranked[1:])
+            dest = dest.pick(user)
         if dest is None:
             domain = address.rpartition("@")[2]
             if not domain or "@" not in address:

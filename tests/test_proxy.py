@@ -237,6 +237,12 @@ async def test_routes_back_to_the_proxy_are_refused_at_start_and_deferred_at_rcp
         p = Proxy({"default": f"lmtp:unix:{sock}"}, listen=f"unix:{sock}")
         await p.start()
     await p.stop()
+    # A member of a destination set counts too.
+    with pytest.raises(ConfigurationError, match="loop"):
+        p = Proxy({"default": "mbox:", "transports": {"mbox": {
+            "destinations": ["127.0.0.1:24999", f"unix:{sock}"]}}}, listen=f"unix:{sock}")
+        await p.start()
+    await p.stop()
     # A network map can only be asked at RCPT: the recipient is deferred there.
     tmap = FakeMap({"a.example": f"lmtp:unix:{sock}"})
     p = Proxy(Agent(transport_map=tmap), listen=f"unix:{sock}")

@@ -45,7 +45,11 @@ class Backends:
         return self._agent
 
     def route_now(self, recipient: str) -> Routing | None:
-        """The routing of ``recipient`` without I/O, or None when a network map must answer."""
+        """The routing of ``recipient`` without I/O, or None when a network map must answer.
+
+        From the agent's route cache (file-map routes for ever, network-map
+        routes for the maps' cache TTL; failures never): what replay uses.
+        """
         try:
             return self._agent.route(recipient)
         except RuntimeError:

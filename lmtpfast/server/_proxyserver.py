@@ -56,6 +56,9 @@ def static_destinations(config: AgentConfig) -> list[tuple[str, Destination]]:
     for name, transport in config.transports.items():
         if transport.dest is not None:
             out.append((f"transports.{name}.destination", transport.dest))
+        for member in transport.destinations:
+            assert isinstance(member, Destination)
+            out.append((f"transports.{name}.destinations", member))
     default = config.default
     if default is not None and default.destination is not None:
         out.append(("default", default.destination))
