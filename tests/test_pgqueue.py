@@ -1,0 +1,419 @@
+"""The PostgreSQL queue against a real PostgreSQL (TempPostgres): interface, leases, outages.
+
+Lease expiry is driven by moving ``lease_expires`` into the past with SQL (the
+database's clock is the lease clock): no test waits for time to pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from lmtpfast._testing.fixtures import PgDatabase
+from lmtpfast._testing.postgres import TempPostgres
+from lmtpfast.spool import Spool, new_envelope
+from lmtpfast.spool._format import Reason
+from lmtpfast.spool._pgqueue import SCHEMA_VERSION, PgQueue, init_queue, redact_dsn
+from lmtpfast.spool._queue import (
+    NewMessage,
+    QueueError,
+    QueueWriteError,
+    Selection,
+    Update,
+    open_queue,
+)
+
+pytestmark = pytest.mark.peers
+
+
+def msg(i: int, size: int = 300) -> bytes:
+    return (f"Subject: m{i}\r\nMessage-ID: <m{i}@test>\r\n\r\n").encode() + b"x" * size + b"\r\n"
+
+
+def new(i: int, *rcpts: str, **opts: object) -> NewMessage:
+    env = new_envelope("s@example.org", list(rcpts or [f"u{i}@example.com"]), **opts)  # type: ignore[arg-type]
+    return NewMessage(env, msg(i))
+
+
+def pgq(db: PgDatabase) -> PgQueue:
+    """A queue on a fresh database, its schema made at first use."""
+    return PgQueue(db.dsn, create=True, restart_grace=0)
+
+
+def expire_leases(db: PgDatabase) -> None:
+    """What the passing of a lease length does: every lease is past its expiry."""
+    db.psql("UPDATE lmtpfast.msg SET lease_expires = now() - interval '1 hour' "
+            "WHERE lease IS NOT NULL")
+
+
+async def drain(q: PgQueue, due: float | None = None) -> list[str]:
+    due = time.time() if due is None else due
+    got = []
+    while True:
+        batch = await q.claim(7, due=due)
+        got += [e.id for e in batch.entries]
+        await q.record([Update(e, "done") for e in batch.entries])
+        if batch.exhausted:
+            return got
+
+
+# -- schema ------------------------------------------------------------------------------
+
+
+async def test_a_database_without_the_schema_says_run_init(postgres_db: PgDatabase) -> None:
+    async with PgQueue(postgres_db.dsn) as q:
+        with pytest.raises(QueueError, match="queue init") as info:
+            await q.status()
+        assert not isinstance(info.value, QueueWriteError)  # config: not a transient outage
+    assert await init_queue(postgres_db.dsn) == (0, SCHEMA_VERSION)
+    assert await init_queue(postgres_db.dsn) == (SCHEMA_VERSION, SCHEMA_VERSION)  # idempotent
+    assert postgres_db.psql("SELECT value FROM lmtpfast.meta WHERE key = 'schema_version'"
+                            ).strip() == str(SCHEMA_VERSION)
+    async with PgQueue(postgres_db.dsn) as q:
+        assert (await q.status()).queued == 0
+    postgres_db.psql("UPDATE lmtpfast.meta SET value = '999' WHERE key = 'schema_version'")
+    async with PgQueue(postgres_db.dsn) as q:
+        with pytest.raises(QueueError, match="newer than this lmtpfast"):
+            await q.status()
+
+
+async def test_passwords_never_shown(postgres_db: PgDatabase) -> None:
+    assert postgres_db.password not in redact_dsn(postgres_db.dsn)
+    assert redact_dsn("postgresql://u@h/db?password=sec&sslmode=require") == (
+        "postgresql://u@h/db?password=***&sslmode=require")
+    q = open_queue(postgres_db.dsn)
+    assert isinstance(q, PgQueue)
+    assert postgres_db.password not in repr(q) and postgres_db.password not in q.location
+    bad = postgres_db.dsn.replace(postgres_db.password, "wrong-" + postgres_db.password)
+    async with PgQueue(bad) as q2:
+        with pytest.raises(QueueError) as info:
+            await q2.status()
+    assert postgres_db.password not in str(info.value)
+    assert not isinstance(info.value, QueueWriteError)  # a wrong password is config
+    await q.close()
+
+
+# -- the interface ---------------------------------------------------------------------
+
+
+async def test_enqueue_claim_record_cycle(postgres_db: PgDatabase) -> None:
+    async with pgq(postgres_db) as q:
+        ids = await q.enqueue_many([new(i) for i in range(40)])
+        assert len(set(ids)) == 40
+        due = time.time()
+        batch = await q.claim(10, due=due)
+        assert len(batch.entries) == 10 and not batch.exhausted
+        first = batch.entries[0]
+        n = int(first.envelope.recipients[0].address[1:].split("@")[0])
+        assert bytes(first.content) == msg(n)
+        ups = [Update(e, "done") for e in batch.entries[:5]]
+        later = due + 3600
+        for e in batch.entries[5:]:
+            e.envelope.recipients[0].last = Reason(code=451, enhanced="4.3.0", text="later")
+            e.envelope.recipients[0].attempts = 1
+            e.envelope.attempts = 1
+            ups.append(Update(e, "defer", next_attempt=later))
+        assert await q.record(ups) == ["ok"] * 10
+        assert len(await drain(q, due)) == 30
+        st = await q.status(due=due)
+        assert (st.queued, st.not_due) == (5, 5) and st.next_due == pytest.approx(later)
+        batch = await q.claim(50, due=later + 1)
+        assert len(batch.entries) == 5 and batch.exhausted
+        e = batch.entries[0]
+        r = e.envelope.recipients[0]
+        assert e.envelope.attempts == 1 and r.attempts == 1 and r.last is not None
+        assert (r.last.code, r.last.enhanced, r.last.text) == (451, "4.3.0", "later")
+        assert not e.suspect and not r.possibly_delivered
+        await q.record([Update(x, "done") for x in batch.entries])
+        assert (await q.status()).queued == 0
+        # Nothing left behind in any table.
+        assert await q._run("t", lambda c: c.fetchval(
+            "SELECT (SELECT count(*) FROM lmtpfast.rcpt) + (SELECT count(*) FROM lmtpfast.body)"),
+            write=False) == 0
+
+
+async def test_recipients_are_rows_and_delivered_ones_leave(postgres_db: PgDatabase) -> None:
+    async with pgq(postgres_db) as q:
+        [id] = await q.enqueue_many([new(0, "a@x.example", "b@x.example", "c@x.example",
+                                         notify=("SUCCESS", "FAILURE"), orcpt=[None, "rfc822;b@o",
+                                                                               None])])
+        [e] = (await q.claim(5, due=time.time())).entries
+        assert [r.notify for r in e.envelope.recipients] == [("SUCCESS", "FAILURE")] * 3
+        assert e.envelope.recipients[1].orcpt == "rfc822;b@o"
+        env = e.envelope
+        env.recipients = [r for r in env.recipients if r.address != "a@x.example"]
+        env.delivered = 1
+        env.recipients[0].state = "failed"
+        env.recipients[0].last = Reason(code=550, enhanced="5.1.1", text="no such user")
+        env.recipients[1].last = Reason(code=452, enhanced="4.2.2", text="full")
+        assert await q.record([Update(e, "defer", next_attempt=time.time() - 1)]) == ["ok"]
+        rows = postgres_db.psql(f"SELECT address, state, last_code FROM lmtpfast.rcpt "
+                                f"WHERE msg_id = {id} ORDER BY idx")
+        assert rows.split() == ["b@x.example|1|550", "c@x.example|0|452"]
+        [i] = [i async for i in q.entries(Selection(code="452"))]
+        assert i.id == id and i.envelope is not None and i.envelope.delivered == 1
+
+
+async def test_a_pass_tries_each_entry_once(postgres_db: PgDatabase) -> None:
+    async with pgq(postgres_db) as q:
+        await q.enqueue_many([new(i) for i in range(5)])
+        due = time.time()
+        seen = 0
+        while True:
+            batch = await q.claim(2, due=due)
+            seen += len(batch.entries)
+            await q.record([Update(e, "defer", next_attempt=due + 0.001) for e in batch.entries])
+            if batch.exhausted:
+                break
+        assert seen == 5
+
+
+async def test_failed_and_quarantined_entries_are_kept_and_listed(postgres_db: PgDatabase) -> None:
+    async with pgq(postgres_db) as q:
+        await q.enqueue_many([new(i) for i in range(3)])
+        a, b, c = (await q.claim(3, due=time.time())).entries
+        a.envelope.recipients[0].state = "failed"
+        a.envelope.recipients[0].last = Reason(code=550, enhanced="5.1.1", text="no such user")
+        assert await q.record([Update(a, "failed"), Update(b, "quarantine", reason="looks wrong"),
+                               Update(c, "release")]) == ["ok"] * 3
+        st = await q.status()
+        assert (st.queued, st.failed, st.quarantined) == (1, 1, 1)
+        [f] = [i async for i in q.entries(Selection(states=("failed",)))]
+        assert f.id == a.id and f.envelope is not None
+        assert f.envelope.recipients[0].last is not None
+        assert f.envelope.recipients[0].last.code == 550
+        [qi] = [i async for i in q.entries(Selection(states=("quarantined",)))]
+        assert qi.id == b.id and qi.reason == "looks wrong"
+        assert await q.content(a.id) == msg(0) or (await q.content(a.id)).startswith(b"Sub")
+        with pytest.raises(KeyError):
+            await q.content("424242")
+        assert (await q.requeue(Selection(ids=(a.id,)))).done == [a.id]
+        assert sorted(await drain(q)) == sorted([a.id, c.id])
+
+
+async def test_operator_actions(postgres_db: PgDatabase) -> None:
+    async with pgq(postgres_db) as q:
+        ids = await q.enqueue_many([new(0, "a@one.example"), new(1, "b@two.example"),
+                                    new(2, "c@two.example")])
+        sel = Selection(domain="two.example")
+        assert sorted([i.id async for i in q.entries(sel)]) == sorted(ids[1:])
+        assert [i.id async for i in q.entries(Selection(recipient="A@ONE.*"))] == [ids[0]]
+        assert sorted((await q.hold(sel)).done) == sorted(ids[1:])
+        assert (await q.status()).held == 2
+        assert await drain(q) == [ids[0]]  # held entries are never claimed
+        assert (await q.release(Selection(ids=(ids[1],)))).done == [ids[1]]
+        assert await drain(q) == [ids[1]]
+        res = await q.bounce(Selection(ids=(ids[2],)),
+                             Reason(code=554, enhanced="5.0.0", text="bounced by the operator"))
+        assert res.done == [ids[2]]
+        info = await q.show(ids[2])
+        assert info is not None and info.state == "failed" and info.envelope is not None
+        assert info.envelope.recipients[0].state == "failed"
+        res = await q.delete(Selection(ids=(ids[2], "nonexistent")))
+        assert res.done == [ids[2]] and res.missing == ["nonexistent"]
+        assert await q.show(ids[2]) is None
+        st = await q.status()
+        assert (st.queued, st.held, st.failed) == (0, 0, 0)
+
+
+async def test_operators_leave_entries_being_delivered_alone(postgres_db: PgDatabase) -> None:
+    async with pgq(postgres_db) as q:
+        ids = await q.enqueue_many([new(0), new(1)])
+        [e0, e1] = (await q.claim(2, due=time.time())).entries
+        reason = Reason(code=554, text="operator")
+        assert (await q.bounce(Selection(ids=tuple(ids)), reason)).busy == sorted(ids, key=int)
+        assert (await q.retry(Selection(ids=(e0.id,)))).busy == [e0.id]
+        # Delete wins over a running delivery: the worker finds the entry gone.
+        assert (await q.delete(Selection(ids=(e0.id,)))).done == [e0.id]
+        assert await q.record([Update(e0, "done"), Update(e1, "done")]) == ["gone", "ok"]
+
+
+async def test_retry_makes_deferred_entries_due(postgres_db: PgDatabase) -> None:
+    async with pgq(postgres_db) as q:
+        await q.enqueue_many([new(0)])
+        due = time.time()
+        [e] = (await q.claim(1, due=due)).entries
+        e.envelope.attempts = 1
+        await q.record([Update(e, "defer", next_attempt=due + 86400)])
+        assert await drain(q) == []
+        assert (await q.retry(Selection(states=("queued",)))).done == [e.id]
+        assert await drain(q) == [e.id]
+
+
+async def test_bad_entries_are_quarantined_at_claim(postgres_db: PgDatabase) -> None:
+    async with pgq(postgres_db) as q:
+        ids = await q.enqueue_many([new(0), new(1)])
+        postgres_db.psql(f"UPDATE lmtpfast.rcpt SET address = 'bad address<>' "
+                         f"WHERE msg_id = {ids[0]}")
+        batch = await q.claim(5, due=time.time())
+        assert [e.id for e in batch.entries] == [ids[1]]
+        assert [i for i, _ in batch.quarantined] == [ids[0]]
+        info = await q.show(ids[0])
+        assert info is not None and info.state == "quarantined" and info.reason
+
+
+# -- leases across workers ---------------------------------------------------------------
+
+
+async def test_claims_are_exclusive_between_workers(postgres_db: PgDatabase) -> None:
+    async with PgQueue(postgres_db.dsn, create=True) as q1, PgQueue(postgres_db.dsn) as q2:
+        await q1.enqueue_many([new(i) for i in range(300)])
+        due = time.time()
+        seen: list[str] = []
+
+        async def worker(q: PgQueue) -> None:
+            while True:
+                batch = await q.claim(16, due=due)
+                seen.extend(e.id for e in batch.entries)
+                assert await q.record([Update(e, "done") for e in batch.entries]) == (
+                    ["ok"] * len(batch.entries))
+                if batch.exhausted:
+                    return
+
+        await asyncio.gather(worker(q1), worker(q2), worker(q1), worker(q2))
+        assert len(seen) == 300 and len(set(seen)) == 300
+
+
+async def test_an_expired_lease_is_taken_over_fenced_and_flagged(postgres_db: PgDatabase
+                                                                 ) -> None:
+    async with PgQueue(postgres_db.dsn, create=True, restart_grace=0) as q1, \
+            PgQueue(postgres_db.dsn, restart_grace=0) as q2:
+        await q1.enqueue_many([new(0, "a@x.example", "b@x.example")])
+        [e1] = (await q1.claim(1, due=time.time())).entries
+        assert not (await q2.claim(1, due=time.time())).entries  # leased: not claimable
+        expire_leases(postgres_db)
+        [e2] = (await q2.claim(1, due=time.time())).entries
+        assert e2.id == e1.id and e2.suspect
+        assert all(r.possibly_delivered for r in e2.envelope.recipients)
+        # The first worker's outcome is refused: its lease was taken over.
+        assert await q1.record([Update(e1, "done")]) == ["lost"]
+        assert await q2.record([Update(e2, "done")]) == ["ok"]
+        assert (await q1.status()).queued == 0
+
+
+async def test_renewal_keeps_a_lease(postgres_db: PgDatabase) -> None:
+    async with PgQueue(postgres_db.dsn, create=True, restart_grace=0) as q1, \
+            PgQueue(postgres_db.dsn, restart_grace=0) as q2:
+        await q1.enqueue_many([new(0)])
+        [e1] = (await q1.claim(1, due=time.time())).entries
+        expire_leases(postgres_db)
+        assert await q1.renew() == 1
+        assert not (await q2.claim(1, due=time.time())).entries
+        assert await q1.record([Update(e1, "done")]) == ["ok"]
+
+
+async def test_close_gives_back_unrecorded_claims_flagged(postgres_db: PgDatabase) -> None:
+    async with PgQueue(postgres_db.dsn, create=True) as q1:
+        await q1.enqueue_many([new(0)])
+        assert len((await q1.claim(1, due=time.time())).entries) == 1
+    async with PgQueue(postgres_db.dsn) as q2:
+        [e] = (await q2.claim(1, due=time.time())).entries  # free at once, no expiry needed
+        assert e.suspect and e.envelope.recipients[0].possibly_delivered
+
+
+async def test_a_killed_worker_process_frees_its_entries_flagged(postgres_db: PgDatabase,
+                                                                 tmp_path: Path) -> None:
+    """A real process claims and is killed with SIGKILL (no close): the lease expires."""
+    import subprocess
+    import sys
+
+    async with PgQueue(postgres_db.dsn, create=True, restart_grace=0) as q:
+        ids = await q.enqueue_many([new(i) for i in range(10)])
+        script = (
+            "import asyncio, sys, time\n"
+            "from lmtpfast.spool._pgqueue import PgQueue\n"
+            "async def main():\n"
+            "    q = PgQueue(sys.argv[1])\n"
+            "    b = await q.claim(4, due=time.time())\n"
+            "    print(' '.join(e.id for e in b.entries), flush=True)\n"
+            "    await asyncio.Event().wait()\n"
+            "asyncio.run(main())\n")
+        proc = subprocess.Popen([sys.executable, "-c", script, postgres_db.dsn],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            taken = proc.stdout.readline().split()
+        finally:
+            proc.kill()
+            proc.wait(30)
+        assert len(taken) == 4
+        due = time.time()
+        got = (await q.claim(10, due=due)).entries
+        assert {e.id for e in got} == set(ids) - set(taken)
+        await q.record([Update(e, "done") for e in got])
+        expire_leases(postgres_db)
+        back = (await q.claim(10, due=due)).entries
+        assert sorted(e.id for e in back) == sorted(taken)
+        assert all(e.suspect and e.envelope.recipients[0].possibly_delivered for e in back)
+
+
+# -- outages ---------------------------------------------------------------------------
+
+
+async def test_a_database_outage_defers_and_nothing_is_lost(postgres_factory: object) -> None:
+    """PostgreSQL stops with outcomes pending: they are refused (kept), then written.
+
+    After the restart no expired lease is taken over within the grace period,
+    so the living worker writes its outcomes and nothing is delivered again.
+    """
+    pg: TempPostgres = postgres_factory()  # type: ignore[operator]
+    async with PgQueue(pg.dsn, create=True, lease=3600) as q, \
+            PgQueue(pg.dsn, lease=3600) as other:
+        ids = await q.enqueue_many([new(i) for i in range(20)])
+        batch = await q.claim(20, due=time.time())
+        assert len(batch.entries) == 20
+        pg.stop("immediate")
+        with pytest.raises(QueueWriteError) as info:
+            await q.record([Update(e, "done") for e in batch.entries])
+        assert info.value.pending is None  # nothing of that call was applied
+        with pytest.raises(QueueWriteError):
+            await q.claim(5, due=time.time())
+        with pytest.raises(QueueWriteError):
+            await q.enqueue_many([new(99)])
+        pg.start()
+        pg.psql("UPDATE lmtpfast.msg SET lease_expires = now() - interval '1 hour'")
+        # Within the grace after the restart, the other worker takes nothing over.
+        q._down_until = other._down_until = 0.0
+        assert not (await other.claim(20, due=time.time())).entries
+        statuses = await q.record([Update(e, "done") for e in batch.entries])
+        assert statuses == ["ok"] * 20
+        st = await q.status()
+        assert st.queued == 0
+    del ids
+
+
+async def test_a_lost_reply_to_an_applied_write_is_not_reported_twice(
+        postgres_db: PgDatabase) -> None:
+    """The commit happened but the reply was lost: the retry sees its own effect, 'ok'."""
+    async with pgq(postgres_db) as q:
+        await q.enqueue_many([new(0), new(1)])
+        a, b = (await q.claim(2, due=time.time())).entries
+        # What the first try did before its reply was lost:
+        await q._run("t", lambda c: c.execute(q._RELEASE, [b.lease.row], [b.lease.token]))
+        await q._run("t", lambda c: c.fetch(q._DONE, [a.lease.row], [a.lease.token]))
+        q._ambiguous.update({(a.lease.row, a.lease.token), (b.lease.row, b.lease.token)})
+        assert await q.record([Update(a, "done"), Update(b, "release")]) == ["ok", "ok"]
+
+
+# -- migration -------------------------------------------------------------------------
+
+
+async def test_import_a_directory_spool_idempotently(
+        postgres_db: PgDatabase, tmp_path: Path) -> None:
+    async with pgq(postgres_db) as q:
+        spool = Spool(tmp_path / "spool", create=True)
+        for i in range(12):
+            spool.enqueue(msg(i), "s@example.org", [f"u{i}@example.com", "z@example.com"])
+        report = await q.import_dir(spool.path)
+        assert report.imported == 12
+        assert not any((spool.path / "incoming").iterdir())
+        again = await q.import_dir(spool.path)
+        assert (again.imported, again.already) == (0, 0)
+        got = [i async for i in q.entries()]
+        assert len(got) == 12
+        assert all(i.envelope is not None and len(i.envelope.recipients) == 2 for i in got)
+        bodies = {await q.content(i.id) for i in got}
+        assert bodies == {msg(i) for i in range(12)}
