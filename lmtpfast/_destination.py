@@ -1,12 +1,16 @@
 """LMTP destinations, written exactly as Postfix writes them (lmtp(8)).
 
 ``unix:/path/name``, ``inet:host:port``, ``host:port``, ``host`` (port 24),
-``[::1]:24``, ``[2001:db8::1]``, ``inet:host:lmtp`` (a service name).
+``[::1]:24``, ``[2001:db8::1]``, ``inet:host:lmtp`` (a service name); and
+``command:PROGRAM ARGS...``, a program that speaks LMTP on its stdin and
+stdout (split into words as a POSIX shell would, without running one:
+``command:/usr/lib/dovecot/lmtp -c /etc/dovecot/dovecot.conf``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import shlex
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,9 +26,13 @@ DEFAULT_PORT = 24
 
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """Where an LMTP server listens: a unix socket path or a TCP host and port."""
+    """Where an LMTP server listens: a unix socket path, a TCP host and port, or a program.
 
-    kind: Literal["unix", "inet"]
+    For ``kind == "command"``, ``path`` is the command line as written and
+    :attr:`argv` its words.
+    """
+
+    kind: Literal["unix", "inet", "command"]
     host: str = ""
     port: int = 0
     path: str = ""
@@ -33,9 +41,21 @@ class Destination:
     def is_unix(self) -> bool:
         return self.kind == "unix"
 
+    @property
+    def is_local(self) -> bool:
+        """A unix socket or a program: nothing crosses a network (plaintext AUTH is fine)."""
+        return self.kind != "inet"
+
+    @property
+    def argv(self) -> list[str]:
+        """The program and its arguments (``command:`` destinations; ``[]`` otherwise)."""
+        return shlex.split(self.path) if self.kind == "command" else []
+
     def __str__(self) -> str:
         if self.kind == "unix":
             return f"unix:{self.path}"
+        if self.kind == "command":
+            return f"command:{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
@@ -125,6 +145,16 @@ def parse_destination(text: str | Destination) -> Destination:
     spec = text.strip()
     if not spec or any(c in spec for c in "\r\n\0"):
         raise ConfigurationError(f"bad destination {text!r}")
+    if spec.startswith("command:"):
+        line = spec[8:].strip()
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise ConfigurationError(f"bad command line in destination {text!r}: {exc}"
+                                     ) from None
+        if not words:
+            raise ConfigurationError(f"empty command in destination {text!r}")
+        return Destination("command", path=line)
     if spec.startswith("unix:"):
         path = spec[5:]
         if not path:

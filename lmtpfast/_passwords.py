@@ -84,8 +84,8 @@ def _key(text: str, source: str, line: int | None) -> str:
 
 
 def _dest_keys(dest: Destination) -> Iterator[str]:
-    if dest.is_unix:
-        yield f"unix:{dest.path}"
+    if dest.is_local:
+        yield str(dest)  # unix:/path, command:PROGRAM ...
         return
     host = dest.host.lower()
     yield f"{host}:{dest.port}"

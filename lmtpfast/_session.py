@@ -22,6 +22,7 @@ import socket
 from collections.abc import Sequence
 from types import ModuleType
 
+from ._command import Program
 from ._delivery import Delivery, Message, message_bytes
 from ._destination import Destination, parse_destination
 from ._dsn import DSN
@@ -59,8 +60,11 @@ class Client:
     def __init__(
         self, protocol: LMTPProtocol, destination: Destination, greeting: Reply,
         lhlo_reply: Reply, engine: Engine, *, chunking: bool = True,
+        program: Program | None = None,
     ) -> None:
         self._protocol = protocol
+        #: The LMTP program behind a ``command:`` destination (``None`` for a socket).
+        self.program = program
         self.destination = destination
         self.greeting = greeting
         self.lhlo_reply = lhlo_reply
@@ -262,15 +266,17 @@ class Client:
             except Exception:
                 pass
         proto.close()
-        await proto.wait_closed()
+        await self.wait_closed()
 
     def abort(self) -> None:
         """Drop the connection at once (open transactions get transient results)."""
         self._protocol.abort(ServerDisconnected("connection aborted by the client"))
 
     async def wait_closed(self) -> None:
-        """Return once the connection is closed (by either side)."""
+        """Return once the connection is closed (by either side), and its program has ended."""
         await self._protocol.wait_closed()
+        if self.program is not None:
+            await self.program.finish()
 
     async def __aenter__(self) -> Client:
         return self
@@ -280,7 +286,7 @@ class Client:
             await self.quit()
         else:
             self.abort()
-            await self._protocol.wait_closed()
+            await self.wait_closed()
 
 
 async def connect(
@@ -354,7 +360,7 @@ class _Setup:
         self.engine = engine
 
     async def run(self, tls_policy: TLSPolicy) -> Client:
-        protocol = await self._open()
+        protocol, program = await self._open()
         try:
             greeting = await protocol.wait_greeting()
             if greeting.code != 220:
@@ -370,17 +376,36 @@ class _Setup:
                     tls_info = await protocol.start_tls(context, hostname, tls_policy.verifies)
                     lhlo = await self._lhlo(protocol)  # only the new capabilities count
             mechanism = await self._login(protocol, encrypted=tls_info is not None)
-        except BaseException:
+        except BaseException as exc:
             protocol.abort(ServerDisconnected("session setup failed"))
+            if program is not None:
+                if not isinstance(exc, Exception):  # cancelled: reaped in the background
+                    program.finish()
+                    raise
+                await protocol.wait_closed()
+                await self._program_ended(program, protocol, exc)
             raise
         protocol.setup_stage = None  # the session is ready: later failures are not set-up ones
-        client = Client(protocol, self.dest, greeting, lhlo, self.engine, chunking=self.chunking)
+        client = Client(protocol, self.dest, greeting, lhlo, self.engine, chunking=self.chunking,
+                        program=program)
         if mechanism is not None and self.auth is not None:
             client.authenticated_as = self.auth.identity
             client.auth_mechanism = mechanism.name
         return client
 
-    async def _open(self) -> LMTPProtocol:
+    @staticmethod
+    async def _program_ended(program: Program, protocol: LMTPProtocol,
+                             exc: BaseException) -> None:
+        """A program whose session failed is reaped; one that exited before
+        its greeting is a connect failure that says why."""
+        rc = await program.finish()
+        if rc is not None and protocol.setup_stage == "greeting" and isinstance(
+                exc, ServerDisconnected):
+            why = f": {program.last_words}" if program.last_words else ""
+            raise ConnectError(f"{program.peer} ended before its greeting with "
+                               f"{program.status_text()}{why}") from exc
+
+    async def _open(self) -> tuple[LMTPProtocol, Program | None]:
         loop = asyncio.get_running_loop()
         conn = self.engine.Connection(self.lhlo_name, pipelining=self.pipelining,
                                       ignore_keywords=self.ignore_keywords, **self.limits)
@@ -389,6 +414,16 @@ class _Setup:
         def factory() -> LMTPProtocol:
             return LMTPProtocol(conn, timeouts, loop, peer)
 
+        if dest.kind == "command":
+            # A program on stdin/stdout: a socket pair, then the same protocol.
+            program, sock = await Program.start(dest.argv, peer)
+            try:
+                _, protocol = await loop.create_unix_connection(factory, sock=sock)
+            except BaseException:
+                sock.close()
+                await program.finish()
+                raise
+            return protocol, program
         try:
             async with asyncio.timeout(timeouts.connect):
                 if dest.is_unix:
@@ -400,7 +435,7 @@ class _Setup:
                 f"connect to {peer} timed out after {timeouts.connect:g}s") from None
         except OSError as exc:
             raise ConnectError(f"cannot connect to {peer}: {exc.strerror or exc}") from exc
-        return protocol
+        return protocol, None
 
     @staticmethod
     async def _lhlo(protocol: LMTPProtocol) -> Reply:
@@ -427,7 +462,7 @@ class _Setup:
             return None
         peer = self.peer
         try:
-            mechanism = policy.select(offered, encrypted=encrypted, unix=self.dest.is_unix,
+            mechanism = policy.select(offered, encrypted=encrypted, unix=self.dest.is_local,
                                       peer=peer)
         except AuthenticationError as exc:
             sasl_log.warning("SASL authentication to %s as %s not attempted: %s",

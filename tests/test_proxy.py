@@ -423,6 +423,26 @@ def test_the_deployment_in_docs_proxy_md_loads(tmp_path: Path) -> None:
     assert config.recipient_maps and config.transport_maps
 
 
+@pytest.mark.parametrize("section", ["Affinity across a set of back ends",
+                                     "Back ends that are programs"])
+def test_the_examples_in_docs_proxy_md_load(section: str) -> None:
+    import re
+    import tomllib
+
+    from lmtpfast import DestinationSet, config_from_dict
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "proxy.md").read_text()
+    found = re.search(rf"## {section}\n.*?```toml\n(.*?)```", doc, re.S)
+    assert found is not None
+    config = config_from_dict(tomllib.loads(found.group(1)))
+    [transport] = config.transports.values() if len(config.transports) == 1 else [
+        t for n, t in config.transports.items() if n != "lmtp"]
+    if section.startswith("Affinity"):
+        assert isinstance(transport.targets, DestinationSet)
+    else:
+        assert transport.dest is not None and transport.dest.kind == "command"
+
+
 # -- STARTTLS and AUTH toward the client ----------------------------------------------------
 
 @pytest.fixture
