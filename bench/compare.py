@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="the whole matrix (slow)")
     ap.add_argument("--messages", type=int, default=50_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--bare", action="store_true",
+                    help="add the bare pipelined loop as a peer (implied by --full)")
     args = ap.parse_args()
 
     transports = ["unix", "tcp"] if args.full else ["unix"]
@@ -88,6 +90,7 @@ def main() -> None:
     peers = {"smtp-source": source_run}
     if args.full:
         peers["smtplib"] = lambda *a: script_run("smtplib_threads.py", *a)
+    if args.full or args.bare:
         peers["bare"] = lambda *a: script_run("bare_pipelined.py", *a)
 
     print(f"# lmtpfast vs peers against smtp-sink -L; median of {args.repeat}; "

@@ -29,7 +29,15 @@ import asyncio
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, fields
 from types import ModuleType
 from typing import Any, Literal
@@ -416,6 +424,67 @@ class Agent:
         else:
             routed = await self._routes(rcpts)  # type: ignore[assignment]
         return await self._deliver_routed(d, routed)
+
+    async def deliver_many(
+        self, deliveries: Iterable[Delivery] | AsyncIterable[Delivery], *,
+        concurrency: int = 64,
+    ) -> AsyncIterator[tuple[Delivery, list[RecipientResult]]]:
+        """Deliver a stream of deliveries; yield ``(delivery, results)`` as each is decided.
+
+        ``results`` are what :meth:`deliver` returns for it. At most
+        ``concurrency`` deliveries are under way at once (a fixed set of
+        workers, not a task per delivery), and no more than that many decided
+        ones wait for the consumer, so an endless async iterator (a queue
+        being claimed) is read only as fast as it is delivered and consumed.
+        Results come in the order they are decided, not the input order.
+        Leaving the loop early cancels the deliveries under way (their
+        connections are aborted; their outcome is not known).
+        """
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        if self._closed:
+            raise RuntimeError("the agent is closed")
+        out: asyncio.Queue[tuple[Delivery, list[RecipientResult]] | BaseException | None] = (
+            asyncio.Queue(concurrency))
+        source: Iterator[Delivery] | None = None
+        asource: AsyncIterator[Delivery] | None = None
+        if isinstance(deliveries, AsyncIterable):
+            asource = aiter(deliveries)
+        else:
+            source = iter(deliveries)
+        taking = asyncio.Lock()  # an async generator takes one anext() at a time
+
+        async def worker() -> None:
+            try:
+                while True:
+                    if source is not None:
+                        d = next(source, None)
+                    else:
+                        async with taking:
+                            d = await anext(asource, None)  # type: ignore[arg-type]
+                    if d is None:
+                        break
+                    await out.put((d, await self.deliver(d)))
+            except Exception as exc:
+                await out.put(exc)
+                return
+            await out.put(None)
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+        running = concurrency
+        try:
+            while running:
+                item = await out.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
 
     async def deliver_routed(
         self, delivery: Delivery, routings: Sequence[Routing],

@@ -36,8 +36,7 @@ from .proto import (
 )
 from .proto.content import ContentEncoder
 
-__all__ = ["LMTPProtocol", "StreamedContent"]
-
+__all__ = ["Batch", "LMTPProtocol", "StreamedContent"]
 
 
 class StreamedContent:
@@ -55,6 +54,40 @@ class StreamedContent:
         self.raw = raw
         self.chunking = chunking
         self.encoder = encoder
+
+
+class Batch:
+    """Collects decided transactions for one consumer, with one wake-up per read.
+
+    ``Client.send_many`` submits many transactions with this as their waiter
+    (no future each); the protocol appends each decided transaction to
+    ``done`` and wakes the consumer once, however many were decided by one
+    ``data_received``.
+    """
+
+    __slots__ = ("_loop", "_waiter", "done")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+        #: Decided transactions not yet taken by the consumer, in the order decided.
+        self.done: deque[Transaction] = deque()
+
+    def transaction_done(self, txn: Transaction) -> None:
+        self.done.append(txn)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Return once ``done`` is not empty (at once if it is not already)."""
+        if self.done:
+            return
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
 
 class LMTPProtocol(asyncio.Protocol):
@@ -178,6 +211,28 @@ class LMTPProtocol(asyncio.Protocol):
         ``content`` is the encoded message (dot-stuffed for DATA, only
         CRLF-normalised for ``chunking``) or a :class:`StreamedContent`.
         """
+        fut: asyncio.Future[list[RecipientResult]] = self._loop.create_future()
+        self.submit(fut, sender, recipients, content, mail_params=mail_params,
+                    rcpt_params=rcpt_params, smtputf8=smtputf8, chunking=chunking)
+        return fut
+
+    def submit(
+        self,
+        waiter: Batch | asyncio.Future[list[RecipientResult]],
+        sender: str,
+        recipients: list[str],
+        content: bytes | StreamedContent,
+        *,
+        mail_params: list[str] | tuple[str, ...] = (),
+        rcpt_params: list[list[str]] | None = None,
+        smtputf8: bool = False,
+        chunking: bool = False,
+    ) -> Transaction:
+        """Queue a transaction whose decision goes to ``waiter`` (a future or a :class:`Batch`).
+
+        A future gets ``txn.results``; a batch gets the transaction itself.
+        Raises before anything is queued when the transaction cannot be sent.
+        """
         self._check_usable()
         streamed = isinstance(content, StreamedContent)
         txn = self.engine.start_transaction(
@@ -185,15 +240,14 @@ class LMTPProtocol(asyncio.Protocol):
             smtputf8=smtputf8, chunking=chunking and streamed,
             body=content if chunking and not streamed else None,  # type: ignore[arg-type]
         )
-        fut: asyncio.Future[list[RecipientResult]] = self._loop.create_future()
         if not (chunking and not streamed):
             txn.content = content
-        txn.waiter = fut
+        txn.waiter = waiter
         if chunking and streamed:
             self._process()  # a streamed BDAT transaction is ready for content at once
         else:
             self._flush()
-        return fut
+        return txn
 
     def abort(self, error: Exception) -> None:
         """Give up on the connection: open transactions get transient results."""
@@ -340,7 +394,9 @@ class LMTPProtocol(asyncio.Protocol):
     def _resolve(self, txn: Transaction) -> None:
         self._chunk_done(txn, False)
         fut = txn.waiter
-        if isinstance(fut, asyncio.Future) and not fut.done():
+        if type(fut) is Batch:
+            fut.transaction_done(txn)
+        elif isinstance(fut, asyncio.Future) and not fut.done():
             fut.set_result(txn.results)
 
     def _on_command_reply(self, ev: CommandReply) -> None:

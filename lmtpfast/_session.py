@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from types import ModuleType
+from typing import NamedTuple
 
 from ._command import Program
 from ._delivery import Delivery, Message, message_bytes
@@ -31,22 +33,35 @@ from ._errors import (
     ConnectError,
     ConnectTimeout,
     ContentError,
+    LocalProtocolError,
     ReplyError,
     ServerDisconnected,
     TLSError,
 )
-from ._failures import EIGHTBIT_MISSING, SIZE_LIMIT, SMTPUTF8_MISSING
-from ._protocol import LMTPProtocol, StreamedContent
+from ._failures import BAD_CONTENT, EIGHTBIT_MISSING, SIZE_LIMIT, SMTPUTF8_MISSING
+from ._protocol import Batch, LMTPProtocol, StreamedContent
 from ._results import RecipientResult
 from ._sasl import AuthPolicy, Credentials, Mechanism, authenticate
 from ._settings import Timeouts
 from ._tls import TLSInfo, TLSPolicy, check_starttls_reply, wants_starttls
-from .proto import Capabilities, Engine, Reply, get_engine
+from .proto import Capabilities, Engine, Reply, Transaction, get_engine
 
 __all__ = ["Client", "Message", "connect", "deliver", "message_bytes"]
 
 log = logging.getLogger("lmtpfast.client")
 sasl_log = logging.getLogger("lmtpfast.sasl")
+
+
+class _Prepared(NamedTuple):
+    # One delivery as this server takes it: what goes out, and what was decided locally.
+    rcpts: list[str]
+    content: bytes | StreamedContent
+    params: list[str]
+    rcpt_params: list[list[str]] | None
+    smtputf8: bool
+    chunking: bool
+    send_idx: Sequence[int]
+    local: dict[int, RecipientResult] | None
 
 
 class Client:
@@ -156,6 +171,118 @@ class Client:
         return await self._send(delivery)
 
     async def _send(self, d: Delivery) -> list[RecipientResult]:
+        prep = self._prepare(d)
+        if type(prep) is list:
+            return prep
+        assert type(prep) is _Prepared
+        self.transactions += 1
+        fut = self._protocol.transaction(
+            d.sender, prep.rcpts, prep.content, mail_params=prep.params,
+            rcpt_params=prep.rcpt_params, smtputf8=prep.smtputf8, chunking=prep.chunking,
+        )
+        try:
+            # Cancelling the caller cancels fut too; the transport skips done futures.
+            results = await fut
+        except asyncio.CancelledError:
+            # The server may be mid-transaction: the connection cannot be reused.
+            self._protocol.abort(ServerDisconnected("delivery cancelled by the caller"))
+            raise
+        if prep.local:
+            return self._merge(d, results, prep.send_idx, prep.local)
+        return results
+
+    async def send_many(
+        self, deliveries: Iterable[Delivery] | AsyncIterable[Delivery], *, window: int = 32,
+    ) -> AsyncIterator[tuple[Delivery, list[RecipientResult]]]:
+        """Deliver many messages pipelined on this connection; yield each as it is decided.
+
+        Yields ``(delivery, results)`` (one result per recipient, in RCPT
+        order, as :meth:`send` returns them) in the order the server decides
+        them. Up to ``window`` transactions are in flight at once; there is
+        no task and no future per message, only one wake-up per batch of
+        replies, so this is the fast way to send a stream of messages
+        (``lmtpfast bench`` uses it; replay can feed it its claims).
+
+        ``deliveries`` may be a plain or an async iterable; it is read only
+        as the window has room, and never read past what can be sent: when
+        the connection breaks, the deliveries in flight are yielded with
+        their (transient) results first, then :class:`ServerDisconnected` is
+        raised and the iterator stays where it was (its next item was not
+        taken). A delivery the engine refuses to encode (a bad parameter) is
+        yielded with permanent ``bad-content`` results and the others go on.
+        Leaving the loop early (``break``, an exception, cancellation) with
+        transactions still in flight aborts the connection, as cancelling
+        :meth:`send` does: their outcome is not known.
+        """
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        protocol = self._protocol
+        batch = Batch(asyncio.get_running_loop())
+        pending: dict[Transaction, tuple[Delivery, _Prepared]] = {}
+        ready: deque[tuple[Delivery, list[RecipientResult]]] = deque()
+        source: Iterator[Delivery] | None = None
+        asource: AsyncIterator[Delivery] | None = None
+        if isinstance(deliveries, AsyncIterable):
+            asource = aiter(deliveries)
+        else:
+            source = iter(deliveries)
+        more = True
+        try:
+            while True:
+                # Fill the window, as far as the connection can take more.
+                while more and len(pending) < window and protocol.usable:
+                    try:
+                        if source is not None:
+                            d = next(source)
+                        else:
+                            assert asource is not None
+                            d = await anext(asource)
+                    except (StopIteration, StopAsyncIteration):
+                        more = False
+                        break
+                    prep = self._prepare(d)
+                    if type(prep) is list:
+                        ready.append((d, prep))
+                        continue
+                    assert type(prep) is _Prepared
+                    try:
+                        txn = protocol.submit(
+                            batch, d.sender, prep.rcpts, prep.content, mail_params=prep.params,
+                            rcpt_params=prep.rcpt_params, smtputf8=prep.smtputf8,
+                            chunking=prep.chunking)
+                    except LocalProtocolError as exc:
+                        if not protocol.usable:
+                            raise
+                        ready.append((d, [BAD_CONTENT.result(r, detail=exc)
+                                          for r in d.recipients]))
+                        continue
+                    self.transactions += 1
+                    pending[txn] = (d, prep)
+                done = batch.done
+                while done:
+                    txn = done.popleft()
+                    d, prep = pending.pop(txn)
+                    results = txn.results
+                    if prep.local:
+                        results = self._merge(d, results, prep.send_idx, prep.local)
+                    ready.append((d, results))
+                while ready:
+                    yield ready.popleft()
+                if not pending:
+                    if not more:
+                        return
+                    if not protocol.usable:
+                        raise protocol.error or ServerDisconnected(
+                            f"connection to {self.destination} is closed")
+                    continue
+                # The window is full, the source is drained or the connection is done.
+                await batch.wait()
+        finally:
+            if pending:
+                protocol.abort(ServerDisconnected("send_many() left with deliveries in flight"))
+
+    def _prepare(self, d: Delivery) -> list[RecipientResult] | _Prepared:
+        """What this server needs for ``d``: its final results now, or the transaction to send."""
         caps = self.capabilities
         n = len(d.recipients)
         local: dict[int, RecipientResult] | None = dict(d.refused) if d.refused else None
@@ -219,21 +346,8 @@ class Client:
             rcpt_params = [[*(extra[i] if extra is not None else ()),
                             *(dsn_rcpt[i] if dsn_rcpt is not None else ())] for i in send_idx]
 
-        self.transactions += 1
-        fut = self._protocol.transaction(
-            d.sender, rcpts, content, mail_params=params, rcpt_params=rcpt_params,
-            smtputf8=smtputf8 or "SMTPUTF8" in given, chunking=chunking,
-        )
-        try:
-            # Cancelling the caller cancels fut too; the transport skips done futures.
-            results = await fut
-        except asyncio.CancelledError:
-            # The server may be mid-transaction: the connection cannot be reused.
-            self._protocol.abort(ServerDisconnected("delivery cancelled by the caller"))
-            raise
-        if local:
-            return self._merge(d, results, send_idx, local)
-        return results
+        return _Prepared(rcpts, content, params, rcpt_params, smtputf8 or "SMTPUTF8" in given,
+                         chunking, send_idx, local)
 
     @staticmethod
     def _merge(

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import msgspec
 
-from lmtpfast import Client, ConfigurationError, LMTPError, Timeouts, connect
+from lmtpfast import Client, ConfigurationError, Delivery, LMTPError, Timeouts, connect
 
 __all__ = ["BenchConfig", "BenchReport", "make_message", "run_bench"]
 
@@ -100,7 +100,6 @@ async def run_bench(
     deadline = None
     budget = config.messages
     loop = asyncio.get_running_loop()
-    interval = config.connections * config.window / config.rate if config.rate else 0.0
 
     def take() -> bool:
         nonlocal sent
@@ -111,21 +110,42 @@ async def run_bench(
         sent += 1
         return True
 
+    # One Delivery, built (and encoded) once and sent again and again, as
+    # smtp-source sends one message: the cost measured is the delivery's.
+    delivery = Delivery.build(message, sender=config.sender, recipients=recipients)
+
+    def plain(started: deque[float]) -> Iterator[Delivery]:
+        while take():
+            started.append(time.perf_counter())
+            yield delivery
+
+    async def paced(started: deque[float]) -> AsyncIterator[Delivery]:
+        # This connection's share of --rate, one delivery per tick.
+        tick = config.connections / config.rate if config.rate else 0.0
+        due = time.perf_counter()
+        while take():
+            now = time.perf_counter()
+            if due > now:
+                await asyncio.sleep(due - now)
+            due = max(due, now) + tick
+            started.append(time.perf_counter())
+            yield delivery
+
     async def worker(conn: Client) -> None:
         nonlocal done_msgs
-        while take():
-            start = time.perf_counter()
-            try:
-                results = await conn.send(config.sender, recipients, message)
-            except LMTPError as exc:
-                errors.append(str(exc))
-                return
-            latencies.append(time.perf_counter() - start)
-            for r in results:
-                outcomes[(r.code, r.enhanced)] += 1  # formatted once, at the end
-            done_msgs += 1
-            if interval:
-                await asyncio.sleep(max(0.0, interval - (time.perf_counter() - start)))
+        # One send_many per connection, `window` transactions in flight. The
+        # results of one connection come in the order sent (the same delivery
+        # each time: none is decided locally ahead of the others).
+        started: deque[float] = deque()
+        source = paced(started) if config.rate else plain(started)
+        try:
+            async for _, results in conn.send_many(source, window=config.window):
+                latencies.append(time.perf_counter() - started.popleft())
+                for r in results:
+                    outcomes[(r.code, r.enhanced)] += 1  # formatted once, at the end
+                done_msgs += 1
+        except LMTPError as exc:
+            errors.append(str(exc))
 
     conns = await asyncio.gather(*[
         connect(config.server, pipelining=config.pipelining, timeouts=timeouts,
@@ -148,9 +168,7 @@ async def run_bench(
 
         ticker = asyncio.ensure_future(tick())
     try:
-        await asyncio.gather(*[
-            worker(conn) for conn in conns for _ in range(config.window)
-        ])
+        await asyncio.gather(*[worker(conn) for conn in conns])
     finally:
         if ticker is not None:
             ticker.cancel()

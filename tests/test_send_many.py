@@ -1,0 +1,188 @@
+"""The batch API (issue 12 item 2): ``Client.send_many`` and ``Agent.deliver_many``.
+
+Every test runs on both engines and both event loops against the in-process
+sink, with faults injected where a broken or shifted stream is the point: a
+delivery is reported delivered only on its own reply, and a break mid-stream
+gives the deliveries in flight transient results, then raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import lmtpfast
+from lmtpfast import Delivery, ServerDisconnected
+from lmtpfast.server import DEFAULT_EXTENSIONS, FaultPlan, Sink
+
+SENDER = "sender@example.org"
+NO_CHUNKING = tuple(e for e in DEFAULT_EXTENSIONS if e != "CHUNKING")
+
+
+def deliveries(n: int, rcpts: int = 2) -> list[Delivery]:
+    return [Delivery.build(b"Subject: m%d\r\n\r\nbody %d\r\n" % (i, i), sender=SENDER,
+                           recipients=[f"u{i}.{j}@example.org" for j in range(rcpts)])
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("chunking", [False, True])
+async def test_send_many_delivers_every_message_once(tmp_path, engine: str,
+                                                     chunking: bool) -> None:
+    todo = deliveries(40)
+    exts = DEFAULT_EXTENSIONS if chunking else NO_CHUNKING
+    async with Sink(f"unix:{tmp_path}/sink", extensions=exts, collect=True) as sink:
+        async with await lmtpfast.connect(sink.destinations[0], engine=engine) as client:
+            assert client.chunking is chunking
+            got = [(d, r) async for d, r in client.send_many(todo, window=8)]
+            assert client.transactions == 40
+        assert len(sink.messages) == 40
+    # One connection decides in the order sent; each result is its own recipient's.
+    assert [d for d, _ in got] == todo
+    for d, results in got:
+        assert [r.address for r in results] == list(d.recipients)
+        assert all(r.delivered for r in results), results
+
+
+async def test_send_many_reads_an_async_iterator_only_as_the_window_has_room(
+        tmp_path, engine: str) -> None:
+    todo = deliveries(12, rcpts=1)
+    taken = 0
+    most_ahead = 0
+    yielded = 0
+
+    async def source() -> AsyncIterator[Delivery]:
+        nonlocal taken, most_ahead
+        for d in todo:
+            taken += 1
+            most_ahead = max(most_ahead, taken - yielded)
+            yield d
+
+    async with Sink(f"unix:{tmp_path}/sink", extensions=NO_CHUNKING) as sink, \
+            await lmtpfast.connect(sink.destinations[0], engine=engine) as client:
+        async for _d, results in client.send_many(source(), window=3):
+            yielded += 1
+            assert results[0].delivered
+
+    assert yielded == 12
+    assert most_ahead <= 3  # never more taken than the window holds
+
+
+async def test_send_many_break_mid_stream_stops_at_the_break(tmp_path, engine: str) -> None:
+    # The 5th DATA is answered by a hang-up: the ones decided before are
+    # delivered, the one in flight is transient (never delivered), then the
+    # connection's error is raised and the source was not read past it.
+    todo = deliveries(20)
+    taken: list[Delivery] = []
+
+    def source() -> Iterator[Delivery]:
+        for d in todo:
+            taken.append(d)
+            yield d
+
+    plan = FaultPlan.parse(["data@nth=5=disconnect"])
+    got = []
+    async with Sink(f"unix:{tmp_path}/sink", extensions=NO_CHUNKING, faults=plan,
+                    collect=True) as sink:
+        client = await lmtpfast.connect(sink.destinations[0], engine=engine)
+        with pytest.raises(ServerDisconnected):
+            async for d, results in client.send_many(source(), window=4):
+                got.append((d, results))
+        await client.wait_closed()
+        stored = len(sink.messages)
+    assert stored == 4
+    assert len(got) == len(taken)  # everything taken was yielded
+    delivered = [d for d, rs in got if all(r.delivered for r in rs)]
+    # The 4th has its final replies, but the stream was never proven in step
+    # after them (the next DATA got no 354): possibly delivered, not delivered.
+    assert delivered == todo[:3]
+    assert got[3][0] is todo[3]
+    assert all(r.transient and r.possibly_delivered for r in got[3][1]), got[3][1]
+    for _d, rs in got[4:]:
+        assert all(r.transient and not r.delivered for r in rs), rs
+    assert len(taken) < len(todo)
+
+
+async def test_send_many_shifted_stream_is_never_delivered(tmp_path, engine: str) -> None:
+    # A final reply is lost and the session goes on: the client would read
+    # the next transaction's replies as the missing ones. Nothing after the
+    # loss may be reported delivered on a reply that is not its own.
+    todo = deliveries(10)
+    plan = FaultPlan.parse(["dot@nth=3=short:1:continue"])
+    got = []
+    async with Sink(f"unix:{tmp_path}/sink", extensions=NO_CHUNKING, faults=plan) as sink:
+        client = await lmtpfast.connect(sink.destinations[0], engine=engine)
+        with pytest.raises(lmtpfast.LMTPError):
+            async for d, results in client.send_many(todo, window=4):
+                got.append((d, results))
+        client.abort()
+    by_delivery = {id(d): rs for d, rs in got}
+    assert all(r.delivered for d in todo[:2] for r in by_delivery[id(d)])
+    for d in todo[2:]:
+        for r in by_delivery.get(id(d), []):
+            assert not r.delivered, (d, r)
+            assert r.transient
+
+
+async def test_send_many_keeps_local_refusals_in_place(tmp_path, engine: str) -> None:
+    bad = Delivery.build(b"Subject: x\r\n\r\nx\r\n", sender=SENDER,
+                         recipients=["ok@example.org", "bad\r\n@example.org", "ok2@example.org"])
+    todo = [*deliveries(3), bad, *deliveries(2)]
+    async with Sink(f"unix:{tmp_path}/sink", extensions=NO_CHUNKING) as sink, \
+            await lmtpfast.connect(sink.destinations[0], engine=engine) as client:
+        got = {id(d): rs async for d, rs in client.send_many(todo)}
+
+    assert len(got) == len(todo)
+    rs = got[id(bad)]
+    assert [r.address for r in rs] == list(bad.recipients)
+    assert rs[0].delivered and rs[2].delivered
+    assert rs[1].permanent and rs[1].stage == "local"
+
+
+async def test_send_many_left_early_aborts_the_connection(tmp_path, engine: str) -> None:
+    async with Sink(f"unix:{tmp_path}/sink", extensions=NO_CHUNKING) as sink:
+        client = await lmtpfast.connect(sink.destinations[0], engine=engine)
+        stream = client.send_many(deliveries(50), window=8)
+        async for _ in stream:
+            break
+        await stream.aclose()  # transactions were in flight: their outcome is unknown
+        assert not client.usable
+        await client.wait_closed()
+
+
+async def test_send_many_rejects_an_empty_window(tmp_path, engine: str) -> None:
+    async with Sink(f"unix:{tmp_path}/sink") as sink, \
+            await lmtpfast.connect(sink.destinations[0], engine=engine) as client:
+        with pytest.raises(ValueError):
+            async for _ in client.send_many(deliveries(1), window=0):
+                pass
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_agent_deliver_many(tmp_path, engine: str, asynchronous: bool) -> None:
+    todo = deliveries(30)
+
+    async def source() -> AsyncIterator[Delivery]:
+        for d in todo:
+            await asyncio.sleep(0)
+            yield d
+
+    async with Sink(f"unix:{tmp_path}/sink", collect=True) as sink:
+        agent = lmtpfast.Agent(default=f"lmtp:{sink.destinations[0]}", engine=engine)
+        async with agent:
+            got = [item async for item in agent.deliver_many(
+                source() if asynchronous else todo, concurrency=4)]
+        assert len(sink.messages) == 30
+    assert sorted(id(d) for d, _ in got) == sorted(id(d) for d in todo)
+    for d, rs in got:
+        assert [r.address for r in rs] == list(d.recipients)
+        assert all(r.delivered for r in rs)
+
+
+async def test_agent_deliver_many_reports_a_dead_server_as_results(tmp_path, engine: str) -> None:
+    agent = lmtpfast.Agent(default=f"lmtp:unix:{tmp_path}/nobody", engine=engine)
+    async with agent:
+        got = [item async for item in agent.deliver_many(deliveries(5), concurrency=2)]
+    assert len(got) == 5
+    assert all(r.transient and not r.delivered for _, rs in got for r in rs)
