@@ -7,7 +7,9 @@ database's clock is the lease clock): no test waits for time to pass.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,29 @@ def msg(i: int, size: int = 300) -> bytes:
 def new(i: int, *rcpts: str, **opts: object) -> NewMessage:
     env = new_envelope("s@example.org", list(rcpts or [f"u{i}@example.com"]), **opts)  # type: ignore[arg-type]
     return NewMessage(env, msg(i))
+
+
+@pytest.fixture(scope="module")
+def module_db(postgres: TempPostgres) -> Iterator[PgDatabase]:
+    """One database and role for the module (making one costs more than a test)."""
+    tag = secrets.token_hex(4)
+    db = PgDatabase(postgres, f"t_{tag}", f"u_{tag}", secrets.token_urlsafe(12))
+    postgres.create_user(db.user, db.password)
+    postgres.create_database(db.name, owner=db.user)
+    yield db
+    if not postgres.running:
+        postgres.start()
+    postgres.drop_database(db.name)
+    postgres.psql(f'DROP ROLE IF EXISTS "{db.user}";')
+
+
+@pytest.fixture
+def postgres_db(module_db: PgDatabase) -> PgDatabase:
+    """The module's database with no queue schema: each test starts empty."""
+    if not module_db.server.running:
+        module_db.server.start()
+    module_db.psql("DROP SCHEMA IF EXISTS lmtpfast CASCADE;")
+    return module_db
 
 
 def pgq(db: PgDatabase) -> PgQueue:

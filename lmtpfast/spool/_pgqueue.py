@@ -445,19 +445,22 @@ class PgQueue(Queue):
         "WITH c AS (UPDATE lmtpfast.msg m SET lease = $1, worker = $2, "
         "lease_expires = now() + make_interval(secs => $3), "
         "suspect = m.suspect OR m.lease IS NOT NULL "
-        "WHERE m.id IN (SELECT id FROM lmtpfast.msg WHERE state = 0 AND next_attempt <= $4 "
+        "WHERE m.id = ANY(ARRAY(SELECT id FROM lmtpfast.msg WHERE state = 0 "
+        "AND next_attempt <= $4 "
         "AND (lease IS NULL OR (lease_expires < now() "
         "AND now() > pg_postmaster_start_time() + make_interval(secs => $6))) "
-        "ORDER BY next_attempt LIMIT $5 FOR UPDATE SKIP LOCKED) "
+        "ORDER BY next_attempt LIMIT $5 FOR UPDATE SKIP LOCKED)) "
         "RETURNING m.id, m.suspect, m.sender, m.arrival, m.attempts, m.next_attempt, "
         "m.last_attempt, m.delivered, m.ret, m.envid, m.bounced, m.size) "
-        "SELECT c.*, b.content, r.* FROM c LEFT JOIN lmtpfast.body b ON b.id = c.id "
-        "LEFT JOIN LATERAL (SELECT array_agg(address ORDER BY idx) AS addrs, "
+        # The batch's recipients in one grouped scan (not one aggregate per message).
+        ", r AS (SELECT msg_id, array_agg(address ORDER BY idx) AS addrs, "
         "array_agg(state ORDER BY idx) AS states, array_agg(attempts ORDER BY idx) AS tries, "
         "array_agg(last ORDER BY idx) AS lasts, "
         "array_agg(possibly_delivered ORDER BY idx) AS possibly, "
         "array_agg(notify ORDER BY idx) AS notifies, array_agg(orcpt ORDER BY idx) AS orcpts "
-        "FROM lmtpfast.rcpt WHERE msg_id = c.id) r ON true ORDER BY c.next_attempt, c.id")
+        "FROM lmtpfast.rcpt WHERE msg_id = ANY(ARRAY(SELECT id FROM c)) GROUP BY msg_id) "
+        "SELECT c.*, b.content, r.* FROM c LEFT JOIN lmtpfast.body b ON b.id = c.id "
+        "LEFT JOIN r ON r.msg_id = c.id ORDER BY c.next_attempt, c.id")
 
     async def claim(self, n: int, *, due: float) -> ClaimBatch:
         """Lease up to *n* due entries (one statement; see the module docstring)."""
@@ -509,7 +512,7 @@ class PgQueue(Queue):
                 "UPDATE lmtpfast.msg m SET state = 3, reason = u.reason, lease = NULL, "
                 "worker = NULL, lease_expires = NULL, last_lease = m.lease "
                 "FROM unnest($1::bigint[], $2::text[]) AS u(id, reason) "
-                "WHERE m.id = u.id AND m.lease = $3",
+                "WHERE m.id = ANY($1::bigint[]) AND m.id = u.id AND m.lease = $3",
                 [i for i, _ in bad], [r for _, r in bad], token)
 
         try:
@@ -522,10 +525,11 @@ class PgQueue(Queue):
 
     _DONE: ClassVar[str] = (
         "WITH u AS (SELECT * FROM unnest($1::bigint[], $2::bigint[]) AS u(id, lease)), "
-        "d AS (DELETE FROM lmtpfast.msg m USING u WHERE m.id = u.id AND m.lease = u.lease "
+        "d AS (DELETE FROM lmtpfast.msg m USING u WHERE m.id = ANY($1::bigint[]) "
+        "AND m.id = u.id AND m.lease = u.lease "
         "RETURNING m.id), "
-        "r AS (DELETE FROM lmtpfast.rcpt WHERE msg_id IN (SELECT id FROM d)), "
-        "b AS (DELETE FROM lmtpfast.body WHERE id IN (SELECT id FROM d)) "
+        "r AS (DELETE FROM lmtpfast.rcpt WHERE msg_id = ANY(ARRAY(SELECT id FROM d))), "
+        "b AS (DELETE FROM lmtpfast.body WHERE id = ANY(ARRAY(SELECT id FROM d))) "
         "SELECT id FROM d")
     # Defer and failed: the row's counters, then its recipients rewritten (the replay
     # removed the delivered ones from the envelope). A held entry stays held.
@@ -538,16 +542,17 @@ class PgQueue(Queue):
         "FROM unnest($1::bigint[], $2::bigint[], $3::bool[], $4::float8[], $5::float8[], "
         "$6::int[], $7::float8[], $8::int[], $9::bool[]) "
         "AS u(id, lease, failed, next_attempt, arrival, attempts, last_attempt, delivered, "
-        "bounced) WHERE m.id = u.id AND m.lease = u.lease RETURNING m.id")
+        "bounced) WHERE m.id = ANY($1::bigint[]) AND m.id = u.id AND m.lease = u.lease "
+        "RETURNING m.id")
     _QUARANTINE: ClassVar[str] = (
         "UPDATE lmtpfast.msg m SET state = 3, reason = u.reason, lease = NULL, worker = NULL, "
         "lease_expires = NULL, last_lease = m.lease "
         "FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS u(id, lease, reason) "
-        "WHERE m.id = u.id AND m.lease = u.lease RETURNING m.id")
+        "WHERE m.id = ANY($1::bigint[]) AND m.id = u.id AND m.lease = u.lease RETURNING m.id")
     _RELEASE: ClassVar[str] = (
         "UPDATE lmtpfast.msg m SET lease = NULL, worker = NULL, lease_expires = NULL, "
         "last_lease = m.lease FROM unnest($1::bigint[], $2::bigint[]) AS u(id, lease) "
-        "WHERE m.id = u.id AND m.lease = u.lease RETURNING m.id")
+        "WHERE m.id = ANY($1::bigint[]) AND m.id = u.id AND m.lease = u.lease RETURNING m.id")
     _RCPT_INSERT: ClassVar[str] = (
         "INSERT INTO lmtpfast.rcpt (msg_id, idx, address, state, attempts, last, last_code, "
         "possibly_delivered, notify, orcpt) "
@@ -683,7 +688,8 @@ class PgQueue(Queue):
             got = await conn.fetch(
                 "UPDATE lmtpfast.msg m SET lease_expires = now() + make_interval(secs => $3) "
                 "FROM unnest($1::bigint[], $2::bigint[]) AS u(id, lease) "
-                "WHERE m.id = u.id AND m.lease = u.lease RETURNING m.id",
+                "WHERE m.id = ANY($1::bigint[]) AND m.id = u.id AND m.lease = u.lease "
+                "RETURNING m.id",
                 [i for i, _ in held], [t for _, t in held], self.lease)
             return len(got)
 
@@ -850,8 +856,8 @@ class PgQueue(Queue):
         async def fn(conn: Any, ids: list[int]) -> dict[int, str]:
             got = await conn.fetch(
                 "WITH d AS (DELETE FROM lmtpfast.msg WHERE id = ANY($1::bigint[]) RETURNING id),"
-                " r AS (DELETE FROM lmtpfast.rcpt WHERE msg_id IN (SELECT id FROM d)),"
-                " b AS (DELETE FROM lmtpfast.body WHERE id IN (SELECT id FROM d)) "
+                " r AS (DELETE FROM lmtpfast.rcpt WHERE msg_id = ANY(ARRAY(SELECT id FROM d))),"
+                " b AS (DELETE FROM lmtpfast.body WHERE id = ANY(ARRAY(SELECT id FROM d))) "
                 "SELECT id FROM d", ids)
             return {r[0]: "done" for r in got}
         return await self._act(selection, "delete", fn)
@@ -990,7 +996,7 @@ class PgQueue(Queue):
                     "UPDATE lmtpfast.msg m SET lease = NULL, worker = NULL, "
                     "lease_expires = NULL, suspect = true, last_lease = m.lease "
                     "FROM unnest($1::bigint[], $2::bigint[]) AS u(id, lease) "
-                    "WHERE m.id = u.id AND m.lease = u.lease",
+                    "WHERE m.id = ANY($1::bigint[]) AND m.id = u.id AND m.lease = u.lease",
                     [i for i, _ in held], [t for _, t in held])
 
             with contextlib.suppress(QueueError):
