@@ -39,7 +39,13 @@ _EXPORTS: dict[str, str] = {
     "PoolStats": "_pool",
     # settings and configuration
     "PoolSettings": "_settings",
+    "ShapingSettings": "_settings",
     "Timeouts": "_settings",
+    # traffic shaping per destination (slow start, rate limits, dead destinations)
+    "Shaper": "_shaping",
+    "ShapingEvent": "_shaping",
+    "ShapingState": "_shaping",
+    "LocalShapingState": "_shaping",
     "AgentConfig": "_config",
     "Transport": "_config",
     "DEFAULT_TRANSPORT": "_config",
@@ -134,6 +140,7 @@ __all__ = [
     "Failure",
     "LMTPError",
     "LocalProtocolError",
+    "LocalShapingState",
     "Map",
     "MapError",
     "MapWarning",
@@ -153,6 +160,10 @@ __all__ = [
     "Router",
     "Routing",
     "ServerDisconnected",
+    "Shaper",
+    "ShapingEvent",
+    "ShapingSettings",
+    "ShapingState",
     "Status",
     "SyncAgent",
     "TLSError",
@@ -219,6 +230,7 @@ if TYPE_CHECKING:
     from ._routing import Route, Router, Routing, TransportMap, VirtualMap, parse_route
     from ._sasl import DEFAULT_MECHANISMS, AuthPolicy, Credentials, parse_mechanisms
     from ._session import Client, connect, deliver
-    from ._settings import PoolSettings, Timeouts
+    from ._settings import PoolSettings, ShapingSettings, Timeouts
+    from ._shaping import LocalShapingState, Shaper, ShapingEvent, ShapingState
     from ._sync import SyncAgent, deliver_sync
     from ._tls import SECURITY_LEVELS, TLSInfo, TLSPolicy

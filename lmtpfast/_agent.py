@@ -54,13 +54,14 @@ from ._config import (
 from ._delivery import Delivery, Message
 from ._destination import Destination, parse_destination
 from ._dsn import DSN
-from ._errors import ConfigurationError, LMTPError, LocalProtocolError
-from ._failures import SETUP_STAGES, failure_results
+from ._errors import ConfigurationError, LMTPError, LocalProtocolError, PoolClosed
+from ._failures import DEAD_DESTINATION, SETUP_STAGES, failure_results
 from ._maps import Map, is_map_name
 from ._pool import Pool, PoolStats
 from ._results import RecipientResult
 from ._routing import Route, Router, Routing, TransportMap, VirtualMap, as_maps, parse_route
-from ._settings import PoolSettings
+from ._settings import PoolSettings, ShapingSettings
+from ._shaping import DestinationShaper, Outcome, Shaper, ShapingEvent, ShapingState
 from .proto import Engine
 
 __all__ = ["Agent", "AgentStats", "Routing"]  # Routing lives in _routing
@@ -112,15 +113,17 @@ _POOL_COUNTERS = tuple(f.name for f in dataclasses.fields(PoolStats))
 
 
 class _Target:
-    """Where a route's transactions go: one pool, and how to treat that transport."""
+    """Where a route's transactions go: one pool, its shaping, how to treat that transport."""
 
-    __slots__ = ("dest", "limit", "pool", "skip_5xx_greeting")
+    __slots__ = ("dest", "limit", "pool", "shaper", "skip_5xx_greeting")
 
-    def __init__(self, pool: Pool, limit: int, skip_5xx_greeting: bool) -> None:
+    def __init__(self, pool: Pool, limit: int, skip_5xx_greeting: bool,
+                 shaper: DestinationShaper) -> None:
         self.pool = pool
         self.dest = str(pool.destination)
         self.limit = limit
         self.skip_5xx_greeting = skip_5xx_greeting
+        self.shaper = shaper
 
 
 def _too_many_recipients(r: RecipientResult) -> bool:
@@ -139,6 +142,12 @@ def _unreachable(r: RecipientResult | None) -> bool:
     """The back end could not be had (connect, greeting, LHLO, TLS, AUTH): nothing reached it."""
     return (r is not None and r.local and r.transient and not r.possibly_delivered
             and r.stage in SETUP_STAGES)
+
+
+def _session_broke(results: list[RecipientResult]) -> bool:
+    """True when the engine made results up because the session failed (lost, timed out,
+    out of step), not because of the message (those are stage ``local``)."""
+    return any(r.local and r.stage != "local" for r in results)
 
 
 def _as_map(value: Any, cls: type[Any], what: str) -> Any:
@@ -200,6 +209,8 @@ class Agent:
         config: AgentConfig | None = None,
         engine: str | Engine | ModuleType | None = None,
         clock: Callable[[], float] | None = None,
+        shaping_state: ShapingState | None = None,
+        on_shaping: Callable[[ShapingEvent], None] | None = None,
     ) -> None:
         if config is None:
             route = parse_route(default, source="default") if isinstance(default, str) else default
@@ -226,6 +237,10 @@ class Agent:
         self.config = config
         self.engine = engine
         self._clock = clock  # the pools' clock (seconds, monotonic; default: the loop's)
+        #: Traffic shaping per destination (``_shaping.py``); ``shaping_state`` is
+        #: shared with other agents (a reloaded daemon's), ``on_shaping`` hears
+        #: every decision (the daemon logs and counts them).
+        self.shaper = Shaper(shaping_state, clock=clock, listener=on_shaping)
         self._transports: Mapping[str, Transport] = config.transports
         self._router = Router(
             transport_maps=(*((config.transport_map.as_map(),) if config.transport_map else ()),
@@ -257,13 +272,17 @@ class Agent:
         cls, config: str | os.PathLike[str] | AgentConfig | Mapping[str, Any], *,
         engine: str | Engine | ModuleType | None = None,
         clock: Callable[[], float] | None = None,
+        shaping_state: ShapingState | None = None,
+        on_shaping: Callable[[ShapingEvent], None] | None = None,
     ) -> Agent:
         """An agent from a TOML file path, an :class:`AgentConfig`, or the file's data as a dict."""
+        kw: dict[str, Any] = {"engine": engine, "clock": clock, "shaping_state": shaping_state,
+                              "on_shaping": on_shaping}
         if isinstance(config, AgentConfig):
-            return cls(config=config, engine=engine, clock=clock)
+            return cls(config=config, **kw)
         if isinstance(config, Mapping):
-            return cls(config=config_from_dict(config), engine=engine, clock=clock)
-        return cls(config=load_config(config), engine=engine, clock=clock)
+            return cls(config=config_from_dict(config), **kw)
+        return cls(config=load_config(config), **kw)
 
     @classmethod
     def for_server(cls, destination: str | Destination, **settings: Any) -> Agent:
@@ -272,13 +291,17 @@ class Agent:
         ``settings`` are :class:`Transport` fields (``recipient_limit``,
         ``lhlo_name``, ``timeouts``, ``pipelining``, ``ignore_keywords``,
         ``skip_5xx_greeting``...), :class:`PoolSettings` fields
-        (``max_connections``, ``pipeline_depth`` ...), ``engine`` and ``clock``.
+        (``max_connections``, ``pipeline_depth`` ...), :class:`ShapingSettings`
+        fields (``concurrency_limit``, ``rate_delay``, ``dead_after`` ...),
+        ``engine``, ``clock``, ``shaping_state`` and ``on_shaping``.
         """
-        engine = settings.pop("engine", None)
-        clock = settings.pop("clock", None)
+        agent_kw = {k: settings.pop(k) for k in ("engine", "clock", "shaping_state", "on_shaping")
+                    if k in settings}
         pool_names = set(PoolSettings.__struct_fields__)
         transport_names = {f.name for f in fields(Transport)} - {"destination"}
         pool_kw = {k: settings.pop(k) for k in list(settings) if k in pool_names}
+        shaping_names = set(ShapingSettings.__struct_fields__)
+        shaping_kw = {k: settings.pop(k) for k in list(settings) if k in shaping_names}
         unknown = set(settings) - transport_names
         if unknown:
             raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
@@ -286,9 +309,13 @@ class Agent:
             if "pool" in settings:
                 raise TypeError("give pool=PoolSettings(...) or pool fields, not both")
             settings["pool"] = PoolSettings(**pool_kw)
+        if shaping_kw:
+            if "shaping" in settings:
+                raise TypeError("give shaping=ShapingSettings(...) or shaping fields, not both")
+            settings["shaping"] = ShapingSettings(**shaping_kw)
         transport = Transport(destination=parse_destination(destination), **settings)
         return cls(transports={DEFAULT_TRANSPORT: transport}, default=Route(DEFAULT_TRANSPORT),
-                   engine=engine, clock=clock)
+                   **agent_kw)
 
     # -- routing -------------------------------------------------------------------
 
@@ -362,8 +389,9 @@ class Agent:
                         clock=self._clock)
             # The TLS policy and SASL identity are functions of (transport,
             # destination), so this key separates identities (see Pool.key).
+            shaper = self.shaper.destination(str(pool.destination), t.shaping)
             target = self._pools[(name, dest)] = _Target(pool, t.recipient_limit,
-                                                         t.skip_5xx_greeting)
+                                                         t.skip_5xx_greeting, shaper)
         return target
 
     # -- delivery --------------------------------------------------------------------
@@ -618,11 +646,35 @@ class Agent:
                 for r, a in zip(results, addresses, strict=True)]
 
     async def _attempt(self, target: _Target, d: Delivery) -> list[RecipientResult]:
+        """:meth:`_send_once` as the destination's shaping allows (``_shaping.py``).
+
+        A destination marked dead gets no connection attempt: its recipients
+        are deferred at once (``DEAD_DESTINATION``, never a bounce).
+        """
+        shaper = target.shaper
+        ticket = await shaper.admit()
+        if ticket is None:
+            return DEAD_DESTINATION.results(d.recipients, destination=target.dest,
+                                            dest=target.dest, count=shaper.settings.dead_after,
+                                            detail=shaper.reason() or "no session")
+        outcome: Outcome = "cancelled"
+        reason = ""
+        try:
+            results, outcome = await self._send_once(target, d)
+            if outcome != "ok" and results:
+                reason = results[0].text
+            return results
+        finally:
+            shaper.done(ticket, outcome, reason)
+
+    async def _send_once(self, target: _Target, d: Delivery
+                         ) -> tuple[list[RecipientResult], Outcome]:
         """Send ``d`` on a pooled connection; failures before any reply become results.
 
         A transaction that provably reached nobody (the connection broke before
         it was sent, or a reused connection died before the server answered
         anything) is tried again on another connection, up to ``_MAX_ATTEMPTS``.
+        The outcome says whether the server was reached (for shaping).
         """
         pool = target.pool
         for attempt in range(1, _MAX_ATTEMPTS + 1):
@@ -634,7 +686,8 @@ class Agent:
                     if isinstance(exc, LocalProtocolError):
                         raise
                     return failure_results(exc, d.recipients, destination=target.dest,
-                                         skip_5xx_greeting=target.skip_5xx_greeting)
+                                           skip_5xx_greeting=target.skip_5xx_greeting), (
+                        "cancelled" if isinstance(exc, PoolClosed) else "setup_failed")
             reused = conn.transactions > 0
             ok = False
             try:
@@ -650,14 +703,14 @@ class Agent:
                     self._retries += 1
                     continue
                 return failure_results(exc, d.recipients, destination=target.dest,
-                                     skip_5xx_greeting=target.skip_5xx_greeting)
+                                       skip_5xx_greeting=target.skip_5xx_greeting), "broken"
             finally:
                 pool.release(conn, reusable=ok)
             if reused and attempt < _MAX_ATTEMPTS and _died_before_reply(results):
                 # The server had closed this cached connection: nothing reached it.
                 self._retries += 1
                 continue
-            return results
+            return results, "broken" if _session_broke(results) else "ok"
         raise AssertionError("unreachable")
 
     # -- state, closing ----------------------------------------------------------------

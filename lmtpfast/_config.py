@@ -46,7 +46,7 @@ from ._maps import CacheSettings, Map, is_map_name, open_map, split_map_name
 from ._passwords import PasswordMap
 from ._routing import ERROR_TRANSPORTS, Route, TransportMap, VirtualMap, parse_route
 from ._sasl import DEFAULT_MECHANISMS, AuthPolicy, Credentials, parse_mechanisms
-from ._settings import PoolSettings, Timeouts
+from ._settings import PoolSettings, ShapingSettings, Timeouts
 from ._tls import TLSPolicy
 
 __all__ = [
@@ -90,6 +90,9 @@ class Transport:
     ignore_keywords: tuple[str, ...] = ()
     pool: PoolSettings = field(default_factory=PoolSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    #: Traffic shaping per destination: concurrency window, rate delay, message
+    #: rate, dead-destination detection (file key ``shaping = { ... }``).
+    shaping: ShapingSettings = field(default_factory=ShapingSettings)
     #: STARTTLS policy: a :class:`~lmtpfast.TLSPolicy` or a level name
     #: (file keys ``tls_security_level``, ``tls_ca_file``, ``tls_cert_file`` ...).
     tls: TLSPolicy = field(default_factory=TLSPolicy)
@@ -127,6 +130,8 @@ class Transport:
             raise ConfigurationError("must be a PoolSettings", field="pool")
         if not isinstance(self.timeouts, Timeouts):
             raise ConfigurationError("must be a Timeouts", field="timeouts")
+        if not isinstance(self.shaping, ShapingSettings):
+            raise ConfigurationError("must be a ShapingSettings", field="shaping")
         if not isinstance(self.tls, TLSPolicy):
             object.__setattr__(self, "tls", TLSPolicy.parse(self.tls))
         maps: Any = self.sasl_password_maps
@@ -282,6 +287,7 @@ class _TransportTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ignore_keywords: list[str] = []
     skip_5xx_greeting: bool = True
     pool: PoolSettings = PoolSettings()
+    shaping: ShapingSettings = ShapingSettings()
     timeouts: _TimeoutsTable = _TimeoutsTable()
     tls_security_level: str = "none"
     tls_ca_file: str | None = None
@@ -418,6 +424,7 @@ def _transport_from_table(
             lhlo_name=name, pipelining=table.pipelining,
             skip_5xx_greeting=table.skip_5xx_greeting,
             ignore_keywords=tuple(table.ignore_keywords), pool=table.pool,
+            shaping=table.shaping,
             timeouts=table.timeouts.to_timeouts(),
             tls=tls, sasl_password_maps=maps, sasl_mechanisms=mechanisms,
             sasl_allow_plaintext=table.sasl_allow_plaintext,

@@ -50,6 +50,7 @@ __all__ = [
     "BAD_SENDER",
     "CONNECT_FAILED",
     "CONNECT_TIMEOUT",
+    "DEAD_DESTINATION",
     "EIGHTBIT_MISSING",
     "ERROR_TRANSPORT",
     "FAILURES",
@@ -224,6 +225,12 @@ EIGHTBIT_MISSING = Failure(
     "7 bits: {detail}",
     "8-bit content the server cannot take (no 8BITMIME) and that cannot be converted to 7 "
     "bits (8-bit headers); bodies are converted")
+DEAD_DESTINATION = Failure(
+    "destination-dead", 451, "4.4.1", "connect",
+    "delivery temporarily suspended: {dest} marked dead after {count} failed session "
+    "set-ups ({detail})",
+    "the destination is marked dead (`shaping.dead_after` transactions in a row could not "
+    "get a session): deferred without connecting until a probe gets through")
 SHUTDOWN = Failure(
     "shutdown", 451, "4.3.2", "connect", "{detail}",
     "the agent or pool was closed before the delivery got a connection")
@@ -237,7 +244,7 @@ FAILURES: Mapping[str, Failure] = {f.event: f for f in (
     AUTH_REFUSED, AUTH_FAILED, LOST, LOST_AFTER_DOT, TIMEOUT, PROTOCOL_ERROR, BAD_CONTENT,
     BAD_SENDER, BAD_RECIPIENT, UNKNOWN_RECIPIENT, NO_ROUTE, NO_ROUTE_BOUNCE, NO_DESTINATION,
     ALIAS_LOOP, MAP_FAILURE, ERROR_TRANSPORT, RETRY_TRANSPORT, TOO_BIG, SIZE_LIMIT,
-    SMTPUTF8_MISSING, EIGHTBIT_MISSING, SHUTDOWN, LOCAL_ERROR)}
+    SMTPUTF8_MISSING, EIGHTBIT_MISSING, DEAD_DESTINATION, SHUTDOWN, LOCAL_ERROR)}
 
 
 def made_up(

@@ -13,7 +13,7 @@ import msgspec
 
 from ._errors import ConfigurationError
 
-__all__ = ["PoolSettings", "Probe", "Timeouts"]
+__all__ = ["PoolSettings", "Probe", "ShapingSettings", "Timeouts"]
 
 Probe = Literal["none", "rset", "noop"]
 
@@ -105,3 +105,55 @@ class PoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         if self.probe not in ("none", "rset", "noop"):
             raise ConfigurationError(f"must be 'none', 'rset' or 'noop', got {self.probe!r}",
                                      field="probe")
+
+
+class ShapingSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Traffic shaping for one destination, as Postfix's queue manager does it (``_shaping.py``).
+
+    Concurrency here counts transactions in flight to the destination (the
+    pool turns them into connections, at most ``PoolSettings.max_connections``).
+    Recipients per transaction are the transport's ``recipient_limit``.
+    """
+
+    #: Transactions in flight at most (``lmtp_destination_concurrency_limit``);
+    #: 0: no limit beyond the pool's. With a limit, the window starts at
+    #: ``initial_concurrency`` and moves with Postfix's feedback: +1 after a
+    #: window's worth of transactions that reached the server, -1 after a
+    #: window's worth that could not get a session (never below 1).
+    concurrency_limit: Annotated[int, msgspec.Meta(ge=0)] = 0
+    #: Where the window starts, and restarts after a dead spell
+    #: (``initial_destination_concurrency``).
+    initial_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 5
+    #: Seconds between the end of one transaction and the start of the next
+    #: (``lmtp_destination_rate_delay``); > 0 sends one transaction at a time.
+    rate_delay: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: Transactions (messages) per second at most, 0 for no limit; starts are
+    #: spaced ``1 / message_rate`` seconds apart whatever the concurrency.
+    message_rate: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: Consecutive transactions that could not get a session (connect refused
+    #: or timed out, greeting, LHLO, STARTTLS or AUTH refused) after which the
+    #: destination is marked dead; 0: never.
+    dead_after: Annotated[int, msgspec.Meta(ge=0)] = 5
+    #: Seconds a dead destination's mail is deferred without connecting before
+    #: one transaction probes it (Postfix waits ``minimal_backoff_time``).
+    dead_time: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("concurrency_limit", "dead_after"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigurationError(f"must be an integer >= 0, got {value!r}", field=name)
+        value = self.initial_concurrency
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigurationError(f"must be an integer >= 1, got {value!r}",
+                                     field="initial_concurrency")
+        for name in ("rate_delay", "message_rate"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or math.isnan(value) or math.isinf(value) or value < 0):
+                raise ConfigurationError(f"must be a number >= 0, got {value!r}", field=name)
+        value = self.dead_time
+        if (isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value)
+                or math.isinf(value) or value <= 0):
+            raise ConfigurationError(f"must be a positive number of seconds, got {value!r}",
+                                     field="dead_time")

@@ -294,3 +294,50 @@ def test_nothing_secret_and_no_forged_lines(fmt: str) -> None:
         assert json.loads(text)["reply"].startswith("451 4.3.0 boom\r\nID2:")
     else:
         assert "boom\\x0d\\x0aID2: to=<x@y>" in text
+
+
+def test_dead_destination_in_the_log_and_the_metrics(smtp_sink: Any, tmp_path: Path) -> None:
+    """A back end stopped: marked dead, its mail deferred (never bounced), probed, revived."""
+    sink: SmtpSink = smtp_sink(capture=True)
+    sink.stop()
+    spool = tmp_path / "spool"
+    cfg = tmp_path / "lmtpfast.toml"
+    cfg.write_text('default = "lmtp:"\n[transports.lmtp]\n'
+                   f'destination = "{sink.destination}"\npool = {{ connect_backoff = 0 }}\n'
+                   'shaping = { dead_after = 2, dead_time = 0.3 }\n')
+    for i in range(4):
+        enqueue(spool, f"x{i}", f"u{i}@x.test")
+    log = tmp_path / "maillog"
+    proc = start(spool, cfg, "--concurrency", "1", "--min-backoff", "0.2", "--interval", "0.2",
+                 "--metrics-listen", "127.0.0.1:0", "--log-target", str(log))
+
+    def text() -> str:
+        return log.read_text() if log.exists() else ""
+    try:
+        url = wait_for("the start line", lambda: re.search(r"metrics at (http://\S+)", text()),
+                       proc).group(1)
+        wait_for("marked dead", lambda: "marked dead" in text(), proc)
+        wait_for("a deferral without connecting",
+                 lambda: re.search(r"status=deferred \(451 4\.4\.1 delivery temporarily "
+                                   r"suspended: .* marked dead after 2", text()), proc)
+        sink.start()
+        wait_for("every message delivered",
+                 lambda: sorted(sink_tags(sink)) == [f"x{i}" for i in range(4)], proc)
+        wait_for("revived", lambda: "revived" in text(), proc)
+        samples = scrape(url)
+    finally:
+        status, err = stop(proc)
+    assert status == 0, err
+    dest = sink.destination
+
+    def events(event: str) -> float:
+        return samples.get(("lmtpfast_shaping_events_total",
+                            (("destination", dest), ("event", event))), 0.0)
+    assert events("marked_dead") >= 1 and events("deferred_dead") >= 1
+    assert events("probe") >= 1 and events("revived") == 1
+    lines = [m for x in text().splitlines() if (m := LINE.match(x))]
+    assert {m["status"] for m in lines} == {"deferred", "sent"}  # nothing bounced
+    assert sorted(m["to"] for m in lines if m["status"] == "sent") == [
+        f"u{i}@x.test" for i in range(4)]
+    assert re.search(r"warning: destination \S+: marked dead \(window unlimited\): 2 failed "
+                     r"session set-ups in a row", text())

@@ -190,6 +190,7 @@ SCENARIOS: dict[str, Scenario] = {
 # Rows no front end above the agent can provoke on demand, with where they are tested.
 ELSEWHERE = {
     "shutdown": "test_shutdown_while_waiting_for_a_connection",
+    "destination-dead": "tests/test_shaping.py (a refusing destination, a back end stopped)",
     "local-error": "test_local_error_in_replay",
     "too-big": "tests/test_cli_input.py (send --max-size)",
 }

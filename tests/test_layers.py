@@ -37,7 +37,7 @@ LAYERS: dict[str, int] = {
     # 4 session: connect and set-up, one Client
     "_session": 4,
     # 5 pool
-    "_pool": 5,
+    "_pool": 5, "_shaping": 5,
     # 6 agent
     "_agent": 6, "_sync": 6,
     # 7 front ends

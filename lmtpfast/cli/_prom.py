@@ -87,7 +87,8 @@ class MetricsCollector:
                                 "Age of the oldest queued entry (0: none)",
                                 value=max(0.0, time.time() - oldest) if oldest else 0.0)
         s = CounterMetricFamily("lmtpfast_shaping_events", "Traffic shaping by destination: "
-                                "throttled, marked_dead, deferred_dead, probe, revived",
+                                "throttled, grown, delayed, marked_dead, deferred_dead, probe, "
+                                "revived",
                                 labels=["destination", "event"])
         for (dest, event), n in list(m.shaping.items()):
             s.add_metric([dest, event], n)

@@ -29,7 +29,7 @@ import signal
 import sys
 from typing import Any
 
-from lmtpfast import Agent, ConfigurationError, Metrics, Timeouts
+from lmtpfast import Agent, ConfigurationError, LocalShapingState, Metrics, ShapingEvent, Timeouts
 from lmtpfast.spool import (
     DirQueue,
     Observer,
@@ -197,6 +197,27 @@ async def refresh_queue_metrics(spool: Spool, metrics: Metrics) -> None:
     metrics.queue_oldest = oldest
 
 
+#: Shaping events and the level they are logged at (None: counted, not logged:
+#: one a transaction, and each deferred recipient has its own line anyway).
+_SHAPING_LEVELS: dict[str, int | None] = {
+    "marked_dead": logging.WARNING, "revived": logging.INFO, "probe": logging.INFO,
+    "throttled": logging.INFO, "grown": logging.DEBUG, "delayed": None, "deferred_dead": None}
+
+
+def shaping_listener(log: _log.DeliveryLog, metrics: Metrics) -> Any:
+    """A :class:`ShapingEvent` listener that counts every event and logs the notable ones."""
+    def on_event(ev: ShapingEvent) -> None:
+        metrics.shaped(ev.destination, ev.event)
+        level = _SHAPING_LEVELS.get(ev.event, logging.INFO)
+        if level is not None and log.enabled(level):
+            window = "unlimited" if ev.window == float("inf") else f"{ev.window:g}"
+            text = f"destination {ev.destination}: {ev.event.replace('_', ' ')}"
+            log.message(f"{text} (window {window})" + (f": {ev.detail}" if ev.detail else ""),
+                        level=level, destination=ev.destination, shaping=ev.event,
+                        window=None if ev.window == float("inf") else ev.window)
+    return on_event
+
+
 class Daemon:
     """One ``lmtpfast run``: the replayer, its signals, reloads, notifications and metrics."""
 
@@ -217,13 +238,18 @@ class Daemon:
         self.totals = Totals()
         self.cut_short = False
         self.report: Any = None
+        # Dead marks and rate slots outlive a reload (the new agent knows what
+        # the old one learnt about the back ends).
+        self.shaping_state = LocalShapingState()
+        self._on_shaping = shaping_listener(log, self.metrics)
 
     def _deliverer(self) -> Agent:
         # Replay delivers through the agent only: --server is one default route.
+        shaping = {"shaping_state": self.shaping_state, "on_shaping": self._on_shaping}
         if self.args.config is not None:
-            return Agent.from_config(self.args.config)
+            return Agent.from_config(self.args.config, **shaping)
         return Agent.for_server(self.args.server, max_connections=self.args.connections,
-                                timeouts=Timeouts.scaled(self.args.timeout_scale))
+                                timeouts=Timeouts.scaled(self.args.timeout_scale), **shaping)
 
     def current_agent(self) -> Any:
         return self.replayer.agent if self.replayer is not None else None

@@ -1,0 +1,370 @@
+"""Traffic shaping per destination, with the semantics of Postfix's queue manager (qmgr).
+
+The agent asks a :class:`DestinationShaper` before each transaction
+(:meth:`~DestinationShaper.admit`) and tells it how the transaction went
+(:meth:`~DestinationShaper.done`). Between the agent and the pool it decides
+*whether* and *when* a transaction may start; the pool still decides on which
+connection.
+
+* **Concurrency with slow start** (``concurrency_limit``,
+  ``initial_concurrency``): a window of transactions in flight starts at the
+  initial concurrency; each transaction that reached the server adds
+  ``1/window`` to a success count and each that could not get a session takes
+  ``1/window`` off a failure count; a whole unit moves the window by one
+  (Postfix 2.5's "1/concurrency" feedback with hysteresis 1), between 1 and
+  the limit. Waiters are served in order.
+* **Rate delay** (``rate_delay``, Postfix's ``destination_rate_delay``): one
+  transaction at a time, the next starting that long after the previous ended.
+* **Message rate** (``message_rate``): starts spaced ``1/rate`` seconds apart.
+* **Dead destinations** (``dead_after``, ``dead_time``): after that many
+  transactions in a row could not get a session, the destination is dead for
+  ``dead_time`` seconds: :meth:`~DestinationShaper.admit` answers ``None`` at
+  once and the agent defers those recipients without connecting
+  (``_failures.DEAD_DESTINATION``, 451 4.4.1: never a bounce). Then one
+  transaction probes; its success revives the destination (window back to
+  the initial concurrency), its failure makes it dead again.
+
+What several processes (or hosts) should agree on, dead marks and message-rate
+slots, lives behind :class:`ShapingState`; :class:`LocalShapingState` keeps it
+in memory for one process (and survives a SIGHUP reload: the daemon hands the
+same object to the new agent). A shared implementation (PostgreSQL) keeps a
+local mirror so these calls stay synchronous and cheap. Time comes from
+``clock`` and waiting from ``sleep`` (both injectable), so tests run in
+virtual time. Every decision is reported to the listeners as a
+:class:`ShapingEvent` (the daemon logs and counts them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from ._settings import ShapingSettings
+
+__all__ = [
+    "PROBE",
+    "DestinationShaper",
+    "LocalShapingState",
+    "Shaper",
+    "ShapingEvent",
+    "ShapingState",
+    "Ticket",
+]
+
+#: How a transaction went, as far as shaping cares: it reached the server
+#: (whatever the server answered), it could not get a session (set-up failed),
+#: the session broke under it, or it was cut short here (cancelled, shut down).
+Outcome = Literal["ok", "setup_failed", "broken", "cancelled"]
+EventName = Literal["throttled", "grown", "delayed", "marked_dead", "deferred_dead", "probe",
+                    "revived"]
+
+#: Admission tickets: a normal transaction, or the one probing a dead destination.
+Ticket = Literal["normal", "probe"]
+NORMAL: Ticket = "normal"
+PROBE: Ticket = "probe"
+
+
+@dataclass(frozen=True, slots=True)
+class ShapingEvent:
+    """One shaping decision about a destination (for the log and the metrics)."""
+
+    destination: str
+    event: EventName
+    #: The window after the event (``inf`` when unlimited).
+    window: float
+    detail: str = ""
+
+
+class ShapingState:
+    """What the processes delivering to a destination share: dead marks and rate slots.
+
+    Times are the shaper's clock. Calls are synchronous and cheap (a shared
+    implementation answers from a local mirror it refreshes in the background).
+    """
+
+    def dead_until(self, destination: str) -> float:
+        """When the destination's dead spell ends (0.0: it is not dead)."""
+        raise NotImplementedError
+
+    def mark_dead(self, destination: str, until: float, reason: str) -> None:
+        """Mark it dead until ``until`` (also ends a probe: another may be claimed then)."""
+        raise NotImplementedError
+
+    def reason(self, destination: str) -> str:
+        """Why it was marked dead (the last set-up failure), or ``""``."""
+        raise NotImplementedError
+
+    def claim_probe(self, destination: str, now: float) -> bool:
+        """True for exactly one caller once a dead spell has ended (it probes)."""
+        raise NotImplementedError
+
+    def revive(self, destination: str) -> None:
+        """The probe got through: the destination is alive."""
+        raise NotImplementedError
+
+    def reserve_start(self, destination: str, now: float, interval: float) -> float:
+        """Reserve the next start slot ``interval`` seconds after the previous; returns it."""
+        raise NotImplementedError
+
+
+class LocalShapingState(ShapingState):
+    """:class:`ShapingState` in this process's memory."""
+
+    def __init__(self) -> None:
+        # destination -> [dead until, probe claimed, reason]
+        self._dead: dict[str, list[object]] = {}
+        self._next_start: dict[str, float] = {}
+
+    def dead_until(self, destination: str) -> float:
+        entry = self._dead.get(destination)
+        return 0.0 if entry is None else entry[0]  # type: ignore[return-value]
+
+    def mark_dead(self, destination: str, until: float, reason: str) -> None:
+        self._dead[destination] = [until, False, reason]
+
+    def reason(self, destination: str) -> str:
+        entry = self._dead.get(destination)
+        return "" if entry is None else str(entry[2])
+
+    def claim_probe(self, destination: str, now: float) -> bool:
+        entry = self._dead.get(destination)
+        if entry is None or entry[1] or now < entry[0]:  # type: ignore[operator]
+            return False
+        entry[1] = True
+        return True
+
+    def revive(self, destination: str) -> None:
+        self._dead.pop(destination, None)
+
+    def reserve_start(self, destination: str, now: float, interval: float) -> float:
+        start = max(now, self._next_start.get(destination, now))
+        self._next_start[destination] = start + interval
+        return start
+
+
+class DestinationShaper:
+    """The shaping of one destination: window, delays, dead marks."""
+
+    __slots__ = ("_failure", "_failures_in_row", "_inflight", "_next_start", "_shaper",
+                 "_success", "_waiters", "destination", "settings", "window")
+
+    def __init__(self, shaper: Shaper, destination: str, settings: ShapingSettings) -> None:
+        self._shaper = shaper
+        self.destination = destination
+        self.settings = settings
+        limit = settings.concurrency_limit
+        #: Transactions allowed in flight now (Postfix's window).
+        self.window = float(min(settings.initial_concurrency, limit)) if limit else math.inf
+        self._inflight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._success = 0.0
+        self._failure = 0.0
+        self._failures_in_row = 0
+        self._next_start = 0.0  # rate_delay: no start before this
+
+    def __repr__(self) -> str:
+        return (f"<DestinationShaper {self.destination} window={self.window:g} "
+                f"inflight={self._inflight} waiting={len(self._waiters)}>")
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def limit(self) -> float:
+        """Transactions that may be in flight now."""
+        return 1.0 if self.settings.rate_delay > 0 else self.window  # whole numbers (or inf)
+
+    @property
+    def failures_in_row(self) -> int:
+        return self._failures_in_row
+
+    def dead(self) -> bool:
+        """Marked dead now (its mail is deferred without connecting)?"""
+        return self._shaper.state.dead_until(self.destination) > 0
+
+    def reason(self) -> str:
+        return self._shaper.state.reason(self.destination)
+
+    # -- admission -----------------------------------------------------------------------
+
+    async def admit(self) -> Ticket | None:
+        """Wait until a transaction may start; ``None``: dead, defer without connecting.
+
+        Every ticket must be given back with :meth:`done`.
+        """
+        sh = self._shaper
+        state = sh.state
+        ticket: Ticket = NORMAL
+        if state.dead_until(self.destination):
+            if not state.claim_probe(self.destination, sh.clock()):
+                sh.emit(self, "deferred_dead")
+                return None
+            ticket = PROBE
+            sh.emit(self, "probe")
+        if self._inflight < self.limit and not self._waiters:
+            self._inflight += 1
+        else:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut  # the slot is ours when it resolves (done() counted it)
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._release()
+                else:
+                    self._waiters.remove(fut)
+                if ticket is PROBE:
+                    self._end_probe()
+                raise
+            if ticket is NORMAL and state.dead_until(self.destination):
+                # It died while this one waited: defer it without connecting.
+                self._release()
+                sh.emit(self, "deferred_dead")
+                return None
+        try:
+            await self._pace()
+        except BaseException:
+            self._release()
+            if ticket is PROBE:
+                self._end_probe()
+            raise
+        return ticket
+
+    async def _pace(self) -> None:
+        s = self.settings
+        sh = self._shaper
+        if s.rate_delay <= 0 and s.message_rate <= 0:
+            return
+        now = sh.clock()
+        start = self._next_start if s.rate_delay > 0 else now
+        if s.message_rate > 0:
+            start = sh.state.reserve_start(self.destination, max(start, now),
+                                           1.0 / s.message_rate)
+        if start > now:
+            sh.emit(self, "delayed", f"{start - now:.3f}s")
+            await sh.sleep(start - now)
+
+    # -- feedback --------------------------------------------------------------------------
+
+    def done(self, ticket: Ticket, outcome: Outcome, reason: str = "") -> None:
+        """Give the ticket back and say how the transaction went (``reason``: the failure)."""
+        sh = self._shaper
+        s = self.settings
+        if s.rate_delay > 0:
+            self._next_start = sh.clock() + s.rate_delay
+        self._release()
+        if outcome == "ok":
+            self._failures_in_row = 0
+            self._failure = 0.0
+            if ticket is PROBE:
+                sh.state.revive(self.destination)
+                self._restart_window()
+                sh.emit(self, "revived")
+            self._grow()
+        elif outcome == "setup_failed":
+            self._failures_in_row += 1
+            self._shrink(reason)
+            if ticket is PROBE or (s.dead_after and self._failures_in_row >= s.dead_after):
+                self._mark_dead(reason)
+        elif outcome == "broken":
+            self._shrink(reason)
+        elif ticket is PROBE:  # cancelled: no verdict; the next caller probes
+            self._end_probe()
+        self._wake()
+
+    def _release(self) -> None:
+        self._inflight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters and self._inflight < self.limit:
+            fut = waiters.popleft()
+            if not fut.done():
+                self._inflight += 1
+                fut.set_result(None)
+
+    def _grow(self) -> None:
+        limit = self.settings.concurrency_limit
+        if not limit or self.window >= limit:
+            return
+        self._success += 1.0 / self.window
+        if self._success >= 1.0:
+            self._success = 0.0
+            self.window = min(self.window + 1.0, float(limit))
+            self._shaper.emit(self, "grown")
+
+    def _shrink(self, reason: str) -> None:
+        if not self.settings.concurrency_limit:
+            return
+        self._success = 0.0
+        self._failure -= 1.0 / self.window
+        if self._failure <= -1.0:
+            self._failure = 0.0
+            if self.window > 1.0:
+                self.window -= 1.0
+                self._shaper.emit(self, "throttled", reason)
+
+    def _restart_window(self) -> None:
+        s = self.settings
+        if s.concurrency_limit:
+            self.window = float(min(s.initial_concurrency, s.concurrency_limit))
+        self._success = self._failure = 0.0
+
+    def _mark_dead(self, reason: str) -> None:
+        sh = self._shaper
+        until = sh.clock() + self.settings.dead_time
+        sh.state.mark_dead(self.destination, until, reason)
+        sh.emit(self, "marked_dead",
+                f"{self._failures_in_row} failed session set-ups in a row; deferring its mail "
+                f"for {self.settings.dead_time:g}s: {reason}")
+
+    def _end_probe(self) -> None:
+        # Dead again from now, so the next admission probes at once.
+        sh = self._shaper
+        sh.state.mark_dead(self.destination, sh.clock(), sh.state.reason(self.destination))
+
+
+class Shaper:
+    """The :class:`DestinationShaper` of every destination of an agent.
+
+    ``state`` is shared with other agents (a reloaded daemon's) or processes;
+    ``clock`` (seconds, monotonic) and ``sleep`` are injectable for tests.
+    ``listener`` gets every :class:`ShapingEvent`.
+    """
+
+    def __init__(
+        self,
+        state: ShapingState | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[object]] | None = None,
+        listener: Callable[[ShapingEvent], None] | None = None,
+    ) -> None:
+        self.state = state if state is not None else LocalShapingState()
+        self.clock = clock or time.monotonic
+        self.sleep = sleep or asyncio.sleep
+        self.listeners: list[Callable[[ShapingEvent], None]] = [listener] if listener else []
+        self._destinations: dict[str, DestinationShaper] = {}
+
+    def destination(self, destination: str, settings: ShapingSettings) -> DestinationShaper:
+        """The shaper of ``destination`` (made on first use with ``settings``)."""
+        d = self._destinations.get(destination)
+        if d is None:
+            d = self._destinations[destination] = DestinationShaper(self, destination, settings)
+        return d
+
+    def destinations(self) -> dict[str, DestinationShaper]:
+        return dict(self._destinations)
+
+    def emit(self, d: DestinationShaper, event: EventName, detail: str = "") -> None:
+        if self.listeners:
+            ev = ShapingEvent(d.destination, event, d.window, detail)
+            for listener in list(self.listeners):
+                listener(ev)
