@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lmtpfast",
         description="Fast, correct LMTP delivery. Commands: send (one message); enqueue, "
         "replay and run (queue mail, deliver the queue once or as a daemon); queue (manage "
-        "it); check-config; probe (a server); map (query a lookup table); bench and sink "
-        "(load and a test server). `lmtpfast COMMAND --help` says more about each.",
+        "it); check-config; probe (a server); map (query a lookup table); proxy (an LMTP "
+        "front end routing to back ends); bench and sink (load and a test server). "
+        "`lmtpfast COMMAND --help` says more about each.",
     )
     from lmtpfast import __version__
 
