@@ -26,6 +26,15 @@ carries); the added latency is the difference of the percentiles.
 Prints a table per round and the medians; ratios are within one run. The
 machine is shared: run it when nothing else runs, and quote the
 conditions (``uptime`` is printed).
+
+``--faults N`` instead measures what a back end that dies mid-DATA does to
+the other back ends' recipients, through each proxy: three ``smtp-sink -L``
+back ends, one of them started with ``-q .`` (it hangs up after the final
+dot without replying: it may have stored the message), N messages of 9
+recipients (3 per back end) sent one after another by the lmtpfast client.
+Counted per proxy: recipients of the healthy back ends that did not get a
+success (a retry duplicates them: they were stored), recipients of the
+failing back end reported delivered (falsely), and those deferred.
 """
 
 from __future__ import annotations
@@ -145,6 +154,74 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+async def _fault_run(dest: str, healthy: list[str], failing: list[str], count: int,
+                     size: int) -> dict[str, int]:
+    from lmtpfast import connect
+
+    rcpts = [r for trio in zip(healthy[:3], failing, healthy[3:], strict=True) for r in trio]
+    body = b"Subject: fault\r\n\r\n" + b"x" * size + b"\r\n"
+    counts = {"messages": count, "healthy_failed": 0, "failing_delivered": 0,
+              "failing_deferred": 0, "connections": 0}
+    client = None
+    try:
+        for _ in range(count):
+            if client is None or not client.usable:
+                if client is not None:
+                    client.abort()
+                client = await connect(dest)
+                counts["connections"] += 1
+            results = await client.send("s@example.org", rcpts, body)
+            for r in results:
+                if r.address in failing:
+                    counts["failing_delivered" if r.delivered else "failing_deferred"] += 1
+                elif not r.delivered:
+                    counts["healthy_failed"] += 1
+    finally:
+        if client is not None:
+            await client.quit()
+    return counts
+
+
+def faults(args: argparse.Namespace) -> None:
+    """One back end hangs up after every final dot: what happens to the others' recipients."""
+    print(os.popen("uptime").read().strip())
+    good = [SmtpSink(tcp=True).start() for _ in range(2)]
+    bad = SmtpSink("-q", ".", tcp=True).start()
+    proxy = dovecot = None
+    try:
+        users = {f"h{i}": good[i % 2] for i in range(6)} | {f"f{i}": bad for i in range(3)}
+        transport = "".join(f"{u}@example.com lmtp:{s.destination}\n" for u, s in users.items())
+        proxy = TempProxy('transport_map = "texthash:transport"\n'
+                          "[defaults.pool]\nconnect_backoff = 0\n",
+                          files={"transport": transport}).start()
+        dovecot = TempDovecot(users=())
+        dovecot.extra_config = dovecot_proxy_config(
+            {u: s.destination for u, s in users.items()}, dovecot.base / "proxy-passdb")
+        dovecot.start()
+        healthy = [f"{u}@example.com" for u in users if u.startswith("h")]
+        failing = [f"{u}@example.com" for u in users if u.startswith("f")]
+        print(f"{args.faults} messages, 9 recipients each (6 on two healthy back ends, 3 on "
+              "one that hangs up after the dot):")
+        print("| proxy | healthy recipients not given a success (duplicated on retry) | "
+              "failing back end's reported delivered | deferred | client connections |")
+        print("|---|---:|---:|---:|---:|")
+        for name, dest in (("lmtpfast", proxy.destination), ("dovecot", dovecot.destination_tcp)):
+            c = asyncio.run(_fault_run(dest, healthy, failing, args.faults, args.size))
+            print(f"| {name} | {c['healthy_failed']} of {6 * c['messages']} | "
+                  f"{c['failing_delivered']} | {c['failing_deferred']} of {3 * c['messages']} | "
+                  f"{c['connections']} |", flush=True)
+        crashes = dovecot.log_text().count("killed with signal")
+        print(f"Dovecot's log: {crashes} lmtp process(es) killed with a signal "
+              "(its own crashes: the client connection goes with them)")
+        print(os.popen("uptime").read().strip())
+    finally:
+        for p in (proxy, dovecot):
+            if p is not None:
+                p.close()
+        for s in (*good, bad):
+            s.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=20000)
@@ -154,7 +231,12 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=2, help="lmtpfast: connections per back end")
     ap.add_argument("--no-dovecot", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2,000 messages, 1 round, 200 probes")
+    ap.add_argument("--faults", type=int, default=0, metavar="N",
+                    help="instead: N messages with one back end hanging up after the dot")
     args = ap.parse_args()
+    if args.faults:
+        faults(args)
+        return
     if args.quick:
         args.messages, args.rounds, args.probe = 2000, 1, 200
     n = args.messages
