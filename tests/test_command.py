@@ -175,3 +175,23 @@ async def test_the_proxy_and_send_deliver_through_a_command(dovecot: Any, tmp_pa
         "--rcpt", "carol@example.com", str(msg)], env=env, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(dovecot.messages("carol")) == 1
+
+
+@pytest.mark.dovecot
+async def test_replay_delivers_a_spool_through_a_command(dovecot: Any, tmp_path: Path) -> None:
+    from lmtpfast.spool import Spool
+
+    spool = Spool(tmp_path / "spool", create=True)
+    for i in range(4):
+        spool.enqueue(MSG.replace(b"One", f"#{i}: one".encode()), "s@example.org", RCPTS)
+    env = {**os.environ, "PYTHONPATH": str(Path(lmtpfast.__file__).parent.parent)}
+    done = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "lmtpfast", "replay", str(spool.path), "--server",
+        _command(_dovecot_lmtp(dovecot)), "--once", "--no-progress", "-q"],
+        env=env, capture_output=True, timeout=120)
+    # 65: every undelivered recipient (the unknown user) refused for good; the
+    # others stored once each, the queue empty.
+    assert done.returncode == 65, done.stderr
+    counts = spool.count()
+    assert counts["incoming"] == counts["deferred"] == 0 and counts["failed"] == 4
+    assert len(dovecot.messages("alice")) == 4 and len(dovecot.messages("bob")) == 4

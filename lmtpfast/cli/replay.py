@@ -72,7 +72,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("spool", nargs="?", metavar="SPOOL", help="spool directory")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--server", metavar="DEST", help="unix:/path, host:port, [ipv6]:port")
+    target.add_argument("--server", metavar="DEST",
+                        help="unix:/path, host:port, [ipv6]:port, 'command:PROGRAM ARGS'")
     target.add_argument("--config", metavar="FILE", help="agent configuration (lmtpfast.toml)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true",

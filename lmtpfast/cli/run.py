@@ -75,7 +75,8 @@ def register(sub: Any) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--config", metavar="FILE",
                         help="agent configuration (lmtpfast.toml); reloaded on SIGHUP")
-    target.add_argument("--server", metavar="DEST", help="unix:/path, host:port, [ipv6]:port")
+    target.add_argument("--server", metavar="DEST",
+                        help="unix:/path, host:port, [ipv6]:port, 'command:PROGRAM ARGS'")
     p.add_argument("--concurrency", type=_positive_int, default=64, metavar="N",
                    help="messages in flight at once (default 64)")
     p.add_argument("--connections", type=_positive_int, default=8, metavar="N",

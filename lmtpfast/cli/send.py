@@ -62,7 +62,8 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--server", required=True, metavar="DEST",
-                   help="unix:/path, host, host:port, [ipv6]:port, inet:host:port")
+                   help="unix:/path, host, host:port, [ipv6]:port, inet:host:port, "
+                   "'command:PROGRAM ARGS' (LMTP on its stdin/stdout)")
     p.add_argument("--from", dest="sender", required=True, metavar="ADDR",
                    help="envelope sender ('' for the null sender)")
     p.add_argument("--rcpt", dest="recipients", action="append", required=True, metavar="ADDR",
