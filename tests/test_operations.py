@@ -22,11 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from lmtpfast._testing.dovecot import TempDovecot
 from lmtpfast._testing.postfix import SmtpSink, split_capture
 from lmtpfast.spool import Reason, new_envelope
 from lmtpfast.spool._dirstore import DirQueue
-from lmtpfast.spool._queue import NewMessage
+from lmtpfast.spool._queue import NewMessage, Queue
+from lmtpfast.spool._sqlite import SQLiteQueue
 
 ROOT = Path(__file__).resolve().parent.parent
 MSGID = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
@@ -97,15 +100,18 @@ def config(tmp: Path, dovecot: TempDovecot, sink: SmtpSink) -> Path:
     return cfg
 
 
+@pytest.mark.parametrize("layout", ["store", "dir"])
 def test_queue_actions_while_a_replay_delivers(dovecot: TempDovecot, smtp_sink: Any,
-                                               tmp_path: Path) -> None:
+                                               tmp_path: Path, layout: str) -> None:
     sink: SmtpSink = smtp_sink(capture=True)
     spool = tmp_path / "spool"
     later = time.time() + 3600
     tags: dict[str, str] = {}
 
     async def fill() -> None:
-        async with DirQueue(spool, create=True) as q:
+        q: Queue = (SQLiteQueue(spool, create=True) if layout == "store"
+                    else DirQueue(spool, create=True))
+        async with q:
             news = []
             # 40 due now (alice + a sink recipient), 20 deferred for an hour (bob + sink).
             for i in range(40):
@@ -130,7 +136,8 @@ def test_queue_actions_while_a_replay_delivers(dovecot: TempDovecot, smtp_sink: 
     logopt = ["--log-target", str(log)]
 
     replay = subprocess.Popen(
-        [sys.executable, "-m", "lmtpfast", "replay", str(spool), "--config", str(cfg),
+        [sys.executable, "-m", "lmtpfast", "replay",
+         str(spool) if layout == "store" else f"dir:{spool}", "--config", str(cfg),
          "--watch", "--interval", "0.1", "--concurrency", "4", "-q"],
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

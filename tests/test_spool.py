@@ -63,10 +63,25 @@ def test_enqueue_writes_message_then_envelope(spool: Spool) -> None:
     assert abs((spool.path / "incoming" / id).stat().st_mtime - env.arrival) < 1e-3
 
 
+def test_module_enqueue_into_a_directory_spool_keeps_it_one(tmp_path: Path) -> None:
+    Spool(tmp_path / "d", create=True).enqueue(b"x", "a@x.org", ["b@x.org"])
+    id = enqueue(tmp_path / "d", b"Subject: y\n\ny\n", sender="a@x.org", recipients=["c@x.org"])
+    assert (tmp_path / "d" / "incoming" / id).exists()  # not converted behind a replay's back
+    assert not (tmp_path / "d" / "queue.db").exists()
+    id = enqueue(f"dir:{tmp_path / 'e'}", b"x", sender="a@x.org", recipients=["c@x.org"])
+    assert (tmp_path / "e" / "incoming" / id).exists()
+
+
 def test_module_enqueue_creates_spool_and_accepts_str(tmp_path: Path) -> None:
+    from lmtpfast.spool import SQLiteStore
+
     id = enqueue(tmp_path / "s", "Subject: x\n\nbody\n", sender="", recipients=["b@x.org"],
                  ret="HDRS", envid="E1", notify=("failure", "delay"))
-    env = decode_envelope((tmp_path / "s" / "incoming" / id).read_bytes())
+    with SQLiteStore(tmp_path / "s") as store:  # a new spool: its store
+        info = store.show(id)
+        assert info is not None and store.content(id) == b"Subject: x\n\nbody\n"
+    env = info.envelope
+    assert env is not None
     assert env.sender == "" and env.ret == "HDRS" and env.envid == "E1"
     assert env.recipients[0].notify == ("FAILURE", "DELAY")
 
@@ -383,26 +398,39 @@ def test_eml_dir_import_from_headers_skips_what_has_no_envelope(tmp_path: Path,
     assert rcpts == ["bob@x.org", "bob@x.org", "dave@x.org", "fallback@x.org"]
 
 
+@pytest.mark.parametrize("layout", ["store", "dir"])
 def test_cli_enqueue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                     capsys: pytest.CaptureFixture[str]) -> None:
+                     capsys: pytest.CaptureFixture[str], layout: str) -> None:
+    """`lmtpfast enqueue` writes the spool's store by default, a directory spool with dir:."""
+    from lmtpfast.spool import SQLiteStore
+
     msg = tmp_path / "m.eml"
     msg.write_bytes(MSG)
-    sp = tmp_path / "sp"
-    assert cli_main(["enqueue", str(sp), "--from", "a@x.org", "--rcpt", "b@x.org",
+    path = tmp_path / "sp"
+    sp = str(path) if layout == "store" else f"dir:{path}"
+
+    def queued() -> int:
+        if layout == "dir":
+            return len(os.listdir(path / "incoming"))
+        with SQLiteStore(path) as store:
+            return store.status().queued
+
+    assert cli_main(["enqueue", sp, "--from", "a@x.org", "--rcpt", "b@x.org",
                      "--rcpt", "c@x.org", str(msg), str(msg)]) == 0
-    assert len(os.listdir(sp / "incoming")) == 2
-    assert cli_main(["enqueue", str(sp), str(msg)]) == 64  # no envelope
-    assert cli_main(["enqueue", str(sp), "--from", "a@x.org", "--rcpt", "b@x.org",
+    assert queued() == 2
+    assert (path / "queue.db").exists() == (layout == "store")
+    assert cli_main(["enqueue", sp, str(msg)]) == 64  # no envelope
+    assert cli_main(["enqueue", sp, "--from", "a@x.org", "--rcpt", "b@x.org",
                      "--maildir", str(tmp_path / "nope")]) == 66
-    assert cli_main(["enqueue", str(sp), "--from", "a@x.org", "--rcpt", "b x", str(msg)]) == 64
+    assert cli_main(["enqueue", sp, "--from", "a@x.org", "--rcpt", "b x", str(msg)]) == 64
     mbox = tmp_path / "box"
     mbox.write_bytes(b"From x@y Mon Jan  1 00:00:00 2024\nSubject: 1\n\n1\n\n"
                      b"From x@y Mon Jan  1 00:00:00 2024\nSubject: 2\n\n2\n")
-    assert cli_main(["enqueue", str(sp), "--rcpt", "b@x.org", "--from-headers", "--mbox",
+    assert cli_main(["enqueue", sp, "--rcpt", "b@x.org", "--from-headers", "--mbox",
                      str(mbox), "--no-fsync"]) == 0
-    assert len(os.listdir(sp / "incoming")) == 4
+    assert queued() == 4
     # --from-headers with a message that has none: skipped, status 65
-    assert cli_main(["enqueue", str(sp), "--from-headers", str(msg)]) == 65
+    assert cli_main(["enqueue", sp, "--from-headers", str(msg)]) == 65
     out = capsys.readouterr()
     assert "skipped" in out.err
 
@@ -455,3 +483,18 @@ def test_no_bounce_for_null_sender_or_hdrs_only(tmp_path: Path) -> None:
 def test_envelope_roundtrip() -> None:
     env = new_envelope("a@x.org", ["b@x.org"])
     assert decode_envelope(encode_envelope(env)) == env
+
+
+def test_a_claim_that_finds_the_envelope_gone_keeps_no_lock(tmp_path: Path) -> None:
+    """The entry moved away between the scan and the claim (queue hold, another replay):
+    the claim gives up, and the message file's lock must go with it, or nobody could ever
+    claim the entry again while this process lives."""
+    spool = Spool(tmp_path / "sp", create=True)
+    id = spool.enqueue(MSG, "a@x.org", ["b@x.org"])
+    (spool.path / "hold").mkdir()
+    os.rename(spool.path / "incoming" / id, spool.path / "hold" / id)
+    assert spool.claim("incoming", id) is None
+    os.rename(spool.path / "hold" / id, spool.path / "deferred" / id)
+    claim = spool.claim("deferred", id)
+    assert claim is not None
+    claim.release()

@@ -184,39 +184,63 @@ def _modes(root: Path) -> dict[str, str]:
     return wrong
 
 
+@pytest.mark.parametrize("layout", ["store", "dir"])
 @pytest.mark.parametrize("mask", [0o022, 0o000])
-async def test_everything_written_is_private_whatever_the_umask(tmp_path: Path,
-                                                               mask: int) -> None:
+async def test_everything_written_is_private_whatever_the_umask(tmp_path: Path, mask: int,
+                                                               layout: str) -> None:
+    import sqlite3
+
+    from lmtpfast.spool import SQLiteStore
+
     work = tmp_path / "w"
     with umask(mask):
         work.mkdir()
         spool_dir = work / "spool"
+        where = str(spool_dir) if layout == "store" else f"dir:{spool_dir}"
         msg = work / "m.eml"
         msg.write_bytes(MSG)
         # enqueue (CLI) creates the spool; the API adds more.
         proc = await asyncio.create_subprocess_exec(
-            *_cli("enqueue", str(spool_dir), "--from", "s@example.org", "--rcpt",
+            *_cli("enqueue", where, "--from", "s@example.org", "--rcpt",
                   "alice@example.com", "--rcpt", "nobody@example.com", str(msg), "-q"),
             env=_env())
         assert await proc.wait() == 0
-        spool = Spool(spool_dir)
-        spool.enqueue(MSG, "s@example.org", ["carol@example.com"])
-        spool.enqueue(MSG, "s@example.org", ["dave@example.com"])
-        broken = spool.enqueue(MSG, "s@example.org", ["eve@example.com"])
-        (spool.path / "incoming" / broken).write_text("not json{")
+        if layout == "dir":
+            spool = Spool(spool_dir)
+            spool.enqueue(MSG, "s@example.org", ["carol@example.com"])
+            spool.enqueue(MSG, "s@example.org", ["dave@example.com"])
+            broken = spool.enqueue(MSG, "s@example.org", ["eve@example.com"])
+            (spool.path / "incoming" / broken).write_text("not json{")
+        else:
+            with SQLiteStore(spool_dir) as store:
+                store.enqueue(MSG, "s@example.org", ["carol@example.com"])
+                store.enqueue(MSG, "s@example.org", ["dave@example.com"])
+                store.enqueue(b"Subject: big\r\n\r\n" + b"y" * 300_000, "s@example.org",
+                              ["dave@example.com"])  # a data file
+                broken = store.enqueue(MSG, "s@example.org", ["eve@example.com"])
+            db = sqlite3.connect(spool_dir / "queue.db")
+            db.execute("UPDATE msg SET rcpts = x'7b' WHERE id = ?", (int(broken),))
+            db.commit()
+            db.close()
         plan = FaultPlan.parse(["rcpt:nobody@*=550 5.1.1 User unknown",
                                 "dot:carol@*=452 4.2.2 Mailbox full"])
         async with Sink(f"unix:{tmp_path}/lmtp", faults=plan) as sink:
             proc = await asyncio.create_subprocess_exec(
-                *_cli("replay", str(spool_dir), "--server", sink.destinations[0], "-q",
+                *_cli("replay", where, "--server", sink.destinations[0], "-q",
                       "--json", str(work / "report.json"),
                       "--bounce-dir", str(work / "bounces")),
                 env=_env(), stderr=asyncio.subprocess.PIPE)
             _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 75, err
     # Something of each kind was written.
-    assert os.listdir(spool_dir / "deferred") and os.listdir(spool_dir / "failed")
-    assert os.listdir(spool_dir / "quarantine") and os.listdir(work / "bounces")
+    if layout == "dir":
+        assert os.listdir(spool_dir / "deferred") and os.listdir(spool_dir / "failed")
+        assert os.listdir(spool_dir / "quarantine")
+    else:
+        with SQLiteStore(spool_dir) as store:
+            st = store.status()
+        assert (st.queued, st.failed, st.quarantined) == (1, 1, 1)
+    assert os.listdir(work / "bounces")
     assert (work / "report.json").exists()
     bounces = {f"bounces/{k}": v for k, v in _modes(work / "bounces").items()}
     wrong = {**_modes(spool_dir), **bounces}

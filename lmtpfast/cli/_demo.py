@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from lmtpfast.spool import Spool
+from lmtpfast.spool import NewMessage, SQLiteStore, new_envelope
 
 __all__ = ["DEMO_MESSAGES", "write_demo_spool"]
 
@@ -62,15 +62,21 @@ def _message(n: int, sender: str, subject: str, recipients: list[str]) -> bytes:
     ).encode()
 
 
-def write_demo_spool(path: str) -> Spool:
-    """Create a spool at *path* holding the 20 demo messages (never tried yet)."""
-    spool = Spool(path, create=True)
-    for n, (subject, users, options) in enumerate(DEMO_MESSAGES, 1):
-        sender = _SENDERS[(n - 1) % len(_SENDERS)]
-        recipients = [f"{u}@example.com" for u in users]
-        spool.enqueue(_message(n, sender, subject, recipients), sender, recipients,
-                      fsync=False, **options)
-    return spool
+def write_demo_spool(path: str) -> SQLiteStore:
+    """Create a spool at *path* holding the 20 demo messages (never tried yet).
+
+    Written in one group (one flush), as ``lmtpfast enqueue`` writes; returned closed.
+    """
+    store = SQLiteStore(path, create=True)
+    with store:
+        batch = []
+        for n, (subject, users, options) in enumerate(DEMO_MESSAGES, 1):
+            sender = _SENDERS[(n - 1) % len(_SENDERS)]
+            recipients = [f"{u}@example.com" for u in users]
+            env = new_envelope(sender, recipients, **options)  # type: ignore[arg-type]
+            batch.append(NewMessage(env, _message(n, sender, subject, recipients)))
+        store.enqueue_many(batch)
+    return store
 
 
 if __name__ == "__main__":

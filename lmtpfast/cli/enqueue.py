@@ -13,14 +13,17 @@ from typing import Any
 from lmtpfast.spool import (
     BadEnvelope,
     ImportStats,
+    QueueError,
     Source,
     Spool,
     SpoolError,
+    SQLiteStore,
     check_address,
     import_messages,
     iter_eml_dir,
     iter_maildir,
     iter_mbox,
+    open_spool,
 )
 
 from . import _exit, _input
@@ -35,13 +38,19 @@ def register(sub: Any) -> None:
         description="Queue messages for `lmtpfast replay`: message files (or standard input), "
         "or every message of a Maildir folder, an mbox file or a folder of .eml files. The "
         "envelope is --from/--rcpt, or with --from-headers each message's Return-Path and "
-        "Delivered-To / X-Original-To (the command line fills the gaps). Each message is "
-        "written atomically. FILEs are all checked (readable, not larger than --max-size) "
+        "Delivered-To / X-Original-To (the command line fills the gaps). Messages go into "
+        "the spool's embedded store (SPOOL/queue.db) in groups of 1,000, each group written "
+        "atomically and flushed to disk once before the next is read (group commit): what "
+        "the command reports queued is on disk when it exits. dir:PATH writes a directory "
+        "spool instead (one file pair per message), and so does a directory spool no replay "
+        "has converted yet (so an older replay still sees what is queued). FILEs are all "
+        "checked (readable, not larger than --max-size) "
         "before the first is queued, so a missing one queues nothing and a rerun cannot "
         "duplicate. Exit status: 0 all queued, 65 some skipped (no envelope, bad address, a "
         "NUL byte, too large), 64 bad usage, 66 unreadable input, 74 spool not writable.",
     )
-    p.add_argument("spool", metavar="SPOOL", help="spool directory (created if missing)")
+    p.add_argument("spool", metavar="SPOOL",
+                   help="spool directory (created if missing; dir:PATH for a directory spool)")
     p.add_argument("files", nargs="*", metavar="FILE", help="message files; - or none: stdin")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--maildir", metavar="DIR", help="import every message of a Maildir folder")
@@ -59,8 +68,8 @@ def register(sub: Any) -> None:
     p.add_argument("--notify", metavar="LIST",
                    help="DSN NOTIFY for every recipient: NEVER or SUCCESS,FAILURE,DELAY")
     p.add_argument("--no-fsync", action="store_true",
-                   help="do not flush each message to disk (faster; keep the source until "
-                   "the replay is done)")
+                   help="do not flush to disk (faster; keep the source until the replay is "
+                   "done)")
     p.add_argument("--max-size", type=_input.parse_size, default=_input.DEFAULT_MAX_SIZE,
                    metavar="N", help="refuse FILEs and standard input larger than N bytes "
                    f"(k, m, g suffixes; 0: no limit; default "
@@ -147,12 +156,22 @@ def run(args: argparse.Namespace) -> int:
         options["envid"] = args.envid
     if args.notify:
         options["notify"] = tuple(w.strip() for w in args.notify.split(",") if w.strip())
+    spool: Spool | SQLiteStore
     try:
-        spool = Spool(args.spool, create=True)
-    except (SpoolError, OSError) as exc:
+        spool = open_spool(args.spool)
+    except (SpoolError, QueueError, OSError) as exc:
         print(f"lmtpfast enqueue: cannot use spool {args.spool}: {exc.strerror or exc}",
               file=sys.stderr)
         return _exit.EX_IOERR
+    try:
+        return _enqueue(args, spool, options)
+    finally:
+        if isinstance(spool, SQLiteStore):
+            spool.close()
+
+
+def _enqueue(args: argparse.Namespace, spool: Spool | SQLiteStore, options: dict[str, Any]
+             ) -> int:
     if args.maildir:
         sources: Iterator[Source] = iter_maildir(args.maildir)
     elif args.mbox:

@@ -11,6 +11,8 @@ per entry (``--log-target``, default syslog when ``/dev/log`` exists).
     lmtpfast queue show SPOOL ID [--json] [--body]
     lmtpfast queue hold|release|retry|delete|bounce|requeue SPOOL (ID... | - | filters | --all)
         [--dry-run] [--json]
+    lmtpfast queue import SPOOL      a directory spool into its store (replay does it too)
+    lmtpfast queue salvage SPOOL     rebuild a damaged queue.db
 
 Exit status: 0 done (a filter that matches nothing is not an error); 75 some
 entries were being delivered and were left alone (try again); 66 some IDs
@@ -24,6 +26,7 @@ import argparse
 import datetime
 import email.parser
 import email.policy
+import errno
 import os
 import sys
 import time
@@ -40,6 +43,7 @@ from lmtpfast.spool import (
     QueueWriteError,
     Reason,
     Selection,
+    SQLiteStore,
     open_queue,
     write_bounce,
 )
@@ -124,7 +128,69 @@ def register(sub: Any) -> None:
             ap.add_argument("--reason", metavar="TEXT", default=_BOUNCE_REASON,
                             help="the text the bounce gives (code 554 5.0.0)")
         ap.set_defaults(func=_run_action, action=action)
+
+    ip = qsub.add_parser("import", help="convert a directory spool into the spool's store",
+                         description="Move every entry of the directory spool at SPOOL "
+                         "(incoming/, deferred/, failed/) into its embedded store "
+                         "(SPOOL/queue.db), with its whole state (recipients, replies, "
+                         "attempts, next attempt, DSN). Each entry is claimed as a replay "
+                         "claims it, committed to the store, then removed from the directory; "
+                         "a rerun (or a crash) never queues one twice. Entries an older replay "
+                         "holds are left for the next run (exit 75). `lmtpfast replay SPOOL` "
+                         "does the same at the start of each pass.")
+    ip.add_argument("queue", metavar="SPOOL", help="a directory spool")
+    ip.set_defaults(func=_run_import)
+
+    vp = qsub.add_parser("salvage", help="rebuild a damaged queue.db, losing no message",
+                         description="Copy every readable entry of SPOOL/queue.db into a fresh "
+                         "database; a message whose entry cannot be read is rebuilt from its "
+                         "content record and quarantined (it may have been delivered: "
+                         "`lmtpfast queue requeue` sends it). The damaged files go to "
+                         "SPOOL/quarantine/. Needs the store to itself (exit 75 while a replay "
+                         "or an enqueue uses it). `lmtpfast replay` does it by itself when it "
+                         "can.")
+    vp.add_argument("queue", metavar="SPOOL", help="a spool directory with queue.db")
+    vp.set_defaults(func=_run_salvage)
     p.set_defaults(func=lambda args: _usage(p))
+
+
+def _store_path(location: str) -> str:
+    return location[7:] if location.startswith("sqlite:") else location
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    path = _store_path(args.queue)
+    if not os.path.isdir(path):
+        print(f"lmtpfast queue import: no spool at {path}", file=sys.stderr)
+        return _exit.EX_NOINPUT
+    try:
+        with SQLiteStore(path, create=True) as store:
+            report = store.import_dir()
+    except (QueueError, OSError) as exc:
+        print(f"lmtpfast queue import: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return _exit.EX_IOERR
+    for id, reason in report.quarantined:
+        print(f"lmtpfast queue import: {id}: quarantined: {reason}", file=sys.stderr)
+    print(f"imported {report.imported} queued and {report.failed} failed entries into "
+          f"{path}/queue.db" + (f"; {report.locked} held by a replay, left for the next run"
+                                if report.locked else ""))
+    return _exit.EX_TEMPFAIL if report.locked else _exit.EX_OK
+
+
+def _run_salvage(args: argparse.Namespace) -> int:
+    path = _store_path(args.queue)
+    if not os.path.lexists(os.path.join(path, "queue.db")):
+        print(f"lmtpfast queue salvage: no queue.db in {path}", file=sys.stderr)
+        return _exit.EX_NOINPUT
+    try:
+        report = SQLiteStore.salvage(path)
+    except QueueError as exc:
+        print(f"lmtpfast queue salvage: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return _exit.EX_TEMPFAIL if exc.errno == errno.EBUSY else _exit.EX_IOERR
+    print(f"salvaged {path}/queue.db: {report.recovered} entries kept, {report.rebuilt} "
+          "rebuilt from their content and quarantined"
+          + (f"; damaged files moved to {', '.join(report.moved)}" if report.moved else ""))
+    return _exit.EX_OK
 
 
 def _usage(p: argparse.ArgumentParser) -> int:

@@ -1,4 +1,9 @@
-"""``lmtpfast replay``: deliver a spool directory, crash-safe; ``--demo`` shows it end to end."""
+"""``lmtpfast replay``: deliver a spool, crash-safe; ``--demo`` shows it end to end.
+
+SPOOL is a spool directory (its embedded store, ``SPOOL/queue.db``; a
+directory spool found there is converted into it as the first pass goes, see
+docs/spool.md), ``dir:PATH`` for the directory spool itself, or a queue URL.
+"""
 
 from __future__ import annotations
 
@@ -23,12 +28,17 @@ from lmtpfast import Agent, ConfigurationError, Timeouts
 from lmtpfast.spool import (
     Observer,
     Outcome,
+    Queue,
+    QueueCorrupt,
+    QueueError,
+    QueueWriteError,
     Replayer,
     RetryPolicy,
-    Spool,
     SpoolError,
+    SQLiteStore,
     Totals,
     exit_status,
+    open_queue,
 )
 
 from . import _exit, _output, _run
@@ -61,16 +71,22 @@ def _positive_int(text: str) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "replay",
-        help="deliver the messages of a spool directory",
-        description="Deliver the due messages of a spool directory (see docs/spool.md) over "
-        "LMTP. Delivered recipients leave the envelope; a message leaves the queue once every "
-        "recipient has a final outcome (all delivered: deleted; else moved to failed/ with the "
-        "reasons). Temporary failures stay queued with exponential backoff until "
-        "--max-queue-lifetime. Several replays may share one spool. Exit status: 0 all "
-        "delivered, 75 anything still queued, 65 every undelivered recipient refused for good "
-        "(or entries quarantined), 64 bad usage, 66 unreadable spool, 78 bad configuration.",
+        help="deliver the messages of a spool",
+        description="Deliver the due messages of a spool (see docs/spool.md) over LMTP. "
+        "SPOOL is a spool directory, whose embedded store (SPOOL/queue.db) is used; a "
+        "directory spool found there (incoming/, deferred/, failed/) is converted into the "
+        "store by the first pass, entry by entry and without loss (`lmtpfast queue import` "
+        "does it on demand); dir:PATH replays a directory spool as it is. Delivered "
+        "recipients leave the envelope; a message leaves the queue once every recipient has "
+        "a final outcome (all delivered: removed; else kept as failed with the reasons). "
+        "Temporary failures stay queued with exponential backoff until "
+        "--max-queue-lifetime. Several replays may share one spool; a damaged store is "
+        "salvaged when no other process uses it. Exit status: 0 all delivered, 75 anything "
+        "still queued, 65 every undelivered recipient refused for good (or entries "
+        "quarantined), 64 bad usage, 66 unreadable spool, 78 bad configuration.",
     )
-    p.add_argument("spool", nargs="?", metavar="SPOOL", help="spool directory")
+    p.add_argument("spool", nargs="?", metavar="SPOOL",
+                   help="spool directory (dir:PATH for a directory spool as it is)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--server", metavar="DEST",
                         help="unix:/path, host:port, [ipv6]:port, 'command:PROGRAM ARGS'")
@@ -155,6 +171,16 @@ class _JsonReport:
         self._first = False
         self._write(self._enc.encode(outcome))
 
+    def flush(self) -> None:
+        """Hand what is written to the OS (a ``kill -9`` then loses none of it)."""
+        if self._f is None:
+            return
+        try:
+            self._f.flush()
+        except OSError as exc:
+            self.error = exc
+            self.abort()
+
     def finish(self, totals: Totals, status: int, metrics: dict[str, Any] | None = None) -> None:
         self._write(b'\n],"summary":')
         summary = self._enc.encode(totals)
@@ -233,6 +259,8 @@ class _CliObserver(Observer):
     def __init__(self, *, verbose: bool, progress: bool, report: _JsonReport | None) -> None:
         self.verbose = verbose
         self.report = report
+        # Delivered outcomes are only printed (-v) or reported (--json).
+        self.report_delivered = verbose or report is not None
         self.failures: list[Outcome] = []
         self.more_failures = 0
         self.duplicates = 0
@@ -268,6 +296,11 @@ class _CliObserver(Observer):
 
     def outcome(self, outcome: Outcome) -> None:
         self._emit(outcome)
+
+    def recording(self, n: int) -> None:
+        # The queue is about to forget these entries: their report lines first.
+        if self.report is not None:
+            self.report.flush()
 
     def quarantined(self, id: str, reason: str) -> None:
         self._emit(Outcome(id=id, recipient="", outcome="quarantined", code=0, enhanced=None,
@@ -318,7 +351,7 @@ def _summary_rows(t: Totals, counts: dict[str, int] | None) -> list[tuple[str, s
     rows = [
         ("messages attempted", f"{t.messages}"),
         ("  all delivered (removed)", f"{t.messages_delivered}"),
-        ("  moved to failed/", f"{t.messages_failed}"),
+        ("  failed for good (kept)", f"{t.messages_failed}"),
         ("  deferred (still queued)", f"{t.messages_deferred}"),
         ("entries quarantined", f"{t.messages_quarantined}"),
         ("recipients delivered", f"{t.recipients_delivered}"),
@@ -388,12 +421,6 @@ def run(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"lmtpfast replay: {exc}", file=sys.stderr)
         return _exit.EX_USAGE
-    try:
-        spool = Spool(args.spool)
-    except (SpoolError, OSError) as exc:
-        print(f"lmtpfast replay: cannot use spool {args.spool}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return _exit.EX_NOINPUT
     if args.server is not None:
         from lmtpfast import parse_destination
 
@@ -402,11 +429,73 @@ def run(args: argparse.Namespace) -> int:
         except ConfigurationError as exc:
             print(f"lmtpfast replay: --server: {exc}", file=sys.stderr)
             return _exit.EX_USAGE
-    return _replay(args, spool, policy, timeouts)
+    salvaged = 0
+    try:
+        queue = open_queue(args.spool)
+    except QueueCorrupt as exc:
+        # The store's database is damaged: rebuild it now if nobody else uses it.
+        salvaged = _salvage(args.spool, exc)
+        if salvaged < 0:
+            return _exit.EX_TEMPFAIL
+        try:
+            queue = open_queue(args.spool)
+        except (QueueError, SpoolError, OSError) as exc2:
+            print(f"lmtpfast replay: cannot use spool {args.spool}: {exc2.strerror or exc2}",
+                  file=sys.stderr)
+            return _exit.EX_TEMPFAIL
+    except QueueWriteError as exc:
+        # A directory spool whose store cannot be made now (a full disk): replay
+        # it as it is; it is converted by a later run.
+        try:
+            queue = open_queue(f"dir:{args.spool}")
+        except (QueueError, SpoolError, OSError):
+            print(f"lmtpfast replay: cannot use spool {args.spool}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return _exit.EX_TEMPFAIL
+        print(f"lmtpfast replay: {exc.strerror or exc}: replaying the directory spool as it "
+              "is (converted into the store by a later run)", file=sys.stderr)
+    except (QueueError, SpoolError, OSError) as exc:
+        print(f"lmtpfast replay: cannot use spool {args.spool}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return _exit.EX_NOINPUT
+    return _replay(args, queue, policy, timeouts, salvaged)
 
 
-def _replay(args: argparse.Namespace, spool: Spool, policy: RetryPolicy,
-            timeouts: Timeouts) -> int:
+def _tune_gc() -> None:
+    """Keep the cyclic collector off the hot path (measured: ~36 us per message otherwise).
+
+    Entries in flight live a few milliseconds, long enough to survive a
+    young collection and be traversed again and again in the older ones;
+    replay makes almost no cyclic garbage. The start-up heap (modules,
+    configuration) is frozen out of every collection, and young collections
+    wait for 20,000 allocations instead of 700.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
+def _salvage(location: str, exc: QueueCorrupt) -> int:
+    """Rebuild a damaged store (``lmtpfast queue salvage``); -1 if it cannot be done now."""
+    print(f"lmtpfast replay: {exc.strerror or exc}: salvaging it", file=sys.stderr)
+    path = location[7:] if location.startswith("sqlite:") else location
+    try:
+        report = SQLiteStore.salvage(path)
+    except (QueueError, OSError) as err:
+        print(f"lmtpfast replay: cannot salvage {path}: {err.strerror or err} (nothing was "
+              "delivered; run `lmtpfast queue salvage` once it can)", file=sys.stderr)
+        return -1
+    print(f"lmtpfast replay: salvaged: {report.recovered} entries kept, {report.rebuilt} "
+          f"rebuilt from their content and quarantined (they may have been delivered: "
+          f"`lmtpfast queue list {path} --state quarantined`); the damaged files: "
+          f"{', '.join(report.moved) or 'none'}", file=sys.stderr)
+    return report.rebuilt
+
+
+def _replay(args: argparse.Namespace, queue: Queue, policy: RetryPolicy,
+            timeouts: Timeouts, salvaged: int = 0) -> int:
     report = None
     if args.json_report:
         try:
@@ -423,6 +512,7 @@ def _replay(args: argparse.Namespace, spool: Spool, policy: RetryPolicy,
     obs = _CliObserver(verbose=args.verbose, progress=progress, report=report)
 
     stop = asyncio.Event()
+    after: dict[str, int] | None = None
 
     def hangup() -> None:
         # A terminal hang-up or an operator's "reload" must not stop --watch;
@@ -431,41 +521,53 @@ def _replay(args: argparse.Namespace, spool: Spool, policy: RetryPolicy,
                    "SIGTERM or SIGINT stops it)")
 
     async def main() -> Totals:
+        nonlocal after
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             # First signal: finish the messages in flight and stop cleanly.
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, hangup)
-        # Replay delivers through the agent only: --server is one default route.
-        agent = (Agent.from_config(args.config) if args.config is not None else
-                 Agent.for_server(args.server, max_connections=args.connections,
-                                  timeouts=timeouts))
-        async with agent:
-            replayer = Replayer(spool, agent, concurrency=args.concurrency, policy=policy,
-                                observer=obs, flush=args.flush, bounce_dir=args.bounce_dir,
-                                count_first=progress)
-            return await replayer.run(watch=args.watch, interval=args.interval, stop=stop)
+        try:
+            # Replay delivers through the agent only: --server is one default route.
+            agent = (Agent.from_config(args.config) if args.config is not None else
+                     Agent.for_server(args.server, max_connections=args.connections,
+                                      timeouts=timeouts))
+            async with agent:
+                replayer = Replayer(queue, agent, concurrency=args.concurrency,
+                                    policy=policy, observer=obs, flush=args.flush,
+                                    bounce_dir=args.bounce_dir, count_first=progress)
+                totals = await replayer.run(watch=args.watch, interval=args.interval,
+                                            stop=stop)
+            with contextlib.suppress(QueueError, OSError):
+                await queue.sweep()
+            with contextlib.suppress(QueueError, OSError):
+                after = (await queue.status()).as_dict()
+            return totals
+        finally:
+            await queue.close()
 
+    _tune_gc()
     try:
         totals = _run.run(main(), use_uvloop=args.loop != "asyncio")
+    except QueueCorrupt as exc:
+        # Found damaged mid-run: nothing is lost (what was recorded stays),
+        # the rest is rebuilt (or left for `lmtpfast queue salvage`).
+        obs.close(Totals())
+        if report is not None:
+            report.abort()
+        _salvage(args.spool, exc)
+        return _exit.EX_TEMPFAIL
     except BaseException:
         obs.close(Totals())
         if report is not None:
             report.abort()
         raise
+    totals.messages_quarantined += salvaged
     obs.close(totals)
-    with contextlib.suppress(OSError):
-        spool.sweep()
     status = exit_status(totals)
-    if args.watch or stop.is_set():
+    if (args.watch or stop.is_set()) and (after is None or after["queued"]):
         # Stopped by a signal: what matters is whether anything is left queued.
-        try:
-            c = spool.count()
-        except OSError:
-            status = _exit.EX_TEMPFAIL
-        else:
-            if c["incoming"] or c["deferred"]:
-                status = _exit.EX_TEMPFAIL
+        status = _exit.EX_TEMPFAIL
     if report is not None:
         report.finish(totals, status)
         if report.error is not None:
@@ -475,10 +577,7 @@ def _replay(args: argparse.Namespace, spool: Spool, policy: RetryPolicy,
             if status == _exit.EX_OK:
                 status = _exit.EX_IOERR  # the deliveries went well, the report did not
     if not args.quiet:
-        counts = None
-        with contextlib.suppress(OSError):
-            counts = spool.count()
-        _print_summary(totals, obs, counts, status)
+        _print_summary(totals, obs, after, status)
     return status
 
 
@@ -538,8 +637,9 @@ def _demo(args: argparse.Namespace) -> int:
             sink.wait()
     print()
     print(f"delivered mail:     {maildir}")
-    print(f"failed messages:    {work / 'spool' / 'failed'} (reasons in *.txt)")
-    print(f"still queued:       {work / 'spool' / 'deferred'} (carol's, retried later)")
+    print(f"failed messages:    lmtpfast queue list {work / 'spool'} --state failed "
+          "(reasons: lmtpfast queue show SPOOL ID)")
+    print(f"still queued:       lmtpfast queue list {work / 'spool'} (carol's, retried later)")
     print(f"bounces to senders: {work / 'bounces'}")
     print(f"JSON report:        {work / 'report.json'}")
     print(f"replay exit status: {status} (75: something is still queued)")

@@ -34,7 +34,7 @@ _EXPORTS: dict[str, str] = {
     "Scan": "_store",
     "Spool": "_store",
     "SpoolError": "_store",
-    "enqueue": "_store",
+    "enqueue": "_queue",
     "ImportStats": "_importers",
     "Source": "_importers",
     "envelope_from_headers": "_importers",
@@ -64,6 +64,7 @@ _EXPORTS: dict[str, str] = {
     "Selection": "_queue",
     "Update": "_queue",
     "open_queue": "_queue",
+    "open_spool": "_queue",
     "SQLiteQueue": "_sqlite",
     "SQLiteStore": "_sqlite",
     "DirQueue": "_dirstore",
@@ -116,6 +117,7 @@ __all__ = [
     "iter_mbox",
     "new_envelope",
     "open_queue",
+    "open_spool",
     "write_bounce",
 ]
 
@@ -163,7 +165,9 @@ if TYPE_CHECKING:
         QueueWriteError,
         Selection,
         Update,
+        enqueue,
         open_queue,
+        open_spool,
     )
     from ._replay import (
         Observer,
@@ -175,4 +179,4 @@ if TYPE_CHECKING:
         exit_status,
     )
     from ._sqlite import SQLiteQueue, SQLiteStore
-    from ._store import Claim, Quarantined, Scan, Spool, SpoolError, enqueue
+    from ._store import Claim, Quarantined, Scan, Spool, SpoolError

@@ -53,6 +53,11 @@ from ._watch import IN_ATTRIB, IN_CREATE, IN_MOVED_TO, Watch, watch_paths
 
 __all__ = ["DirQueue"]
 
+# The space an envelope rewrite may need per recipient: reply text and
+# destination (cut to 512 and 256 characters by replay) at 6 bytes a
+# character (JSON's \uXXXX), plus the keys and numbers of a Reason.
+_RESERVE_PER_RECIPIENT = 6 * (512 + 256) + 512
+
 
 def _read_small(path: Path) -> bytes | None:
     try:
@@ -87,6 +92,9 @@ class DirQueue(Queue):
         self._scan: Scan | None = None
         self._iter: Iterator[tuple[Literal["incoming", "deferred"], str]] | None = None
         self._scan_due: float | None = None
+        self._refused: OSError | None = None
+        #: The last pass's scan once it ended (its counts are the status).
+        self._done_scan: Scan | None = None
 
     def __repr__(self) -> str:
         return f"<DirQueue {self.location}>"
@@ -142,6 +150,11 @@ class DirQueue(Queue):
     # -- workers -----------------------------------------------------------------------
 
     async def claim(self, n: int, *, due: float) -> ClaimBatch:
+        if self._refused is not None:
+            exc, self._refused = self._refused, None
+            raise QueueWriteError(exc.errno or errno.EIO,
+                                  f"left queued, not delivered: {exc.strerror or exc}",
+                                  exc.filename or self.location)
         if self._scan_due != due or self._iter is None:
             self._scan = self.spool.scan(due=due)
             self._iter = iter(self._scan)
@@ -159,6 +172,22 @@ class DirQueue(Queue):
             if claim is None:
                 batch.locked += 1
                 continue
+            pending = len(claim.envelope.queued())
+            if pending > 1 or (pending and claim.envelope.failed()):
+                # A delivery to some of them must be recordable whatever the
+                # disk does next: set the space for the rewrite aside first (on
+                # a full disk this fails here, before anything is sent).
+                try:
+                    claim.reserve(len(encode_envelope(claim.envelope)) + 1024
+                                  + _RESERVE_PER_RECIPIENT * pending)
+                except OSError as exc:
+                    claim.release()
+                    if batch.entries:
+                        self._refused = exc  # raised by the next claim
+                        return batch
+                    raise QueueWriteError(exc.errno or errno.EIO,
+                                          f"left queued, not delivered: {exc.strerror or exc}",
+                                          exc.filename or self.location) from None
             try:
                 data = claim.read_message()
             except OSError as exc:
@@ -176,6 +205,7 @@ class DirQueue(Queue):
             if len(batch.entries) >= n:
                 return batch
         batch.exhausted = True
+        self._done_scan = self._scan
         return batch
 
     async def record(self, updates: Sequence[Update]) -> list[RecordStatus]:
@@ -197,8 +227,8 @@ class DirQueue(Queue):
                 elif u.action != "release":
                     raise ValueError(f"unknown action {u.action!r}")
             except OSError as exc:
-                err = QueueWriteError(exc.errno or errno.EIO, f"record: {exc.strerror or exc}",
-                                      self.location)
+                err = QueueWriteError(exc.errno or errno.EIO, exc.strerror or str(exc),
+                                      exc.filename or self.location)
                 err.pending = list(updates[k:])
                 raise err from None
             u.entry.close()
@@ -208,9 +238,20 @@ class DirQueue(Queue):
     async def status(self, *, due: float | None = None) -> QueueStatus:
         due = time.time() if due is None else due
         scan = self.spool.scan(due=due)
-        queued = sum(1 for _ in scan)
+        for _ in scan:
+            pass
+        return self._status(scan)
+
+    async def end_pass(self, *, due: float) -> QueueStatus:
+        # What the pass's own scan saw (the directory is not walked twice).
+        scan = self._done_scan
+        if scan is None or scan.due != due:
+            return await self.status(due=due)
+        return self._status(scan)
+
+    def _status(self, scan: Scan) -> QueueStatus:
         counts = self.spool.count()
-        return QueueStatus(queued=queued + scan.not_due, not_due=scan.not_due,
+        return QueueStatus(queued=counts["incoming"] + counts["deferred"], not_due=scan.not_due,
                            next_due=scan.next_due, held=self._count_hold(),
                            failed=counts["failed"], quarantined=counts["quarantine"])
 
@@ -233,6 +274,7 @@ class DirQueue(Queue):
 
     async def close(self) -> None:
         self._iter = None
+        self.spool.drop_reservations()
 
     # -- operators ------------------------------------------------------------------------
 

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import ContentError
-from ._format import BadEnvelope
+from ._format import BadEnvelope, new_envelope
+from ._queue import NewMessage
+from ._sqlite import SQLiteStore
 from ._store import Spool
 
 __all__ = [
@@ -167,7 +169,7 @@ def envelope_from_headers(src: Source) -> tuple[str | None, list[str]]:
 
 
 def import_messages(
-    spool: Spool,
+    spool: Spool | SQLiteStore,
     sources: Iterable[Source],
     *,
     sender: str | None = None,
@@ -176,8 +178,9 @@ def import_messages(
     fsync: bool = True,
     options: dict[str, Any] | None = None,
     stats: ImportStats | None = None,
+    group: int = 1000,
 ) -> ImportStats:
-    """Queue every message of *sources*.
+    """Queue every message of *sources* into *spool* (the store, or a directory spool).
 
     The envelope is *sender*/*recipients*; with *from_headers* a message's own
     ``Return-Path``/``Delivered-To``/``X-Original-To`` are used where they are
@@ -185,11 +188,26 @@ def import_messages(
     or a recipient, with a bad address or a NUL byte, is skipped and named in
     :attr:`ImportStats.problems`. *stats*, when given, is filled as messages
     are queued (so a caller knows what was queued if a source fails midway).
-    With ``fsync=False`` the files are not flushed one by one; the folders
-    are synced once at the end. *options* go to every envelope (``ret``,
-    ``envid``, ``notify``: see :func:`~lmtpfast.spool.new_envelope`).
+    *options* go to every envelope (``ret``, ``envid``, ``notify``: see
+    :func:`~lmtpfast.spool.new_envelope`).
+
+    Into the store, messages go in groups of *group* (group commit: one
+    flush per group, each group on disk before the next is read; what
+    *stats* counts as queued is on disk). A directory spool gets one file
+    pair per message, flushed one by one; with ``fsync=False`` its folders
+    are synced once at the end instead.
     """
     stats = ImportStats() if stats is None else stats
+    store = spool if isinstance(spool, SQLiteStore) else None
+    batch: list[NewMessage] = []
+
+    def flush() -> None:
+        assert store is not None
+        ids = store.enqueue_many(batch, durable=fsync)
+        stats.queued += len(ids)
+        stats.ids += [(m.origin, id) for m, id in zip(batch, ids, strict=True)]
+        batch.clear()
+
     for src in sources:
         s, rcpts = sender, list(recipients or [])
         if from_headers:
@@ -204,6 +222,16 @@ def import_messages(
             stats.problems.append(f"{src.origin}: no envelope {what} (give it on the command line)")
             continue
         try:
+            if store is not None:
+                if (nul := src.data.find(b"\0")) >= 0:
+                    raise ContentError(f"message contains a NUL byte at offset {nul}; "
+                                       "it cannot be sent")
+                batch.append(NewMessage(new_envelope(s, rcpts, **(options or {})), src.data,
+                                        origin=src.origin))
+                if len(batch) >= group:
+                    flush()
+                continue
+            assert isinstance(spool, Spool)
             id = spool.enqueue(src.data, s, rcpts, fsync=fsync, **(options or {}))
         except (BadEnvelope, ContentError) as exc:
             stats.skipped += 1
@@ -211,6 +239,8 @@ def import_messages(
             continue
         stats.queued += 1
         stats.ids.append((src.origin, id))
-    if not fsync:
+    if batch:
+        flush()
+    if not fsync and isinstance(spool, Spool):
         spool.sync()
     return stats

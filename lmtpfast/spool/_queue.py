@@ -77,7 +77,9 @@ __all__ = [
     "RecordStatus",
     "Selection",
     "Update",
+    "enqueue",
     "open_queue",
+    "open_spool",
     "reasons_text",
 ]
 
@@ -162,6 +164,8 @@ class Entry:
     suspect: bool = False
     #: The backend's lease (a claim object, a worker token and row, ...).
     lease: Any = None
+    #: When this worker claimed it (Unix time; set by the replay).
+    picked: float = 0.0
     _close: Callable[[], None] | None = field(default=None, repr=False)
 
     def close(self) -> None:
@@ -182,6 +186,8 @@ class Update:
     next_attempt: float | None = None
     #: ``quarantine``: why; ``failed``: the reasons for people (optional).
     reason: str = ""
+    #: The recipients this attempt delivered (named if the outcome is lost).
+    delivered: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -397,6 +403,14 @@ class Queue(abc.ABC):
     async def status(self, *, due: float | None = None) -> QueueStatus:
         """Counts of the queue (``not_due`` relative to *due*, default now)."""
 
+    async def end_pass(self, *, due: float) -> QueueStatus:
+        """Counts at the end of a replay pass that used *due* (:meth:`status` by default).
+
+        A backend may answer from what the pass itself saw (the directory
+        spool's scan) instead of walking the queue again.
+        """
+        return await self.status(due=due)
+
     # -- operators ------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -497,8 +511,16 @@ def open_queue(location: str | os.PathLike[str], *, create: bool = False,
             raise QueueError(exc.errno or 0, exc.strerror or str(exc), text[4:]) from None
     if text.startswith("sqlite:"):
         text = text[7:]
-    elif not convert and not create and _legacy_spool(text):
-        return open_queue(f"dir:{text}")
+    elif _legacy_spool(text):
+        if not convert and not create:
+            return open_queue(f"dir:{text}")
+        # Checked as the directory spool it is before a store is made beside it.
+        from ._store import Spool, SpoolError
+
+        try:
+            Spool(text)
+        except SpoolError as exc:
+            raise QueueError(exc.errno or 0, exc.strerror or str(exc), text) from None
     from ._sqlite import SQLiteQueue
 
     return SQLiteQueue(text, create=create or _legacy_spool(text))
@@ -508,3 +530,52 @@ def _legacy_spool(path: str) -> bool:
     """A directory spool without a store yet: the store is made beside it (then converted)."""
     return (not os.path.lexists(os.path.join(path, "queue.db"))
             and any(os.path.isdir(os.path.join(path, d)) for d in ("incoming", "deferred")))
+
+
+def open_spool(location: str | os.PathLike[str], *, create: bool = True) -> Any:
+    """The synchronous writer for a spool location (for ``lmtpfast enqueue`` and scripts).
+
+    Returns an :class:`~lmtpfast.spool.SQLiteStore` for a new spool or one
+    that has its store, and a :class:`~lmtpfast.spool.Spool` for ``dir:PATH``
+    or a directory spool no replay has converted yet: a directory spool stays
+    one until a replay (or ``lmtpfast queue import``) converts it, so an older
+    replay reading it never misses what is written now. Both have
+    ``enqueue(message, sender, recipients, **options) -> id``.
+    """
+    text = os.fspath(location)
+    if text.startswith("dir:") or (not text.startswith("sqlite:") and _legacy_spool(text)):
+        from ._store import Spool
+
+        return Spool(text[4:] if text.startswith("dir:") else text, create=create)
+    from ._sqlite import SQLiteStore
+
+    return SQLiteStore(text[7:] if text.startswith("sqlite:") else text, create=create)
+
+
+def enqueue(
+    directory: str | os.PathLike[str],
+    message: bytes | str,
+    *,
+    sender: str,
+    recipients: list[str],
+    fsync: bool = True,
+    **envelope_options: Any,
+) -> str:
+    """Queue *message* in the spool at *directory* (created if needed); returns its id.
+
+    >>> enqueue("/var/spool/lmtpfast", raw, sender="a@example.org",   # doctest: +SKIP
+    ...         recipients=["b@example.org"])
+
+    Atomic and, with *fsync* (the default), on disk when it returns. Writes
+    the spool's store, or the directory spool it still is (see
+    :func:`open_spool`); many messages at once: ``SQLiteStore.enqueue_many``.
+    """
+    data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+    writer = open_spool(directory)
+    from ._sqlite import SQLiteStore
+
+    if isinstance(writer, SQLiteStore):
+        with writer:
+            return writer.enqueue(data, sender, list(recipients), durable=fsync,
+                                  **envelope_options)
+    return str(writer.enqueue(data, sender, list(recipients), fsync=fsync, **envelope_options))

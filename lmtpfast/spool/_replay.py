@@ -1,7 +1,8 @@
 """The replay engine: deliver a spool's due messages and record every outcome.
 
 >>> async with Agent.for_server("unix:/run/dovecot/lmtp") as agent:   # doctest: +SKIP
-...     totals = await Replayer(Spool("/var/spool/lmtpfast"), agent).run()
+...     async with open_queue("/var/spool/lmtpfast") as queue:
+...         totals = await Replayer(queue, agent).run()
 
 Replay delivers through :class:`~lmtpfast.Agent` only (a bare ``--server``
 is an agent with one default route): each entry becomes one
@@ -25,7 +26,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -37,8 +38,9 @@ from .._errors import ConfigurationError, ContentError, LMTPError
 from .._failures import BAD_CONTENT, BAD_SENDER, LOCAL_ERROR
 from .._metrics import TRACE, Trace
 from .._results import RecipientResult
-from ._format import Envelope, Reason, Recipient, encode_envelope
-from ._store import Claim, Quarantined, Spool
+from ._format import Envelope, Reason, Recipient
+from ._queue import Entry, Queue, QueueCorrupt, QueueError, QueueWriteError, Selection, Update
+from ._store import Spool
 
 if TYPE_CHECKING:
     from .._agent import Agent
@@ -151,6 +153,10 @@ class Totals(msgspec.Struct, omit_defaults=False):
 class Observer:
     """Hooks replay calls as it goes (no-ops here): progress bars, reports, logs."""
 
+    #: Whether :meth:`outcome` wants ``delivered`` outcomes too (a report, a log):
+    #: a replay that only shows failures skips building them.
+    report_delivered: bool = True
+
     def pass_started(self, total: int | None) -> None:
         """A pass begins; *total* is the number of due-or-not entries, if counted."""
 
@@ -171,6 +177,9 @@ class Observer:
 
     def backing_off(self, problem: str, delay: float) -> None:
         """A spool write failed: no new delivery for *delay* seconds (then a retry)."""
+
+    def recording(self, n: int) -> None:
+        """*n* outcomes are about to be written to the queue (flush what reports them first)."""
 
 
 def exit_status(totals: Totals) -> int:
@@ -193,9 +202,6 @@ def exit_status(totals: Totals) -> int:
 #: destinations to 256, so the space an envelope rewrite needs has a bound
 #: that can be reserved before a delivery (see :meth:`Claim.reserve`).
 MAX_REASON_TEXT = 512
-# Per recipient: text and destination at 6 bytes a character (JSON's \uXXXX
-# for control characters), plus the keys and numbers of a Reason.
-_RESERVE_PER_RECIPIENT = 6 * (MAX_REASON_TEXT + 256) + 512
 # Back-off of the whole spool after a failed spool write: first, longest (s).
 SPOOL_BACKOFF = (1.0, 60.0)
 # --once: how often to retry outcomes not yet recorded before giving up on them.
@@ -209,42 +215,42 @@ def _reason(res: RecipientResult, now: float, text: str | None = None) -> Reason
                   local=res.local, destination=None if dest is None else dest[:256], at=now)
 
 
-@dataclass(slots=True, eq=False)
-class _Record:
-    """What one attempt decided for an entry, and what is still to be written down."""
-
-    claim: Claim
-    kind: Literal["delivered", "deferred", "failed"]
-    next_attempt: float
-    #: Recipients this attempt delivered (named when the record is lost).
-    delivered_to: list[str]
-    problem: str = ""
-
-
-def _reasons_text(id: str, claim: Claim) -> str:
-    env = claim.envelope
-    lines = [f"Message {id} from <{env.sender}>: every remaining recipient failed.", ""]
-    for r in env.failed():
-        last = r.last.line() if r.last else "no reply recorded"
-        lines.append(f"<{r.address}>: {last}")
-    return "\n".join(lines) + "\n"
-
-
 class Replayer:
-    """Delivers the due entries of *spool* through *agent* (an :class:`~lmtpfast.Agent`).
+    """Delivers the due entries of *queue* through *agent* (an :class:`~lmtpfast.Agent`).
 
-    *concurrency* bounds the messages in flight (and so the memory). *flush*
-    tries deferred entries whatever their next attempt time (``postqueue -f``).
-    *bounce_dir*: write an RFC 3464 bounce there for each message that ends in
-    ``failed/`` (see :mod:`lmtpfast.spool._bounce`).
+    *queue* is any :class:`~lmtpfast.spool.Queue` (a :class:`Spool` is taken
+    as its :class:`~lmtpfast.spool.DirQueue`, closed when :meth:`run` ends).
+    One pass::
+
+        claimer --claim(k)--> work --> delivery tasks --> updates --record()--> queue
+           ^                                                                 |
+           +------ room: claimed and not yet recorded < concurrency <--------+
+
+    *concurrency* bounds the entries this replay holds at once (claimed and
+    not recorded yet), so it bounds the memory and what a ``kill -9`` can
+    duplicate; *batch* is the entries per claim (default a quarter of
+    *concurrency*). Outcomes are recorded in batches, one call each (when
+    half the slots wait, when nothing else is ready, at least every 50 ms).
+    *flush* makes every queued entry due when the run starts (``postqueue
+    -f``). *bounce_dir*: an RFC 3464 bounce is written there for each entry
+    that ends failed (once: ``bounced`` is recorded).
+
+    A write the queue refuses (a full disk, a read-only file system) never
+    re-delivers: the entries stay claimed by this replay, no new delivery
+    starts for a while (*spool_backoff*, doubled at each failure), and the
+    outcomes are written first when the pause is over. A run that ends with
+    outcomes it still could not write stashes them (the embedded store's
+    worker journal) or names each entry and who got it (docs/spool.md, "When
+    the spool cannot be written").
     """
 
     def __init__(
         self,
-        spool: Spool,
+        queue: Queue | Spool,
         agent: Agent,
         *,
         concurrency: int = 64,
+        batch: int | None = None,
         policy: RetryPolicy | None = None,
         observer: Observer | None = None,
         flush: bool = False,
@@ -255,9 +261,17 @@ class Replayer:
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError("concurrency must be 1 or more", field="concurrency")
-        self.spool = spool
+        if batch is not None and batch < 1:
+            raise ConfigurationError("batch must be 1 or more", field="batch")
+        self._own_queue = isinstance(queue, Spool)
+        if isinstance(queue, Spool):
+            from ._dirstore import DirQueue
+
+            queue = DirQueue(queue)
+        self.queue: Queue = queue
         self.agent = agent
         self.concurrency = concurrency
+        self.batch = batch or max(1, concurrency // 4)
         self.policy = policy or RetryPolicy()
         self.observer = observer or Observer()
         self.flush = flush
@@ -267,13 +281,16 @@ class Replayer:
         self.totals = Totals()
         #: Earliest next-attempt time seen among entries not yet due (last pass).
         self.next_due: float | None = None
-        #: (first, longest) pause of the whole spool after a failed spool write.
+        #: (first, longest) pause of the whole queue after a refused write.
         self.spool_backoff = spool_backoff
-        # Outcomes delivered but not yet written down, by entry: their claims
-        # stay held, so neither this replay nor another delivers them again.
-        self._held: dict[str, _Record] = {}
-        self._trouble = False  # a spool write failed since the last probe
+        # Outcomes delivered but not written down yet: their claims stay held,
+        # so neither this replay nor another delivers them again.
+        self._unwritten: list[Update] = []
+        self._problem = ""
+        self._trouble = False  # a queue write failed since the last probe
         self._trouble_delay = 0.0
+        self._flushed = False
+        self._due = 0.0
 
     async def run(
         self, *, watch: bool = False, interval: float = 1.0, stop: asyncio.Event | None = None,
@@ -285,12 +302,6 @@ class Replayer:
         of *interval* seconds (shorter if a deferred entry falls due sooner),
         cut short when *wake* is set (new work: a file-system notification,
         an operator's release; the caller sets it, the pause clears it).
-
-        When a spool write fails (a full disk, a read-only or failing file
-        system) no new delivery starts for a while (``spool_backoff``, doubled
-        at each failure); outcomes not yet written keep their claims and are
-        written first when the pause is over. See docs/spool.md, "When the
-        spool cannot be written".
         """
         start = time.monotonic()
         stop = stop or asyncio.Event()
@@ -298,13 +309,13 @@ class Replayer:
             retries = 0
             passes = 0
             while True:
-                if self._held:
-                    self._retry_held()
+                if self._unwritten:
+                    await self._retry_writes()
                 before = self.totals.messages
                 if not self._trouble and (watch or passes == 0):
                     passes += 1
                     await self.run_pass(stop)
-                if stop.is_set() or not (watch or (self._held and retries < _HELD_RETRIES)):
+                if stop.is_set() or not (watch or (self._unwritten and retries < _HELD_RETRIES)):
                     break
                 if self._trouble:
                     retries += 1
@@ -326,10 +337,11 @@ class Replayer:
                 self.totals.not_due = 0
                 self.totals.locked = 0
         finally:
-            if self._held:
-                self._retry_held()
-            self._give_up_held()
-            self.spool.drop_reservations()
+            if self._unwritten:
+                await self._retry_writes()
+            await self._give_up_unwritten()
+            if self._own_queue:
+                await self.queue.close()
             self.totals.elapsed = time.monotonic() - start
         return self.totals
 
@@ -337,117 +349,78 @@ class Replayer:
         """Try every entry that is due now, once."""
         totals = self.totals
         totals.passes += 1
-        scan = self.spool.scan(due=self.clock(), flush=self.flush)
+        queue = self.queue
+        if self.flush and not self._flushed:
+            await queue.retry(Selection(states=("queued",)))
+            self._flushed = True
+        due = self._due = self.clock()
+        try:
+            for id, reason in await queue.begin_pass(due=due):
+                self._quarantined(id, reason)
+        except QueueWriteError as exc:
+            self._write_trouble(exc)
+            return totals
+        except QueueCorrupt:
+            raise
+        except QueueError as exc:
+            # Housekeeping failed (a directory spool beside the store that cannot
+            # be converted): said, counted, and the queue's own entries go on.
+            self.totals.errors += 1
+            self.observer.error("", f"{exc.strerror or exc}")
         total = None
         if self.count_first:
-            c = self.spool.count()
-            total = c["incoming"] + c["deferred"]
+            total = (await queue.status(due=due)).queued
         self.observer.pass_started(total)
-        queue: asyncio.Queue[tuple[Literal["incoming", "deferred"], str] | None] = asyncio.Queue(
-            maxsize=self.concurrency
-        )
-
-        async def worker() -> None:
-            while (item := await queue.get()) is not None:
-                await self._one(*item)
-
-        workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
-        try:
-            for item in scan:
-                if (stop is not None and stop.is_set()) or self._trouble:
-                    break
-                await queue.put(item)
-            for _ in workers:
-                await queue.put(None)
-            await asyncio.gather(*workers)
-        finally:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-        totals.not_due += scan.not_due
-        self.next_due = scan.next_due
+        await _Pass(self, due, stop).run()
+        with contextlib.suppress(QueueError, OSError):
+            st = await queue.end_pass(due=due)
+            totals.not_due += st.not_due
+            totals.locked += st.claimed
+            self.next_due = st.next_due
         return totals
 
-    async def _one(self, queue: Literal["incoming", "deferred"], id: str) -> None:
-        if self._trouble:
-            return  # the spool cannot be written: deliver nothing until it can
-        try:
-            claim = self.spool.claim(queue, id)
-        except Quarantined as q:
-            self.totals.messages_quarantined += 1
-            self.observer.quarantined(q.id, q.reason)
-            return
-        except OSError as exc:  # e.g. the quarantine record itself cannot be written
-            self.totals.errors += 1
-            self.observer.error(id, f"left queued: {_problem(exc)}")
-            self._spool_trouble(exc)
-            return
-        if claim is None:
-            self.totals.locked += 1
-            self.observer.skipped(self.totals)
-            return
-        try:
-            await self._attempt(claim)
-        except OSError as exc:
-            # Before any delivery (the space for the record could not be
-            # reserved, ...): the entry stays as it was, nothing was sent.
-            self.totals.errors += 1
-            self.observer.error(id, f"left queued, not delivered: {_problem(exc)}")
-            self._spool_trouble(exc)
-        finally:
-            if id not in self._held:
-                claim.release()
+    # -- one entry ---------------------------------------------------------------------
 
-    async def _attempt(self, claim: Claim) -> None:
-        env = claim.envelope
+    async def attempt(self, entry: Entry) -> Update:
+        """Deliver *entry*'s queued recipients and decide what becomes of it."""
+        env = entry.envelope
         totals = self.totals
         pending = env.queued()
-        picked = self.clock()
-        started = picked
-        trace = Trace()
-        size = 0
-        if pending:
-            if len(pending) > 1 or env.failed():
-                # A delivery to some of them must be recordable whatever the
-                # disk does next: set the space for the rewrite aside first
-                # (on a full disk this fails here, before anything is sent).
-                claim.reserve(len(encode_envelope(env)) + 1024
-                              + _RESERVE_PER_RECIPIENT * len(pending))
-            try:
-                message = claim.read_message()
-            except OSError as exc:
-                try:
-                    claim.spool._quarantine(claim.queue, claim.id,
-                                            f"message file cannot be read: {exc.strerror or exc}",
-                                            have_lock=True)
-                except Quarantined as q:
-                    totals.messages_quarantined += 1
-                    self.observer.quarantined(q.id, q.reason)
-                return
-            size = len(message)
-            started = self.clock()
+        started = self.clock()
+        picked = entry.picked or started
+        trace = TRACE.get()
+        if trace is None:
+            trace = Trace()
             token = TRACE.set(trace)
-            try:
-                results = await self._deliver(message, env, pending)
-            finally:
-                TRACE.reset(token)
         else:
+            # The delivery task's own (one per task, not per message).
+            token = None
+            trace.setup = 0.0
+            trace.stages.clear()
+        if pending:
+            try:
+                results = await self._deliver(entry, pending)
+            finally:
+                if token is not None:
+                    TRACE.reset(token)
+        else:
+            if token is not None:
+                TRACE.reset(token)
             results = []  # only failed recipients left: a crash came before the move
         now = self.clock()
         arrival = env.arrival if env.arrival is not None else now
         setup = min(trace.setup, max(now - started, 0.0))
-        timing = (now - arrival, size, (max(picked - arrival, 0.0), max(started - picked, 0.0),
-                                        setup, max(now - started - setup, 0.0)))
+        timing = (now - arrival, entry.size if pending else 0,
+                  (max(picked - arrival, 0.0), max(started - picked, 0.0), setup,
+                   max(now - started - setup, 0.0)))
         totals.messages += 1
         if pending:
             env.attempts += 1
             env.last_attempt = now
-        keep = []
+        keep = [r for r in env.recipients if r.state != "queued"]
         deferred = []
         delivered_to = []
-        for r in env.recipients:
-            if r.state != "queued":
-                keep.append(r)
+        report_delivered = self.observer.report_delivered
         for r, res in zip(pending, results, strict=True):
             r.attempts += 1
             dup = r.possibly_delivered
@@ -456,13 +429,14 @@ class Replayer:
                 totals.recipients_delivered += 1
                 totals.possibly_duplicated += dup
                 delivered_to.append(r.address)
-                self._report(claim, timing, r.address, "delivered", res, r.attempts, dup)
+                if report_delivered:
+                    self._report(entry, timing, r.address, "delivered", res, r.attempts, dup)
                 continue
             r.last = _reason(res, now)
             if res.permanent:
                 r.state = "failed"
                 totals.recipients_failed += 1
-                self._report(claim, timing, r.address, "failed", res, r.attempts, dup)
+                self._report(entry, timing, r.address, "failed", res, r.attempts, dup)
             else:
                 r.possibly_delivered = dup or res.possibly_delivered
                 deferred.append((r, res))
@@ -477,101 +451,39 @@ class Replayer:
                 r.last = _reason(res, r.last.at,
                                  f"{r.last.text} (gave up: message in queue for {age})")
                 totals.recipients_expired += 1
-                self._report(claim, timing, r.address, "expired", res, r.attempts,
+                self._report(entry, timing, r.address, "expired", res, r.attempts,
                              r.possibly_delivered, text=r.last.text)
             deferred = []
 
+        # After this pass's due time whatever the backoff: one pass tries it once.
+        next_attempt = max(now + self.policy.backoff(env.attempts), self._due + 0.001)
         if deferred:
-            next_attempt = now + self.policy.backoff(env.attempts)
             for r, res in deferred:
                 totals.recipients_deferred += 1
-                self._report(claim, timing, r.address, "deferred", res, r.attempts,
+                self._report(entry, timing, r.address, "deferred", res, r.attempts,
                              r.possibly_delivered, next_attempt=next_attempt)
-            record = _Record(claim, "deferred", next_attempt, delivered_to)
+            totals.messages_deferred += 1
+            update = Update(entry, "defer", next_attempt=next_attempt)
         elif env.failed():
-            record = _Record(claim, "failed", now + self.policy.backoff(env.attempts),
-                             delivered_to)
-        else:
-            record = _Record(claim, "delivered", now, delivered_to)
-        if not self._write(record):
-            self._held[claim.id] = record
-
-    # -- writing outcomes down -----------------------------------------------------
-
-    def _write(self, record: _Record) -> bool:
-        """Write *record* to the spool; False (and the spool backs off) if it failed."""
-        claim = record.claim
-        totals = self.totals
-        try:
-            if record.kind == "deferred":
-                claim.save(next_attempt=record.next_attempt)
-                totals.messages_deferred += 1
-            elif record.kind == "delivered":
-                claim.delivered()
-                totals.messages_delivered += 1
-            elif not self._bounce(claim, record):
-                # Every recipient is decided but the bounce is not written: kept
-                # in the queue (the decision recorded) and tried again later.
-                claim.save(next_attempt=record.next_attempt)
-                totals.messages_deferred += 1
+            if self._bounce(entry):
+                totals.messages_failed += 1
+                update = Update(entry, "failed")
             else:
-                try:
-                    claim.failed(_reasons_text(claim.id, claim))
-                except OSError as exc:
-                    # failed/ cannot be written: record the decision in the
-                    # queue instead (the space was reserved); moved next time.
-                    self._spool_trouble(exc)
-                    self.observer.error(claim.id, f"not moved to failed/ yet: {_problem(exc)}")
-                    claim.save(next_attempt=self.clock())
-                    totals.messages_deferred += 1
-                else:
-                    totals.messages_failed += 1
-        except OSError as exc:
-            record.problem = _problem(exc)
-            if claim.id not in self._held:
-                self.observer.error(claim.id, "outcome not recorded yet (held, nothing is "
-                                    f"delivered again): {record.problem}")
-            self._spool_trouble(exc)
-            return False
-        claim.release()
+                # Every recipient is decided but the bounce is not written:
+                # kept queued (the decision recorded), the bounce tried again.
+                totals.messages_deferred += 1
+                update = Update(entry, "defer", next_attempt=next_attempt)
+        else:
+            totals.messages_delivered += 1
+            update = Update(entry, "done")
+        update.delivered = tuple(delivered_to)
         self.observer.message_done(totals)
-        return True
+        return update
 
-    def _retry_held(self) -> None:
-        """Write the held outcomes, oldest first, until one fails."""
-        for id, record in list(self._held.items()):
-            if not self._write(record):
-                return
-            del self._held[id]
-
-    def _give_up_held(self) -> None:
-        """Replay ends with outcomes it could not write: say so, entry by entry."""
-        for id, record in self._held.items():
-            self.totals.unrecorded += 1
-            to = ", ".join(record.delivered_to) or "nobody"
-            self.observer.error(id, f"outcome not recorded ({record.problem}): left queued as "
-                                f"before; it was delivered to {to}, who will get it again "
-                                "from a later replay")
-            record.claim.release()
-        self._held.clear()
-
-    def _spool_trouble(self, exc: OSError) -> None:
-        """A spool write failed: stop starting deliveries, and back off (doubling)."""
-        self.totals.spool_errors += 1
-        if self._trouble:
-            return  # several workers failing at once are one back-off
-        first, longest = self.spool_backoff
-        self._trouble = True
-        self._trouble_delay = (first if not self._trouble_delay
-                               else min(longest, self._trouble_delay * 2))
-        self.observer.backing_off(_problem(exc), self._trouble_delay)
-
-    async def _deliver(
-        self, message: bytes, env: Envelope, pending: list[Recipient],
-    ) -> list[RecipientResult]:
+    async def _deliver(self, entry: Entry, pending: list[Recipient]) -> list[RecipientResult]:
         addresses = [r.address for r in pending]
         try:
-            return await self.agent.deliver(delivery_for(message, env, pending))
+            return await self.agent.deliver(delivery_for(entry.content, entry.envelope, pending))
         except ContentError as exc:
             return BAD_CONTENT.results(addresses, detail=exc)
         except BadSender as exc:
@@ -582,32 +494,214 @@ class Replayer:
             return LOCAL_ERROR.results(addresses, detail=exc)
 
     def _report(
-        self, claim: Claim, timing: tuple[float, int, tuple[float, float, float, float]],
+        self, entry: Entry, timing: tuple[float, int, tuple[float, float, float, float]],
         address: str, kind: OutcomeKind, res: RecipientResult, attempts: int, dup: bool, *,
         next_attempt: float | None = None, text: str | None = None,
     ) -> None:
         self.observer.outcome(Outcome(
-            id=claim.id, recipient=address, outcome=kind, code=res.code, enhanced=res.enhanced,
+            id=entry.id, recipient=address, outcome=kind, code=res.code, enhanced=res.enhanced,
             text=res.text if text is None else text, stage=res.stage,
             destination=res.destination, attempts=attempts, possibly_duplicated=dup,
             local=res.local, next_attempt=next_attempt, delay=timing[0], size=timing[1],
             delays=timing[2],
         ))
 
-    def _bounce(self, claim: Claim, record: _Record) -> bool:
+    def _bounce(self, entry: Entry) -> bool:
         """Write the bounce once; False if it could not be written (the entry waits)."""
-        env = claim.envelope
+        env = entry.envelope
         if self.bounce_dir is None or env.bounced:
             return True
         from ._bounce import write_bounce
 
         try:
-            write_bounce(self.bounce_dir, claim.id, env, claim.read_message())
+            write_bounce(self.bounce_dir, entry.id, env, bytes(entry.content))
         except OSError as exc:
-            self.observer.error(claim.id, f"bounce not written, kept queued: {_problem(exc)}")
+            self.observer.error(entry.id, f"bounce not written, kept queued: {_problem(exc)}")
             return False
         env.bounced = True
         return True
+
+    def _quarantined(self, id: str, reason: str) -> None:
+        self.totals.messages_quarantined += 1
+        self.observer.quarantined(id, reason)
+
+    # -- writes the queue refuses ---------------------------------------------------
+
+    def _write_trouble(self, exc: OSError) -> None:
+        """A queue write failed: stop starting deliveries, and back off (doubling)."""
+        self.totals.spool_errors += 1
+        self._problem = _problem(exc)
+        if self._trouble:
+            return  # several failures at once are one back-off
+        first, longest = self.spool_backoff
+        self._trouble = True
+        self._trouble_delay = (first if not self._trouble_delay
+                               else min(longest, self._trouble_delay * 2))
+        self.observer.backing_off(self._problem, self._trouble_delay)
+
+    def _hold(self, updates: Sequence[Update], exc: QueueWriteError) -> None:
+        """Keep outcomes the queue refused (their claims stay held) and back off."""
+        problem = _problem(exc)
+        for u in updates:
+            self.observer.error(u.entry.id, "outcome not recorded yet (held, nothing is "
+                                f"delivered again): {problem}")
+        self._unwritten += updates
+        self._write_trouble(exc)
+
+    async def _retry_writes(self) -> bool:
+        """Write the held outcomes; False (and a back-off) while the queue refuses."""
+        ups, self._unwritten = self._unwritten, []
+        try:
+            await self.queue.record(ups)
+        except QueueWriteError as exc:
+            self._unwritten = ups if exc.pending is None else exc.pending
+            self._write_trouble(exc)
+            return False
+        return True
+
+    async def _give_up_unwritten(self) -> None:
+        """The run ends with outcomes it could not write: stash them, or name each entry."""
+        ups, self._unwritten = self._unwritten, []
+        if not ups:
+            return
+        kept = 0
+        with contextlib.suppress(QueueError, OSError):
+            kept = await self.queue.stash(ups)
+        for u in ups[:kept]:
+            self.totals.errors += 1
+            self.observer.error(u.entry.id, f"outcome not recorded ({self._problem}): kept in "
+                                "the worker journal, applied before this entry is tried again")
+        for u in ups[kept:]:
+            self.totals.unrecorded += 1
+            to = ", ".join(u.delivered) or "nobody"
+            self.observer.error(u.entry.id, f"outcome not recorded ({self._problem}): left "
+                                f"queued as before; it was delivered to {to}, who will get it "
+                                "again from a later replay")
+            u.entry.close()
+
+
+class _Pass:
+    """The tasks of one pass: a claimer, the delivery tasks and the recorder."""
+
+    def __init__(self, replayer: Replayer, due: float, stop: asyncio.Event | None) -> None:
+        self.r = replayer
+        self.due = due
+        self.stop = stop
+        self.work: asyncio.Queue[Entry | None] = asyncio.Queue()
+        self.pending: list[Update] = []
+        #: Claimed and not recorded yet (the bound on a kill's duplicates).
+        self.held = 0
+        self.room = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.closing = False
+        #: The queue refused a write in this pass: claim nothing more.
+        self.refused = False
+        #: The recorder's exception, if it died.
+        self.failed: BaseException | None = None
+        self.record_at = max(1, min(replayer.concurrency // 2, 256))
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(self.deliver()) for _ in range(self.r.concurrency)]
+        recorder = asyncio.create_task(self.recorder())
+        try:
+            await self.claimer()
+        finally:
+            for _ in tasks:
+                self.work.put_nowait(None)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            self.closing = True
+            self.wake.set()
+            await recorder
+            for res in results:
+                if isinstance(res, BaseException):
+                    raise res
+
+    def _stopped(self) -> bool:
+        return ((self.stop is not None and self.stop.is_set()) or self.refused
+                or self.r._trouble or self.failed is not None)
+
+    async def claimer(self) -> None:
+        r = self.r
+        cap, size = r.concurrency, r.batch
+        while not self._stopped():
+            free = cap - self.held
+            if free < min(size, cap):
+                self.room.clear()
+                self.wake.set()  # let the recorder free some slots
+                await self.room.wait()
+                continue
+            try:
+                batch = await r.queue.claim(min(free, size), due=self.due)
+            except QueueWriteError as exc:
+                r._write_trouble(exc)
+                return
+            for id, reason in batch.quarantined:
+                r._quarantined(id, reason)
+            if batch.locked:
+                r.totals.locked += batch.locked
+                r.observer.skipped(r.totals)
+            self.held += len(batch.entries)
+            picked = r.clock()
+            for e in batch.entries:
+                e.picked = picked
+                self.work.put_nowait(e)
+            if batch.exhausted:
+                return
+
+    async def deliver(self) -> None:
+        r = self.r
+        work = self.work
+        TRACE.set(Trace())  # this task's context: reused by each of its attempts
+        while (entry := await work.get()) is not None:
+            if self.refused or self.failed is not None:
+                update = Update(entry, "release")  # the queue refuses writes: untried
+            else:
+                try:
+                    update = await r.attempt(entry)
+                except Exception as exc:  # a bug of ours must not lose the entry's claim
+                    r.totals.errors += 1
+                    r.observer.error(entry.id, f"left queued: {type(exc).__name__}: {exc}")
+                    update = Update(entry, "release")
+            # self.pending, not a local: the recorder swaps the list.
+            self.pending.append(update)
+            if len(self.pending) >= self.record_at or work.empty():
+                self.wake.set()
+
+    async def recorder(self) -> None:
+        try:
+            await self._record_loop()
+        except BaseException as exc:
+            self.failed = exc  # never leave the claimer waiting for room
+            self.room.set()
+            raise
+
+    async def _record_loop(self) -> None:
+        r = self.r
+        while True:
+            if not self.pending:
+                if self.closing:
+                    return
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=0.05)
+                continue
+            ups, self.pending = self.pending, []
+            r.observer.recording(len(ups))
+            try:
+                statuses = await r.queue.record(ups)
+            except QueueWriteError as exc:
+                # Never re-deliver: the entries stay ours; keep the outcomes.
+                self.refused = True
+                pending = ups if exc.pending is None else exc.pending
+                r._hold(pending, exc)
+            else:
+                for u, s in zip(ups, statuses, strict=True):
+                    if s == "lost":
+                        r.totals.errors += 1
+                        r.observer.error(u.entry.id, "another replay took this entry over; "
+                                         "this outcome was not recorded")
+            self.held -= len(ups)
+            self.room.set()
 
 
 async def _pause(stop: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:
@@ -639,7 +733,8 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f} seconds"
 
 
-def delivery_for(message: bytes, env: Envelope, pending: list[Recipient]) -> Delivery:
+def delivery_for(message: bytes | memoryview, env: Envelope, pending: list[Recipient]
+                 ) -> Delivery:
     """The :class:`~lmtpfast.Delivery` for an entry's *pending* recipients, with its DSN."""
     dsn = None
     if (env.ret is not None or env.envid is not None

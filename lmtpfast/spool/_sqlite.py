@@ -330,6 +330,17 @@ class SQLiteStore:
     # -- opening ---------------------------------------------------------------------
 
     def _open(self, create: bool, background_checkpoints: bool) -> None:
+        try:
+            self._open_files(create, background_checkpoints)
+        except QueueError:
+            raise
+        except OSError as exc:
+            # Making the store's folders and files on a full or read-only disk.
+            cls = QueueWriteError if create else QueueError
+            raise cls(exc.errno or errno.EIO, f"cannot set up the store: {exc.strerror or exc}",
+                      exc.filename or str(self.path)) from None
+
+    def _open_files(self, create: bool, background_checkpoints: bool) -> None:
         if create:
             self.path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
         try:
@@ -342,7 +353,8 @@ class SQLiteStore:
         self._owners = frozenset((self.owner, os.geteuid()))
         exists = os.path.lexists(self._db_path)
         if not exists and not create:
-            raise QueueError(errno.ENOENT, "no queue store here (queue.db)", str(self.path))
+            raise QueueError(errno.ENOENT, "not a spool (no queue.db, incoming/ or deferred/)",
+                             str(self.path))
         if create:
             with contextlib.suppress(PermissionError):
                 _private_dir(self.path)
@@ -366,7 +378,9 @@ class SQLiteStore:
                                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
         fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
         try:
-            self._connect(create and not exists)
+            if create and not exists:
+                self._make_database()
+            self._connect()
         except BaseException:
             self._release_lock()
             raise
@@ -385,7 +399,49 @@ class SQLiteStore:
             raise QueueError(errno.EPERM, f"{path.name} is owned by uid {st.st_uid}",
                              str(self.path))
 
-    def _connect(self, fresh: bool) -> None:
+    def _make_database(self) -> None:
+        """Create ``queue.db`` whole or not at all: built aside, then linked into place.
+
+        A creation cut short (a full disk, a crash) leaves no half-made
+        database for the next run to mistake for a damaged one; of two
+        processes creating it at once, the second finds the first's (a link
+        never replaces a file).
+        """
+        tmp = self.path / "tmp" / f".queue.db.{secrets.token_hex(6)}"
+        try:
+            db = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                self.db = db
+                self._create_schema()
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                db.close()
+            os.chmod(tmp, FILE_MODE)
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, self._db_path)
+            except FileExistsError:
+                pass  # another process made it first: use that one
+            _fsync_dir(self.path)
+        except sqlite3.Error as exc:
+            code = errno.ENOSPC if "full" in str(exc) else errno.EIO
+            raise QueueWriteError(code, f"cannot create queue.db: {exc}", str(self.path)
+                                  ) from None
+        except OSError as exc:
+            raise QueueWriteError(exc.errno or errno.EIO,
+                                  f"cannot create queue.db: {exc.strerror or exc}",
+                                  str(self.path)) from None
+        finally:
+            for extra in ("", "-wal", "-shm", "-journal"):
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{tmp}{extra}")
+
+    def _connect(self) -> None:
         try:
             db = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False,
                                  cached_statements=64)
@@ -403,8 +459,6 @@ class SQLiteStore:
             # start after each checkpoint: writes then need no new disk space.
             db.execute("PRAGMA journal_size_limit = 67108864")
             db.execute("PRAGMA cache_size = -16384")
-            if fresh:
-                self._create_schema()
             self._check_schema()
         except sqlite3.DatabaseError as exc:
             db.close()
@@ -843,7 +897,7 @@ class SQLiteStore:
         else:
             content, closer = self._map_data_file(id, size, crc)
         return Entry(str(id), env, content, size, bool(suspect),
-                     _Lease(id, seg, off, body is not None, crc), closer)
+                     _Lease(id, seg, off, body is not None, crc), _close=closer)
 
     def _open_own(self, path: Path, what: str) -> tuple[int, os.stat_result]:
         """Open a content file of ours for reading: never through a link, never another's."""
@@ -1520,10 +1574,13 @@ class SQLiteStore:
         from ._store import Quarantined, Spool, SpoolError
 
         report = ImportReport()
+        if not _has_legacy(self.path):
+            return report
         try:
             spool = Spool(self.path)
-        except SpoolError:
-            return report
+        except SpoolError as exc:
+            raise QueueError(exc.errno or errno.EIO, f"the directory spool here cannot be "
+                             f"converted: {exc.strerror or exc}", str(self.path)) from None
         scan = spool.scan(due=float("inf"), flush=True)
         claims: list[Any] = []
 

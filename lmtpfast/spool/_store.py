@@ -43,7 +43,7 @@ from ._format import (
     new_envelope,
 )
 
-__all__ = ["Claim", "Quarantined", "Scan", "Spool", "SpoolError", "enqueue"]
+__all__ = ["Claim", "Quarantined", "Scan", "Spool", "SpoolError"]
 
 Queue = Literal["incoming", "deferred"]
 QUEUES: tuple[Queue, ...] = ("deferred", "incoming")
@@ -531,10 +531,14 @@ class Spool:
             os.close(fd)
             raise
         try:
-            return self._load(queue, id, fd)
+            claim = self._load(queue, id, fd)
         except BaseException:
             os.close(fd)
             raise
+        if claim is None:
+            # Gone meanwhile (finished, moved, held): the lock must not outlive the attempt.
+            os.close(fd)
+        return claim
 
     def _foreign(self, st: os.stat_result, what: str) -> str | None:
         """Why a file is not the spool's own (``None`` if it is)."""
@@ -693,24 +697,3 @@ class Spool:
                         finally:
                             os.close(fd)
         return removed
-
-
-def enqueue(
-    directory: str | os.PathLike[str],
-    message: bytes | str,
-    *,
-    sender: str,
-    recipients: list[str],
-    fsync: bool = True,
-    **envelope_options: object,
-) -> str:
-    """Queue *message* in the spool at *directory* (created if needed); returns its ID.
-
-    >>> enqueue("/var/spool/lmtpfast", raw, sender="a@example.org",   # doctest: +SKIP
-    ...         recipients=["b@example.org"])
-
-    Atomic: a replay never sees a half-written entry. See :meth:`Spool.enqueue`.
-    """
-    data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
-    return Spool(directory, create=True).enqueue(data, sender, list(recipients), fsync=fsync,
-                                                 **envelope_options)
