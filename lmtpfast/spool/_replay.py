@@ -350,10 +350,14 @@ class Replayer:
         totals = self.totals
         totals.passes += 1
         queue = self.queue
+        due = self.clock()
         if self.flush and not self._flushed:
             await queue.retry(Selection(states=("queued",)))
             self._flushed = True
-        due = self._due = self.clock()
+            # retry() makes entries due at the wall clock's now: this pass
+            # takes them even when the replay's own clock (injected) is behind.
+            due = max(due, time.time())
+        self._due = due
         try:
             for id, reason in await queue.begin_pass(due=due):
                 self._quarantined(id, reason)
