@@ -20,7 +20,7 @@ import pytest
 
 from lmtpfast import ConfigurationError, load_config
 from lmtpfast.server import Sink
-from lmtpfast.spool import Spool
+from lmtpfast.spool import Selection, Spool, SQLiteStore
 
 from .test_spool_full_disk import fill, small_fs
 
@@ -45,7 +45,16 @@ async def lmtpfast(*args: str | bytes, stdin: bytes = b"") -> tuple[int, str, st
 
 
 def queued(spool: Path) -> list[str]:
-    return sorted(os.listdir(spool / "incoming")) if (spool / "incoming").exists() else []
+    """The ids queued in *spool*: in its store (what enqueue writes) and as directory spool
+    entries not converted yet (replay converts them at the start of a pass)."""
+    ids = []
+    if (spool / "queue.db").exists():
+        with SQLiteStore(spool) as store:
+            ids += [i.id for i in store.iter_entries(Selection(states=("queued",)))]
+    for d in ("incoming", "deferred"):
+        if (spool / d).exists():
+            ids += os.listdir(spool / d)
+    return sorted(ids)
 
 
 # -- configuration -----------------------------------------------------------------------

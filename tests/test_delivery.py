@@ -54,7 +54,8 @@ def recorded(sink) -> list[dict[str, list[str]]]:  # type: ignore[no-untyped-def
 
 def _enqueue_with_dsn(spool_dir: Path) -> None:
     # The CLI's DSN options, as an operator gives them ...
-    out = cli("enqueue", str(spool_dir), "--from", "s@example.org", "--rcpt", RCPTS[0],
+    # A directory spool (dir:), whose envelope file this test edits.
+    out = cli("enqueue", f"dir:{spool_dir}", "--from", "s@example.org", "--rcpt", RCPTS[0],
               "--rcpt", RCPTS[1], "--notify", "SUCCESS,FAILURE", "--ret", "HDRS",
               "--envid", "X", "-", stdin=MSG)
     assert out.returncode == 0, out.stderr.decode()
@@ -74,7 +75,7 @@ def test_dsn_through_replay_reaches_smtp_sink_and_is_dropped_for_dovecot(
         smtp_sink, dovecot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sink = smtp_sink(capture=True)
     _enqueue_with_dsn(tmp_path / "a")
-    out = cli("replay", str(tmp_path / "a"), "--server", sink.destination, "--once", "-q")
+    out = cli("replay", f"dir:{tmp_path / 'a'}", "--server", sink.destination, "--once", "-q")
     assert out.returncode == 0, out.stderr.decode()
     (meta,) = recorded(sink)
     assert meta["X-Mail-Args"] == [WANT_MAIL]
@@ -82,8 +83,8 @@ def test_dsn_through_replay_reaches_smtp_sink_and_is_dropped_for_dovecot(
     # Dovecot advertises no DSN: the same entry is delivered, without the parameters
     # (Dovecot refuses MAIL/RCPT parameters it does not know).
     _enqueue_with_dsn(tmp_path / "b")
-    out = cli("replay", str(tmp_path / "b"), "--server", dovecot.destination_unix, "--once",
-              "-q")
+    out = cli("replay", f"dir:{tmp_path / 'b'}", "--server", dovecot.destination_unix,
+              "--once", "-q")
     assert out.returncode == 0, out.stderr.decode() + out.stdout.decode()
     assert len(dovecot.messages("alice")) == 1 and len(dovecot.messages("bob")) == 1
 

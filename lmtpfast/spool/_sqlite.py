@@ -1458,10 +1458,15 @@ class SQLiteStore:
         return result
 
     def hold(self, selection: Selection) -> ActionResult:
-        """Put queued entries on hold (an entry being delivered is held after its attempt)."""
+        """Put queued entries on hold; one being delivered is *busy* (as in a directory spool).
+
+        Holding a claimed row would be undone by its worker's outcome (a
+        delivered entry is deleted): the operator would read "placed on hold"
+        about mail that went out.
+        """
         def one(i: int) -> str:
             row = self.db.execute("UPDATE msg SET state = 1 WHERE id = ? AND state = 0 "
-                                  "RETURNING id", (i,)).fetchone()
+                                  "AND worker IS NULL RETURNING id", (i,)).fetchone()
             return "done" if row else self._why_not(i)
         return self._act(selection, one)
 
