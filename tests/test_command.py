@@ -186,7 +186,8 @@ async def test_replay_delivers_a_spool_through_a_command(dovecot: Any, tmp_path:
         spool.enqueue(MSG.replace(b"One", f"#{i}: one".encode()), "s@example.org", RCPTS)
     env = {**os.environ, "PYTHONPATH": str(Path(lmtpfast.__file__).parent.parent)}
     done = await asyncio.to_thread(subprocess.run, [
-        sys.executable, "-m", "lmtpfast", "replay", str(spool.path), "--server",
+        # dir: the directory spool as it is (its counts are read below).
+        sys.executable, "-m", "lmtpfast", "replay", f"dir:{spool.path}", "--server",
         _command(_dovecot_lmtp(dovecot)), "--once", "--no-progress", "-q"],
         env=env, capture_output=True, timeout=120)
     # 65: every undelivered recipient (the unknown user) refused for good; the
