@@ -17,7 +17,8 @@ set-up (connect, greeting, LHLO, STARTTLS, AUTH; 0 on a reused connection),
 ``--log-format json`` writes the same fields as one JSON object per line;
 ``--log-target`` is ``stderr`` (default), ``syslog`` (``/dev/log``, facility
 mail, ident ``lmtpfast/COMMAND[PID]``), ``syslog:PATH`` (another datagram
-socket), ``none``, or a file path (reopened when rotated away). Nothing
+socket), ``none``, or a file path (reopened when rotated away; written in
+batches, see :class:`_BufferedFile`). Nothing
 secret is ever logged: lines carry addresses, destinations (never a
 password), reply codes and texts, with control characters escaped so a
 server cannot forge lines.
@@ -32,6 +33,8 @@ import logging.handlers
 import os
 import socket
 import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -79,6 +82,140 @@ def _seconds(x: float) -> str:
     return f"{x:.0f}"
 
 
+class _Stamp:
+    """``datetime.fromtimestamp(t).astimezone().isoformat(timespec="microseconds")``, cheaply:
+    the part up to the second and the UTC offset are made once a second."""
+
+    __slots__ = ("_head", "_sec", "_tail")
+
+    def __init__(self) -> None:
+        self._sec = -1
+        self._head = self._tail = ""
+
+    def __call__(self, t: float) -> str:
+        sec = int(t)
+        if sec != self._sec:
+            iso = datetime.datetime.fromtimestamp(sec).astimezone().isoformat()
+            self._head, self._tail, self._sec = iso[:19], iso[19:], sec
+        return f"{self._head}.{int((t - sec) * 1e6):06d}{self._tail}"
+
+
+class _BufferedFile:
+    """A log file written in batches: lines are buffered and written with one ``write``.
+
+    The buffer goes out when it holds ``capacity`` lines, when a warning or
+    error is logged, when the process stops (:meth:`close`), and at the latest
+    ``interval`` seconds after its first line (a flusher thread). Rotation
+    (logrotate moving the file away) is checked once per batch, as
+    ``WatchedFileHandler`` does once per line. The unbuffered handler cost a
+    ``stat`` and a ``write`` per recipient (``bench/bench_ops.py``); a crash
+    loses at most ``interval`` seconds of log lines, never a delivery.
+    """
+
+    def __init__(self, path: str, *, capacity: int = 256, interval: float = 0.25) -> None:
+        self.path = path
+        self.capacity = capacity
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._lines: list[str] = []
+        self._fd = -1
+        self._ino: tuple[int, int] | None = None
+        self._open()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           0o640)
+        st = os.fstat(self._fd)
+        self._ino = (st.st_dev, st.st_ino)
+
+    def _reopen_if_moved(self) -> None:
+        try:
+            st = os.stat(self.path)
+            same = (st.st_dev, st.st_ino) == self._ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(self._fd)
+            self._open()
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            lines = self._lines
+            lines.append(line)
+            if len(lines) >= self.capacity:
+                self._flush_locked()
+            elif len(lines) == 1:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._flusher, daemon=True,
+                                                    name="lmtpfast-log-flush")
+                    self._thread.start()
+                self._wake.set()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if not self._lines or self._fd < 0:
+            return
+        data = ("\n".join(self._lines) + "\n").encode("utf-8", "backslashreplace")
+        self._lines.clear()
+        try:
+            self._reopen_if_moved()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:  # a full disk must not stop deliveries; say so once per batch
+            print(f"lmtpfast: cannot write the log {self.path}: {exc.strerror or exc}",
+                  file=sys.stderr)
+
+    def _flusher(self) -> None:
+        pause = threading.Event()  # never set: a bounded wait, not a sleep in a loop
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                break
+            # The first line of a batch woke us: give the batch its interval.
+            pause.wait(self.interval)
+            self.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._flush_locked()
+            self._closed = True
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+        self._wake.set()
+
+
+class _BufferedFileHandler(logging.Handler):
+    """The logging side of a :class:`_BufferedFile` (process and queue-action lines)."""
+
+    def __init__(self, file: _BufferedFile) -> None:
+        super().__init__()
+        self.file = file
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.file.write(self.format(record))
+            if record.levelno >= logging.WARNING:
+                self.file.flush()
+        except Exception:
+            self.handleError(record)  # logging's rule: emit never raises
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
 class _PostfixFormatter(logging.Formatter):
     """``TIME HOST PROGRAM[PID]: message`` for files and stderr (syslog adds its own)."""
 
@@ -86,6 +223,7 @@ class _PostfixFormatter(logging.Formatter):
         super().__init__()
         self.prefix = f"{socket.gethostname().split('.')[0]} {program}[{os.getpid()}]: "
         self.with_prefix = with_prefix
+        self.stamp = _Stamp()
 
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
@@ -93,8 +231,7 @@ class _PostfixFormatter(logging.Formatter):
             text = f"{record.levelname.lower()}: {text}"
         if not self.with_prefix:
             return text
-        when = datetime.datetime.fromtimestamp(record.created).astimezone()
-        return f"{when.isoformat(timespec='microseconds')} {self.prefix}{text}"
+        return f"{self.stamp(record.created)} {self.prefix}{text}"
 
 
 class _JsonFormatter(logging.Formatter):
@@ -104,17 +241,21 @@ class _JsonFormatter(logging.Formatter):
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self._enc = msgspec.json.Encoder()
+        self.stamp = _Stamp()
 
     def format(self, record: logging.LogRecord) -> str:
-        when = datetime.datetime.fromtimestamp(record.created).astimezone()
-        obj: dict[str, Any] = {"time": when.isoformat(timespec="microseconds"),
-                               "host": self.host, "program": self.program, "pid": self.pid,
-                               "level": record.levelname.lower()}
         fields = getattr(record, "fields", None)
+        return self.line(record.created, record.levelname.lower(), fields,
+                         None if fields else record.getMessage())
+
+    def line(self, created: float, level: str, fields: Mapping[str, Any] | None,
+             message: str | None = None) -> str:
+        obj: dict[str, Any] = {"time": self.stamp(created), "host": self.host,
+                               "program": self.program, "pid": self.pid, "level": level}
         if fields:
             obj.update(fields)
         else:
-            obj["message"] = record.getMessage()
+            obj["message"] = message
         return self._enc.encode(obj).decode()
 
 
@@ -130,10 +271,16 @@ class DeliveryLog:
     off (nothing is formatted).
     """
 
-    def __init__(self, logger: logging.Logger, *, json: bool) -> None:
+    def __init__(self, logger: logging.Logger, *, json: bool,
+                 direct: _BufferedFileHandler | None = None) -> None:
         self.logger = logger
         self.json = json
         self._info = logger.isEnabledFor(logging.INFO)
+        # A file target: delivery lines go straight into its buffer, formatted
+        # as its formatter would, without a LogRecord each (the cost per
+        # recipient is then the formatting alone).
+        self._direct = direct.file if direct is not None else None
+        self._formatter = direct.formatter if direct is not None else None
 
     def enabled(self, level: int = logging.INFO) -> bool:
         return self.logger.isEnabledFor(level)
@@ -163,9 +310,20 @@ class DeliveryLog:
                 fields["possibly_duplicated"] = True
             if next_attempt is not None:
                 fields["next_attempt"] = next_attempt
+            if self._direct is not None and isinstance(self._formatter, _JsonFormatter):
+                self._direct.write(self._formatter.line(time.time(), "info", fields))
+                return
             self.logger.info("", extra={"fields": fields})
             return
         extra = ", possibly duplicated" if possibly_duplicated else ""
+        if self._direct is not None and isinstance(self._formatter, _PostfixFormatter):
+            f = self._formatter
+            self._direct.write(
+                f"{f.stamp(time.time())} {f.prefix}{id}: to=<{recipient}>, "
+                f"relay={clean(relay_s)}, delay={_seconds(delay)}, delays={_seconds(a)}/"
+                f"{_seconds(b)}/{_seconds(c)}/{_seconds(d)}, dsn={dsn}, status={status} "
+                f"({clean(reply)}){extra}")
+            return
         self.logger.info(
             "%s: to=<%s>, relay=%s, delay=%s, delays=%s/%s/%s/%s, dsn=%s, status=%s (%s)%s",
             id, recipient, clean(relay_s), _seconds(delay), _seconds(a), _seconds(b), _seconds(c),
@@ -190,6 +348,11 @@ class DeliveryLog:
             self.logger.log(level, "", extra={"fields": {"event": text, **fields}})
         else:
             self.logger.log(level, "%s", clean(text))
+
+    def flush(self) -> None:
+        """Write out what is buffered."""
+        for h in list(self.logger.handlers):
+            h.flush()
 
     def close(self) -> None:
         for h in list(self.logger.handlers):
@@ -222,8 +385,8 @@ def open_log(args: argparse.Namespace | Mapping[str, Any], program: str, *,
     else:
         path = target[5:] if target.startswith("file:") else target
         try:
-            # WatchedFileHandler reopens the file after logrotate moved it away.
-            handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+            # Reopened after logrotate moved it away; written in batches.
+            handler = _BufferedFileHandler(_BufferedFile(path))
         except OSError as exc:
             raise ValueError(f"--log-target {path}: {exc.strerror or exc}") from None
     if handler is not None:
@@ -232,9 +395,10 @@ def open_log(args: argparse.Namespace | Mapping[str, Any], program: str, *,
         else:
             handler.setFormatter(_PostfixFormatter(program, with_prefix=not syslog))
         logger.addHandler(handler)
-    else:
-        logger.disabled = True
-    return DeliveryLog(logger, json=fmt == "json")
+    # A logger of the same name may be reused (names carry id(args)): reset it.
+    logger.disabled = handler is None
+    direct = handler if isinstance(handler, _BufferedFileHandler) else None
+    return DeliveryLog(logger, json=fmt == "json", direct=direct)
 
 
 def default_target() -> str:
