@@ -65,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     "Metrics": "_metrics",
     "Trace": "_metrics",
     "TRACE": "_metrics",
+    "METRICS": "_metrics",
     # security
     "TLSPolicy": "_tls",
     "TLSInfo": "_tls",
@@ -115,6 +116,7 @@ __all__ = [
     "DELIVERED",
     "DSN",
     "FAILURES",
+    "METRICS",
     "PERMANENT",
     "SECURITY_LEVELS",
     "TRACE",
@@ -223,7 +225,7 @@ if TYPE_CHECKING:
     from ._failures import FAILURES, Failure, failure_results
     from ._loop import loop_factory
     from ._maps import CachedMap, CacheSettings, CacheStats, Map, MapError, MapWarning, open_map
-    from ._metrics import TRACE, Metrics, Trace
+    from ._metrics import METRICS, TRACE, Metrics, Trace
     from ._passwords import PasswordMap, read_private_file
     from ._pool import Pool, PoolStats
     from ._results import DELIVERED, PERMANENT, TRANSIENT, RecipientResult, Status

@@ -21,7 +21,10 @@ import contextvars
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["BUCKETS", "TRACE", "Histogram", "Metrics", "Trace", "dsn_class"]
+__all__ = ["BUCKETS", "METRICS", "TRACE", "Histogram", "Metrics", "Trace", "dsn_class"]
+
+#: Connection set-up stages (their times add up to :attr:`Trace.setup`).
+_SETUP = frozenset(("connect", "greeting", "lhlo", "starttls", "auth"))
 
 #: Latency buckets in seconds (upper bounds; +Inf is implicit): 0.5 ms to 10 min.
 BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -69,20 +72,40 @@ def dsn_class(enhanced: str | None, code: int) -> str:
 
 
 class Trace:
-    """What one delivery attempt cost, filled in by the layers that see it."""
+    """What one delivery attempt cost, filled in by the layers that see it.
 
-    __slots__ = ("setup", "stages")
+    The session reports the set-up stages (connect, greeting, lhlo, starttls,
+    auth) of a connection opened for the attempt, the protocol the stages of
+    its transaction (mail, rcpt, data, content, dot) when it had the
+    connection to itself. Each goes to :data:`METRICS` too, when set.
+    """
+
+    __slots__ = ("metrics", "setup", "stages")
 
     def __init__(self) -> None:
         #: Connection set-up seconds spent for this attempt (new connections only).
         self.setup = 0.0
         #: ``(destination, stage, seconds)`` seen during this attempt.
         self.stages: list[tuple[str, str, float]] = []
+        self.metrics = METRICS.get()
+
+    def stage(self, destination: str, stage: str, seconds: float) -> None:
+        """One stage's time (set-up stages also add to :attr:`setup`)."""
+        self.stages.append((destination, stage, seconds))
+        if stage in _SETUP:
+            self.setup += seconds
+        m = self.metrics
+        if m is not None:
+            m.observe(destination, stage, seconds)
 
 
 #: The attempt being delivered in this task (``None``: nobody is measuring).
 TRACE: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("lmtpfast_trace",
                                                                      default=None)
+#: The process's metrics, where traces send their stage times (set by the
+#: daemon before it starts delivering; tasks inherit it).
+METRICS: contextvars.ContextVar[Metrics | None] = contextvars.ContextVar("lmtpfast_metrics",
+                                                                         default=None)
 
 
 class Metrics:

@@ -21,6 +21,7 @@ from ._errors import (
     ServerDisconnected,
     TLSError,
 )
+from ._metrics import TRACE, Trace
 from ._results import RecipientResult
 from ._settings import Timeouts
 from ._tls import TLSInfo, tls_info
@@ -37,6 +38,12 @@ from .proto import (
 from .proto.content import ContentEncoder
 
 __all__ = ["Batch", "LMTPProtocol", "StreamedContent"]
+
+
+# The stages a timed transaction reports, in order (the engine's "final" is the dot).
+_DATA_PLAN = ("mail", "rcpt", "data", "final")
+_BDAT_PLAN = ("mail", "rcpt", "final")
+_STAGE_NAMES = {"final": "dot"}
 
 
 class StreamedContent:
@@ -125,6 +132,12 @@ class LMTPProtocol(asyncio.Protocol):
         # decided or the connection broke.
         self._chunk_ready: tuple[Transaction, asyncio.Future[bool]] | None = None
         self.error: Exception | None = None
+        # A transaction being timed (lmtpfast.TRACE was set when it was sent and
+        # nothing else was in flight): the stage awaited and since when.
+        self._trace: Trace | None = None
+        self._traced_stage: str | None = None
+        self._traced_at = 0.0
+        self._traced_plan: tuple[str, ...] = ()
         #: What STARTTLS negotiated (``None`` while the connection is in plain text).
         self.tls: TLSInfo | None = None
 
@@ -234,6 +247,12 @@ class LMTPProtocol(asyncio.Protocol):
         Raises before anything is queued when the transaction cannot be sent.
         """
         self._check_usable()
+        if self._trace is None and self.engine.waiting_for is None:
+            # Alone on the connection: its stages can be timed (when someone asks).
+            self._trace = TRACE.get()
+            self._traced_stage = None
+            self._traced_plan = _BDAT_PLAN if chunking and not isinstance(
+                content, StreamedContent) else _DATA_PLAN
         streamed = isinstance(content, StreamedContent)
         txn = self.engine.start_transaction(
             sender, recipients, mail_params=mail_params, rcpt_params=rcpt_params,
@@ -538,6 +557,8 @@ class LMTPProtocol(asyncio.Protocol):
         if not self._waiting():
             return
         stage = self._current_stage()
+        if self._trace is not None and stage != self._traced_stage:
+            self._trace_stage(stage)
         if stage is None:
             # Idle: nothing is awaited. The next command's clock starts when
             # it is sent, not at the last reply before the gap.
@@ -559,6 +580,32 @@ class LMTPProtocol(asyncio.Protocol):
                 return  # it fires early and re-arms from _last_progress
             timer.cancel()  # a shorter limit (say RSET after the dot) now applies
         self._timer = self._loop.call_at(due, self._on_timer)
+
+    def _trace_stage(self, stage: str | None) -> None:
+        """The traced transaction's wait moved on to ``stage``: the last one took this long.
+
+        Pipelined replies often come in one read, so the wait can skip stages:
+        those get 0 (their reply was there when the previous one came), and
+        every stage of the transaction is reported once whatever the packets.
+        """
+        now = self._loop.time()
+        prev = self._traced_stage
+        if prev is not None:
+            trace = self._trace
+            assert trace is not None
+            peer = self.peer
+            trace.stage(peer, _STAGE_NAMES.get(prev, prev), now - self._traced_at)
+            plan = self._traced_plan
+            if prev in plan and (stage is None or stage in plan):
+                end = len(plan) if stage is None else plan.index(stage)
+                for skipped in plan[plan.index(prev) + 1:end]:
+                    trace.stage(peer, _STAGE_NAMES.get(skipped, skipped), 0.0)
+            if prev == "final" or stage is None:
+                self._trace = None  # its replies are in; what follows is someone else's
+                self._traced_stage = None
+                return
+        self._traced_stage = stage
+        self._traced_at = now
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -39,6 +39,7 @@ from ._errors import (
     TLSError,
 )
 from ._failures import BAD_CONTENT, EIGHTBIT_MISSING, SIZE_LIMIT, SMTPUTF8_MISSING
+from ._metrics import TRACE
 from ._protocol import Batch, LMTPProtocol, StreamedContent
 from ._results import RecipientResult
 from ._sasl import AuthPolicy, Credentials, Mechanism, authenticate
@@ -474,12 +475,28 @@ class _Setup:
         self.engine = engine
 
     async def run(self, tls_policy: TLSPolicy) -> Client:
+        # Whoever measures this attempt (replay, the daemon) gets each stage's time.
+        trace = TRACE.get()
+        clock = asyncio.get_running_loop().time
+        since = clock()
+        peer = self.peer
+
+        def lap(stage: str) -> None:
+            nonlocal since
+            if trace is not None:
+                now = clock()
+                trace.stage(peer, stage, now - since)
+                since = now
+
         protocol, program = await self._open()
+        lap("connect")
         try:
             greeting = await protocol.wait_greeting()
+            lap("greeting")
             if greeting.code != 220:
                 raise ReplyError(greeting.code, greeting.enhanced, greeting.text, "greeting")
             lhlo = await self._lhlo(protocol)
+            lap("lhlo")
             tls_info = None
             caps = protocol.engine.capabilities
             if wants_starttls(tls_policy, caps is not None and caps.starttls, self.peer):
@@ -488,8 +505,12 @@ class _Setup:
                 reply = await protocol.command("STARTTLS")
                 if check_starttls_reply(tls_policy, reply, self.peer):
                     tls_info = await protocol.start_tls(context, hostname, tls_policy.verifies)
+                    lap("starttls")
                     lhlo = await self._lhlo(protocol)  # only the new capabilities count
+                    lap("lhlo")
             mechanism = await self._login(protocol, encrypted=tls_info is not None)
+            if mechanism is not None:
+                lap("auth")
         except BaseException as exc:
             protocol.abort(ServerDisconnected("session setup failed"))
             if program is not None:

@@ -194,6 +194,13 @@ def test_daemon_notify_wake_reload_metrics_and_stop(smtp_sink: Any, tmp_path: Pa
     assert sample("lmtpfast_reloads_total", result="ok") == 1
     assert sample("lmtpfast_reloads_total", result="failed") == 1
     assert sample("lmtpfast_stage_seconds_count", destination=d2, stage="delivery") == 3
+    # Per protocol stage, from the session and protocol layers: one of each
+    # per transaction (smtp-sink has no CHUNKING: DATA), set-up per connection.
+    for stage in ("mail", "rcpt", "data", "dot"):
+        assert sample("lmtpfast_stage_seconds_count", destination=d2, stage=stage) == 3, stage
+    opened = sample("lmtpfast_pool_connections_opened_total", destination=d2)
+    for stage in ("connect", "greeting", "lhlo"):
+        assert sample("lmtpfast_stage_seconds_count", destination=d2, stage=stage) == opened
     assert sample("lmtpfast_pool_transactions_total", destination=d2) >= 3
 
     # The JSON summary carries the same counters under the same names.

@@ -29,7 +29,15 @@ import signal
 import sys
 from typing import Any
 
-from lmtpfast import Agent, ConfigurationError, LocalShapingState, Metrics, ShapingEvent, Timeouts
+from lmtpfast import (
+    METRICS,
+    Agent,
+    ConfigurationError,
+    LocalShapingState,
+    Metrics,
+    ShapingEvent,
+    Timeouts,
+)
 from lmtpfast.spool import (
     DirQueue,
     Observer,
@@ -321,6 +329,9 @@ class Daemon:
                 self.log.message(f"--metrics-listen {args.metrics_listen}: {exc}",
                                  level=logging.ERROR)
                 return _exit.EX_CONFIG
+        # Every delivery task inherits it: the session and protocol layers send
+        # their per-stage times (connect ... dot) to these metrics.
+        METRICS.set(self.metrics)
         self._cm = self._deliverer()
         deliverer = await self._cm.__aenter__()
         policy = RetryPolicy(min_backoff=args.min_backoff, max_backoff=args.max_backoff,
