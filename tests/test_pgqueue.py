@@ -442,3 +442,14 @@ async def test_import_a_directory_spool_idempotently(
         assert all(i.envelope is not None and len(i.envelope.recipients) == 2 for i in got)
         bodies = {await q.content(i.id) for i in got}
         assert bodies == {msg(i) for i in range(12)}
+
+
+def test_url_options_are_ours_and_removed() -> None:
+    q = PgQueue("postgresql://u:pw@h:5/db?lease=12&sslmode=require&restart_grace=0")
+    assert (q.lease, q.restart_grace) == (12.0, 0.0)
+    assert q._dsn == "postgresql://u:pw@h:5/db?sslmode=require"
+    assert "pw" not in q.location
+    with pytest.raises(QueueError, match="lease"):
+        PgQueue("postgresql://h/db?lease=abc")
+    with pytest.raises(QueueError, match="lease"):
+        PgQueue("postgresql://h/db?lease=0.5")

@@ -160,6 +160,39 @@ def redact_dsn(dsn: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+#: Parameters of a queue URL that are lmtpfast's, not libpq's (seconds).
+URL_OPTIONS = ("lease", "restart_grace")
+
+
+def split_options(dsn: str) -> tuple[str, dict[str, float]]:
+    """*dsn* without lmtpfast's own parameters (``?lease=20``), and those parameters.
+
+    ``lease``: seconds a claim lasts unrenewed; ``restart_grace``: seconds
+    after PostgreSQL starts during which no expired lease is taken over.
+    Everything else is passed to asyncpg (libpq's names).
+    """
+    parts = urllib.parse.urlsplit(dsn)
+    if not parts.query:
+        return dsn, {}
+    keep, options = [], {}
+    for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if k in URL_OPTIONS:
+            try:
+                options[k] = float(v)
+            except ValueError:
+                raise QueueError(0, f"bad queue URL parameter {k}={v!r} (seconds)",
+                                 redact_dsn(dsn)) from None
+            if not 0 <= options[k] <= 86400:
+                raise QueueError(0, f"queue URL parameter {k} out of range (0 to 86400 s)",
+                                 redact_dsn(dsn))
+        else:
+            keep.append((k, v))
+    if not options:
+        return dsn, {}
+    query = urllib.parse.urlencode(keep, safe="/:,")
+    return urllib.parse.urlunsplit((*parts[:3], query, parts.fragment)), options
+
+
 def _asyncpg() -> Any:
     try:
         import asyncpg
@@ -236,7 +269,8 @@ class ImportReport:
 class PgQueue(Queue):
     """The :class:`~lmtpfast.spool.Queue` in a PostgreSQL database (``postgresql://...``).
 
-    *lease*: seconds a claim lasts without renewal (renewed every third of
+    Options may also come in the URL (``?lease=20&restart_grace=0``, see
+    :func:`split_options`). *lease*: seconds a claim lasts without renewal (renewed every third of
     it while this worker lives). *create*: make or migrate the schema when
     first used (``lmtpfast queue init`` does it explicitly); otherwise a
     database without the schema is a :class:`QueueError`. *pool_size*:
@@ -255,8 +289,12 @@ class PgQueue(Queue):
                  restart_grace: float | None = None) -> None:
         if not dsn.startswith(("postgresql://", "postgres://")):
             raise QueueError(0, "not a PostgreSQL URL", redact_dsn(dsn))
+        dsn, options = split_options(dsn)
+        lease = options.get("lease", lease)
+        restart_grace = options.get("restart_grace", restart_grace)
         if not 1.0 <= lease <= 86400:
-            raise ValueError("lease must be between 1 second and a day")
+            raise QueueError(0, "the lease must be between 1 second and a day",
+                             redact_dsn(dsn))
         self._dsn = dsn
         self.location = redact_dsn(dsn)
         self._create = create
