@@ -340,8 +340,9 @@ class PgQueue(Queue):
             # Synchronous commits whatever the server's default: a claim lost in a
             # crash of PostgreSQL would let a second worker deliver again unflagged.
             settings = {"application_name": "lmtpfast", "synchronous_commit": "on"}
+            # min_size=0: no background task re-opening connections during an outage.
             pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self._pool_size, timeout=self._connect_timeout,
+                self._dsn, min_size=0, max_size=self._pool_size, timeout=self._connect_timeout,
                 command_timeout=self._command_timeout, server_settings=settings,
                 max_inactive_connection_lifetime=300.0)
             try:
@@ -388,24 +389,41 @@ class PgQueue(Queue):
         if now < self._down_until:
             raise QueueWriteError(0, f"{what}: the database is unavailable (retrying in "
                                   f"{self._down_until - now:.1f}s)", self.location)
+        trouble = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                   OSError, TimeoutError, ValueError)
+        conn = None
         try:
             pool = await self._ensure_pool()
-            async with pool.acquire(timeout=self._connect_timeout) as conn:
-                if self._orphans and write:
-                    await self._give_back_orphans(conn)
-                result = await fn(conn)
+            conn = await pool.acquire(timeout=self._connect_timeout)
+            if self._orphans and write:
+                await self._give_back_orphans(conn)
+            result = await fn(conn)
         except QueueError:
+            await self._put_back(conn, broken=True)
             raise
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError,
-                ValueError) as exc:
+        except trouble as exc:
+            # A connection that failed mid-operation is never reused (asyncpg may
+            # still think an operation is in progress on it).
+            await self._put_back(conn, broken=True)
             if _config_error(exc):
                 raise QueueError(0, f"{what}: {_problem(exc)}", self.location) from None
             self._backoff = min(5.0, max(0.05, self._backoff * 2))
             self._down_until = time.monotonic() + self._backoff
-            cls = QueueWriteError if write else QueueError
-            raise cls(0, f"{what}: {_problem(exc)}", self.location) from None
+            raise QueueWriteError(0, f"{what}: {_problem(exc)}", self.location) from None
+        except BaseException:
+            await self._put_back(conn, broken=True)
+            raise
+        await self._put_back(conn, broken=False)
         self._backoff = 0.0
         return result
+
+    async def _put_back(self, conn: Any, *, broken: bool) -> None:
+        if conn is None or self._pool is None:
+            return
+        if broken:
+            conn.terminate()
+        with contextlib.suppress(Exception):
+            await self._pool.release(conn, timeout=5)
 
     async def _give_back_orphans(self, conn: Any) -> None:
         """Rows leased by a claim whose reply never came: never delivered, so not suspect."""
