@@ -420,9 +420,9 @@ class PgQueue(Queue):
     async def _put_back(self, conn: Any, *, broken: bool) -> None:
         if conn is None or self._pool is None:
             return
-        if broken:
-            conn.terminate()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # the pool may have taken a dead one back
+            if broken:
+                conn.terminate()
             await self._pool.release(conn, timeout=5)
 
     async def _give_back_orphans(self, conn: Any) -> None:
