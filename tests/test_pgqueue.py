@@ -251,6 +251,7 @@ async def test_operators_leave_entries_being_delivered_alone(postgres_db: PgData
         reason = Reason(code=554, text="operator")
         assert (await q.bounce(Selection(ids=tuple(ids)), reason)).busy == sorted(ids, key=int)
         assert (await q.retry(Selection(ids=(e0.id,)))).busy == [e0.id]
+        assert (await q.hold(Selection(ids=(e1.id,)))).busy == [e1.id]
         # Delete wins over a running delivery: the worker finds the entry gone.
         assert (await q.delete(Selection(ids=(e0.id,)))).done == [e0.id]
         assert await q.record([Update(e0, "done"), Update(e1, "done")]) == ["gone", "ok"]

@@ -879,10 +879,11 @@ class PgQueue(Queue):
         return out
 
     async def hold(self, selection: Selection) -> ActionResult:
-        """Put queued entries on hold (one being delivered is held after its attempt)."""
+        """Put queued entries on hold; one being delivered is *busy* (as the other backends say)."""
         async def fn(conn: Any, ids: list[int]) -> dict[int, str]:
-            got = await conn.fetch("UPDATE lmtpfast.msg SET state = 1 WHERE id = ANY($1::bigint[])"
-                                   " AND state = 0 RETURNING id", ids)
+            got = await conn.fetch(
+                "UPDATE lmtpfast.msg SET state = 1 WHERE id = ANY($1::bigint[]) AND state = 0 "
+                "AND (lease IS NULL OR lease_expires <= now()) RETURNING id", ids)
             return await self._busy_or_missing(conn, ids, {r[0] for r in got})
         return await self._act(selection, "hold", fn)
 
