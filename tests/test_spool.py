@@ -480,6 +480,21 @@ def test_no_bounce_for_null_sender_or_hdrs_only(tmp_path: Path) -> None:
     assert build_bounce("ID", env, message) is None  # type: ignore[arg-type]
 
 
+def test_bounce_of_a_large_message_returns_its_header_only(tmp_path: Path) -> None:
+    from lmtpfast.spool._bounce import BOUNCE_SIZE_LIMIT
+
+    message, env = _failed_env()
+    big = message + b"y" * (BOUNCE_SIZE_LIMIT + 10)
+    # Given only the start of the message and its real size, as replay does.
+    data = build_bounce("ID", env, big[:BOUNCE_SIZE_LIMIT + 1],  # type: ignore[arg-type]
+                        message_size=200 * 1024 * 1024)
+    assert data is not None and len(data) < BOUNCE_SIZE_LIMIT
+    assert b"text/rfc822-headers" in data and b"Subject: hi" in data and b"yyyy" not in data
+    assert b"larger than 50000 bytes (209715200)" in data
+    small = build_bounce("ID", env, message)  # type: ignore[arg-type]
+    assert small is not None and b"message/rfc822" in small and b"hello" in small
+
+
 def test_envelope_roundtrip() -> None:
     env = new_envelope("a@x.org", ["b@x.org"])
     assert decode_envelope(encode_envelope(env)) == env

@@ -19,6 +19,7 @@ import time
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate, make_msgid
 from pathlib import Path
+from typing import Any
 
 from ._format import Envelope, Recipient
 from ._store import make_private_dir, open_private
@@ -48,14 +49,26 @@ def _crlf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
+#: The most of the original a bounce returns (Postfix's ``bounce_size_limit``):
+#: a larger message comes back as its header only, so a bounce of a 200 MiB
+#: message is small, and building it never holds the message whole.
+BOUNCE_SIZE_LIMIT = 50_000
+
+
 def build_bounce(
     id: str, env: Envelope, message: bytes, *, reporting_mta: str | None = None,
-    postmaster: str | None = None,
+    postmaster: str | None = None, message_size: int | None = None,
 ) -> bytes | None:
-    """The bounce for *env*'s failed recipients, or ``None`` when none is due."""
+    """The bounce for *env*'s failed recipients, or ``None`` when none is due.
+
+    *message* may be just the start of the original when *message_size* (its
+    real size) is larger than :data:`BOUNCE_SIZE_LIMIT`: then only its header
+    is returned, whatever ``RET`` asked.
+    """
     failed = [r for r in env.failed() if _wants_failure_notice(r)]
     if not env.sender or not failed:
         return None
+    size = len(message) if message_size is None else message_size
     mta = reporting_mta or socket.getfqdn() or "localhost"
     from_addr = postmaster or f"MAILER-DAEMON@{mta}"
     boundary = f"lmtpfast-{secrets.token_hex(12)}"
@@ -90,7 +103,12 @@ def build_bounce(
             if last.at:
                 fields.append(f"Last-Attempt-Date: {_date(last.at)}")
         blocks.append("\r\n".join(fields))
-    full = env.ret != "HDRS"
+    too_big = size > BOUNCE_SIZE_LIMIT
+    if too_big:
+        human.append("")
+        human.append(f"The message was larger than {BOUNCE_SIZE_LIMIT} bytes ({size}): only its "
+                     "header is returned.")
+    full = env.ret != "HDRS" and not too_big
     original = _crlf(message if full else _header_of(message))
     head = "\r\n".join([
         f"From: Mail Delivery System <{from_addr}>",
@@ -128,7 +146,8 @@ def build_bounce(
 
 
 def write_bounce(
-    directory: str | os.PathLike[str], id: str, env: Envelope, message: bytes, **options: str
+    directory: str | os.PathLike[str], id: str, env: Envelope, message: bytes,
+    **options: Any,
 ) -> Path | None:
     """Write the bounce for *id* to ``DIRECTORY/ID.eml`` (atomically); its path, or ``None``.
 

@@ -515,10 +515,12 @@ class Replayer:
         env = entry.envelope
         if self.bounce_dir is None or env.bounced:
             return True
-        from ._bounce import write_bounce
+        from ._bounce import BOUNCE_SIZE_LIMIT, write_bounce
 
         try:
-            write_bounce(self.bounce_dir, entry.id, env, bytes(entry.content))
+            # The start of the message only: a bounce returns a large one's header.
+            write_bounce(self.bounce_dir, entry.id, env,
+                         bytes(entry.content[:BOUNCE_SIZE_LIMIT + 1]), message_size=entry.size)
         except OSError as exc:
             self.observer.error(entry.id, f"bounce not written, kept queued: {_problem(exc)}")
             return False

@@ -185,9 +185,11 @@ class Claim:
     def message_size(self) -> int:
         return os.fstat(self._fd).st_size
 
-    def read_message(self) -> bytes:
-        """The message bytes (read through the locked descriptor)."""
+    def read_message(self, limit: int | None = None) -> bytes:
+        """The message bytes (read through the locked descriptor); the first *limit* only."""
         size = os.fstat(self._fd).st_size
+        if limit is not None:
+            size = min(size, limit)
         return os.pread(self._fd, size, 0) if size else b""
 
     def reserve(self, size: int) -> None:
