@@ -3,6 +3,7 @@
     python bench/bench_replay.py                       # everything (root; Dovecot + Postfix tools)
     python bench/bench_replay.py --only memory         # peak RSS, 10,000 vs 200,000 messages
     python bench/bench_replay.py --only rate --messages 100000
+    python bench/bench_replay.py --only big             # 3 messages of 200 MiB at once: peak RSS
 
 Memory: a spool of N one-recipient messages is replayed by ``python -m
 lmtpfast replay --once`` into ``smtp-sink -L``; the peak RSS of that process
@@ -75,6 +76,56 @@ def memory(args: argparse.Namespace, base: Path) -> None:
     print(f"difference: {(rl - rs) / 1024:+.1f} MiB for {large // small}x the messages")
 
 
+def _status_kib(pid: int) -> dict[str, int]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in text.splitlines())
+            if k in ("VmHWM", "RssAnon", "RssFile")}
+
+
+def big(args: argparse.Namespace, base: Path) -> None:
+    """Peak RSS of replaying a few large messages at once (they must stream, not be held)."""
+    n, mib = args.big_count, args.big_mib
+    print(f"== peak RSS of `lmtpfast replay --once --concurrency {n}` of {n} messages of "
+          f"{mib} MiB into `lmtpfast sink --max-size 0` (unix socket, discarding)")
+    spool = Spool(base / "big", create=True)
+    line = b"y" * 998 + b"\r\n"
+    body = line * (mib * 1024 * 1024 // len(line))
+    for i in range(n):
+        spool.enqueue(b"Subject: big %d\r\n\r\n" % i + body, "bench@example.org",
+                      ["user@example.com"], fsync=False)
+    del body
+    sock, ready = base / "big.sock", base / "big.ready"
+    sink = subprocess.Popen([sys.executable, "-m", "lmtpfast", "sink", "--listen", f"unix:{sock}",
+                             "--max-size", "0", "--ready-file", str(ready), "--quiet"])
+    try:
+        while not ready.exists():
+            assert sink.poll() is None, "the sink did not start"
+            time.sleep(0.02)
+        cmd = [sys.executable, "-m", "lmtpfast", "replay", str(spool.path), "--server",
+               f"unix:{sock}", "--once", "-q", "--concurrency", str(n)]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        peak: dict[str, int] = {}
+        # Sample anonymous and file-backed RSS while it runs (VmHWM counts both).
+        while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            for k, v in _status_kib(proc.pid).items():
+                peak[k] = max(peak.get(k, 0), v)
+            time.sleep(0.01)
+        _, status, usage = os.wait4(proc.pid, 0)
+        secs = time.perf_counter() - start
+    finally:
+        sink.terminate()
+        sink.wait()
+    print(f"peak RSS (ru_maxrss) {usage.ru_maxrss / 1024:.0f} MiB; sampled peaks: anonymous "
+          f"{peak.get('RssAnon', 0) / 1024:.0f} MiB, file-backed {peak.get('RssFile', 0) / 1024:.0f}"
+          f" MiB; {secs:.1f} s, exit {os.waitstatus_to_exitcode(status)}, "
+          f"left {spool.count()['incoming']}")
+    shutil.rmtree(spool.path)
+
+
 def rate(args: argparse.Namespace, base: Path) -> None:
     n, size = args.messages, args.size
     print(f"== {n:,} messages of {size} B, 1 recipient, unix sockets "
@@ -121,7 +172,9 @@ def rate(args: argparse.Namespace, base: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--only", choices=("memory", "rate"))
+    p.add_argument("--only", choices=("memory", "rate", "big"))
+    p.add_argument("--big-count", type=int, default=3, help="--only big: messages")
+    p.add_argument("--big-mib", type=int, default=200, help="--only big: MiB each")
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--dovecot-messages", type=int, default=0, help="default: --messages")
     p.add_argument("--size", type=int, default=1024)
@@ -137,6 +190,8 @@ def main() -> None:
     try:
         if args.only in (None, "memory"):
             memory(args, base)
+        if args.only in (None, "big"):
+            big(args, base)
         if args.only in (None, "rate"):
             rate(args, base)
     finally:
