@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "deliver": "_session",
     "Message": "_delivery",
     "Delivery": "_delivery",
+    "MessageFile": "_delivery",
     "Agent": "_agent",
     "AgentStats": "_agent",
     "Routing": "_routing",
@@ -147,6 +148,7 @@ __all__ = [
     "MapError",
     "MapWarning",
     "Message",
+    "MessageFile",
     "Metrics",
     "PasswordMap",
     "Pool",
@@ -202,7 +204,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from ._agent import Agent, AgentStats
     from ._config import DEFAULT_TRANSPORT, AgentConfig, Transport, config_from_dict, load_config
-    from ._delivery import Delivery, Message
+    from ._delivery import Delivery, Message, MessageFile
     from ._destination import Destination, DestinationSet, parse_destination
     from ._dsn import DSN
     from ._errors import (

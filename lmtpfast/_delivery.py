@@ -33,7 +33,9 @@ import email
 import email.generator
 import email.message
 import email.policy
+import errno
 import io
+import os
 import quopri
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,9 +50,7 @@ from .proto._common import encode_address
 from .proto.content import ContentEncoder, encode_content
 
 __all__ = ["STREAM_CHUNK", "STREAM_THRESHOLD", "BadSender", "Delivery", "Message",
-           "message_bytes", "to_7bit"]
-
-Message = bytes | bytearray | memoryview | str | email.message.Message
+           "MessageFile", "message_bytes", "pieces", "to_7bit"]
 
 # Messages up to STREAM_THRESHOLD bytes are encoded whole and sent with their
 # final dot (and the next transaction's commands) in one write; larger ones
@@ -58,6 +58,61 @@ Message = bytes | bytearray | memoryview | str | email.message.Message
 # a 50 MiB message is never copied whole.
 STREAM_CHUNK = 256 * 1024
 STREAM_THRESHOLD = 4 * STREAM_CHUNK
+
+
+class MessageFile:
+    """A message in an open file, read a piece at a time: never held whole in memory.
+
+    For messages too large to keep, such as a spool's locked message file:
+    ``len()`` is its size, and a slice reads that range with ``os.pread``
+    (``f[a:b]`` is ``bytes``), which is all the streaming send path and the
+    one-pass checks ask of a large message. The message starts *offset*
+    bytes into the file (a store's data file begins with a header) and is
+    *size* bytes long (default: the rest of the file). The descriptor must
+    stay open, and the file unchanged, while the delivery runs (spool message
+    files never change). A read error is an ``OSError``, so the recipients
+    are deferred, never refused. Smaller than :data:`STREAM_THRESHOLD`, the
+    file is read whole by :func:`message_bytes` (it is sent in one write then).
+    """
+
+    __slots__ = ("fd", "offset", "size")
+
+    def __init__(self, fd: int, size: int | None = None, *, offset: int = 0) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.size = os.fstat(fd).st_size - offset if size is None else size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, piece: slice) -> bytes:
+        start, stop, step = piece.indices(self.size)
+        if step != 1:
+            raise ValueError("a MessageFile is read in contiguous pieces")
+        want = max(0, stop - start)
+        at = self.offset + start
+        data = os.pread(self.fd, want, at)
+        while len(data) < want:  # a short read: go on from where it stopped
+            more = os.pread(self.fd, want - len(data), at + len(data))
+            if not more:
+                raise OSError(errno.EIO, "message file shorter than when it was opened")
+            data += more
+        return data
+
+    def __bytes__(self) -> bytes:
+        return self[0:self.size]
+
+    def __repr__(self) -> str:
+        return f"<MessageFile fd={self.fd} offset={self.offset} size={self.size}>"
+
+
+Message = bytes | bytearray | memoryview | str | email.message.Message | MessageFile
+
+
+def pieces(content: bytes | memoryview | MessageFile) -> memoryview | MessageFile:
+    """What a chunk loop reads: a byte view of *content* (a :class:`MessageFile` is its own)."""
+    return content if isinstance(content, MessageFile) else memoryview(content).cast("B")
+
 
 _NO_REFUSALS: Mapping[int, RecipientResult] = {}
 _NOTHING_GIVEN: frozenset[str] = frozenset()
@@ -84,10 +139,12 @@ class BadSender(LocalProtocolError):
         self.address = address
 
 
-def message_bytes(message: Message) -> bytes | memoryview:
-    """The raw bytes of a message given as bytes, str or ``email.message.Message``."""
+def message_bytes(message: Message) -> bytes | memoryview | MessageFile:
+    """The raw bytes of a message given as bytes, str, ``email.message.Message`` or a file."""
     if isinstance(message, bytes):
         return message
+    if isinstance(message, MessageFile):
+        return message if len(message) > STREAM_THRESHOLD else bytes(message)
     if isinstance(message, bytearray | memoryview):
         return memoryview(message).cast("B")
     if isinstance(message, str):
@@ -101,7 +158,7 @@ def message_bytes(message: Message) -> bytes | memoryview:
         f"message must be bytes, str or email.message.Message, not {type(message).__name__}")
 
 
-def _scan_large(raw: memoryview) -> bool:
+def _scan_large(raw: memoryview | MessageFile) -> bool:
     """Raise on a NUL; return whether the message is 7-bit, a chunk at a time (no whole copy)."""
     ascii_only = True
     for start in range(0, len(raw), STREAM_CHUNK):
@@ -123,7 +180,7 @@ class Delivery(msgspec.Struct, frozen=True, gc=False):
 
     sender: str
     recipients: tuple[str, ...]
-    content: bytes | memoryview
+    content: bytes | memoryview | MessageFile
     #: Raw ESMTP parameters the caller gave for MAIL and per recipient.
     mail_params: tuple[str, ...] = ()
     rcpt_params: tuple[tuple[str, ...], ...] | None = None
@@ -192,7 +249,7 @@ class Delivery(msgspec.Struct, frozen=True, gc=False):
                                    "e.g. base64)")
             eight_bit = not raw.isascii()
         else:
-            eight_bit = not _scan_large(memoryview(raw).cast("B"))
+            eight_bit = not _scan_large(pieces(raw))
         # The parameters themselves are checked by the engine as it encodes them.
         params: tuple[str, ...] = ()
         given = _NOTHING_GIVEN
@@ -247,7 +304,7 @@ class Delivery(msgspec.Struct, frozen=True, gc=False):
                 size = len(data) - data.count(b"\n.") - (data[:1] == b".")
             elif self.streamed:
                 enc = ContentEncoder(dot_stuff=False)
-                raw = memoryview(self.content).cast("B")
+                raw = pieces(self.content)
                 for start in range(0, len(raw), STREAM_CHUNK):
                     enc.encode(raw[start : start + STREAM_CHUNK])
                 enc.finish()

@@ -14,7 +14,7 @@ import ssl
 from collections import deque
 from typing import cast
 
-from ._delivery import STREAM_CHUNK
+from ._delivery import STREAM_CHUNK, MessageFile
 from ._errors import (
     LMTPError,
     ReadTimeout,
@@ -56,7 +56,7 @@ class StreamedContent:
 
     __slots__ = ("chunking", "encoder", "raw")
 
-    def __init__(self, raw: memoryview, chunking: bool = False,
+    def __init__(self, raw: memoryview | MessageFile, chunking: bool = False,
                  encoder: type[ContentEncoder] = ContentEncoder) -> None:
         self.raw = raw
         self.chunking = chunking
@@ -519,6 +519,12 @@ class LMTPProtocol(asyncio.Protocol):
             self.abort(exc)
             return
         except (ConnectionError, asyncio.CancelledError):
+            return
+        except OSError as exc:
+            # A message file (MessageFile) that cannot be read midway: the
+            # server has part of the message, so drop the connection (the
+            # recipients are deferred; the content never ended, no duplicate).
+            self.abort(exc)
             return
         finally:
             self._chunk_ready = None

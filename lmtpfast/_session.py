@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import NamedTuple
 
 from ._command import Program
-from ._delivery import Delivery, Message, message_bytes
+from ._delivery import Delivery, Message, message_bytes, pieces
 from ._destination import Destination, parse_destination
 from ._dsn import DSN
 from ._errors import (
@@ -314,7 +314,7 @@ class Client:
         chunking = self.chunking
         content: bytes | StreamedContent
         if body.streamed:
-            content = StreamedContent(memoryview(body.content).cast("B"), chunking=chunking,
+            content = StreamedContent(pieces(body.content), chunking=chunking,
                                       encoder=self.engine.ContentEncoder)
         else:
             content = body.encoded(dot_stuff=not chunking, encode=self.engine.encode_content)
