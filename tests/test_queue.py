@@ -209,21 +209,33 @@ async def test_claims_are_exclusive_between_two_queues(kind: str, tmp_path: Path
         assert (await q1.status()).queued == 0
 
 
-async def test_big_message_is_mapped_not_copied(kind: str, tmp_path: Path) -> None:
-    big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 400  # 400 KB
-    src = tmp_path / "big.eml"
-    src.write_bytes(big)
+async def test_big_message_is_streamed_not_copied(kind: str, tmp_path: Path) -> None:
+    """Over 1 MiB a claimed message is a MessageFile (read a piece at a time), closed by record."""
+    from lmtpfast import MessageFile
+
+    big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 2000  # 2 MB
+    middle = b"Subject: mid\r\n\r\n" + (b"y" * 998 + b"\r\n") * 400  # 400 KB: read whole
     async with open_queue(kind, tmp_path / "q") as q:
-        env = new_envelope("s@example.org", ["big@example.com"])
-        await q.enqueue_many([NewMessage(env, src)])
+        news = []
+        for n, data in (("big", big), ("mid", middle)):
+            src = tmp_path / f"{n}.eml"
+            src.write_bytes(data)
+            news.append(NewMessage(new_envelope("s@example.org", [f"{n}@example.com"]), src))
+        await q.enqueue_many(news)
         due = time.time()
         await q.begin_pass(due=due)
-        [e] = (await q.claim(1, due=due)).entries
-        assert e.size == len(big) and bytes(e.content) == big
-        if kind == "sqlite":
-            assert isinstance(e.content, memoryview)  # a mapping of data/ID
-        await q.record([Update(e, "done")])
-        assert e.content == b""
+        entries = (await q.claim(2, due=due)).entries
+        got = {e.envelope.recipients[0].address: e for e in entries}
+        e, m = got["big@example.com"], got["mid@example.com"]
+        assert isinstance(e.content, MessageFile) and len(e.content) == e.size == len(big)
+        assert e.content[:14] == big[:14] and bytes(e.content) == big
+        fd = Path(f"/proc/self/fd/{e.content.fd}")
+        opened = os.readlink(fd)
+        assert isinstance(m.content, bytes | memoryview) and bytes(m.content) == middle
+        await q.record([Update(x, "done") for x in entries])
+        assert e.content == b"" and m.content == b""
+        # The big one's file is closed (its descriptor gone, or reused by another file).
+        assert not fd.exists() or os.readlink(fd).removesuffix(" (deleted)") != opened
     if kind == "sqlite":
         assert os.listdir(tmp_path / "q" / "data") == []
 

@@ -189,7 +189,7 @@ class DirQueue(Queue):
                                           f"left queued, not delivered: {exc.strerror or exc}",
                                           exc.filename or self.location) from None
             try:
-                data = claim.read_message()
+                data = claim.message()  # a big one is read as it is sent
             except OSError as exc:
                 try:
                     self.spool._quarantine(claim.queue, claim.id,

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 from ._format import Envelope, Reason
 
 if TYPE_CHECKING:
+    from .._delivery import MessageFile
     from ._watch import Watch
 
 __all__ = [
@@ -150,14 +151,15 @@ class Entry:
 
     ``envelope`` is the worker's copy: change it (recipients' states, replies,
     counters) and record it with an :class:`Update`. ``content`` is the
-    message as bytes, or a read-only :class:`memoryview` over a mapped file
-    for big messages (never read whole into memory); call :meth:`close` when
-    done (``record`` does).
+    message as bytes, or for a big one (over 1 MiB) a
+    :class:`~lmtpfast.MessageFile` over its open file, read a piece at a time
+    as it is sent (never whole into memory); call :meth:`close` when done
+    (``record`` does).
     """
 
     id: str
     envelope: Envelope
-    content: bytes | memoryview
+    content: bytes | memoryview | MessageFile
     size: int
     #: A worker that died held this entry: each queued recipient may already
     #: have been delivered (reported ``possibly_duplicated`` when delivered now).
@@ -169,7 +171,7 @@ class Entry:
     _close: Callable[[], None] | None = field(default=None, repr=False)
 
     def close(self) -> None:
-        """Release the content (unmap a big message); idempotent."""
+        """Release the content (close a big message's file); idempotent."""
         closer, self._close = self._close, None
         self.content = b""
         if closer is not None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
-from .._delivery import BadSender, Delivery
+from .._delivery import BadSender, Delivery, MessageFile
 from .._dsn import DSN
 from .._errors import ConfigurationError, ContentError, LMTPError
 from .._failures import BAD_CONTENT, BAD_SENDER, LOCAL_ERROR
@@ -739,8 +739,8 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f} seconds"
 
 
-def delivery_for(message: bytes | memoryview, env: Envelope, pending: list[Recipient]
-                 ) -> Delivery:
+def delivery_for(message: bytes | memoryview | MessageFile, env: Envelope,
+                 pending: list[Recipient]) -> Delivery:
     """The :class:`~lmtpfast.Delivery` for an entry's *pending* recipients, with its DSN."""
     dsn = None
     if (env.ret is not None or env.envid is not None

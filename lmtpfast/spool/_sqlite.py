@@ -5,7 +5,7 @@ Layout (see ``docs/spool.md`` for the why and the measurements)::
 
     SPOOL/queue.db      one row per message: envelope, state, lease, where the content is
     SPOOL/seg/N         append-only segment files of small messages, written in groups
-    SPOOL/data/ID       one file per big message (streamed and mapped, never read whole)
+    SPOOL/data/ID       one file per big message (streamed, never read whole)
     SPOOL/workers/TOKEN one per live replay worker: its flock is its liveness, and its
                         preallocated body the journal of outcomes it could not write
     SPOOL/queue.lock    every process using the store holds a shared flock on it
@@ -45,7 +45,7 @@ import contextlib
 import errno
 import fcntl
 import functools
-import mmap
+import io
 import os
 import secrets
 import sqlite3
@@ -56,7 +56,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -88,6 +88,9 @@ from ._queue import (
 )
 from ._watch import IN_ATTRIB, IN_CLOSE_WRITE, IN_CREATE, IN_MOVED_TO, Watch, watch_paths
 
+if TYPE_CHECKING:
+    from .._delivery import MessageFile
+
 __all__ = ["SCHEMA_VERSION", "SQLiteQueue", "SQLiteStore", "is_store"]
 
 SCHEMA_VERSION = 1
@@ -99,7 +102,7 @@ _DIRS = ("seg", "data", "workers", "tmp", "quarantine")
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
-#: Messages larger than this get a data file of their own (streamed, mapped).
+#: Messages larger than this get a data file of their own (streamed in and out).
 BIG_MESSAGE = 128 * 1024
 #: A segment is sealed (no more appends) once it is this large.
 SEGMENT_SIZE = 8 * 1024 * 1024
@@ -884,7 +887,7 @@ class SQLiteStore:
                        next_attempt=next_attempt, last_attempt=last_attempt, delivered=delivered,
                        ret=ret, envid=envid)
         closer = None
-        content: bytes | memoryview
+        content: bytes | memoryview | MessageFile
         if body is not None:
             if len(body) != size or zlib.crc32(body) != crc:
                 raise _Bad("message content in queue.db is damaged (checksum mismatch)")
@@ -895,7 +898,7 @@ class SQLiteStore:
                 raise got
             content = got
         else:
-            content, closer = self._map_data_file(id, size, crc)
+            content, closer = self._open_data_file(id, size, crc)
         return Entry(str(id), env, content, size, bool(suspect),
                      _Lease(id, seg, off, body is not None, crc), _close=closer)
 
@@ -992,9 +995,14 @@ class SQLiteStore:
             view.release()
         return buf[start + elen:end]
 
-    def _map_data_file(self, id: int, size: int, crc: int
-                       ) -> tuple[memoryview | bytes, Callable[[], None] | None]:
+    def _open_data_file(self, id: int, size: int, crc: int
+                        ) -> tuple[bytes | MessageFile, Callable[[], None] | None]:
+        """A big message's content: read when it is sent in one write, else its open file."""
+        from .._delivery import STREAM_THRESHOLD, MessageFile
+
         fd, st = self._open_own(self.path / "data" / f"{id}", f"message file data/{id}")
+        # Owned by a file object: a descriptor an entry never closed goes with it.
+        f = io.FileIO(fd, "rb", closefd=True)
         try:
             if st.st_nlink != 1:
                 raise _Bad(f"message file data/{id} has other hard links (not read)")
@@ -1007,18 +1015,17 @@ class SQLiteStore:
             start = _HEADER.size + elen
             if st.st_size != start + size:
                 raise _Bad(f"message file data/{id} has the wrong size")
-            # Mapped, not read: a 30 MB message costs page cache, not heap.
-            m = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        view = memoryview(m)[start:]
-
-        def close() -> None:
-            view.release()
-            with contextlib.suppress(BufferError):
-                m.close()
-
-        return view, close
+            if size <= STREAM_THRESHOLD:
+                data = os.pread(fd, size, start)
+                if len(data) != size:
+                    raise _Bad(f"message file data/{id} is truncated")
+                return data, None
+        except BaseException:
+            f.close()
+            raise
+        # Read a piece at a time as it is sent: several big messages in flight
+        # cost neither heap nor resident file pages beyond the pieces.
+        return MessageFile(fd, size, offset=start), f.close
 
     # -- outcomes --------------------------------------------------------------------
 
@@ -1073,6 +1080,7 @@ class SQLiteStore:
                 where: tuple[Any, ...]
                 if self._moves_inline(u):
                     content = u.entry.content
+                    assert isinstance(content, bytes)  # _moves_inline checked it
                     where = (None, None, content, zlib.crc32(content))
                 else:
                     where = (lease.seg, lease.off, u.entry.content if lease.inline else None,
@@ -1418,7 +1426,7 @@ class SQLiteStore:
                 if isinstance(got, _Bad):
                     raise got
                 return got
-            data, closer = self._map_data_file(rid, size, crc)
+            data, closer = self._open_data_file(rid, size, crc)
             try:
                 return bytes(data)
             finally:

@@ -31,7 +31,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 from .._errors import ContentError
 from ._format import (
@@ -42,6 +42,9 @@ from ._format import (
     encode_envelope,
     new_envelope,
 )
+
+if TYPE_CHECKING:
+    from .._delivery import MessageFile
 
 __all__ = ["Claim", "Quarantined", "Scan", "Spool", "SpoolError"]
 
@@ -184,6 +187,22 @@ class Claim:
     @property
     def message_size(self) -> int:
         return os.fstat(self._fd).st_size
+
+    def message(self) -> bytes | MessageFile:
+        """The message to deliver: its bytes, or a large one read a piece at a time.
+
+        A message larger than the streaming threshold (1 MiB) is a
+        :class:`~lmtpfast.MessageFile` over the locked descriptor: the
+        delivery reads it in pieces as it sends, so several large messages in
+        flight never sit in memory whole.
+        """
+        # Imported here: enqueue (which uses this module) never loads the delivery side.
+        from .._delivery import STREAM_THRESHOLD, MessageFile
+
+        size = os.fstat(self._fd).st_size
+        if size > STREAM_THRESHOLD:
+            return MessageFile(self._fd, size)
+        return os.pread(self._fd, size, 0) if size else b""
 
     def read_message(self, limit: int | None = None) -> bytes:
         """The message bytes (read through the locked descriptor); the first *limit* only."""
