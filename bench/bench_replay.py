@@ -97,16 +97,22 @@ for i in range(int(sys.argv[2])):
 """
 
 
+def _left(path: Path) -> int:
+    """Entries still queued, in the store and in the directory spool beside it."""
+    from lmtpfast.spool import Selection, SQLiteStore
+
+    n = sum(len(os.listdir(path / d)) for d in ("incoming", "deferred") if (path / d).exists())
+    if (path / "queue.db").exists():
+        with SQLiteStore(path) as store:
+            n += sum(1 for _ in store.iter_entries(Selection(states=("queued",))))
+    return n
+
+
 def big(args: argparse.Namespace, base: Path) -> None:
     """Peak RSS of replaying a few large messages at once (they must stream, not be held)."""
     n, mib = args.big_count, args.big_mib
     print(f"== peak RSS of `lmtpfast replay --once --concurrency {n}` of {n} messages of "
           f"{mib} MiB into `lmtpfast sink --max-size 0` (unix socket, discarding)")
-    # Written by a child: this process stays small, and ru_maxrss of the replay
-    # (which also counts what a child was when forked, before exec) means the replay.
-    subprocess.run([sys.executable, "-c", _BIG_SPOOL, str(base / "big"), str(n), str(mib)],
-                   check=True)
-    spool = Spool(base / "big")
     sock, ready = base / "big.sock", base / "big.ready"
     sink = subprocess.Popen([sys.executable, "-m", "lmtpfast", "sink", "--listen", f"unix:{sock}",
                              "--max-size", "0", "--ready-file", str(ready), "--quiet"])
@@ -114,28 +120,35 @@ def big(args: argparse.Namespace, base: Path) -> None:
         while not ready.exists():
             assert sink.poll() is None, "the sink did not start"
             time.sleep(0.02)
-        cmd = [sys.executable, "-m", "lmtpfast", "replay", str(spool.path), "--server",
-               f"unix:{sock}", "--once", "-q", "--concurrency", str(n)]
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        peak: dict[str, int] = {}
-        # Sample anonymous and file-backed RSS while it runs (VmHWM counts both).
-        while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-            for k, v in _status_kib(proc.pid).items():
-                peak[k] = max(peak.get(k, 0), v)
-            time.sleep(0.01)
-        _, status, usage = os.wait4(proc.pid, 0)
-        secs = time.perf_counter() - start
+        # The store (converted from the directory spool by the replay itself,
+        # a streamed copy inside the measured peak), then the directory spool as it is.
+        for prefix, what in (("", "store (converted first)"), ("dir:", "directory spool")):
+            where = base / f"big{prefix.rstrip(':')}"
+            # Written by a child: this process stays small, and ru_maxrss of the replay
+            # (which also counts what a child was when forked, before exec) means the replay.
+            subprocess.run([sys.executable, "-c", _BIG_SPOOL, str(where), str(n), str(mib)],
+                           check=True)
+            cmd = [sys.executable, "-m", "lmtpfast", "replay", f"{prefix}{where}", "--server",
+                   f"unix:{sock}", "--once", "-q", "--concurrency", str(n)]
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+            peak: dict[str, int] = {}
+            # Sample anonymous and file-backed RSS while it runs (VmHWM counts both).
+            while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                for k, v in _status_kib(proc.pid).items():
+                    peak[k] = max(peak.get(k, 0), v)
+                time.sleep(0.01)
+            _, status, usage = os.wait4(proc.pid, 0)
+            secs = time.perf_counter() - start
+            anon, filed = peak.get("RssAnon", 0) / 1024, peak.get("RssFile", 0) / 1024
+            print(f"{what}: peak RSS: ru_maxrss {usage.ru_maxrss / 1024:.0f} MiB, VmHWM "
+                  f"{peak.get('VmHWM', 0) / 1024:.0f} MiB; sampled every 10 ms: anonymous "
+                  f"{anon:.0f} MiB, file-backed {filed:.0f} MiB; {secs:.1f} s, "
+                  f"exit {os.waitstatus_to_exitcode(status)}, left {_left(where)}")
+            shutil.rmtree(where)
     finally:
         sink.terminate()
         sink.wait()
-    anon, filed = peak.get("RssAnon", 0) / 1024, peak.get("RssFile", 0) / 1024
-    print(f"peak RSS: ru_maxrss {usage.ru_maxrss / 1024:.0f} MiB, VmHWM "
-          f"{peak.get('VmHWM', 0) / 1024:.0f} MiB; sampled every 10 ms: anonymous "
-          f"{anon:.0f} MiB, file-backed {filed:.0f} MiB; {secs:.1f} s, "
-          f"exit {os.waitstatus_to_exitcode(status)}, "
-          f"left {spool.count()['incoming']}")
-    shutil.rmtree(spool.path)
 
 
 def rate(args: argparse.Namespace, base: Path) -> None:
