@@ -29,6 +29,7 @@ from pathlib import Path
 
 from lmtpfast._testing.dovecot import TempDovecot
 from lmtpfast._testing.postfix import SmtpSink, run_smtp_source
+from lmtpfast._testing.spool import queued_count
 from lmtpfast.spool import Spool
 
 
@@ -97,17 +98,6 @@ for i in range(int(sys.argv[2])):
 """
 
 
-def _left(path: Path) -> int:
-    """Entries still queued, in the store and in the directory spool beside it."""
-    from lmtpfast.spool import Selection, SQLiteStore
-
-    n = sum(len(os.listdir(path / d)) for d in ("incoming", "deferred") if (path / d).exists())
-    if (path / "queue.db").exists():
-        with SQLiteStore(path) as store:
-            n += sum(1 for _ in store.iter_entries(Selection(states=("queued",))))
-    return n
-
-
 def big(args: argparse.Namespace, base: Path) -> None:
     """Peak RSS of replaying a few large messages at once (they must stream, not be held)."""
     n, mib = args.big_count, args.big_mib
@@ -144,7 +134,7 @@ def big(args: argparse.Namespace, base: Path) -> None:
             print(f"{what}: peak RSS: ru_maxrss {usage.ru_maxrss / 1024:.0f} MiB, VmHWM "
                   f"{peak.get('VmHWM', 0) / 1024:.0f} MiB; sampled every 10 ms: anonymous "
                   f"{anon:.0f} MiB, file-backed {filed:.0f} MiB; {secs:.1f} s, "
-                  f"exit {os.waitstatus_to_exitcode(status)}, left {_left(where)}")
+                  f"exit {os.waitstatus_to_exitcode(status)}, left {queued_count(where)}")
             shutil.rmtree(where)
     finally:
         sink.terminate()

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from lmtpfast._testing.postfix import SmtpSink
-from lmtpfast.spool import Selection, SQLiteStore
+from lmtpfast._testing.spool import queued_count
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,14 +62,6 @@ def _replay_peak_kib(location: str, server: str, concurrency: int) -> int:
     return peak
 
 
-def _left(path: Path) -> int:
-    n = sum(len(os.listdir(path / d)) for d in ("incoming", "deferred") if (path / d).exists())
-    if (path / "queue.db").exists():
-        with SQLiteStore(path) as store:
-            n += sum(1 for _ in store.iter_entries(Selection(states=("queued",))))
-    return n
-
-
 @pytest.mark.parametrize("layout", ["store", "dir"])
 def test_three_large_messages_at_once_are_streamed_not_held(smtp_sink: Any,
                                                             layout: str) -> None:
@@ -83,7 +75,7 @@ def test_three_large_messages_at_once_are_streamed_not_held(smtp_sink: Any,
         prefix = "" if layout == "store" else "dir:"
         baseline = _replay_peak_kib(f"{prefix}{base / 'small'}", sink.destination, 3)
         peak = _replay_peak_kib(f"{prefix}{base / 'large'}", sink.destination, 3)
-        assert _left(base / "small") == 0 and _left(base / "large") == 0
+        assert queued_count(base / "small") == 0 and queued_count(base / "large") == 0
         if layout == "store":
             assert os.listdir(base / "large" / "data") == []  # converted, then delivered
         # Held whole: baseline + 192 MiB. Streamed: well under one message more.
