@@ -9,10 +9,13 @@
   proxy: only that back end's recipients are deferred; after it comes back
   and Postfix retries, every recipient has the message, none is lost, and a
   copy stored twice is one the proxy logged as possibly delivered.
+* Affinity over a set of two Dovecots: each user stored on its member only;
+  with one member down its users are deferred, not moved.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -280,3 +283,43 @@ def test_proxy_cli_reload_metrics_and_graceful_stop(smtp_sink: Any, lmtp_proxy: 
     assert proxy.stop() == 0
     lines = proxy.recipient_lines()
     assert len([ln for ln in lines if "status=sent (250 2.2.0 Ok)" in ln]) == 3
+
+
+def test_affinity_over_two_dovecots_and_one_of_them_down(
+    dovecot_factory: DovecotFactory, lmtp_proxy: Any,
+) -> None:
+    """A transport naming a set of two Dovecots (issue 14 item 6): each user's
+    mail lands on one of them only, the one rendezvous hashing names; with one
+    Dovecot down its users are deferred (not moved), the others' go on."""
+    from lmtpfast import DestinationSet, connect
+
+    users = [f"user{i}" for i in range(12)]
+    dvs = [dovecot_factory(users=users) for _ in range(2)]
+    members = [dv.destination_unix for dv in dvs]
+    proxy = lmtp_proxy(
+        'default = "mbox:"\n[transports.mbox]\n'
+        f"destinations = [{', '.join(repr(m) for m in members)}]\n"
+        "pool = { connect_backoff = 0 }\n")
+    home = DestinationSet.parse(members)
+    owner = {u: members.index(str(home.pick(f"{u}@example.com"))) for u in users}
+    assert set(owner.values()) == {0, 1}  # both members hold some users
+    rcpts = [f"{u}@example.com" for u in users]
+
+    async def send() -> list[Any]:
+        async with await connect(proxy.destination) as c:
+            return await c.send("s@example.org", rcpts, MESSAGE)
+
+    results = asyncio.run(send())
+    assert all(r.delivered and "Saved" in r.text for r in results)
+    for u in users:
+        assert [_stored(dv, u) for dv in dvs] == [int(i == owner[u]) for i in range(2)]
+    dvs[1].stop()
+    results = asyncio.run(send())
+    for u, r in zip(users, results, strict=True):
+        if owner[u] == 1:
+            assert r.transient and r.code == 451, r  # deferred: its mailbox is there
+        else:
+            assert r.delivered, r
+    for u in users:
+        assert _stored(dvs[0], u) == (2 if owner[u] == 0 else 0)  # nobody moved
+    assert proxy.stop() == 0
