@@ -704,6 +704,7 @@ class ProxyHandler(Handler):
                 body.release()
         on_result = self.on_result
         delay = time.monotonic() - txn.started
+        records: list[ProxyRecord] = []
         for fut, result in zip(futures, results, strict=True):
             status = result.status
             if status == "delivered":
@@ -717,11 +718,24 @@ class ProxyHandler(Handler):
             if not fut.done():
                 fut.set_result(reply_for(result))
             if on_result is not None:
-                try:
-                    on_result(ProxyRecord(txn.id, client, txn.sender, result.address, body.size,
-                                          delay, result))
-                except Exception:
-                    log.exception("on_result failed")
+                records.append(ProxyRecord(txn.id, client, txn.sender, result.address,
+                                           body.size, delay, result))
+        if records:
+            # Log after the replies are written: set_result above scheduled the
+            # server's done callbacks, which schedule the write (call_soon) in
+            # turn; two hops put the log lines behind it, off the client's wait.
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self._report, records)
+
+    def _report(self, records: list[ProxyRecord]) -> None:
+        on_result = self.on_result
+        if on_result is None:
+            return
+        for record in records:
+            try:
+                on_result(record)
+            except Exception:
+                log.exception("on_result failed")
 
     # --- the transaction ends without a message ---------------------------------
 
