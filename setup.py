@@ -31,6 +31,7 @@ MODULES = [
     ("lmtpfast.proto._ccontent", "lmtpfast/proto/_ccontent.pyx", ["csrc/content.c"]),
     ("lmtpfast.proto._cproto", "lmtpfast/proto/_cproto.pyx", ["csrc/reply.c"]),
     ("lmtpfast.server._cserver", "lmtpfast/server/_cserver.pyx", ["csrc/server.c"]),
+    ("lmtpfast._cprotocol", "lmtpfast/_cprotocol.pyx", []),
 ]
 
 

@@ -8,6 +8,7 @@ future results here; nothing about LMTP itself is decided in this file.
 from __future__ import annotations
 
 import asyncio
+import os
 import select
 import socket
 import ssl
@@ -37,7 +38,7 @@ from .proto import (
 )
 from .proto.content import ContentEncoder
 
-__all__ = ["Batch", "LMTPProtocol", "StreamedContent"]
+__all__ = ["Batch", "LMTPProtocol", "StreamedContent", "protocol_class"]
 
 
 # The stages a timed transaction reports, in order (the engine's "final" is the dot).
@@ -64,31 +65,40 @@ class StreamedContent:
 
 
 class Batch:
-    """Collects decided transactions for one consumer, with one wake-up per read.
+    """Collects decided transactions for one consumer, waking it once per many.
 
     ``Client.send_many`` submits many transactions with this as their waiter
     (no future each); the protocol appends each decided transaction to
-    ``done`` and wakes the consumer once, however many were decided by one
-    ``data_received``.
+    ``done``. The consumer sets ``in_flight`` (how many are still to be
+    decided) before :meth:`wait`, and is woken when ``wake_at`` decisions are
+    waiting or nothing is in flight any more (the last one, or a break): a
+    pipelined connection goes on while the window is half full, and the
+    consumer's task runs once per half window, not once per message.
     """
 
-    __slots__ = ("_loop", "_waiter", "done")
+    __slots__ = ("_loop", "_waiter", "done", "in_flight", "wake_at")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, wake_at: int = 1) -> None:
         self._loop = loop
         self._waiter: asyncio.Future[None] | None = None
         #: Decided transactions not yet taken by the consumer, in the order decided.
         self.done: deque[Transaction] = deque()
+        #: Transactions submitted and not yet decided (kept by the consumer).
+        self.in_flight = 0
+        #: Wake the consumer once this many decisions are waiting.
+        self.wake_at = wake_at
 
     def transaction_done(self, txn: Transaction) -> None:
         self.done.append(txn)
+        self.in_flight -= 1
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
+        if (waiter is not None and (self.in_flight <= 0 or len(self.done) >= self.wake_at)
+                and not waiter.done()):
             waiter.set_result(None)
 
     async def wait(self) -> None:
-        """Return once ``done`` is not empty (at once if it is not already)."""
-        if self.done:
+        """Return once ``wake_at`` decisions wait or none is in flight (at once if so)."""
+        if len(self.done) >= self.wake_at or self.in_flight <= 0:
             return
         self._waiter = self._loop.create_future()
         try:
@@ -268,6 +278,10 @@ class LMTPProtocol(asyncio.Protocol):
             self._flush()
         return txn
 
+    def new_batch(self, wake_at: int = 1) -> Batch:
+        """A collector for :meth:`submit` (``send_many``), of this implementation."""
+        return Batch(self._loop, wake_at)
+
     def abort(self, error: Exception) -> None:
         """Give up on the connection: open transactions get transient results."""
         if self.error is None:
@@ -415,8 +429,11 @@ class LMTPProtocol(asyncio.Protocol):
         fut = txn.waiter
         if type(fut) is Batch:
             fut.transaction_done(txn)
-        elif isinstance(fut, asyncio.Future) and not fut.done():
-            fut.set_result(txn.results)
+        elif isinstance(fut, asyncio.Future):
+            if not fut.done():
+                fut.set_result(txn.results)
+        elif fut is not None:  # another collector (the compiled Batch)
+            cast(Batch, fut).transaction_done(txn)
 
     def _on_command_reply(self, ev: CommandReply) -> None:
         if ev.command == "greeting":
@@ -635,3 +652,31 @@ class LMTPProtocol(asyncio.Protocol):
         self.abort(ReadTimeout(
             f"conversation with {self.peer} timed out after {limit:g}s while {what}", stage))
 
+
+
+def _compiled_protocol() -> type[LMTPProtocol] | None:
+    # The compiled hot path in front of the reference (asyncpg's protocol.pyx
+    # shape): per-message methods from _cprotocol, the rest from LMTPProtocol.
+    if os.environ.get("LMTPFAST_NO_EXTENSIONS") == "1":
+        return None
+    try:
+        from ._cprotocol import ProtocolCore, _bind
+    except ImportError:
+        return None
+    _bind(StreamedContent)
+
+    class CLMTPProtocol(ProtocolCore, LMTPProtocol):  # type: ignore[misc]
+        """:class:`LMTPProtocol` with its per-message methods compiled (``_cprotocol``)."""
+
+    return CLMTPProtocol
+
+
+#: ``LMTPProtocol`` with the compiled hot path, when built (else ``None``).
+CLMTPProtocol = _compiled_protocol()
+
+
+def protocol_class(engine_name: str) -> type[LMTPProtocol]:
+    """The protocol for a core: compiled with the compiled engine, else the reference."""
+    if engine_name == "c" and CLMTPProtocol is not None:
+        return CLMTPProtocol
+    return LMTPProtocol

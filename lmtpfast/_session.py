@@ -40,7 +40,7 @@ from ._errors import (
 )
 from ._failures import BAD_CONTENT, EIGHTBIT_MISSING, SIZE_LIMIT, SMTPUTF8_MISSING
 from ._metrics import TRACE
-from ._protocol import Batch, LMTPProtocol, StreamedContent
+from ._protocol import LMTPProtocol, StreamedContent, protocol_class
 from ._results import RecipientResult
 from ._sasl import AuthPolicy, Credentials, Mechanism, authenticate
 from ._settings import Timeouts
@@ -218,7 +218,9 @@ class Client:
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         protocol = self._protocol
-        batch = Batch(asyncio.get_running_loop())
+        # Woken once per half window of decisions (or when none is left in
+        # flight): the connection keeps going on the other half meanwhile.
+        batch = protocol.new_batch(max(1, window // 2))
         pending: dict[Transaction, tuple[Delivery, _Prepared]] = {}
         ready: deque[tuple[Delivery, list[RecipientResult]]] = deque()
         source: Iterator[Delivery] | None = None
@@ -277,6 +279,7 @@ class Client:
                             f"connection to {self.destination} is closed")
                     continue
                 # The window is full, the source is drained or the connection is done.
+                batch.in_flight = len(pending) - len(done)
                 await batch.wait()
         finally:
             if pending:
@@ -546,8 +549,10 @@ class _Setup:
                                       ignore_keywords=self.ignore_keywords, **self.limits)
         timeouts, peer, dest = self.timeouts, self.peer, self.dest
 
+        protocol_type = protocol_class(self.engine.name)
+
         def factory() -> LMTPProtocol:
-            return LMTPProtocol(conn, timeouts, loop, peer)
+            return protocol_type(conn, timeouts, loop, peer)
 
         if dest.kind == "command":
             # A program on stdin/stdout: a socket pair, then the same protocol.

@@ -4,8 +4,9 @@
 # against it: the engine (tests/test_engine*.py, both implementations), the
 # content encoder (tests/test_content.py), the fuzz oracles over random input
 # (tests/test_fuzz_smoke.py), the server engine (tests/test_server_engine.py:
-# parity with the reference, the handler interface) and the sink's sans-IO
-# session and DATA decoder tests.
+# parity with the reference, the handler interface), the sink's sans-IO
+# session and DATA decoder tests, and the compiled protocol's hot path
+# (lmtpfast/_cprotocol.pyx: tests/test_protocol.py, tests/test_send_many.py).
 #
 #   bash scripts/sanitize.sh [extra pytest args]
 #
@@ -32,7 +33,7 @@ log "building in $WORK"
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     git ls-files -co --exclude-standard |
         while IFS= read -r f; do [[ -f $f ]] && printf '%s\n' "$f"; done |
-        grep -Ev '\.(so|o)$|^build/|^lmtpfast/proto/_c(proto|content)\.c$|^lmtpfast/server/_cserver\.c$' |
+        grep -Ev '\.(so|o)$|^build/|^lmtpfast/proto/_c(proto|content)\.c$|^lmtpfast/server/_cserver\.c$|^lmtpfast/_cprotocol\.c$' |
         tar -cf - -T - | tar -xf - -C "$WORK"
 else
     tar --exclude=./build --exclude=./.git --exclude='*.so' -cf - . | tar -xf - -C "$WORK"
@@ -41,7 +42,8 @@ fi
 cd "$WORK"
 LMTPFAST_SANITIZE=1 python3 setup.py -q build_ext --inplace >build.log 2>&1 || {
     cat build.log; log "build failed"; exit 1; }
-for so in lmtpfast/proto/_cproto*.so lmtpfast/proto/_ccontent*.so lmtpfast/server/_cserver*.so; do
+for so in lmtpfast/proto/_cproto*.so lmtpfast/proto/_ccontent*.so lmtpfast/server/_cserver*.so \
+          lmtpfast/_cprotocol*.so; do
     ldd "$so" | grep libasan >/dev/null || { log "$so is not linked with ASan"; exit 1; }
 done
 
@@ -58,7 +60,8 @@ export CI=${CI:-true}  # a missing compiled core fails the engine tests instead 
 python3 - <<'EOF'
 import lmtpfast.proto._cproto as p, lmtpfast.proto._ccontent as c, os
 import lmtpfast.server._cserver as s
-for m in (p, c, s):
+import lmtpfast._cprotocol as h
+for m in (p, c, s, h):
     assert m.__file__.startswith(os.environ["PYTHONPATH"]), m.__file__
 print("sanitize: using", p.__file__)
 EOF
@@ -67,7 +70,7 @@ set +e
 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_engine.py tests/test_engine_bdat.py tests/test_engine_desync.py \
     tests/test_content.py tests/test_fuzz_smoke.py tests/test_sink.py \
-    tests/test_server_engine.py \
+    tests/test_server_engine.py tests/test_protocol.py tests/test_send_many.py \
     -k "not test_sink or decoder or session or parse" "$@" 2>&1 | tee pytest.log
 status=${PIPESTATUS[0]}
 set -e
