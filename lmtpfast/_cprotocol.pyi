@@ -10,7 +10,8 @@ from .proto import Transaction
 
 __all__ = ["Batch", "ProtocolCore"]
 
-def _bind(streamed_content: type) -> None: ...
+def _bind(streamed_content: type, data_plan: tuple[str, ...],
+          bdat_plan: tuple[str, ...]) -> None: ...
 
 @final
 class Batch:
@@ -40,6 +41,9 @@ class ProtocolCore:
     _chunk_ready: Any
     error: Any
     _closed: Any
+    _trace: Any
+    _traced_stage: Any
+    _traced_plan: Any
 
     def data_received(self, data: bytes) -> None: ...
     def eof_received(self) -> None: ...

@@ -27,14 +27,21 @@ from lmtpfast.proto._common import (
 
 __all__ = ["Batch", "ProtocolCore"]
 
+from lmtpfast._metrics import TRACE
+
 cdef object _Future = asyncio.Future
+cdef object _TRACE = TRACE
 cdef object _StreamedContent = None
+cdef tuple _DATA_PLAN = ()
+cdef tuple _BDAT_PLAN = ()
 
 
-def _bind(streamed_content):
-    # _protocol hands over its StreamedContent class (it lives above this module).
-    global _StreamedContent
+def _bind(streamed_content, data_plan, bdat_plan):
+    # _protocol hands over what it defines (StreamedContent, the traced stage plans).
+    global _StreamedContent, _DATA_PLAN, _BDAT_PLAN
     _StreamedContent = streamed_content
+    _DATA_PLAN = data_plan
+    _BDAT_PLAN = bdat_plan
 
 
 cdef class Batch:
@@ -92,6 +99,9 @@ cdef class ProtocolCore:
     cdef public object _chunk_ready
     cdef public object error
     cdef public object _closed
+    cdef public object _trace
+    cdef public object _traced_stage
+    cdef public object _traced_plan
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -112,6 +122,12 @@ cdef class ProtocolCore:
         """Queue a transaction whose decision goes to ``waiter`` (a future or a batch)."""
         if self.error is not None or not self.engine.usable or self._closed.done():
             self._check_usable()  # raises the reason
+        if self._trace is None and self.engine.waiting_for is None:
+            # Alone on the connection: its stages can be timed (when someone asks).
+            self._trace = _TRACE.get()
+            self._traced_stage = None
+            self._traced_plan = _BDAT_PLAN if chunking and not isinstance(
+                content, _StreamedContent) else _DATA_PLAN
         streamed = isinstance(content, _StreamedContent)
         txn = self.engine.start_transaction(
             sender, recipients, mail_params=mail_params, rcpt_params=rcpt_params,
@@ -233,6 +249,8 @@ cdef class ProtocolCore:
         if engine.error is not None or engine.closed:
             return 0
         stage = self._c_current_stage()
+        if self._trace is not None and stage != self._traced_stage:
+            self._trace_stage(stage)
         if stage is None:
             # Idle: nothing is awaited. The next command's clock starts when
             # it is sent, not at the last reply before the gap.

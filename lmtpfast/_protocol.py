@@ -108,7 +108,13 @@ class Batch:
 
 
 class LMTPProtocol(asyncio.Protocol):
-    """One LMTP connection on an event loop; any number of pipelined transactions."""
+    """One LMTP connection on an event loop; any number of pipelined transactions.
+
+    The reference: ``_cprotocol.ProtocolCore`` is the compiled twin of its
+    per-message methods (``data_received``, ``eof_received``, ``submit``,
+    ``_process``, ``_flush``, ``_resolve``, ``_chunk_done``, ``_arm_timer``,
+    ``_current_stage``): a change to one of them goes into both.
+    """
 
     def __init__(
         self,
@@ -663,7 +669,7 @@ def _compiled_protocol() -> type[LMTPProtocol] | None:
         from ._cprotocol import ProtocolCore, _bind
     except ImportError:
         return None
-    _bind(StreamedContent)
+    _bind(StreamedContent, _DATA_PLAN, _BDAT_PLAN)
 
     class CLMTPProtocol(ProtocolCore, LMTPProtocol):  # type: ignore[misc]
         """:class:`LMTPProtocol` with its per-message methods compiled (``_cprotocol``)."""
