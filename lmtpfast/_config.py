@@ -194,6 +194,10 @@ class AgentConfig:
     #: A recipient no route matches: ``"defer"`` (the default: 451 4.4.4, tried
     #: again, as for any failure of ours) or ``"bounce"`` (554 5.4.4, final).
     no_route: Literal["defer", "bounce"] = "defer"
+    #: Where ``lmtpfast enqueue``/``replay`` find the queue when the command line
+    #: names none (a spool path, ``dir:PATH``, ``postgresql://...``); never in the
+    #: repr (a URL may carry a password).
+    queue: str | None = field(default=None, repr=False)
     #: Where this came from, for error messages.
     source: str = "<python>"
 
@@ -319,6 +323,7 @@ class _FileTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     map_cache: _MapCacheTable = _MapCacheTable()
     recipient_delimiter: str = ""
     no_route: str = "defer"
+    queue: str | None = None
     defaults: dict[str, Any] = {}
     transports: dict[str, Any] = {}
 
@@ -517,8 +522,18 @@ def config_from_dict(
         lhlo_name=top.lhlo_name,
         recipient_delimiter=top.recipient_delimiter,
         no_route=top.no_route,  # type: ignore[arg-type]  # checked by AgentConfig
+        queue=_queue_location(top.queue, source),
         source=source,
     )
+
+
+def _queue_location(value: str | None, source: str) -> str | None:
+    if value is None:
+        return None
+    if not value.strip() or "\n" in value or "\0" in value:
+        raise ConfigurationError("bad queue location (a spool path, dir:PATH or "
+                                 "postgresql://...)", source=source, field="queue")
+    return value
 
 
 def _map_names(value: str | list[str], source: str, kind: str) -> list[str]:

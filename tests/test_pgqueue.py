@@ -7,9 +7,7 @@ database's clock is the lease clock): no test waits for time to pass.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,27 +38,18 @@ def new(i: int, *rcpts: str, **opts: object) -> NewMessage:
     return NewMessage(env, msg(i))
 
 
-@pytest.fixture(scope="module")
-def module_db(postgres: TempPostgres) -> Iterator[PgDatabase]:
-    """One database and role for the module (making one costs more than a test)."""
-    tag = secrets.token_hex(4)
-    db = PgDatabase(postgres, f"t_{tag}", f"u_{tag}", secrets.token_urlsafe(12))
-    postgres.create_user(db.user, db.password)
-    postgres.create_database(db.name, owner=db.user)
-    yield db
-    if not postgres.running:
-        postgres.start()
-    postgres.drop_database(db.name)
-    postgres.psql(f'DROP ROLE IF EXISTS "{db.user}";')
-
-
 @pytest.fixture
-def postgres_db(module_db: PgDatabase) -> PgDatabase:
+def postgres_db(postgres_module_db: PgDatabase) -> PgDatabase:
     """The module's database with no queue schema: each test starts empty."""
-    if not module_db.server.running:
-        module_db.server.start()
-    module_db.psql("DROP SCHEMA IF EXISTS lmtpfast CASCADE;")
-    return module_db
+    return fresh_schema(postgres_module_db)
+
+
+def fresh_schema(db: PgDatabase) -> PgDatabase:
+    """*db* without the queue schema (and a running server): each test starts empty."""
+    if not db.server.running:
+        db.server.start()
+    db.psql("DROP SCHEMA IF EXISTS lmtpfast CASCADE;")
+    return db
 
 
 def pgq(db: PgDatabase) -> PgQueue:
@@ -182,68 +171,6 @@ async def test_recipients_are_rows_and_delivered_ones_leave(postgres_db: PgDatab
         assert i.id == id and i.envelope is not None and i.envelope.delivered == 1
 
 
-async def test_a_pass_tries_each_entry_once(postgres_db: PgDatabase) -> None:
-    async with pgq(postgres_db) as q:
-        await q.enqueue_many([new(i) for i in range(5)])
-        due = time.time()
-        seen = 0
-        while True:
-            batch = await q.claim(2, due=due)
-            seen += len(batch.entries)
-            await q.record([Update(e, "defer", next_attempt=due + 0.001) for e in batch.entries])
-            if batch.exhausted:
-                break
-        assert seen == 5
-
-
-async def test_failed_and_quarantined_entries_are_kept_and_listed(postgres_db: PgDatabase) -> None:
-    async with pgq(postgres_db) as q:
-        await q.enqueue_many([new(i) for i in range(3)])
-        a, b, c = (await q.claim(3, due=time.time())).entries
-        a.envelope.recipients[0].state = "failed"
-        a.envelope.recipients[0].last = Reason(code=550, enhanced="5.1.1", text="no such user")
-        assert await q.record([Update(a, "failed"), Update(b, "quarantine", reason="looks wrong"),
-                               Update(c, "release")]) == ["ok"] * 3
-        st = await q.status()
-        assert (st.queued, st.failed, st.quarantined) == (1, 1, 1)
-        [f] = [i async for i in q.entries(Selection(states=("failed",)))]
-        assert f.id == a.id and f.envelope is not None
-        assert f.envelope.recipients[0].last is not None
-        assert f.envelope.recipients[0].last.code == 550
-        [qi] = [i async for i in q.entries(Selection(states=("quarantined",)))]
-        assert qi.id == b.id and qi.reason == "looks wrong"
-        assert await q.content(a.id) == msg(0) or (await q.content(a.id)).startswith(b"Sub")
-        with pytest.raises(KeyError):
-            await q.content("424242")
-        assert (await q.requeue(Selection(ids=(a.id,)))).done == [a.id]
-        assert sorted(await drain(q)) == sorted([a.id, c.id])
-
-
-async def test_operator_actions(postgres_db: PgDatabase) -> None:
-    async with pgq(postgres_db) as q:
-        ids = await q.enqueue_many([new(0, "a@one.example"), new(1, "b@two.example"),
-                                    new(2, "c@two.example")])
-        sel = Selection(domain="two.example")
-        assert sorted([i.id async for i in q.entries(sel)]) == sorted(ids[1:])
-        assert [i.id async for i in q.entries(Selection(recipient="A@ONE.*"))] == [ids[0]]
-        assert sorted((await q.hold(sel)).done) == sorted(ids[1:])
-        assert (await q.status()).held == 2
-        assert await drain(q) == [ids[0]]  # held entries are never claimed
-        assert (await q.release(Selection(ids=(ids[1],)))).done == [ids[1]]
-        assert await drain(q) == [ids[1]]
-        res = await q.bounce(Selection(ids=(ids[2],)),
-                             Reason(code=554, enhanced="5.0.0", text="bounced by the operator"))
-        assert res.done == [ids[2]]
-        info = await q.show(ids[2])
-        assert info is not None and info.state == "failed" and info.envelope is not None
-        assert info.envelope.recipients[0].state == "failed"
-        res = await q.delete(Selection(ids=(ids[2], "nonexistent")))
-        assert res.done == [ids[2]] and res.missing == ["nonexistent"]
-        assert await q.show(ids[2]) is None
-        st = await q.status()
-        assert (st.queued, st.held, st.failed) == (0, 0, 0)
-
-
 async def test_operators_leave_entries_being_delivered_alone(postgres_db: PgDatabase) -> None:
     async with pgq(postgres_db) as q:
         ids = await q.enqueue_many([new(0), new(1)])
@@ -255,18 +182,6 @@ async def test_operators_leave_entries_being_delivered_alone(postgres_db: PgData
         # Delete wins over a running delivery: the worker finds the entry gone.
         assert (await q.delete(Selection(ids=(e0.id,)))).done == [e0.id]
         assert await q.record([Update(e0, "done"), Update(e1, "done")]) == ["gone", "ok"]
-
-
-async def test_retry_makes_deferred_entries_due(postgres_db: PgDatabase) -> None:
-    async with pgq(postgres_db) as q:
-        await q.enqueue_many([new(0)])
-        due = time.time()
-        [e] = (await q.claim(1, due=due)).entries
-        e.envelope.attempts = 1
-        await q.record([Update(e, "defer", next_attempt=due + 86400)])
-        assert await drain(q) == []
-        assert (await q.retry(Selection(states=("queued",)))).done == [e.id]
-        assert await drain(q) == [e.id]
 
 
 async def test_bad_entries_are_quarantined_at_claim(postgres_db: PgDatabase) -> None:

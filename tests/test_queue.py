@@ -1,8 +1,10 @@
 """The queue interface, checked on every backend; the embedded store's own guarantees.
 
-Conformance tests run on the embedded store (:class:`SQLiteQueue`) and on the
-directory spool (:class:`DirQueue`); the store's leases, journal, segments,
-damaged files and the conversion of a directory spool have their own tests.
+Conformance tests run on the embedded store (:class:`SQLiteQueue`), on the
+directory spool (:class:`DirQueue`) and on the PostgreSQL queue (:class:`PgQueue`,
+a real TempPostgres; its own tests are in ``test_pgqueue.py``); the store's leases,
+journal, segments, damaged files and the conversion of a directory spool have their
+own tests.
 Workers that die are real processes killed with SIGKILL.
 """
 
@@ -19,9 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from lmtpfast._testing.fixtures import PgDatabase, require_peer
 from lmtpfast.spool import Spool, new_envelope
 from lmtpfast.spool._dirstore import DirQueue
 from lmtpfast.spool._format import Reason
+from lmtpfast.spool._pgqueue import PgQueue
 from lmtpfast.spool._queue import (
     NewMessage,
     Queue,
@@ -33,7 +37,9 @@ from lmtpfast.spool._queue import (
 )
 from lmtpfast.spool._sqlite import SQLiteQueue, SQLiteStore
 
-BACKENDS = ["sqlite", "dir"]
+BACKENDS = ["sqlite", "dir", "postgresql"]
+#: The PostgreSQL database of the running test (set by the ``kind`` fixture).
+_PG: dict[str, str] = {}
 
 
 def msg(i: int, size: int = 300) -> bytes:
@@ -48,11 +54,21 @@ def new(i: int, *rcpts: str, size: int = 300, **opts: object) -> NewMessage:
 def open_queue(kind: str, path: Path) -> Queue:
     if kind == "sqlite":
         return SQLiteQueue(path, create=True, segment_size=16 * 1024)
+    if kind == "postgresql":
+        # Every "path" of a test is the one database: two queues on it are two workers.
+        return PgQueue(_PG["dsn"], create=True)
     return DirQueue(path, create=True)
 
 
 @pytest.fixture(params=BACKENDS)
 def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "postgresql":
+        require_peer("postgres")
+        db: PgDatabase = request.getfixturevalue("postgres_module_db")
+        if not db.server.running:
+            db.server.start()
+        db.psql("DROP SCHEMA IF EXISTS lmtpfast CASCADE;")  # each test starts empty
+        _PG["dsn"] = db.dsn
     return str(request.param)
 
 

@@ -116,6 +116,7 @@ __all__ = [
     "postgres",
     "postgres_db",
     "postgres_factory",
+    "postgres_module_db",
     "require_peer",
     "slapd",
     "slapd_factory",
@@ -285,6 +286,17 @@ def postgres() -> Iterator[TempPostgres]:
 @pytest.fixture
 def postgres_db(postgres: TempPostgres) -> Iterator[PgDatabase]:
     """A fresh database and owning role on the shared cluster, dropped afterwards."""
+    yield from _pg_database(postgres)
+
+
+@pytest.fixture(scope="module")
+def postgres_module_db(postgres: TempPostgres) -> Iterator[PgDatabase]:
+    """One database and role for a whole test module (making one costs more than most
+    tests): each test empties what it uses, e.g. ``DROP SCHEMA ... CASCADE``."""
+    yield from _pg_database(postgres)
+
+
+def _pg_database(postgres: TempPostgres) -> Iterator[PgDatabase]:
     if not postgres.running:
         # An earlier test stopped it and did not start it again.
         postgres.start()

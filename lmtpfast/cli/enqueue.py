@@ -13,7 +13,9 @@ from typing import Any
 from lmtpfast.spool import (
     BadEnvelope,
     ImportStats,
+    PgWriter,
     QueueError,
+    QueueWriteError,
     Source,
     Spool,
     SpoolError,
@@ -27,6 +29,7 @@ from lmtpfast.spool import (
 )
 
 from . import _exit, _input
+from ._location import configured_queue
 
 __all__ = ["register", "run"]
 
@@ -49,8 +52,14 @@ def register(sub: Any) -> None:
         "duplicate. Exit status: 0 all queued, 65 some skipped (no envelope, bad address, a "
         "NUL byte, too large), 64 bad usage, 66 unreadable input, 74 spool not writable.",
     )
-    p.add_argument("spool", metavar="SPOOL",
+    p.add_argument("spool", metavar="SPOOL", nargs="?",
                    help="spool directory (created if missing; dir:PATH for a directory spool)")
+    p.add_argument("--queue", metavar="QUEUE",
+                   help="the queue instead of SPOOL: postgresql://... (docs/queue.md) or a "
+                   "spool; then every positional word is a FILE")
+    p.add_argument("--config", metavar="FILE",
+                   help="take the queue from this configuration's 'queue' when neither SPOOL "
+                   "nor --queue is given")
     p.add_argument("files", nargs="*", metavar="FILE", help="message files; - or none: stdin")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--maildir", metavar="DIR", help="import every message of a Maildir folder")
@@ -156,21 +165,41 @@ def run(args: argparse.Namespace) -> int:
         options["envid"] = args.envid
     if args.notify:
         options["notify"] = tuple(w.strip() for w in args.notify.split(",") if w.strip())
-    spool: Spool | SQLiteStore
+    where = _location(args)
+    if isinstance(where, int):
+        return where
+    spool: Spool | SQLiteStore | PgWriter
     try:
-        spool = open_spool(args.spool)
+        spool = open_spool(where)
     except (SpoolError, QueueError, OSError) as exc:
-        print(f"lmtpfast enqueue: cannot use spool {args.spool}: {exc.strerror or exc}",
+        print(f"lmtpfast enqueue: cannot use spool {where}: {exc.strerror or exc}",
               file=sys.stderr)
         return _exit.EX_IOERR
     try:
         return _enqueue(args, spool, options)
     finally:
-        if isinstance(spool, SQLiteStore):
+        if not isinstance(spool, Spool):
             spool.close()
 
 
-def _enqueue(args: argparse.Namespace, spool: Spool | SQLiteStore, options: dict[str, Any]
+def _location(args: argparse.Namespace) -> str | int:
+    """Where to queue: SPOOL, --queue or the configuration's ``queue`` (else an exit status)."""
+    if args.queue:
+        if args.spool:  # with --queue every positional word is a message file
+            args.files = [args.spool, *args.files]
+        return str(args.queue)
+    if args.spool:
+        return str(args.spool)
+    configured = configured_queue("enqueue", args.config)
+    if configured is not None:
+        return configured
+    print("lmtpfast enqueue: give SPOOL (or --queue, or --config with 'queue')",
+          file=sys.stderr)
+    return _exit.EX_USAGE
+
+
+def _enqueue(args: argparse.Namespace, spool: Spool | SQLiteStore | PgWriter,
+             options: dict[str, Any]
              ) -> int:
     if args.maildir:
         sources: Iterator[Source] = iter_maildir(args.maildir)
@@ -193,6 +222,13 @@ def _enqueue(args: argparse.Namespace, spool: Spool | SQLiteStore, options: dict
         return _stopped(stats, str(exc), _exit.EX_USAGE)
     except _input.TooBig as exc:
         return _stopped(stats, str(exc), _exit.EX_DATAERR)
+    except QueueWriteError as exc:
+        # Ours (the database is down): the sender keeps the mail and tries again.
+        return _stopped(stats, f"the queue refused the write: {exc.strerror or exc}",
+                        _exit.EX_TEMPFAIL)
+    except QueueError as exc:  # no such queue (no schema, a wrong password)
+        return _stopped(stats, f"cannot use the queue: {exc.strerror or exc}",
+                        _exit.EX_NOINPUT)
     except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as exc:
         return _stopped(stats, str(exc), _exit.EX_NOINPUT)
     except OSError as exc:

@@ -12,6 +12,8 @@ per entry (``--log-target``, default syslog when ``/dev/log`` exists).
     lmtpfast queue hold|release|retry|delete|bounce|requeue SPOOL (ID... | - | filters | --all)
         [--dry-run] [--json]
     lmtpfast queue import SPOOL      a directory spool into its store (replay does it too)
+    lmtpfast queue import SPOOL --queue postgresql://...   a spool into a PostgreSQL queue
+    lmtpfast queue init postgresql://...                   create or migrate its schema
     lmtpfast queue salvage SPOOL     rebuild a damaged queue.db
 
 Exit status: 0 done (a filter that matches nothing is not an error); 75 some
@@ -38,6 +40,7 @@ import msgspec
 from lmtpfast.spool import (
     ActionResult,
     EntryInfo,
+    PgQueue,
     Queue,
     QueueError,
     QueueWriteError,
@@ -139,7 +142,21 @@ def register(sub: Any) -> None:
                          "holds are left for the next run (exit 75). `lmtpfast replay SPOOL` "
                          "does the same at the start of each pass.")
     ip.add_argument("queue", metavar="SPOOL", help="a directory spool")
+    ip.add_argument("--queue", dest="into", metavar="URL",
+                    help="move SPOOL's entries (its directory spool and its store) into this "
+                    "PostgreSQL queue instead (postgresql://..., made by 'queue init'); "
+                    "idempotent when rerun")
     ip.set_defaults(func=_run_import)
+
+    np = qsub.add_parser("init", help="create or upgrade a PostgreSQL queue's schema",
+                         description="Create the schema 'lmtpfast' (tables msg, body, rcpt, "
+                         "imported; docs/queue.md) in the database of URL, or migrate an "
+                         "older version; nothing changes when it is current. Safe while "
+                         "workers run. Exit status: 0 done, 75 the database cannot be "
+                         "reached, 78 it refused (permissions, a newer schema).")
+    np.add_argument("queue", metavar="URL", nargs="?", help="postgresql://user@host/db")
+    np.add_argument("--queue", dest="url", metavar="URL", help="the same, as an option")
+    np.set_defaults(func=_run_init)
 
     vp = qsub.add_parser("salvage", help="rebuild a damaged queue.db, losing no message",
                          description="Copy every readable entry of SPOOL/queue.db into a fresh "
@@ -158,11 +175,64 @@ def _store_path(location: str) -> str:
     return location[7:] if location.startswith("sqlite:") else location
 
 
+def _run_init(args: argparse.Namespace) -> int:
+    url = args.url or args.queue
+    if not url or not url.startswith(("postgresql://", "postgres://")):
+        print("lmtpfast queue init: give a postgresql:// URL", file=sys.stderr)
+        return _exit.EX_USAGE
+    try:
+        queue = PgQueue(url)
+        before, after = _run.run(queue.init())
+    except QueueWriteError as exc:
+        print(f"lmtpfast queue init: {exc.strerror or exc}", file=sys.stderr)
+        return _exit.EX_TEMPFAIL
+    except QueueError as exc:
+        print(f"lmtpfast queue init: {exc.strerror or exc}", file=sys.stderr)
+        return _exit.EX_CONFIG
+    print(f"{queue.location}: schema version {after}" + (
+        " (created)" if before == 0 else f" (migrated from {before})" if before != after
+        else " (already current)"))
+    return _exit.EX_OK
+
+
+def _run_import_pg(path: str, url: str) -> int:
+    async def move() -> tuple[int, int, int, int, list[tuple[str, str]]]:
+        async with PgQueue(url) as queue:
+            a = await queue.import_dir(path) if _has_dir_spool(path) else None
+            b = await queue.import_store(path)
+        parts = [r for r in (a, b) if r is not None]
+        return (sum(r.imported for r in parts), sum(r.failed for r in parts),
+                sum(r.already for r in parts), sum(r.locked for r in parts),
+                [q for r in parts for q in r.quarantined])
+
+    try:
+        imported, failed, already, locked, quarantined = _run.run(move())
+    except QueueWriteError as exc:
+        print(f"lmtpfast queue import: {exc.strerror or exc}", file=sys.stderr)
+        return _exit.EX_TEMPFAIL
+    except (QueueError, OSError) as exc:
+        print(f"lmtpfast queue import: {exc.strerror or exc}", file=sys.stderr)
+        return _exit.EX_NOINPUT
+    for id, reason in quarantined:
+        print(f"lmtpfast queue import: {id}: quarantined: {reason}", file=sys.stderr)
+    print(f"imported {imported} queued and {failed} failed entries into "
+          f"{PgQueue(url).location}" + (f" ({already} imported by an earlier run, removed "
+                                        "here now)" if already else "")
+          + (f"; {locked} held by a replay, left for the next run" if locked else ""))
+    return _exit.EX_TEMPFAIL if locked else _exit.EX_OK
+
+
+def _has_dir_spool(path: str) -> bool:
+    return any(os.path.isdir(os.path.join(path, d)) for d in ("incoming", "deferred", "failed"))
+
+
 def _run_import(args: argparse.Namespace) -> int:
     path = _store_path(args.queue)
     if not os.path.isdir(path):
         print(f"lmtpfast queue import: no spool at {path}", file=sys.stderr)
         return _exit.EX_NOINPUT
+    if args.into:
+        return _run_import_pg(path, args.into)
     try:
         with SQLiteStore(path, create=True) as store:
             report = store.import_dir()

@@ -42,6 +42,7 @@ from lmtpfast.spool import (
 )
 
 from . import _exit, _output, _run
+from ._location import configured_queue
 
 __all__ = ["parse_duration", "register", "run"]
 
@@ -87,6 +88,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("spool", nargs="?", metavar="SPOOL",
                    help="spool directory (dir:PATH for a directory spool as it is)")
+    p.add_argument("--queue", metavar="QUEUE",
+                   help="the queue instead of SPOOL: postgresql://... for one shared by many "
+                   "hosts (docs/queue.md), or a spool; default: the configuration's 'queue'")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--server", metavar="DEST",
                         help="unix:/path, host:port, [ipv6]:port, 'command:PROGRAM ARGS'")
@@ -408,12 +412,13 @@ def _print_summary(t: Totals, obs: _CliObserver, counts: dict[str, int] | None,
 def run(args: argparse.Namespace) -> int:
     if args.demo:
         return _demo(args)
-    if not args.spool:
-        print("lmtpfast replay: the SPOOL directory is required", file=sys.stderr)
-        return _exit.EX_USAGE
     if args.server is None and args.config is None:
         print("lmtpfast replay: give --server DEST or --config FILE", file=sys.stderr)
         return _exit.EX_USAGE
+    where = _location(args)
+    if isinstance(where, int):
+        return where
+    args.spool = where
     try:
         policy = RetryPolicy(min_backoff=args.min_backoff, max_backoff=args.max_backoff,
                              max_lifetime=args.max_queue_lifetime)
@@ -459,6 +464,21 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return _exit.EX_NOINPUT
     return _replay(args, queue, policy, timeouts, salvaged)
+
+
+def _location(args: argparse.Namespace) -> str | int:
+    """SPOOL, --queue, or the configuration's ``queue``; an exit status if none or both."""
+    if args.spool and args.queue:
+        print("lmtpfast replay: give SPOOL or --queue, not both", file=sys.stderr)
+        return _exit.EX_USAGE
+    if args.spool or args.queue:
+        return str(args.spool or args.queue)
+    configured = configured_queue("replay", args.config)
+    if configured is not None:
+        return configured
+    print("lmtpfast replay: the SPOOL directory (or --queue, or 'queue' in the "
+          "configuration) is required", file=sys.stderr)
+    return _exit.EX_USAGE
 
 
 def _tune_gc() -> None:
@@ -557,6 +577,14 @@ def _replay(args: argparse.Namespace, queue: Queue, policy: RetryPolicy,
             report.abort()
         _salvage(args.spool, exc)
         return _exit.EX_TEMPFAIL
+    except QueueError as exc:
+        # The queue cannot be used at all (a database without the schema, a
+        # wrong password): said plainly, nothing was delivered or changed.
+        obs.close(Totals())
+        if report is not None:
+            report.abort()
+        print(f"lmtpfast replay: cannot use the queue: {exc.strerror or exc}", file=sys.stderr)
+        return _exit.EX_NOINPUT
     except BaseException:
         obs.close(Totals())
         if report is not None:

@@ -51,6 +51,8 @@ _EXPORTS: dict[str, str] = {
     "exit_status": "_replay",
     "build_bounce": "_bounce",
     "write_bounce": "_bounce",
+    "PgQueue": "_pgqueue",
+    "PgWriter": "_pgqueue",
     "ActionResult": "_queue",
     "ClaimBatch": "_queue",
     "Entry": "_queue",
@@ -84,6 +86,8 @@ __all__ = [
     "NewMessage",
     "Observer",
     "Outcome",
+    "PgQueue",
+    "PgWriter",
     "Quarantined",
     "Queue",
     "QueueCorrupt",
@@ -152,6 +156,7 @@ if TYPE_CHECKING:
         iter_maildir,
         iter_mbox,
     )
+    from ._pgqueue import PgQueue, PgWriter
     from ._queue import (
         ActionResult,
         ClaimBatch,

@@ -17,13 +17,16 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses, parseaddr
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import ContentError
 from ._format import BadEnvelope, new_envelope
 from ._queue import NewMessage
 from ._sqlite import SQLiteStore
 from ._store import Spool
+
+if TYPE_CHECKING:
+    from ._pgqueue import PgWriter
 
 __all__ = [
     "ImportStats",
@@ -169,7 +172,7 @@ def envelope_from_headers(src: Source) -> tuple[str | None, list[str]]:
 
 
 def import_messages(
-    spool: Spool | SQLiteStore,
+    spool: Spool | SQLiteStore | PgWriter,
     sources: Iterable[Source],
     *,
     sender: str | None = None,
@@ -198,7 +201,8 @@ def import_messages(
     are synced once at the end instead.
     """
     stats = ImportStats() if stats is None else stats
-    store = spool if isinstance(spool, SQLiteStore) else None
+    # The store or the PostgreSQL writer: anything but the directory spool groups.
+    store = None if isinstance(spool, Spool) else spool
     batch: list[NewMessage] = []
 
     def flush() -> None:

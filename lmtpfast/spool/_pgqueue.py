@@ -1006,6 +1006,59 @@ class PgQueue(Queue):
         report.failed += await self._import_failed(Path(path))
         return report
 
+    async def import_store(self, path: str | os.PathLike[str], *, batch: int = 200
+                           ) -> ImportReport:
+        """Move the entries of a spool's embedded store (``PATH/queue.db``) into this queue.
+
+        Queued entries are claimed from the store as a replay claims them (so
+        none a running replay holds is touched), written here with their
+        state and an ``imported`` mark (``sqlite:ID``) in one transaction, and
+        only then removed from the store; held and failed entries the same
+        way with their state. Quarantined entries stay for the operator. A
+        rerun after a crash removes what was already imported, never queues
+        it twice.
+        """
+        from ._queue import Selection, Update
+        from ._sqlite import SQLiteQueue, is_store
+
+        report = ImportReport()
+        if not is_store(path):
+            return report
+        async with SQLiteQueue(path) as store:
+            while True:
+                got = await store.claim(batch, due=float("inf"))
+                if got.entries:
+                    await self._import_entries(store, got.entries, 0, report)
+                    await store.record([Update(e, "done") for e in got.entries])
+                report.quarantined += got.quarantined
+                if got.exhausted:
+                    break
+            for state in ("held", "failed"):
+                infos = [i async for i in store.entries(Selection(states=(state,)))]
+                for start in range(0, len(infos), batch):
+                    chunk = [i for i in infos[start:start + batch] if i.envelope is not None]
+                    entries = [Entry(i.id, i.envelope, await store.content(i.id), i.size)
+                               for i in chunk if i.envelope is not None]
+                    await self._import_entries(store, entries, _STATE_CODE[state], report)
+                    await store.delete(Selection(ids=tuple(e.id for e in entries)))
+            report.locked += (await store.status()).claimed
+        return report
+
+    async def _import_entries(self, store: Any, entries: Sequence[Entry], state: int,
+                              report: ImportReport) -> None:
+        names = [f"sqlite:{e.id}" for e in entries]
+        done = await self._already_imported(names)
+        todo = [(e, n) for e, n in zip(entries, names, strict=True) if n not in done]
+        report.already += len(entries) - len(todo)
+        if todo:
+            group = [(NewMessage(e.envelope, bytes(e.content), origin=n), bytes(e.content), state)
+                     for e, n in todo]
+            await self._enqueue_group(group, True, [(n, i) for i, (_, n) in enumerate(todo)])
+            if state == _STATE_CODE["failed"]:
+                report.failed += len(todo)
+            else:
+                report.imported += len(todo)
+
     async def _already_imported(self, names: Sequence[str]) -> set[str]:
         async def body(conn: Any) -> set[str]:
             rows = await conn.fetch("SELECT legacy FROM lmtpfast.imported "
@@ -1039,6 +1092,10 @@ class PgQueue(Queue):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
         return n
+
+    async def init(self) -> tuple[int, int]:
+        """Create or migrate the schema (``lmtpfast queue init``); (version before, after)."""
+        return await init_queue(self._dsn)
 
     # -- the end ---------------------------------------------------------------------------
 
@@ -1143,3 +1200,56 @@ async def init_queue(dsn: str) -> tuple[int, int]:
         raise QueueError(0, f"init: {_problem(exc)}", redact_dsn(dsn)) from None
     finally:
         await conn.close()
+
+
+class PgWriter:
+    """A synchronous writer for the PostgreSQL queue (``lmtpfast enqueue``, scripts).
+
+    The same ``enqueue``/``enqueue_many`` as the embedded store's
+    :class:`~lmtpfast.spool.SQLiteStore`, over a private event loop kept for
+    the writer's life (one connection pool for every call). Use as a context
+    manager or call :meth:`close`.
+    """
+
+    def __init__(self, dsn: str, *, create: bool = False) -> None:
+        self.queue = PgQueue(dsn, create=create, pool_size=2)
+        #: Where the messages go, for messages (the URL without its password).
+        self.path = self.queue.location
+        self._runner: asyncio.Runner | None = asyncio.Runner()
+
+    def __repr__(self) -> str:
+        return f"<PgWriter {self.path}>"
+
+    def _call(self, coro: Awaitable[T]) -> T:
+        if self._runner is None:
+            raise QueueError(0, "the writer is closed", self.path)
+        return self._runner.run(coro)  # type: ignore[arg-type]
+
+    def enqueue_many(self, messages: Iterable[NewMessage], *, durable: bool = True
+                     ) -> list[str]:
+        """Queue every message in as few transactions as the bounds allow; their ids."""
+        return self._call(self.queue.enqueue_many(list(messages), durable=durable))
+
+    def enqueue(self, message: bytes | str, sender: str, recipients: Sequence[str], *,
+                durable: bool = True, **options: Any) -> str:
+        """Queue one message; its id (``options``: :func:`~lmtpfast.spool.new_envelope`'s)."""
+        from ._format import new_envelope
+
+        data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+        env = new_envelope(sender, list(recipients), **options)
+        [id] = self.enqueue_many([NewMessage(env, data)], durable=durable)
+        return id
+
+    def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            try:
+                runner.run(self.queue.close())
+            finally:
+                runner.close()
+
+    def __enter__(self) -> PgWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -496,13 +496,9 @@ def open_queue(location: str | os.PathLike[str], *, create: bool = False,
     """
     text = os.fspath(location)
     if text.startswith(("postgresql://", "postgres://")):
-        try:
-            from ._pgqueue import PgQueue  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            raise QueueError(0, "the PostgreSQL queue is not available in this build",
-                             "postgresql://...") from None
-        q: Queue = PgQueue(text, create=create)
-        return q
+        from ._pgqueue import PgQueue
+
+        return PgQueue(text, create=create)
     if text.startswith("dir:"):
         from ._dirstore import DirQueue
         from ._store import SpoolError
@@ -541,10 +537,15 @@ def open_spool(location: str | os.PathLike[str], *, create: bool = True) -> Any:
     that has its store, and a :class:`~lmtpfast.spool.Spool` for ``dir:PATH``
     or a directory spool no replay has converted yet: a directory spool stays
     one until a replay (or ``lmtpfast queue import``) converts it, so an older
-    replay reading it never misses what is written now. Both have
-    ``enqueue(message, sender, recipients, **options) -> id``.
+    replay reading it never misses what is written now; a
+    :class:`~lmtpfast.spool._pgqueue.PgWriter` for ``postgresql://...``. All
+    have ``enqueue(message, sender, recipients, **options) -> id``.
     """
     text = os.fspath(location)
+    if text.startswith(("postgresql://", "postgres://")):
+        from ._pgqueue import PgWriter
+
+        return PgWriter(text)
     if text.startswith("dir:") or (not text.startswith("sqlite:") and _legacy_spool(text)):
         from ._store import Spool
 
