@@ -209,6 +209,44 @@ async def test_retry_makes_deferred_entries_due(kind: str, tmp_path: Path) -> No
         assert await drain(q) == [e.id]
 
 
+async def test_list_and_actions_agree_on_entries_being_delivered(kind: str, tmp_path: Path
+                                                                 ) -> None:
+    """An entry a worker holds is listed as claimed and every action says busy, on both layouts."""
+    path = tmp_path / "q"
+    async with open_queue(kind, path) as worker, open_queue(kind, path) as operator:
+        ids = await worker.enqueue_many([new(i) for i in range(3)])
+        due = time.time()
+        await worker.begin_pass(due=due)
+        [e] = (await worker.claim(1, due=due)).entries
+        infos = {i.id: i async for i in operator.entries()}
+        assert {i for i, info in infos.items() if info.claimed} == {e.id}
+        shown = await operator.show(e.id)
+        assert shown is not None and shown.claimed
+        free = [i for i in ids if i != e.id]
+        for action in (operator.retry, operator.hold):  # retry first: hold takes them
+            res = await action(Selection(ids=tuple(ids)))
+            assert res.busy == [e.id] and sorted(res.done) == sorted(free), action
+        res = await operator.bounce(Selection(ids=(e.id,)), Reason(554, "5.0.0", "no", "local"))
+        assert res.busy == [e.id]
+        await worker.record([Update(e, "done")])
+        assert not [i for i in [x async for x in operator.entries()] if i.claimed]
+
+
+def test_a_dead_workers_entries_are_not_busy(tmp_path: Path) -> None:
+    """Killed with its claims: listed as not claimed, and an action takes them back (suspect)."""
+    path = tmp_path / "q"
+    with SQLiteStore(path, create=True) as s:
+        s.enqueue_many([new(i) for i in range(5)])
+    held = _kill_worker_holding(path, 2)
+    with SQLiteStore(path) as s:
+        assert not any(i.claimed for i in s.iter_entries())
+        res = s.hold(Selection(ids=tuple(held)))
+        assert sorted(res.done) == sorted(held) and res.busy == []
+        for i in s.iter_entries(Selection(ids=tuple(held))):
+            assert i.state == "held" and i.suspect
+    assert os.listdir(path / "workers") == []
+
+
 async def test_claims_are_exclusive_between_two_queues(kind: str, tmp_path: Path) -> None:
     path = tmp_path / "q"
     async with open_queue(kind, path) as q1, open_queue(kind, path) as q2:

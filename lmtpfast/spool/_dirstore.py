@@ -48,7 +48,7 @@ from ._queue import (
     Update,
     reasons_text,
 )
-from ._store import Claim, Quarantined, Scan, Spool
+from ._store import Claim, Quarantined, Scan, Spool, flocked_files
 from ._watch import IN_ATTRIB, IN_CREATE, IN_MOVED_TO, Watch, watch_paths
 
 __all__ = ["DirQueue"]
@@ -295,28 +295,35 @@ class DirQueue(Queue):
                         env = p / folder / (f"{id}.json" if state == "failed" else f"{id}.env")
                         yield state, id, env, p / folder / f"{id}.eml"  # type: ignore[misc]
 
-    def _info(self, state: EntryState, id: str, env_path: Path, msg_path: Path) -> EntryInfo:
+    def _info(self, state: EntryState, id: str, env_path: Path, msg_path: Path,
+              locks: frozenset[tuple[int, int]] | None = None) -> EntryInfo:
         env: Envelope | None = None
         raw = _read_small(env_path)
         if raw is not None:
             with contextlib.suppress(BadEnvelope):
                 env = decode_envelope(raw)
         size = 0
+        claimed = False
         with contextlib.suppress(OSError):
-            size = os.lstat(msg_path).st_size
+            st = os.lstat(msg_path)
+            size = st.st_size
+            # A queued entry's message file is locked by the replay delivering
+            # it: the claim the operator actions also meet (they say busy).
+            claimed = state == "queued" and locks is not None and (st.st_dev, st.st_ino) in locks
         reason = None
         if state == "quarantined":
             text = _read_small(self.spool.path / "quarantine" / f"{id}.txt")
             reason = text.decode("utf-8", "replace").strip() if text else None
-        return EntryInfo(id, state, env, size, reason=reason)
+        return EntryInfo(id, state, env, size, claimed=claimed, reason=reason)
 
     async def entries(self, selection: Selection = ALL) -> AsyncIterator[EntryInfo]:
+        locks = flocked_files()
         for state, id, env_path, msg_path in self._locations():
             if selection.states is not None and state not in selection.states:
                 continue
             if selection.ids is not None and id not in selection.ids:
                 continue
-            info = self._info(state, id, env_path, msg_path)
+            info = self._info(state, id, env_path, msg_path, locks)
             if selection.matches(info):
                 yield info
 
@@ -385,8 +392,16 @@ class DirQueue(Queue):
         now = time.time()
 
         def one(info: EntryInfo) -> str:
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(self.spool.path / "deferred" / info.id, (now, now))
+            # Under the entry's claim: a replay delivering it would rewrite the
+            # envelope over the new time, so it is busy, as in the store.
+            claim = self._claim_any(info.id)
+            if claim is None:
+                return "busy"
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(self.spool.path / "deferred" / info.id, (now, now))
+            finally:
+                claim.release()
             return "done"
         return await self._each(selection, ("queued",), one)
 

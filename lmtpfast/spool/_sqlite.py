@@ -86,6 +86,7 @@ from ._queue import (
     Selection,
     Update,
 )
+from ._store import flocked_files
 from ._watch import IN_ATTRIB, IN_CLOSE_WRITE, IN_CREATE, IN_MOVED_TO, Watch, watch_paths
 
 if TYPE_CHECKING:
@@ -1351,11 +1352,25 @@ class SQLiteStore:
         return st
 
     _INFO_COLUMNS: ClassVar[str] = (
-        "id, state, worker IS NOT NULL, suspect, sender, rcpts, arrival, attempts, "
+        "id, state, worker, suspect, sender, rcpts, arrival, attempts, "
         "next_attempt, last_attempt, delivered, ret, envid, size, reason")
 
-    def _info(self, row: tuple[Any, ...]) -> EntryInfo:
-        (id, state, claimed, suspect, sender, rcpts, arrival, attempts, next_attempt,
+    def _live_workers(self) -> frozenset[str] | None:
+        """Tokens of the workers alive now (their file is flocked), or ``None`` if unknown."""
+        locks = flocked_files()
+        if locks is None:
+            return None
+        live = set()
+        with contextlib.suppress(OSError), os.scandir(self.path / "workers") as it:
+            for e in it:
+                with contextlib.suppress(OSError):
+                    st = e.stat(follow_symlinks=False)
+                    if not e.name.startswith(".") and (st.st_dev, st.st_ino) in locks:
+                        live.add(e.name)
+        return frozenset(live)
+
+    def _info(self, row: tuple[Any, ...], live: frozenset[str] | None = None) -> EntryInfo:
+        (id, state, worker, suspect, sender, rcpts, arrival, attempts, next_attempt,
          last_attempt, delivered, ret, envid, size, reason) = row
         env: Envelope | None
         try:
@@ -1364,12 +1379,16 @@ class SQLiteStore:
                            last_attempt=last_attempt, delivered=delivered, ret=ret, envid=envid)
         except (msgspec.DecodeError, TypeError):
             env = None
+        # Claimed by a live worker: a dead one's rows are free for the next
+        # pass (or operator action) to take back, so they are not shown busy.
+        claimed = worker is not None and (live is None or worker in live)
         return EntryInfo(str(id), _STATE_NAME.get(state, "quarantined"), env, size,
-                         bool(claimed), bool(suspect), reason)
+                         claimed, bool(suspect), reason)
 
     def iter_entries(self, selection: Selection = ALL, *, now: float | None = None
                      ) -> Iterator[EntryInfo]:
         """The selected entries in id order, read in chunks (no long read transaction)."""
+        live = self._live_workers()
         where = []
         args: list[Any] = []
         if selection.states is not None:
@@ -1383,7 +1402,7 @@ class SQLiteStore:
                 q = (f"SELECT {self._INFO_COLUMNS} FROM msg WHERE id IN "
                      f"({','.join('?' * len(chunk))})" + "".join(f" AND {w}" for w in where))
                 for row in self._read(q, [*chunk, *args]):
-                    info = self._info(row)
+                    info = self._info(row, live)
                     if selection.matches(info, now=now):
                         yield info
             return
@@ -1395,7 +1414,7 @@ class SQLiteStore:
             if not rows:
                 return
             for row in rows:
-                info = self._info(row)
+                info = self._info(row, live)
                 if selection.matches(info, now=now):
                     yield info
             last = rows[-1][0]
@@ -1442,7 +1461,13 @@ class SQLiteStore:
         return [int(i.id) for i in self.iter_entries(selection)]
 
     def _act(self, selection: Selection, fn: Callable[[int], str]) -> ActionResult:
-        """Apply *fn* (``done``/``busy``/``missing``) to each selected id, 500 per transaction."""
+        """Apply *fn* (``done``/``busy``/``missing``) to each selected id, 500 per transaction.
+
+        A dead worker's claims are taken back first (its journal applied, its
+        entries suspect), as a replay's pass would: only a live worker's
+        entries are *busy*, which is what ``list`` shows as being delivered.
+        """
+        self._recover()
         result = ActionResult()
         ids = self._selected(selection)
         if selection.ids is not None:

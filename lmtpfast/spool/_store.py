@@ -119,6 +119,33 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def flocked_files() -> frozenset[tuple[int, int]] | None:
+    """``(st_dev, st_ino)`` of every file some process holds a ``flock`` on, or ``None``.
+
+    Read from Linux's ``/proc/locks``: an operator command sees which entries
+    a replay holds (and which workers live) without taking any lock itself,
+    so looking never makes a replay skip an entry. ``None`` where
+    ``/proc/locks`` cannot be read.
+    """
+    try:
+        with open("/proc/locks", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    held = set()
+    for line in text.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 1954 fe:00:2209274 0 EOF"; "1: -> FLOCK ..." waits.
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != b"FLOCK":
+            continue
+        try:
+            major, minor, ino = parts[5].split(b":")
+            held.add((os.makedev(int(major, 16), int(minor, 16)), int(ino)))
+        except ValueError:
+            continue
+    return frozenset(held)
+
+
 class Scan:
     """A lazy walk over the due entries of a spool: ``(queue, id)`` pairs.
 
