@@ -252,22 +252,30 @@ def test_a_busy_entry_is_left_alone_and_says_so(kind: str, tmp_path: Path,
     names = fill(kind, path)
     loc = location(kind, path)
 
-    async def claim_and_act() -> tuple[int, str]:
+    async def claim_and_act() -> list[tuple[int, str]]:
         async with open_q(kind, path) as worker:
             due = time.time()
             await worker.begin_pass(due=due)
             batch = await worker.claim(10, due=due)
             ids = {e.id for e in batch.entries}
             assert names["due1"] in ids
-            # The operator's command, while the worker holds the entries. (How
-            # hold/delete treat an entry being delivered differs by backend:
-            # bounce is "busy" on every one.)
-            status, out, _ = await asyncio.to_thread(
-                cli, capsys, "queue", "bounce", loc, names["due1"], "--log-target", "none")
+            # The operator's commands, while the worker holds the entries: the
+            # list marks them being delivered, and hold, retry and bounce leave
+            # them alone on every backend. (delete differs: the store removes
+            # one being delivered, its worker finds it gone.)
+            got = []
+            for action in ("list", "hold", "retry", "bounce"):
+                args = [] if action == "list" else [names["due1"], "--log-target", "none"]
+                status, out, _ = await asyncio.to_thread(cli, capsys, "queue", action, loc,
+                                                         *args)
+                got.append((status, out))
             await worker.record([Update(e, "release") for e in batch.entries])
-            return status, out
-    status, out = asyncio.run(claim_and_act())
-    assert status == 75 and "busy" in out
+            return got
+    (_, listed), *acted = asyncio.run(claim_and_act())
+    row = next(x for x in listed.splitlines() if x.startswith(names["due1"]))
+    assert row.split()[0].endswith("*"), listed  # mailq's mark of an entry being delivered
+    for status, out in acted:
+        assert status == 75 and "busy" in out
     assert states(kind, path)[names["due1"]] == "queued"
 
 
@@ -305,3 +313,4 @@ def test_queue_list_never_creates_a_store(tmp_path: Path,
     assert not (spool.path / "queue.db").exists()
     status, _, err = cli(capsys, "queue", "list", str(tmp_path / "missing"))
     assert status == 66 and "no queue" in err
+
