@@ -264,7 +264,11 @@ async def test_claims_are_exclusive_between_two_queues(kind: str, tmp_path: Path
 
 
 async def test_big_message_is_streamed_not_copied(kind: str, tmp_path: Path) -> None:
-    """Over 1 MiB a claimed message is a MessageFile (read a piece at a time), closed by record."""
+    """Over 1 MiB a claimed message is a MessageFile (read a piece at a time), closed by record.
+
+    Not on PostgreSQL: its queue keeps a message in a ``bytea`` and a claim
+    reads it whole (docs/queue.md), so there the content is bytes.
+    """
     from lmtpfast import MessageFile
 
     big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 2000  # 2 MB
@@ -281,11 +285,15 @@ async def test_big_message_is_streamed_not_copied(kind: str, tmp_path: Path) -> 
         entries = (await q.claim(2, due=due)).entries
         got = {e.envelope.recipients[0].address: e for e in entries}
         e, m = got["big@example.com"], got["mid@example.com"]
-        assert isinstance(e.content, MessageFile) and len(e.content) == e.size == len(big)
-        assert e.content[:14] == big[:14] and bytes(e.content) == big
+        assert len(e.content) == e.size == len(big) and bytes(e.content) == big
+        assert isinstance(m.content, bytes | memoryview) and bytes(m.content) == middle
+        if kind == "postgresql":
+            assert isinstance(e.content, bytes)
+            await q.record([Update(x, "done") for x in entries])
+            return
+        assert isinstance(e.content, MessageFile) and e.content[:14] == big[:14]
         fd = Path(f"/proc/self/fd/{e.content.fd}")
         opened = os.readlink(fd)
-        assert isinstance(m.content, bytes | memoryview) and bytes(m.content) == middle
         await q.record([Update(x, "done") for x in entries])
         assert e.content == b"" and m.content == b""
         # The big one's file is closed (its descriptor gone, or reused by another file).
