@@ -28,7 +28,7 @@ done
 
 status=0
 $LMTPFAST replay "$work/spool" --server "unix:$work/lmtp.sock" --once --verbose \
-    --min-backoff 60 --json "$work/report.json" --bounce-dir "$work/bounces" || status=$?
+    --min-backoff 60 --report "$work/report.json" --bounce-dir "$work/bounces" || status=$?
 
 echo
 echo "delivered mail:  $work/maildir"

@@ -79,7 +79,7 @@ async def test_replay_json_to_a_directory_is_refused_before_delivery(tmp_path: P
     (tmp_path / "report").mkdir()
     async with Sink(f"unix:{tmp_path}/lmtp", collect=True) as sink:
         status, _, err = await lmtpfast("replay", str(spool.path), "--server",
-                                        sink.destinations[0], "--json", str(tmp_path / "report"))
+                                        sink.destinations[0], "--report", str(tmp_path / "report"))
         assert sink.messages == []
     assert status == 64 and "is a directory" in err
     assert len(queued(spool.path)) == 1
@@ -95,7 +95,7 @@ async def test_replay_json_on_a_full_disk(tmp_path: Path, small_fs: Path) -> Non
     report = small_fs / "report.json"
     async with Sink(f"unix:{tmp_path}/lmtp", collect=True) as sink:
         status, _, err = await lmtpfast("replay", str(spool.path), "--server",
-                                        sink.destinations[0], "--json", str(report), "-q")
+                                        sink.destinations[0], "--report", str(report), "-q")
         assert len(sink.messages) == 30
     assert status == 74, err
     assert "report" in err and "No space left on device" in err

@@ -138,7 +138,7 @@ def test_daemon_notify_wake_reload_metrics_and_stop(smtp_sink: Any, tmp_path: Pa
     report = tmp_path / "report.json"
     # --interval 1h: only a notification can make it deliver within the test's bounds.
     proc = start(spool, cfg, "--interval", "1h", "--metrics-listen", "127.0.0.1:0",
-                 "--log-target", str(log), "--json", str(report), notify=listener.path)
+                 "--log-target", str(log), "--report", str(report), notify=listener.path)
     try:
         ready = listener.expect("READY=1")
         assert ready["MAINPID"] == str(proc.pid)

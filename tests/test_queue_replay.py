@@ -140,7 +140,7 @@ def test_kill_9_during_replay_of_a_store_loses_nothing_and_flags_duplicates(
         runs += 1
         proc = subprocess.Popen(
             cli("replay", str(spool), "--config", str(cfg), "--once", "-q", "--concurrency",
-                str(concurrency), "--min-backoff", "0", "--json", str(reports / f"r{runs}.json")),
+                str(concurrency), "--min-backoff", "0", "--report", str(reports / f"r{runs}.json")),
             env=env(), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if kills < 6:
             time.sleep(rng.uniform(0.2, 1.5))  # a random moment to kill at, not a wait
@@ -189,7 +189,7 @@ async def test_two_replays_on_one_store_never_deliver_twice(tmp_path: Path) -> N
     async with Sink(f"unix:{tmp_path}/lmtp", collect=True) as sink:
         procs = [await asyncio.create_subprocess_exec(
             *cli("replay", str(spool), "--server", sink.destinations[0], "--once", "-q",
-                 "--concurrency", "8", "--json", str(tmp_path / f"r{k}.json")), env=env())
+                 "--concurrency", "8", "--report", str(tmp_path / f"r{k}.json")), env=env())
             for k in range(2)]
         codes = [await p.wait() for p in procs]
         got = Counter(tag_of(m.content) for m in sink.messages)
@@ -330,7 +330,7 @@ def test_damaged_store_files_are_quarantined_or_salvaged_never_a_traceback(
         async with Sink(f"unix:{tmp_path}/lmtp", collect=True) as sink:
             proc = await asyncio.create_subprocess_exec(
                 *cli("replay", str(spool), "--server", sink.destinations[0], "--once",
-                     "--json", str(tmp_path / "r.json")), env=env(),
+                     "--report", str(tmp_path / "r.json")), env=env(),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             _, err = await proc.communicate()
             assert proc.returncode is not None

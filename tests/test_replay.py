@@ -265,7 +265,7 @@ async def test_two_replays_on_one_spool_never_deliver_a_message_twice(tmp_path: 
         procs = [
             await asyncio.create_subprocess_exec(
                 *_cli("replay", str(spool.path), "--server", dest, "--once", "-q",
-                      "--concurrency", "8", "--json", str(tmp_path / f"r{k}.json")))
+                      "--concurrency", "8", "--report", str(tmp_path / f"r{k}.json")))
             for k in range(2)
         ]
         codes = [await p.wait() for p in procs]
@@ -391,7 +391,7 @@ async def test_cli_json_report_and_summary(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     async with Sink(f"unix:{tmp_path}/lmtp", faults=plan) as sink:
         proc = await asyncio.create_subprocess_exec(
-            *_cli("replay", str(spool.path), "--server", sink.destinations[0], "--json",
+            *_cli("replay", str(spool.path), "--server", sink.destinations[0], "--report",
                   str(report)),
             stdout=asyncio.subprocess.PIPE)
         out, _ = await proc.communicate()

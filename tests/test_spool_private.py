@@ -227,7 +227,7 @@ async def test_everything_written_is_private_whatever_the_umask(tmp_path: Path, 
         async with Sink(f"unix:{tmp_path}/lmtp", faults=plan) as sink:
             proc = await asyncio.create_subprocess_exec(
                 *_cli("replay", where, "--server", sink.destinations[0], "-q",
-                      "--json", str(work / "report.json"),
+                      "--report", str(work / "report.json"),
                       "--bounce-dir", str(work / "bounces")),
                 env=_env(), stderr=asyncio.subprocess.PIPE)
             _, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -1,4 +1,4 @@
-"""TLS and SASL options shared by ``lmtpfast probe`` and ``lmtpfast send``.
+"""TLS and SASL options shared by ``lmtpfast probe``, ``send``, ``replay`` and ``run``.
 
 Passwords never come from the command line (others can read it in ``ps``):
 ``--sasl-password-file`` (first line, the file must be mode 0600) or a
@@ -23,7 +23,7 @@ from lmtpfast import (
     read_private_file,
 )
 
-__all__ = ["add_arguments", "policies"]
+__all__ = ["add_arguments", "policies", "transport_settings"]
 
 
 def add_arguments(p: Any) -> None:
@@ -86,3 +86,29 @@ def policies(args: argparse.Namespace, dest: Destination) -> tuple[TLSPolicy, Au
     mechanisms = (parse_mechanisms(args.sasl_mechanisms) if args.sasl_mechanisms
                   else DEFAULT_MECHANISMS)
     return tls, AuthPolicy(creds, mechanisms, True if args.sasl_allow_plaintext else None)
+
+
+def given(args: argparse.Namespace) -> bool:
+    """True when any TLS or SASL option was given."""
+    return (args.tls != "none" or args.tls_no_verify or any(
+        getattr(args, k) for k in ("ca_file", "cert_file", "key_file", "tls_server_name",
+                                   "sasl_user", "sasl_password_file", "sasl_password_map",
+                                   "sasl_mechanisms", "sasl_allow_plaintext")))
+
+
+def transport_settings(args: argparse.Namespace, dest: Destination | None) -> dict[str, Any]:
+    """The options as :class:`~lmtpfast.Transport` fields for ``Agent.for_server``.
+
+    ``dest`` is ``None`` with ``--config`` (TLS and SASL are then set per
+    transport in the file): any option given is a usage error.
+    """
+    if dest is None:
+        if given(args):
+            raise ConfigurationError("the TLS and SASL options go with --server; with --config "
+                                     "they are set per transport in the file (docs/security.md)")
+        return {}
+    tls, auth = policies(args, dest)
+    if auth is None:
+        return {"tls": tls}
+    return {"tls": tls, "sasl_credentials": auth.credentials,
+            "sasl_mechanisms": auth.mechanisms, "sasl_allow_plaintext": auth.allow_plaintext}

@@ -13,22 +13,9 @@ from lmtpfast import ConfigurationError, LMTPError, parse_destination
 
 from . import _exit, _run
 from ._loadgen import BenchConfig, format_report, run_bench
+from ._options import add_json, add_server, positive_float, positive_int
 
 __all__ = ["register", "run"]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def _progress_line() -> Callable[[int, float], None]:
@@ -49,29 +36,33 @@ def register(sub: Any) -> None:
                        description="Deliver generated messages as fast as the server takes "
                        "them, over several pipelined connections, and report messages/s, "
                        "recipients/s, MB/s, latency percentiles, outcomes and client CPU.")
-    p.add_argument("--server", required=True, metavar="DEST")
+    add_server(p, required=True)
     limit = p.add_mutually_exclusive_group()
-    limit.add_argument("--messages", type=_positive_int, default=None, metavar="N",
+    limit.add_argument("--messages", type=positive_int, default=None, metavar="N",
                        help="messages to send (default 10000)")
-    limit.add_argument("--duration", type=_positive_float, default=None, metavar="S",
+    limit.add_argument("--duration", type=positive_float, default=None, metavar="S",
                        help="send for S seconds instead")
-    p.add_argument("--connections", type=_positive_int, default=8, metavar="C")
-    p.add_argument("--window", type=_positive_int, default=32, metavar="W",
+    p.add_argument("--connections", type=positive_int, default=8, metavar="N",
+                   help="connections to the server (default 8)")
+    p.add_argument("--window", type=positive_int, default=32, metavar="W",
                    help="transactions in flight per connection (default 32)")
-    p.add_argument("--recipients", type=_positive_int, default=1, metavar="R")
+    p.add_argument("--recipients", type=positive_int, default=1, metavar="R",
+                   help="recipients per message (default 1)")
     p.add_argument("--recipient-pattern", default="user{n}@example.com", metavar="PAT",
                    help="recipient addresses; {n} is 1..R (default user{n}@example.com)")
-    p.add_argument("--from", dest="sender", default="bench@example.org", metavar="ADDR")
+    p.add_argument("--from", dest="sender", default="bench@example.org", metavar="ADDR",
+                   help="envelope sender (default bench@example.org)")
     body = p.add_mutually_exclusive_group()
-    body.add_argument("--size", type=_positive_int, default=1024, metavar="BYTES",
+    body.add_argument("--size", type=positive_int, default=1024, metavar="BYTES",
                       help="generated message size (default 1024)")
     body.add_argument("--message", metavar="FILE", help="send this message file instead")
-    p.add_argument("--rate", type=_positive_float, default=None, metavar="MSG/S",
+    p.add_argument("--rate", type=positive_float, default=None, metavar="MSG/S",
                    help="limit the total message rate")
-    p.add_argument("--pipelining", choices=("auto", "off"), default="auto")
+    p.add_argument("--pipelining", choices=("auto", "off"), default="auto",
+                   help="PIPELINING when advertised (auto), or one command at a time (off)")
     p.add_argument("--chunking", choices=("auto", "on", "off"), default="auto",
                    help="BDAT (RFC 3030): when advertised (auto), required (on) or never (off)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_json(p, "the report")
     p.set_defaults(func=run)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from lmtpfast import Agent, ConfigurationError, load_config
 
 from . import _exit
+from ._options import add_json, add_quiet
 
 __all__ = ["register", "run"]
 
@@ -31,9 +32,8 @@ def register(sub: Any) -> None:
         "Prints FILE:LINE: problem for each problem. Exit status 0 when all is well, 78 "
         "otherwise.")
     p.add_argument("file", metavar="FILE", help="the configuration (lmtpfast.toml)")
-    p.add_argument("-q", "--quiet", action="store_true", help="print problems only")
-    p.add_argument("--json", action="store_true",
-                   help="one JSON object: {file, ok, problems: [{source, line, problem}]}")
+    add_quiet(p, "print problems only")
+    add_json(p, "{file, ok, problems: [{source, line, problem}]}")
     p.set_defaults(func=run)
 
 

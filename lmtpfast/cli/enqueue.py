@@ -30,6 +30,7 @@ from lmtpfast.spool import (
 
 from . import _exit, _input
 from ._location import configured_queue
+from ._options import add_quiet
 
 __all__ = ["register", "run"]
 
@@ -83,7 +84,7 @@ def register(sub: Any) -> None:
                    metavar="N", help="refuse FILEs and standard input larger than N bytes "
                    f"(k, m, g suffixes; 0: no limit; default "
                    f"{_input.DEFAULT_MAX_SIZE // 1024 // 1024}m)")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    add_quiet(p, "print nothing but errors")
     p.set_defaults(func=run)
     _files_anywhere(p)
 

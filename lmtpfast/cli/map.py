@@ -47,7 +47,8 @@ def register(sub: Any) -> None:
                         description="Read each map's configuration and report unknown "
                         "parameters, malformed values and bad lines. Exit 0 if none, 78 "
                         "otherwise.")
-    c.add_argument("mapnames", metavar="MAPNAME", nargs="+")
+    c.add_argument("mapnames", metavar="MAPNAME", nargs="+",
+                   help="TYPE:NAME of each map to check, e.g. pgsql:/etc/postfix/x.cf")
     c.set_defaults(func=run_check)
     p.set_defaults(func=lambda args: _usage(p))
 

@@ -24,7 +24,7 @@ def register(sub: Any) -> None:
                        "authenticated identity. "
                        "Exit status 0, or 75 if the server cannot be used.")
     p.add_argument("server", metavar="DEST", help="unix:/path, host, host:port, [ipv6]:port")
-    p.add_argument("--lhlo-name", metavar="NAME")
+    p.add_argument("--lhlo-name", metavar="NAME", help="name to give in LHLO (default: host name)")
     p.add_argument("--count", type=int, default=5, metavar="N", help="NOOP round trips to time")
     p.add_argument("--timeout-scale", type=float, default=0.1, metavar="F",
                    help="multiply Postfix's default timeouts by F (default 0.1)")

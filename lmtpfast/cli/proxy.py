@@ -33,6 +33,7 @@ from lmtpfast import ConfigurationError, Metrics, loop_factory
 from lmtpfast.server import Proxy, ProxyRecord, load_proxy_config
 
 from . import _exit, _log
+from ._options import add_quiet
 from ._systemd import Notifier
 
 __all__ = ["counters", "register", "run"]
@@ -66,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--stats-json", metavar="FILE",
                    help="write the counters as JSON on exit and on SIGUSR1")
     p.add_argument("--log-file", metavar="FILE", help="shorthand for --log-target FILE")
-    p.add_argument("--quiet", action="store_true", help="shorthand for --log-target none")
+    add_quiet(p, "log warnings and errors only (as lmtpfast run -q)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics")
     p.add_argument("--engine", choices=("auto", "c", "python"), default="auto",
@@ -140,9 +141,9 @@ def counters(proxy: Proxy) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the proxy until SIGTERM/SIGINT; return the exit status."""
-    if args.quiet:
-        args.log_target = "none"
-    elif args.log_file:
+    if args.quiet and args.log_level == "info":
+        args.log_level = "warning"
+    if args.log_file:
         args.log_target = args.log_file
     try:
         log = _log.open_log(args, "lmtpfast/proxy")

@@ -52,7 +52,7 @@ from lmtpfast.spool import (
 )
 
 from . import _exit, _log, _run
-from .replay import parse_duration
+from ._options import add_json, add_quiet, parse_duration
 
 __all__ = ["register"]
 
@@ -88,7 +88,7 @@ def register(sub: Any) -> None:
                          "fields and ours).")
     _queue_arg(lp)
     _filters(lp, states_default="queued,held")
-    lp.add_argument("--json", action="store_true", help="JSON lines, one entry per line")
+    add_json(lp, "one object a line per entry (postqueue -j's fields and ours)")
     lp.set_defaults(func=_run_list)
 
     sp = qsub.add_parser("show", help="one entry: envelope, attempts, replies, headers",
@@ -96,9 +96,9 @@ def register(sub: Any) -> None:
                          "attempts and last reply, DSN parameters), its queue bookkeeping and "
                          "the message header (--body: the whole message, as postcat -bh).")
     _queue_arg(sp)
-    sp.add_argument("id", metavar="ID")
+    sp.add_argument("id", metavar="ID", help="the entry's id (as queue list prints it)")
     sp.add_argument("--body", action="store_true", help="print the whole message too")
-    sp.add_argument("--json", action="store_true", help="one JSON object")
+    add_json(sp, "the entry, one object")
     sp.set_defaults(func=_run_show)
 
     helps = {
@@ -121,9 +121,8 @@ def register(sub: Any) -> None:
         ap.add_argument("--all", action="store_true", help="every entry the action applies to")
         ap.add_argument("--dry-run", "-n", action="store_true",
                         help="only print what would be done")
-        ap.add_argument("--json", action="store_true",
-                        help="JSON lines: one {id, action, result} per entry")
-        ap.add_argument("-q", "--quiet", action="store_true", help="no per-entry lines")
+        add_json(ap, "one {id, action, result} object a line per entry")
+        add_quiet(ap, "no per-entry lines")
         if action == "bounce":
             ap.add_argument("--bounce-dir", metavar="DIR",
                             help="write the RFC 3464 bounce for each sender here (as replay "

@@ -41,32 +41,15 @@ from lmtpfast.spool import (
     open_queue,
 )
 
-from . import _exit, _output, _run
+from . import _exit, _output, _run, _security
 from ._location import configured_queue
+from ._options import add_json, add_quiet, parse_duration
+from ._options import positive_int as _positive_int
 
 __all__ = ["parse_duration", "register", "run"]
 
 # Failures listed after the summary without -v (the JSON report has them all).
 _SHOW_FAILURES = 20
-
-
-def parse_duration(text: str) -> float:
-    """``300``, ``300s``, ``5m``, ``4h``, ``5d``, ``1w`` → seconds (Postfix time units)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"bad duration {text!r} (e.g. 300, 300s, 5m, 4h, 5d)")
-    scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m[2]]
-    return float(m[1]) * scale
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
 
 
 def register(sub: Any) -> None:
@@ -104,8 +87,10 @@ def register(sub: Any) -> None:
                    help="messages in flight at once (default 64)")
     p.add_argument("--connections", type=_positive_int, default=8, metavar="N",
                    help="--server: connections to it at most (default 8)")
-    p.add_argument("--json", metavar="REPORT", dest="json_report",
-                   help="write a machine-readable report (every outcome, the summary) to REPORT")
+    add_json(p, "the report (every outcome, the summary) at the end, instead of the text "
+             "summary")
+    p.add_argument("--report", metavar="FILE", dest="json_report",
+                   help="write the JSON report (as --json prints it) to FILE")
     p.add_argument("--flush", action="store_true",
                    help="try deferred messages now, whatever their next attempt time")
     p.add_argument("--interval", type=parse_duration, default=1.0, metavar="T",
@@ -120,8 +105,9 @@ def register(sub: Any) -> None:
                    help="write an RFC 3464 bounce for the sender of each failed message here")
     p.add_argument("--timeout-scale", type=float, default=1.0, metavar="F",
                    help="multiply every Postfix default timeout by F (without the agent)")
+    _security.add_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="print every recipient outcome")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
+    add_quiet(p, "no progress and no summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
     p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                    help="event loop (default: uvloop when installed)")
@@ -150,14 +136,22 @@ class _JsonReport:
         # name nobody can guess or plant a link at, private like the spool.
         folder, name = os.path.split(path)
         self.tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+        if path == "-":  # standard output (--json): written as it goes, nothing renamed
+            self.tmp = ""
+            self._f: IO[bytes] | None = sys.stdout.buffer
+            self._first = True
+            self._enc = msgspec.json.Encoder()
+            self.error: OSError | None = None
+            self._write(b'{"version":1,"outcomes":[\n')
+            return
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)
         os.fchmod(fd, 0o600)
-        self._f: IO[bytes] | None = open(fd, "wb")  # noqa: SIM115 (closed in finish/abort)
+        self._f = open(fd, "wb")  # noqa: SIM115 (closed in finish/abort)
         self._first = True
         self._enc = msgspec.json.Encoder()
         #: Why the report could not be written (``None`` while it can).
-        self.error: OSError | None = None
+        self.error = None
         self._write(b'{"version":1,"outcomes":[\n')
 
     def _write(self, data: bytes) -> None:
@@ -194,6 +188,10 @@ class _JsonReport:
         self._write(b',"exit_status":%d}\n' % status)
         if self._f is None:
             return
+        if not self.tmp:
+            self.flush()
+            self._f = None
+            return
         try:
             self._f.flush()
             os.fsync(self._f.fileno())
@@ -206,6 +204,8 @@ class _JsonReport:
 
     def abort(self) -> None:
         f, self._f = self._f, None
+        if not self.tmp:
+            return  # standard output: nothing to close or remove
         if f is not None:
             with contextlib.suppress(OSError):
                 f.close()
@@ -384,7 +384,7 @@ def _print_summary(t: Totals, obs: _CliObserver, counts: dict[str, int] | None,
         for o in obs.failures:
             say("  " + o.line())
         if obs.more_failures:
-            say(f"  ... and {obs.more_failures} more (see --json)")
+            say(f"  ... and {obs.more_failures} more (see --report)")
     rows = _summary_rows(t, counts)
     rows.append(("exit status", str(status)))
     if not _output.stdout_gone() and sys.stdout.isatty():
@@ -430,10 +430,15 @@ def run(args: argparse.Namespace) -> int:
         from lmtpfast import parse_destination
 
         try:
-            parse_destination(args.server)
+            dest = parse_destination(args.server)
         except ConfigurationError as exc:
             print(f"lmtpfast replay: --server: {exc}", file=sys.stderr)
             return _exit.EX_USAGE
+    try:
+        security = _security.transport_settings(args, dest if args.server is not None else None)
+    except ConfigurationError as exc:
+        print(f"lmtpfast replay: {exc}", file=sys.stderr)
+        return _exit.EX_USAGE
     salvaged = 0
     try:
         queue = open_queue(args.spool)
@@ -463,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"lmtpfast replay: cannot use spool {args.spool}: {exc.strerror or exc}",
               file=sys.stderr)
         return _exit.EX_NOINPUT
-    return _replay(args, queue, policy, timeouts, salvaged)
+    return _replay(args, queue, policy, timeouts, salvaged, security)
 
 
 def _location(args: argparse.Namespace) -> str | int:
@@ -515,13 +520,19 @@ def _salvage(location: str, exc: QueueCorrupt) -> int:
 
 
 def _replay(args: argparse.Namespace, queue: Queue, policy: RetryPolicy,
-            timeouts: Timeouts, salvaged: int = 0) -> int:
+            timeouts: Timeouts, salvaged: int = 0,
+            security: dict[str, Any] | None = None) -> int:
+    security = security or {}
     report = None
+    if args.json:  # the report is the output: no text beside it on standard output
+        args.json_report = args.json_report or "-"
+        args.verbose = False
+        args.quiet = True
     if args.json_report:
         try:
             report = _JsonReport(args.json_report)
         except IsADirectoryError:
-            print(f"lmtpfast replay: --json {args.json_report}: is a directory (give a file "
+            print(f"lmtpfast replay: --report {args.json_report}: is a directory (give a file "
                   "name)", file=sys.stderr)
             return _exit.EX_USAGE
         except OSError as exc:
@@ -551,7 +562,7 @@ def _replay(args: argparse.Namespace, queue: Queue, policy: RetryPolicy,
             # Replay delivers through the agent only: --server is one default route.
             agent = (Agent.from_config(args.config) if args.config is not None else
                      Agent.for_server(args.server, max_connections=args.connections,
-                                      timeouts=timeouts))
+                                      timeouts=timeouts, **security))
             async with agent:
                 replayer = Replayer(queue, agent, concurrency=args.concurrency,
                                     policy=policy, observer=obs, flush=args.flush,
@@ -648,7 +659,7 @@ def _demo(args: argparse.Namespace) -> int:
                 return _exit.EX_SOFTWARE
             time.sleep(0.02)
         print(f"$ lmtpfast replay {work / 'spool'} --server unix:{sock} --once -v "
-              f"--json {work / 'report.json'} --bounce-dir {work / 'bounces'}")
+              f"--report {work / 'report.json'} --bounce-dir {work / 'bounces'}")
         demo_args = argparse.Namespace(**{**vars(args), "spool": str(work / "spool"),
                                           "server": f"unix:{sock}", "config": None,
                                           "watch": False, "once": True, "verbose": True,

@@ -50,9 +50,11 @@ from lmtpfast.spool import (
     Totals,
 )
 
-from . import _exit, _log, _run
+from . import _exit, _log, _run, _security
+from ._options import add_json, add_loop, add_quiet, parse_duration
+from ._options import positive_int as _positive_int
 from ._systemd import Notifier
-from .replay import _JsonReport, _positive_int, parse_duration
+from .replay import _JsonReport
 
 __all__ = ["OpsObserver", "register", "run"]
 
@@ -95,9 +97,10 @@ def register(sub: Any) -> None:
                    help="longest retry delay (default 4000s)")
     p.add_argument("--max-queue-lifetime", type=parse_duration, default=5 * 86400.0,
                    metavar="T", help="give up on temporary failures this old (default 5d)")
-    p.add_argument("--json", metavar="REPORT", dest="json_report",
-                   help="at the end, write every outcome and the summary with the metrics "
-                   "(as replay --json) to REPORT")
+    add_json(p, "at the end, every outcome and the summary with the metrics (as replay "
+             "--json)")
+    p.add_argument("--report", metavar="FILE", dest="json_report",
+                   help="write that JSON report to FILE instead")
     p.add_argument("--bounce-dir", metavar="DIR",
                    help="write an RFC 3464 bounce for the sender of each failed message here")
     p.add_argument("--interval", type=parse_duration, default=None, metavar="T",
@@ -110,9 +113,9 @@ def register(sub: Any) -> None:
                    help="--server: multiply every Postfix default timeout by F")
     p.add_argument("--metrics-interval", type=parse_duration, default=15.0, metavar="T",
                    help="how often the queue depth is counted for the metrics (default 15s)")
-    p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
-                   help="event loop (default: uvloop when installed)")
+    add_quiet(p, "log warnings and errors only")
+    add_loop(p)
+    _security.add_arguments(p)
     add_service_arguments(p)
     p.set_defaults(func=run)
 
@@ -250,6 +253,8 @@ class Daemon:
         # Dead marks and rate slots outlive a reload (the new agent knows what
         # the old one learnt about the back ends).
         self.shaping_state = LocalShapingState()
+        #: --server's TLS and SASL options, as Transport fields.
+        self.security: dict[str, Any] = {}
         self._on_shaping = shaping_listener(log, self.metrics)
 
     def _deliverer(self) -> Agent:
@@ -258,7 +263,8 @@ class Daemon:
         if self.args.config is not None:
             return Agent.from_config(self.args.config, **shaping)
         return Agent.for_server(self.args.server, max_connections=self.args.connections,
-                                timeouts=Timeouts.scaled(self.args.timeout_scale), **shaping)
+                                timeouts=Timeouts.scaled(self.args.timeout_scale), **shaping,
+                                **self.security)
 
     def current_agent(self) -> Any:
         return self.replayer.agent if self.replayer is not None else None
@@ -442,16 +448,20 @@ def run(args: argparse.Namespace) -> int:
         if args.server is not None:
             from lmtpfast import parse_destination
 
-            parse_destination(args.server)
+            security = _security.transport_settings(args, parse_destination(args.server))
         else:
             from lmtpfast import Agent
 
+            security = _security.transport_settings(args, None)
             Agent.from_config(args.config)  # refuse a bad configuration before starting
     except ConfigurationError as exc:
         print(f"lmtpfast run: {exc}", file=sys.stderr)
         return _exit.EX_CONFIG
     daemon = Daemon(args, spool, log)
+    daemon.security = security
     report = None
+    if args.json:
+        args.json_report = args.json_report or "-"
     if args.json_report:
         try:
             report = daemon.report = _JsonReport(args.json_report)

@@ -31,6 +31,7 @@ from lmtpfast import (
 )
 
 from . import _exit, _input, _output, _run, _security
+from ._options import add_json
 
 __all__ = ["register", "run"]
 
@@ -77,7 +78,7 @@ def register(sub: Any) -> None:
                    metavar="N", help="refuse a message larger than N bytes (k, m, g suffixes; 0: "
                    f"no limit; default {_input.DEFAULT_MAX_SIZE // 1024 // 1024}m); the "
                    "server's SIZE applies too")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_json(p, "one result per recipient")
     p.add_argument("--notify", metavar="LIST",
                    help="DSN NOTIFY for every recipient: NEVER, or SUCCESS,FAILURE,DELAY")
     p.add_argument("--ret", choices=("FULL", "HDRS"), help="DSN RET: what a bounce returns")

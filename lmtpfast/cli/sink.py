@@ -25,6 +25,9 @@ import msgspec
 from lmtpfast import ConfigurationError
 from lmtpfast.server import DEFAULT_EXTENSIONS, DEFAULT_MAX_SIZE, FaultPlan, Sink, SinkStats
 
+from . import _input
+from ._options import add_loop, add_quiet, positive_float
+
 __all__ = ["DEFAULT_LISTEN", "register", "run"]
 
 #: Unprivileged, loopback only, and easy to remember next to LMTP's port 24.
@@ -115,9 +118,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--max-size",
         metavar="N",
-        type=int,
+        type=_input.parse_size,
         default=DEFAULT_MAX_SIZE,
-        help=f"largest message in bytes, 0 = no limit (default {DEFAULT_MAX_SIZE})",
+        help=f"largest message in bytes (k, m, g suffixes), 0 = no limit "
+        f"(default {DEFAULT_MAX_SIZE})",
     )
     p.add_argument(
         "--fault", metavar="SPEC", action="append", default=[], help="inject a fault (repeatable)"
@@ -143,19 +147,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="USER[:GROUP]",
         help="owner of unix sockets (as root), e.g. postfix:postfix with --socket-mode 0600",
     )
-    p.add_argument("--duration", metavar="S", type=float, help="stop by itself after S seconds")
+    p.add_argument("--duration", metavar="S", type=positive_float,
+                   help="stop by itself after S seconds")
     p.add_argument(
         "--ready-file",
         metavar="FILE",
         help="once listening, write the real destinations to FILE (one a line)",
     )
-    p.add_argument(
-        "--loop",
-        choices=("auto", "uvloop", "asyncio"),
-        default="auto",
-        help="event loop (default: uvloop when installed)",
-    )
-    p.add_argument("--quiet", action="store_true", help="do not print the counters on exit")
+    add_loop(p)
+    add_quiet(p, "do not print the counters on exit")
     p.set_defaults(func=run)
 
 
