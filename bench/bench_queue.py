@@ -53,10 +53,48 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmtpfast", *args]
 
 
+#: CPU seconds (user + system) of the last command _timed() ran.
+LAST_CPU = [0.0]
+
+
 def _timed(cmd: list[str], *, timeout: float = 1800) -> tuple[float, int]:
+    """Wall seconds and exit status of *cmd*; its CPU time goes to LAST_CPU."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, timeout=timeout)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=timeout)
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    LAST_CPU[0] = usage.ru_utime + usage.ru_stime
     return time.perf_counter() - start, proc.returncode
+
+
+def session_cpu(sid: int) -> dict[int, float]:
+    """CPU seconds so far of every process in session *sid* (a private Postfix's daemons)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        # After "pid (comm)": state ppid pgrp session ... utime(12) stime(13).
+        if int(fields[3]) == sid:
+            out[int(name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_since(sid: int, before: dict[int, float]) -> float:
+    """CPU the session's processes used since *before* (processes that exited meanwhile are
+    not counted: Postfix's daemons here live through a round)."""
+    now = session_cpu(sid)
+    return sum(v - before.get(pid, 0.0) for pid, v in now.items())
 
 
 def write_mbox(path: Path, n: int, size: int) -> None:
@@ -108,8 +146,10 @@ def wait_queue(mta: TempPostfix, until: int, *, timeout: float = 1800) -> float:
     raise TimeoutError(f"Postfix queue still at {queued(mta)} after {timeout} s")
 
 
-def postfix_round(sink: SmtpSink, n: int, args: argparse.Namespace) -> tuple[float, float]:
-    """(smtpd->cleanup seconds for n held messages, qmgr+lmtp(8) drain seconds)."""
+def postfix_round(sink: SmtpSink, n: int, args: argparse.Namespace
+                  ) -> tuple[float, float, float, float]:
+    """Seconds and Postfix's own CPU seconds (its daemons, not smtp-source) of smtpd->cleanup
+    for n held messages, and of the qmgr+lmtp(8) drain: (enq, enq_cpu, drain, drain_cpu)."""
     mta = TempPostfix()  # configured first: entering starts it
     checks = mta.config_dir / "header_checks"
     checks.write_text("/^Received: / HOLD\n")  # smtpd adds one to every message
@@ -117,17 +157,21 @@ def postfix_round(sink: SmtpSink, n: int, args: argparse.Namespace) -> tuple[flo
     mta.add_lmtp_transport("tolmtp")
     mta.route(DOMAIN, f"tolmtp:{sink.destination}")
     with mta:
+        sid = mta.pid
+        cpu0 = session_cpu(sid)
         enqueue = smtp_source_smtp(mta.port, n, args.size, args.sessions)
+        enqueue_cpu = cpu_since(sid, cpu0)
         # smtp-source returns once every 250 came: each queue file is on disk.
         hold = len(mta.queue_files(["hold"]).get("hold", []))
         if hold != n:
             raise RuntimeError(f"expected {n} held messages, found {hold}")
         subprocess.run(["sync"], check=True)
+        cpu0 = session_cpu(sid)
         start = time.perf_counter()
         mta.postsuper("-H", "ALL")
         mta.flush()
         end = wait_queue(mta, 0)
-        return enqueue, end - start
+        return enqueue, enqueue_cpu, end - start, cpu_since(sid, cpu0)
 
 
 def hotspots(raw: Path, top: int = 18) -> list[str]:
@@ -159,6 +203,7 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="lmtpfast-bench-queue-", dir="/var/tmp"))
     base.chmod(0o755)
     rows: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     try:
         mbox = base / "in.mbox"
         write_mbox(mbox, n, args.size)
@@ -170,34 +215,43 @@ def main() -> None:
                 spool = base / f"spool{r}"
                 secs, rc = lmtpfast_enqueue(spool, mbox)
                 rows.setdefault("lmtpfast enqueue (durable)", []).append(n / secs)
-                print(f"[{r}] lmtpfast enqueue: {n / secs:9,.0f} msg/s ({secs:.2f} s, exit {rc})",
-                      flush=True)
+                cpu.setdefault("lmtpfast enqueue (durable)", []).append(LAST_CPU[0] / n * 1e6)
+                print(f"[{r}] lmtpfast enqueue: {n / secs:9,.0f} msg/s ({secs:.2f} s, "
+                      f"CPU {LAST_CPU[0]:.2f} s, exit {rc})", flush=True)
                 subprocess.run(["sync"], check=True)
                 prof = base / "replay.spy" if args.profile and r == args.repeat - 1 else None
                 secs, rc = lmtpfast_replay(spool, sink.destination, args, profile=prof)
                 rows.setdefault("lmtpfast replay", []).append(n / secs)
-                print(f"[{r}] lmtpfast replay:  {n / secs:9,.0f} msg/s ({secs:.2f} s, exit {rc})",
-                      flush=True)
+                cpu.setdefault("lmtpfast replay", []).append(LAST_CPU[0] / n * 1e6)
+                print(f"[{r}] lmtpfast replay:  {n / secs:9,.0f} msg/s ({secs:.2f} s, "
+                      f"CPU {LAST_CPU[0]:.2f} s, exit {rc})", flush=True)
                 src = run_smtp_source(sink.destination, messages=n, sessions=args.sessions,
                                       size=args.size, timeout=1800)
                 rows.setdefault("smtp-source -L (raw)", []).append(n / src.elapsed)
                 print(f"[{r}] smtp-source -L:   {n / src.elapsed:9,.0f} msg/s "
                       f"({src.elapsed:.2f} s)", flush=True)
                 if not args.skip_postfix:
-                    enq, drain = postfix_round(sink, n, args)
+                    enq, enq_cpu, drain, drain_cpu = postfix_round(sink, n, args)
                     rows.setdefault("Postfix smtpd->cleanup (held)", []).append(n / enq)
                     rows.setdefault("Postfix qmgr+lmtp(8) drain", []).append(n / drain)
-                    print(f"[{r}] Postfix smtpd->cleanup: {n / enq:9,.0f} msg/s ({enq:.2f} s); "
-                          f"qmgr+lmtp drain: {n / drain:9,.0f} msg/s ({drain:.2f} s)", flush=True)
+                    cpu.setdefault("Postfix smtpd->cleanup (held)", []).append(enq_cpu / n * 1e6)
+                    cpu.setdefault("Postfix qmgr+lmtp(8) drain", []).append(drain_cpu / n * 1e6)
+                    print(f"[{r}] Postfix smtpd->cleanup: {n / enq:9,.0f} msg/s ({enq:.2f} s, "
+                          f"daemons' CPU {enq_cpu:.2f} s); qmgr+lmtp drain: {n / drain:9,.0f} "
+                          f"msg/s ({drain:.2f} s, daemons' CPU {drain_cpu:.2f} s)", flush=True)
                 shutil.rmtree(spool, ignore_errors=True)
                 if prof is not None and prof.exists():
                     print("where the replay's time goes (py-spy, own time per frame):")
                     for line in hotspots(prof):
                         print("   " + line)
         med = {k: statistics.median(v) for k, v in rows.items()}
-        print(f"\n== medians of {args.repeat} round(s), msg/s")
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+        print(f"\n== medians of {args.repeat} round(s): msg/s (wall clock); CPU us/msg "
+              f"(lmtpfast: the command; Postfix: its daemons); load average now "
+              f"{os.getloadavg()[0]:.1f}")
         for k, v in med.items():
-            print(f"{k:<32} {v:10,.0f}")
+            c = f"{med_cpu[k]:10,.0f}" if k in med_cpu else ""
+            print(f"{k:<32} {v:10,.0f} {c}")
         print()
         rep = med["lmtpfast replay"]
         print(f"replay / smtp-source -L:            {rep / med['smtp-source -L (raw)']:6.2f}x "
@@ -209,6 +263,9 @@ def main() -> None:
                   f"{rep / med['Postfix qmgr+lmtp(8) drain']:6.2f}x (target >= 10x)")
             enq = med["lmtpfast enqueue (durable)"] / med["Postfix smtpd->cleanup (held)"]
             print(f"enqueue / Postfix smtpd->cleanup:   {enq:6.2f}x (target > 1x)")
+            d = med_cpu["Postfix qmgr+lmtp(8) drain"] / med_cpu["lmtpfast replay"]
+            e = med_cpu["Postfix smtpd->cleanup (held)"] / med_cpu["lmtpfast enqueue (durable)"]
+            print(f"CPU per message, Postfix / lmtpfast: drain {d:.2f}x, enqueue {e:.2f}x")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -409,6 +409,11 @@ class TempPostfix(TempPeer):
                 raise TimeoutError(f"Postfix did not reload:\n{self._diagnostics()}")
             time.sleep(0.02)
 
+    @property
+    def pid(self) -> int:
+        """master's pid: the session id of every daemon of this instance (0 when not started)."""
+        return 0 if self._proc is None else self._proc.pid
+
     def stop(self, *, timeout: float = 10.0) -> None:
         """Stop master and every daemon (SIGTERM to the session, SIGKILL after *timeout*)."""
         if self._proc is not None:
