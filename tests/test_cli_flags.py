@@ -153,3 +153,23 @@ def test_tls_options_with_config_are_a_usage_error(tmp_path: Any,
     status = main(["replay", str(tmp_path / "spool"), "--config", str(cfg), "--tls", "verify"])
     assert status == 64
     assert "go with --server" in capsys.readouterr().err
+
+
+def test_replay_says_when_a_destination_is_marked_dead(tmp_path: Any,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from lmtpfast.spool import Spool
+
+    spool = tmp_path / "spool"
+    s = Spool(spool, create=True)
+    for i in range(6):
+        s.enqueue(b"Subject: x\r\n\r\nbody\r\n", "s@example.org", [f"u{i}@example.org"])
+    status = main(["replay", str(spool), "--server", f"unix:{tmp_path}/nobody",
+                   "--concurrency", "1", "--json"])
+    captured = capsys.readouterr()
+    assert status == 75
+    assert "marked dead: 5 failed session set-ups in a row" in captured.err
+    import json
+
+    outcomes = json.loads(captured.out)["outcomes"]
+    assert {o["outcome"] for o in outcomes} == {"deferred"}  # never bounced
+    assert sum("marked dead" in o["text"] for o in outcomes) == 1

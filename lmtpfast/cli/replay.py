@@ -486,6 +486,15 @@ def _location(args: argparse.Namespace) -> str | int:
     return _exit.EX_USAGE
 
 
+def _shaping_notices(obs: _CliObserver, quiet: bool) -> Any:
+    """A destination marked dead or revived, said on standard error (unless -q)."""
+    def on_event(ev: Any) -> None:
+        if not quiet and ev.event in ("marked_dead", "revived"):
+            obs.notice(f"destination {ev.destination}: {ev.event.replace('_', ' ')}"
+                       + (f": {ev.detail}" if ev.detail else ""))
+    return on_event
+
+
 def _tune_gc() -> None:
     """Keep the cyclic collector off the hot path (measured: ~36 us per message otherwise).
 
@@ -527,7 +536,6 @@ def _replay(args: argparse.Namespace, queue: Queue, policy: RetryPolicy,
     if args.json:  # the report is the output: no text beside it on standard output
         args.json_report = args.json_report or "-"
         args.verbose = False
-        args.quiet = True
     if args.json_report:
         try:
             report = _JsonReport(args.json_report)
@@ -560,9 +568,10 @@ def _replay(args: argparse.Namespace, queue: Queue, policy: RetryPolicy,
         loop.add_signal_handler(signal.SIGHUP, hangup)
         try:
             # Replay delivers through the agent only: --server is one default route.
-            agent = (Agent.from_config(args.config) if args.config is not None else
+            shaping = {"on_shaping": _shaping_notices(obs, args.quiet)}
+            agent = (Agent.from_config(args.config, **shaping) if args.config is not None else
                      Agent.for_server(args.server, max_connections=args.connections,
-                                      timeouts=timeouts, **security))
+                                      timeouts=timeouts, **security, **shaping))
             async with agent:
                 replayer = Replayer(queue, agent, concurrency=args.concurrency,
                                     policy=policy, observer=obs, flush=args.flush,
@@ -615,7 +624,7 @@ def _replay(args: argparse.Namespace, queue: Queue, policy: RetryPolicy,
                   file=sys.stderr)
             if status == _exit.EX_OK:
                 status = _exit.EX_IOERR  # the deliveries went well, the report did not
-    if not args.quiet:
+    if not args.quiet and not args.json:
         _print_summary(totals, obs, after, status)
     return status
 
