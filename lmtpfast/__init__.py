@@ -26,6 +26,8 @@ _EXPORTS: dict[str, str] = {
     # delivery: one session, the agent, its pools
     "Client": "_session",
     "connect": "_session",
+    "connect_sync": "_session",
+    "SyncClient": "_session",
     "deliver": "_session",
     "Message": "_delivery",
     "Delivery": "_delivery",
@@ -170,6 +172,7 @@ __all__ = [
     "ShapingState",
     "Status",
     "SyncAgent",
+    "SyncClient",
     "TLSError",
     "TLSInfo",
     "TLSPolicy",
@@ -181,6 +184,7 @@ __all__ = [
     "__version__",
     "config_from_dict",
     "connect",
+    "connect_sync",
     "deliver",
     "deliver_sync",
     "failure_results",
@@ -233,7 +237,7 @@ if TYPE_CHECKING:
     from ._results import DELIVERED, PERMANENT, TRANSIENT, RecipientResult, Status
     from ._routing import Route, Router, Routing, TransportMap, VirtualMap, parse_route
     from ._sasl import DEFAULT_MECHANISMS, AuthPolicy, Credentials, parse_mechanisms
-    from ._session import Client, connect, deliver
+    from ._session import Client, SyncClient, connect, connect_sync, deliver
     from ._settings import PoolSettings, ShapingSettings, Timeouts
     from ._shaping import LocalShapingState, Shaper, ShapingEvent, ShapingState
     from ._sync import SyncAgent, deliver_sync

@@ -28,17 +28,11 @@ same content, facts and cache, the chosen recipients with their parameters.
 
 from __future__ import annotations
 
-import base64
-import email
-import email.generator
-import email.message
-import email.policy
 import errno
-import io
 import os
-import quopri
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -50,7 +44,7 @@ from .proto._common import encode_address
 from .proto.content import ContentEncoder, encode_content
 
 __all__ = ["STREAM_CHUNK", "STREAM_THRESHOLD", "BadSender", "Delivery", "Message",
-           "MessageFile", "message_bytes", "pieces", "to_7bit"]
+           "MessageFile", "StreamedContent", "message_bytes", "pieces", "to_7bit"]
 
 # Messages up to STREAM_THRESHOLD bytes are encoded whole and sent with their
 # final dot (and the next transaction's commands) in one write; larger ones
@@ -106,7 +100,24 @@ class MessageFile:
         return f"<MessageFile fd={self.fd} offset={self.offset} size={self.size}>"
 
 
-Message = bytes | bytearray | memoryview | str | email.message.Message | MessageFile
+if TYPE_CHECKING:
+    import email.message
+    from typing import TypeAlias
+
+    Message: TypeAlias = (bytes | bytearray | memoryview | str | email.message.Message
+                          | MessageFile)
+
+
+def __getattr__(name: str) -> Any:
+    # The email package is imported only by who uses it (``Message`` as a
+    # value, a 7-bit conversion): `lmtpfast send` never does.
+    if name == "Message":
+        import email.message
+
+        value = bytes | bytearray | memoryview | str | email.message.Message | MessageFile
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def pieces(content: bytes | memoryview | MessageFile) -> memoryview | MessageFile:
@@ -131,6 +142,23 @@ def _refusals(rcpts: tuple[str, ...]) -> dict[int, RecipientResult]:
     return refused
 
 
+class StreamedContent:
+    """A large message, encoded chunk by chunk as it is written.
+
+    With ``chunking`` each encoded piece goes out as a BDAT chunk (RFC 3030,
+    no dot-stuffing); otherwise as DATA content ending in the final dot.
+    ``encoder`` is the engine's ``ContentEncoder`` class.
+    """
+
+    __slots__ = ("chunking", "encoder", "raw")
+
+    def __init__(self, raw: memoryview | MessageFile, chunking: bool = False,
+                 encoder: type[ContentEncoder] = ContentEncoder) -> None:
+        self.raw = raw
+        self.chunking = chunking
+        self.encoder = encoder
+
+
 class BadSender(LocalProtocolError):
     """The sender address cannot be sent (the whole delivery is refused)."""
 
@@ -149,11 +177,16 @@ def message_bytes(message: Message) -> bytes | memoryview | MessageFile:
         return memoryview(message).cast("B")
     if isinstance(message, str):
         return message.encode("utf-8")
-    if isinstance(message, email.message.Message):
-        policy = message.policy
-        if isinstance(policy, email.policy.EmailPolicy):
-            policy = policy.clone(linesep="\r\n")
-        return message.as_bytes(policy=policy)
+    # No email.message.Message exists unless its module was imported by someone.
+    if "email.message" in sys.modules:
+        import email.message
+        import email.policy
+
+        if isinstance(message, email.message.Message):
+            policy = message.policy
+            if isinstance(policy, email.policy.EmailPolicy):
+                policy = policy.clone(linesep="\r\n")
+            return message.as_bytes(policy=policy)
     raise TypeError(
         f"message must be bytes, str or email.message.Message, not {type(message).__name__}")
 
@@ -385,6 +418,13 @@ def to_7bit(raw: bytes) -> bytes:
     declared) or when the message has no MIME structure to declare an
     encoding in. The result has CRLF line ends.
     """
+    import base64
+    import email
+    import email.generator
+    import email.policy
+    import io
+    import quopri
+
     if not raw[: _header_end(raw)].isascii():
         raise ContentError("8-bit bytes in the message header")
     msg = email.message_from_bytes(raw.replace(b"\r\n", b"\n"), policy=email.policy.compat32)

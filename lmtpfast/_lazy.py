@@ -1,13 +1,27 @@
-"""Lazy re-exports for a package facade (PEP 562): a name is imported on first use."""
+"""Lazy re-exports for a package facade (PEP 562): a name is imported on first use.
+
+Also :func:`get_logger`: the modules ``lmtpfast send`` imports log only when
+something goes wrong, so they import :mod:`logging` only then.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["lazy_exports"]
+if TYPE_CHECKING:
+    import logging
+
+__all__ = ["get_logger", "lazy_exports"]
+
+
+def get_logger(name: str) -> logging.Logger:
+    """``logging.getLogger(name)``, importing :mod:`logging` on the first message."""
+    import logging
+
+    return logging.getLogger(name)
 
 
 def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:

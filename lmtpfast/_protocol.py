@@ -13,10 +13,12 @@ import select
 import socket
 import ssl
 from collections import deque
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-from ._delivery import STREAM_CHUNK, MessageFile
+from ._delivery import STREAM_CHUNK, StreamedContent
 from ._errors import (
+    ConnectError,
+    ConnectTimeout,
     LMTPError,
     ReadTimeout,
     ServerDisconnected,
@@ -36,9 +38,12 @@ from .proto import (
     Transaction,
     TransactionDone,
 )
-from .proto.content import ContentEncoder
 
-__all__ = ["Batch", "LMTPProtocol", "StreamedContent", "protocol_class"]
+if TYPE_CHECKING:
+    from ._command import Program
+    from ._destination import Destination
+
+__all__ = ["Batch", "LMTPProtocol", "StreamedContent", "open_connection", "protocol_class"]
 
 
 # The stages a timed transaction reports, in order (the engine's "final" is the dot).
@@ -46,22 +51,6 @@ _DATA_PLAN = ("mail", "rcpt", "data", "final")
 _BDAT_PLAN = ("mail", "rcpt", "final")
 _STAGE_NAMES = {"final": "dot"}
 
-
-class StreamedContent:
-    """A large message, encoded chunk by chunk as it is written.
-
-    With ``chunking`` each encoded piece goes out as a BDAT chunk (RFC 3030,
-    no dot-stuffing); otherwise as DATA content ending in the final dot.
-    ``encoder`` is the engine's ``ContentEncoder`` class.
-    """
-
-    __slots__ = ("chunking", "encoder", "raw")
-
-    def __init__(self, raw: memoryview | MessageFile, chunking: bool = False,
-                 encoder: type[ContentEncoder] = ContentEncoder) -> None:
-        self.raw = raw
-        self.chunking = chunking
-        self.encoder = encoder
 
 
 class Batch:
@@ -686,3 +675,44 @@ def protocol_class(engine_name: str) -> type[LMTPProtocol]:
     if engine_name == "c" and CLMTPProtocol is not None:
         return CLMTPProtocol
     return LMTPProtocol
+
+
+async def open_connection(
+    conn: Connection, timeouts: Timeouts, dest: Destination, peer: str, engine_name: str,
+) -> tuple[LMTPProtocol, Program | None]:
+    """Connect on the running loop (within ``timeouts.connect``) with ``conn`` as the engine.
+
+    The protocol is :func:`protocol_class` of ``engine_name``. For a
+    ``command:`` destination the program is started on a socket pair and
+    returned too (the session reaps it).
+    """
+    loop = asyncio.get_running_loop()
+    protocol_type = protocol_class(engine_name)
+
+    def factory() -> LMTPProtocol:
+        return protocol_type(conn, timeouts, loop, peer)
+
+    if dest.kind == "command":
+        from ._command import Program
+
+        # A program on stdin/stdout: a socket pair, then the same protocol.
+        program, sock = await Program.start(dest.argv, peer)
+        try:
+            _, protocol = await loop.create_unix_connection(factory, sock=sock)
+        except BaseException:
+            sock.close()
+            await program.finish()
+            raise
+        return protocol, program
+    try:
+        async with asyncio.timeout(timeouts.connect):
+            if dest.is_unix:
+                _, protocol = await loop.create_unix_connection(factory, dest.path)
+            else:
+                _, protocol = await loop.create_connection(factory, dest.host, dest.port)
+    except TimeoutError:
+        raise ConnectTimeout(
+            f"connect to {peer} timed out after {timeouts.connect:g}s") from None
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {peer}: {exc.strerror or exc}") from exc
+    return protocol, None

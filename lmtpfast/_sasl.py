@@ -39,17 +39,16 @@ list adds PLAIN and LOGIN (with ``allowplaintext: no``) and the ``-PLUS``
 SCRAM of the same hash is chosen, which TLS protects anyway; the SASL realm
 is the server's ``servername``, so sasldb users must be created with
 ``saslpasswd2 -u SERVERNAME`` and authenticate with the bare user name.
+
+hashlib, hmac, secrets and the SASLprep tables are imported where a mechanism
+needs them: ``lmtpfast send`` without AUTH (one process per message) does not
+load OpenSSL's digests for nothing.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
-import secrets
-import stringprep
-import unicodedata
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -124,6 +123,8 @@ class Credentials:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Credentials):
             return NotImplemented
+        import hmac
+
         return (self.username == other.username and self.authzid == other.authzid
                 and hmac.compare_digest(self._password.encode(), other._password.encode()))
 
@@ -209,12 +210,6 @@ class AuthPolicy:
 
 # -- SASLprep (RFC 4013) ---------------------------------------------------------------
 
-_PROHIBITED = (
-    stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3,
-    stringprep.in_table_c4, stringprep.in_table_c5, stringprep.in_table_c6,
-    stringprep.in_table_c7, stringprep.in_table_c8, stringprep.in_table_c9,
-)
-
 
 def saslprep(text: str, what: str = "string") -> str:
     """Prepare a user name or password (RFC 4013; unassigned code points allowed, as for queries).
@@ -223,11 +218,20 @@ def saslprep(text: str, what: str = "string") -> str:
     """
     if text.isascii() and text.isprintable():
         return text  # nothing maps, nothing is prohibited
+    # Imported here: the tables are needed only for non-ASCII names and passwords.
+    import stringprep
+    import unicodedata
+
+    prohibited = (
+        stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3,
+        stringprep.in_table_c4, stringprep.in_table_c5, stringprep.in_table_c6,
+        stringprep.in_table_c7, stringprep.in_table_c8, stringprep.in_table_c9,
+    )
     mapped = "".join(" " if stringprep.in_table_c12(c) else c
                      for c in text if not stringprep.in_table_b1(c))
     out = unicodedata.normalize("NFKC", mapped)
     for c in out:
-        if any(table(c) for table in _PROHIBITED):
+        if any(table(c) for table in prohibited):
             raise AuthenticationError(f"the SASL {what} contains a character SASLprep prohibits "
                                       f"(U+{ord(c):04X})")
     if any(stringprep.in_table_d1(c) for c in out) and (
@@ -307,6 +311,9 @@ class CramMD5(Mechanism):
         self._round += 1
         if self._round > 1 or not challenge:
             raise AuthenticationError("unexpected SASL challenge in CRAM-MD5")
+        import hashlib
+        import hmac
+
         digest = hmac.new(self._creds.password.encode(), challenge, hashlib.md5).hexdigest()
         return self._creds.username.encode() + b" " + digest.encode()
 
@@ -321,6 +328,8 @@ class _Scram(Mechanism):
 
     def __init__(self, credentials: Credentials, nonce: str | None = None) -> None:
         super().__init__(credentials)
+        import secrets
+
         self._nonce = nonce or secrets.token_urlsafe(24)
         authz = credentials.authzid
         self._gs2 = "n," + (f"a={_scram_name(saslprep(authz, 'authorization identity'))}"
@@ -335,6 +344,8 @@ class _Scram(Mechanism):
         return (self._gs2 + self._client_first_bare).encode()
 
     def _digest(self, key: bytes, msg: bytes) -> bytes:
+        import hmac
+
         return hmac.new(key, msg, self.hash_name).digest()
 
     def respond(self, challenge: bytes) -> bytes:
@@ -371,6 +382,8 @@ class _Scram(Mechanism):
                 f"{self.name}: server asks for {iterations} iterations, outside "
                 f"{SCRAM_MIN_ITERATIONS}..{SCRAM_MAX_ITERATIONS}")
         password = saslprep(self._creds.password, "password").encode()
+        import hashlib
+
         salted = hashlib.pbkdf2_hmac(self.hash_name, password, salt, iterations)
         client_key = self._digest(salted, b"Client Key")
         stored_key = hashlib.new(self.hash_name, client_key).digest()
@@ -398,6 +411,8 @@ class _Scram(Mechanism):
             got = base64.b64decode(value, validate=True)
         except binascii.Error:
             raise AuthenticationError(f"{self.name}: bad server signature encoding") from None
+        import hmac
+
         if not hmac.compare_digest(got, self._server_signature):
             raise AuthenticationError(
                 f"{self.name}: the server's signature does not verify: it does not know the "

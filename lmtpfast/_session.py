@@ -16,22 +16,28 @@ write), so a busy connection needs about one round trip per message.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import socket
+import sys
+import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from types import ModuleType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._command import Program
-from ._delivery import Delivery, Message, message_bytes, pieces
+from ._delivery import Delivery, StreamedContent, message_bytes, pieces
 from ._destination import Destination, parse_destination
 from ._dsn import DSN
 from ._errors import (
     AuthenticationError,
     ConnectError,
-    ConnectTimeout,
     ContentError,
     LocalProtocolError,
     ReplyError,
@@ -39,18 +45,38 @@ from ._errors import (
     TLSError,
 )
 from ._failures import BAD_CONTENT, EIGHTBIT_MISSING, SIZE_LIMIT, SMTPUTF8_MISSING
+from ._lazy import get_logger
 from ._metrics import TRACE
-from ._protocol import LMTPProtocol, StreamedContent, protocol_class
 from ._results import RecipientResult
 from ._sasl import AuthPolicy, Credentials, Mechanism, authenticate
 from ._settings import Timeouts
 from ._tls import TLSInfo, TLSPolicy, check_starttls_reply, wants_starttls
 from .proto import Capabilities, Engine, Reply, Transaction, get_engine
 
-__all__ = ["Client", "Message", "connect", "deliver", "message_bytes"]
+# asyncio, the asyncio protocol and programs (command: destinations) are
+# imported where used: `lmtpfast send` runs a blocking session (connect_sync)
+# once per message, and importing them would cost more than the delivery.
+if TYPE_CHECKING:
+    from ._blocking import BlockingProtocol
+    from ._command import Program
+    from ._delivery import Message
+    from ._protocol import LMTPProtocol
+    from .proto import Connection
 
-log = logging.getLogger("lmtpfast.client")
-sasl_log = logging.getLogger("lmtpfast.sasl")
+    #: What a Client runs over: the asyncio protocol, or the blocking one
+    #: (``connect_sync``) whose awaitables are ready when returned.
+    SessionProtocol = LMTPProtocol | BlockingProtocol
+    #: Opens the connection for the set-up sequence: (engine, timeouts, destination,
+    #: peer) -> the protocol, and the program behind a command: destination.
+    #: The last argument is the engine's name (its protocol class under asyncio).
+    Opener = Callable[[Connection, Timeouts, Destination, str, str],
+                      Awaitable[tuple[SessionProtocol, Program | None]]]
+
+__all__ = ["Client", "Message", "SyncClient", "connect", "connect_sync", "deliver",
+           "message_bytes"]
+
+_CLIENT_LOG = "lmtpfast.client"
+_SASL_LOG = "lmtpfast.sasl"
 
 
 class _Prepared(NamedTuple):
@@ -74,7 +100,7 @@ class Client:
     auth_mechanism: str | None = None
 
     def __init__(
-        self, protocol: LMTPProtocol, destination: Destination, greeting: Reply,
+        self, protocol: SessionProtocol, destination: Destination, greeting: Reply,
         lhlo_reply: Reply, engine: Engine, *, chunking: bool = True,
         program: Program | None = None,
     ) -> None:
@@ -184,8 +210,9 @@ class Client:
         try:
             # Cancelling the caller cancels fut too; the transport skips done futures.
             results = await fut
-        except asyncio.CancelledError:
-            # The server may be mid-transaction: the connection cannot be reused.
+        except BaseException:
+            # Only cancellation (or an interrupt) comes out of this await: the
+            # server may be mid-transaction, so the connection cannot be reused.
             self._protocol.abort(ServerDisconnected("delivery cancelled by the caller"))
             raise
         if prep.local:
@@ -215,9 +242,13 @@ class Client:
         transactions still in flight aborts the connection, as cancelling
         :meth:`send` does: their outcome is not known.
         """
+        from ._protocol import LMTPProtocol
+
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         protocol = self._protocol
+        if not isinstance(protocol, LMTPProtocol):
+            raise TypeError("send_many() needs an asyncio session (connect(), not connect_sync())")
         # Woken once per half window of decisions (or when none is left in
         # flight): the connection keeps going on the other half meanwhile.
         batch = protocol.new_batch(max(1, window // 2))
@@ -441,20 +472,57 @@ async def connect(
     the server offers; a refusal is a :class:`ReplyError` at stage ``auth``,
     a local problem an :class:`~lmtpfast.AuthenticationError`.
     """
+    from ._protocol import open_connection
+
+    return await _connect(open_connection, destination, lhlo_name=lhlo_name,
+                          timeouts=timeouts, pipelining=pipelining, chunking=chunking,
+                          ignore_keywords=ignore_keywords, max_line_length=max_line_length,
+                          max_reply_lines=max_reply_lines, tls=tls, auth=auth, engine=engine)
+
+
+async def _connect(
+    opener: Opener,
+    destination: str | Destination,
+    *,
+    lhlo_name: str | None,
+    timeouts: Timeouts | None,
+    pipelining: bool,
+    chunking: bool,
+    ignore_keywords: Sequence[str],
+    max_line_length: int | None,
+    max_reply_lines: int | None,
+    tls: TLSPolicy | str | None,
+    auth: Credentials | AuthPolicy | None,
+    engine: str | Engine | ModuleType | None,
+) -> Client:
+    """:func:`connect` over the connections ``opener`` makes (asyncio or blocking)."""
     dest = parse_destination(destination)
     tls_policy = TLSPolicy.parse(tls)
     settings = _Setup(
         dest, lhlo_name or socket.gethostname() or "localhost", timeouts or Timeouts(),
         pipelining, chunking, tuple(ignore_keywords), max_line_length, max_reply_lines,
-        AuthPolicy.parse(auth), get_engine(engine))
+        AuthPolicy.parse(auth), get_engine(engine), opener)
     try:
         return await settings.run(tls_policy)
     except TLSError as exc:
         if tls_policy.level != "may":
             raise
         # Postfix's opportunistic TLS: a failed handshake is retried in plain text.
-        log.warning("%s; tls_security_level = may: retrying in plain text", exc)
+        get_logger(_CLIENT_LOG).warning(
+            "%s; tls_security_level = may: retrying in plain text", exc)
         return await settings.run(TLSPolicy.parse(None))
+
+
+def _clock() -> Callable[[], float]:
+    """The running loop's clock under asyncio (its timers' time), else monotonic time."""
+    if "asyncio" in sys.modules:
+        import asyncio
+
+        try:
+            return asyncio.get_running_loop().time
+        except RuntimeError:
+            pass
+    return time.monotonic
 
 
 class _Setup:
@@ -463,7 +531,7 @@ class _Setup:
     def __init__(
         self, dest: Destination, lhlo_name: str, timeouts: Timeouts, pipelining: bool,
         chunking: bool, ignore_keywords: tuple[str, ...], max_line_length: int | None,
-        max_reply_lines: int | None, auth: AuthPolicy | None, engine: Engine,
+        max_reply_lines: int | None, auth: AuthPolicy | None, engine: Engine, opener: Opener,
     ) -> None:
         self.dest = dest
         self.peer = str(dest)
@@ -476,11 +544,12 @@ class _Setup:
                                          ("max_reply_lines", max_reply_lines)) if v is not None}
         self.auth = auth
         self.engine = engine
+        self.opener = opener
 
     async def run(self, tls_policy: TLSPolicy) -> Client:
         # Whoever measures this attempt (replay, the daemon) gets each stage's time.
         trace = TRACE.get()
-        clock = asyncio.get_running_loop().time
+        clock = _clock()
         since = clock()
         peer = self.peer
 
@@ -532,7 +601,7 @@ class _Setup:
         return client
 
     @staticmethod
-    async def _program_ended(program: Program, protocol: LMTPProtocol,
+    async def _program_ended(program: Program, protocol: SessionProtocol,
                              exc: BaseException) -> None:
         """A program whose session failed is reaped; one that exited before
         its greeting is a connect failure that says why."""
@@ -543,48 +612,19 @@ class _Setup:
             raise ConnectError(f"{program.peer} ended before its greeting with "
                                f"{program.status_text()}{why}") from exc
 
-    async def _open(self) -> tuple[LMTPProtocol, Program | None]:
-        loop = asyncio.get_running_loop()
+    async def _open(self) -> tuple[SessionProtocol, Program | None]:
         conn = self.engine.Connection(self.lhlo_name, pipelining=self.pipelining,
                                       ignore_keywords=self.ignore_keywords, **self.limits)
-        timeouts, peer, dest = self.timeouts, self.peer, self.dest
-
-        protocol_type = protocol_class(self.engine.name)
-
-        def factory() -> LMTPProtocol:
-            return protocol_type(conn, timeouts, loop, peer)
-
-        if dest.kind == "command":
-            # A program on stdin/stdout: a socket pair, then the same protocol.
-            program, sock = await Program.start(dest.argv, peer)
-            try:
-                _, protocol = await loop.create_unix_connection(factory, sock=sock)
-            except BaseException:
-                sock.close()
-                await program.finish()
-                raise
-            return protocol, program
-        try:
-            async with asyncio.timeout(timeouts.connect):
-                if dest.is_unix:
-                    _, protocol = await loop.create_unix_connection(factory, dest.path)
-                else:
-                    _, protocol = await loop.create_connection(factory, dest.host, dest.port)
-        except TimeoutError:
-            raise ConnectTimeout(
-                f"connect to {peer} timed out after {timeouts.connect:g}s") from None
-        except OSError as exc:
-            raise ConnectError(f"cannot connect to {peer}: {exc.strerror or exc}") from exc
-        return protocol, None
+        return await self.opener(conn, self.timeouts, self.dest, self.peer, self.engine.name)
 
     @staticmethod
-    async def _lhlo(protocol: LMTPProtocol) -> Reply:
+    async def _lhlo(protocol: SessionProtocol) -> Reply:
         reply = await protocol.command("LHLO")
         if not 200 <= reply.code < 300:
             raise ReplyError(reply.code, reply.enhanced, reply.text, "lhlo")
         return reply
 
-    async def _login(self, protocol: LMTPProtocol, *, encrypted: bool) -> Mechanism | None:
+    async def _login(self, protocol: SessionProtocol, *, encrypted: bool) -> Mechanism | None:
         """AUTH as the policy says; the mechanism used, or ``None``.
 
         Nothing happens without a policy or when the server advertises no AUTH
@@ -605,14 +645,15 @@ class _Setup:
             mechanism = policy.select(offered, encrypted=encrypted, unix=self.dest.is_local,
                                       peer=peer)
         except AuthenticationError as exc:
-            sasl_log.warning("SASL authentication to %s as %s not attempted: %s",
-                             peer, policy.identity, exc)
+            get_logger(_SASL_LOG).warning(
+                "SASL authentication to %s as %s not attempted: %s", peer, policy.identity, exc)
             raise
         try:
             await authenticate(protocol.command, mechanism)
         except (ReplyError, AuthenticationError) as exc:
-            sasl_log.warning("SASL authentication to %s as %s with %s failed: %s",
-                             peer, policy.identity, mechanism.name, exc)
+            get_logger(_SASL_LOG).warning(
+                "SASL authentication to %s as %s with %s failed: %s", peer, policy.identity,
+                mechanism.name, exc)
             raise
         return mechanism
 
@@ -641,3 +682,86 @@ async def deliver(
         return await client.send(delivery)
     finally:
         await client.quit()
+
+
+def connect_sync(
+    destination: str | Destination,
+    *,
+    lhlo_name: str | None = None,
+    timeouts: Timeouts | None = None,
+    pipelining: bool = True,
+    chunking: bool = True,
+    ignore_keywords: Sequence[str] = (),
+    max_line_length: int | None = None,
+    max_reply_lines: int | None = None,
+    tls: TLSPolicy | str | None = None,
+    auth: Credentials | AuthPolicy | None = None,
+    engine: str | Engine | ModuleType | None = None,
+) -> SyncClient:
+    """:func:`connect` on a blocking socket, without an event loop: a :class:`SyncClient`.
+
+    The same set-up sequence, options, errors and results as :func:`connect`;
+    for a program that delivers one message and exits (``lmtpfast send``, run
+    by an MTA per message), where importing asyncio would cost more than the
+    delivery. Not for many messages or many threads: use :class:`SyncAgent`.
+    """
+    from ._blocking import open_blocking, run_now
+
+    client = run_now(_connect(
+        open_blocking, destination, lhlo_name=lhlo_name, timeouts=timeouts,
+        pipelining=pipelining, chunking=chunking, ignore_keywords=ignore_keywords,
+        max_line_length=max_line_length, max_reply_lines=max_reply_lines, tls=tls, auth=auth,
+        engine=engine))
+    return SyncClient(client)
+
+
+class SyncClient:
+    """A blocking :class:`Client` (see :func:`connect_sync`): each call returns when done."""
+
+    def __init__(self, client: Client) -> None:
+        from ._blocking import run_now
+
+        self._run = run_now
+        #: The session underneath (its properties: ``capabilities``, ``tls``, ...).
+        self.client = client
+
+    def send(self, delivery: Delivery | str, recipients: Sequence[str] | None = None,
+             message: Message | None = None, **options: Any) -> list[RecipientResult]:
+        """:meth:`Client.send`, blocking."""
+        return self._run(self.client.send(delivery, recipients, message, **options))
+
+    def command(self, verb: str, argument: str | None = None) -> Reply:
+        return self._run(self.client.command(verb, argument))
+
+    def noop(self) -> Reply:
+        return self._run(self.client.noop())
+
+    def rset(self) -> Reply:
+        return self._run(self.client.rset())
+
+    def quit(self) -> None:
+        """Say QUIT politely and close; errors on the way out are ignored."""
+        self._run(self.client.quit())
+
+    def abort(self) -> None:
+        self.client.abort()
+
+    @property
+    def usable(self) -> bool:
+        return self.client.usable
+
+    def __getattr__(self, name: str) -> Any:
+        # The read-only facts of the session (capabilities, tls, greeting, ...).
+        return getattr(self.client, name)
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.quit()
+        else:
+            self.abort()
+
+    def __repr__(self) -> str:
+        return repr(self.client).replace("lmtpfast.Client", "lmtpfast.SyncClient")

@@ -38,17 +38,17 @@ local issuer certificate``; the post-TLS LHLO no longer lists ``STARTTLS``.
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
-import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from ._errors import ConfigurationError, ReplyError, TLSError
+from ._lazy import get_logger
 
 if TYPE_CHECKING:
+    import ssl
+
     from .proto import Reply
 
 __all__ = [
@@ -63,13 +63,14 @@ __all__ = [
     "wants_starttls",
 ]
 
-log = logging.getLogger("lmtpfast.tls")
 
 SecurityLevel = Literal["none", "may", "encrypt", "verify"]
 #: The levels, weakest first.
 SECURITY_LEVELS: tuple[SecurityLevel, ...] = ("none", "may", "encrypt", "verify")
 
-_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+# ssl is imported only when a context is made: `lmtpfast send` in plain text
+# (one process per message) does not pay for OpenSSL's start-up.
+_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
 
 class TLSPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -180,6 +181,8 @@ def make_context(policy: TLSPolicy) -> ssl.SSLContext:
     Raises :class:`ConfigurationError` naming the file when a CA, certificate
     or key file cannot be loaded.
     """
+    import ssl
+
     try:
         if policy.verifies:
             ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=policy.ca_file,
@@ -192,7 +195,7 @@ def make_context(policy: TLSPolicy) -> ssl.SSLContext:
         where = policy.ca_file or policy.ca_path
         raise ConfigurationError(f"cannot load trusted CAs: {_why(exc)}", source=where,
                                  field="tls_ca_file") from None
-    ctx.minimum_version = _VERSIONS[policy.min_version]
+    ctx.minimum_version = _tls_version(policy.min_version)
     if policy.cert_file is not None:
         try:
             ctx.load_cert_chain(policy.cert_file, policy.key_file)
@@ -208,16 +211,24 @@ def server_context(cert_file: str, key_file: str, *,
 
     Raises :class:`ConfigurationError` naming the file when they cannot be loaded.
     """
+    import ssl
+
     if min_version not in _VERSIONS:
         raise ConfigurationError(f"unknown TLS version {min_version!r}", field="tls_min_version")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = _VERSIONS[min_version]
+    ctx.minimum_version = _tls_version(min_version)
     try:
         ctx.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigurationError(f"cannot load the server certificate or key: {_why(exc)}",
                                  source=cert_file, field="tls_cert_file") from None
     return ctx
+
+
+def _tls_version(name: str) -> ssl.TLSVersion:
+    import ssl
+
+    return ssl.TLSVersion[name.replace(".", "_")]  # "TLSv1.2" -> TLSVersion.TLSv1_2
 
 
 def _why(exc: BaseException) -> str:
@@ -273,6 +284,8 @@ def tls_info(ssl_object: ssl.SSLObject | ssl.SSLSocket, verified: bool,
     der = ssl_object.getpeercert(binary_form=True)
     fingerprint = None
     if der:
+        import hashlib
+
         digest = hashlib.sha256(der).hexdigest().upper()
         fingerprint = ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
     subject = issuer = None
@@ -320,6 +333,7 @@ def check_starttls_reply(policy: TLSPolicy, reply: Reply, peer: str) -> bool:
     if policy.required:
         raise TLSError(f"TLS is required (tls_security_level = {policy.level}) but {peer} "
                        f"refused STARTTLS: {reply.code} {reply.text}")
-    log.info("%s refused STARTTLS (%d %s); level 'may': going on in plain text",
-             peer, reply.code, reply.text)
+    get_logger("lmtpfast.tls").info(
+        "%s refused STARTTLS (%d %s); level 'may': going on in plain text",
+        peer, reply.code, reply.text)
     return False

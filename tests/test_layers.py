@@ -32,8 +32,9 @@ LAYERS: dict[str, int] = {
     # 2 policy: pure decisions (TLS, SASL), maps, routing, configuration
     "_tls": 2, "_sasl": 2, "_saslserver": 2, "_passwords": 2, "_maps": 2, "_routing": 2,
     "_config": 2,
-    # 3 protocol: the asyncio.Protocol over the engine; a program as a socket
-    "_protocol": 3,
+    # 3 protocol: the asyncio.Protocol over the engine; a program as a socket; the
+    # blocking twin of the protocol (lmtpfast send)
+    "_protocol": 3, "_blocking": 3,
     "_cprotocol": 3, "_command": 3,
     # 4 session: connect and set-up, one Client
     "_session": 4,

@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(_exit.EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or of ``only`` that one (a start-up cost MTAs pay)."""
     parser = _Parser(
         prog="lmtpfast",
         description="Fast, correct LMTP delivery. Commands: send (one message); enqueue, "
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"lmtpfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in _SUBCOMMANDS:
+    for name in (only,) if only else _SUBCOMMANDS:
         try:
             module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
         except ModuleNotFoundError as exc:
@@ -56,8 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _chosen(argv: Sequence[str]) -> str | None:
+    """The subcommand named first on the command line, if it is one of ours.
+
+    Only that one's module is imported: ``lmtpfast send`` runs once per
+    message under an MTA and must not pay for replay, the daemon or the sink.
+    Anything else (no command, ``--help``, a typo) builds the whole parser.
+    """
+    for arg in argv:
+        if arg.startswith("-"):
+            return None  # a top-level option first (--help, --version): the full parser
+        return arg if arg in _SUBCOMMANDS else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(_chosen(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

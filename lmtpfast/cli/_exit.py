@@ -12,8 +12,10 @@ is the sysexits code whose Postfix meaning is closest to it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from lmtpfast import RecipientResult
+if TYPE_CHECKING:
+    from lmtpfast import RecipientResult
 
 EX_OK = 0
 EX_USAGE = 64  # bad command line

@@ -21,16 +21,18 @@ from lmtpfast import (
     ConfigurationError,
     ContentError,
     Delivery,
+    Destination,
     LMTPError,
     LocalProtocolError,
     RecipientResult,
     Timeouts,
     connect,
+    connect_sync,
     failure_results,
     parse_destination,
 )
 
-from . import _exit, _input, _output, _run, _security
+from . import _exit, _input, _output, _security
 from ._options import add_json
 
 __all__ = ["register", "run"]
@@ -195,22 +197,36 @@ def run(args: argparse.Namespace) -> int:
     if delivery.refused:
         return _fail(_exit.EX_USAGE, "; ".join(r.text for r in delivery.refused.values()))
 
-    async def deliver() -> list[RecipientResult]:
-        conn = await connect(dest, lhlo_name=args.lhlo_name, timeouts=timeouts,
-                             pipelining=not args.no_pipelining, tls=tls, auth=auth)
-        try:
-            return await conn.send(delivery)
-        finally:
-            await conn.quit()
-
+    options: dict[str, Any] = dict(lhlo_name=args.lhlo_name, timeouts=timeouts,
+                                   pipelining=not args.no_pipelining, tls=tls, auth=auth)
     try:
-        results = _run.run(deliver())
+        if dest.kind == "command":
+            from . import _run  # the event loop, only for a program to run
+
+            results = _run.run(_deliver_async(dest, delivery, options))
+        else:
+            # One message, then exit: a blocking session (no event loop to start).
+            conn = connect_sync(dest, **options)
+            try:
+                results = conn.send(delivery)
+            finally:
+                conn.quit()
     except (LMTPError, OSError) as exc:
         # The session could not be set up: the failure table says what each
         # recipient gets, as it says it for the agent and replay.
         return _report(failure_results(exc, args.recipients, destination=str(dest)), args,
                        f"{dest}: {exc}")
     return _report(results, args)
+
+
+async def _deliver_async(dest: Destination, delivery: Delivery,
+                         options: dict[str, Any]) -> list[RecipientResult]:
+    # A command: destination runs a program, which needs the event loop.
+    conn = await connect(dest, **options)
+    try:
+        return await conn.send(delivery)
+    finally:
+        await conn.quit()
 
 
 def _report(results: list[RecipientResult], args: argparse.Namespace,
