@@ -9,7 +9,6 @@ stdout (split into words as a POSIX shell would, without running one:
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 import socket
 from collections.abc import Sequence
@@ -109,7 +108,10 @@ class DestinationSet:
 
 def _weight(member: Destination, key: str) -> int:
     # A stable hash (not Python's, which is salted per process): every front
-    # end and every restart picks the same member.
+    # end and every restart picks the same member. Imported here: `lmtpfast
+    # send` parses a destination per process and never needs a digest.
+    import hashlib
+
     digest = hashlib.blake2b(f"{member}\n{key}".encode("utf-8", "surrogatepass"),
                              digest_size=8).digest()
     return int.from_bytes(digest, "big")
