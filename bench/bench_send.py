@@ -39,11 +39,15 @@ sys.path.insert(0, str(ROOT))
 from lmtpfast._testing.postfix import SmtpSink  # noqa: E402
 
 
-def cpu_ms(argv: list[str], env: dict[str, str], stdin_path: str | None = None) -> float:
-    """User + system CPU of one run of ``argv``, in milliseconds; it must exit 0."""
-    with open(stdin_path or os.devnull, "rb") as stdin:
+def cpu_ms(argv: list[str], env: dict[str, str], cwd: str) -> float:
+    """User + system CPU of one run of ``argv``, in milliseconds; it must exit 0.
+
+    ``cwd`` is not this checkout: ``python -m`` puts the working directory
+    first on sys.path, and would import this lmtpfast instead of the installed one.
+    """
+    with open(os.devnull, "rb") as stdin:
         proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, env=env)
+                                stderr=subprocess.PIPE, env=env, cwd=cwd)
         assert proc.stderr is not None
         err = proc.stderr.read()
         _, status, usage = os.wait4(proc.pid, 0)
@@ -84,11 +88,11 @@ def main() -> None:
                                             "b@example.org", sink.destination],
             }
             for argv in rows.values():  # warm-up: caches, bytecode written once
-                cpu_ms(argv, env)
+                cpu_ms(argv, env, tmp)
             times: dict[str, list[float]] = {name: [] for name in rows}
             for _ in range(args.runs):
                 for name, argv in rows.items():
-                    times[name].append(cpu_ms(argv, env))
+                    times[name].append(cpu_ms(argv, env, tmp))
     finally:
         sink.close()
 
