@@ -144,3 +144,35 @@ async def test_send_stage_time_limit_defers() -> None:
     assert code == 75, (out, err)
     assert out.startswith("4."), out
     assert "timed out" in out + err
+
+
+@pytest.mark.parametrize("engine", ["c", "python"])
+async def test_connect_sync_is_connect_without_a_loop(engine: str) -> None:
+    """The blocking session: two transactions on one connection, refusals per recipient."""
+    import lmtpfast
+
+    plan = FaultPlan.parse(["rcpt:bad@*=550 5.1.1 No such user"])
+    async with Sink("127.0.0.1:0", faults=plan, collect=True) as sink:
+        dest = sink.destinations[0]
+
+        def use() -> tuple[list[list[lmtpfast.RecipientResult]], bool]:
+            with lmtpfast.connect_sync(dest, engine=engine) as conn:
+                assert conn.capabilities.pipelining and conn.engine.name == engine
+                assert conn.noop().code == 250
+                first = conn.send("a@example.org", ["ok@x.example", "bad@x.example"], MESSAGE)
+                second = conn.send("a@example.org", ["ok2@x.example"], MESSAGE)
+                usable = conn.usable
+            return [first, second], usable and not conn.usable
+
+        (first, second), closed_after = await asyncio.to_thread(use)
+    assert [(r.code, r.enhanced) for r in first] == [(250, "2.0.0"), (550, "5.1.1")]
+    assert [r.code for r in second] == [250]
+    assert closed_after  # leaving the with block said QUIT and closed
+    assert [m.recipients for m in sink.messages] == [["ok@x.example"], ["ok2@x.example"]]
+
+
+def test_connect_sync_refuses_a_command_destination() -> None:
+    import lmtpfast
+
+    with pytest.raises(lmtpfast.ConfigurationError, match=r"needs connect\(\)"):
+        lmtpfast.connect_sync("command:/bin/true")
