@@ -20,7 +20,7 @@ import socket
 from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._delivery import STREAM_CHUNK, StreamedContent
+from ._delivery import STREAM_CHUNK, StreamedContent, start_transaction
 from ._errors import (
     ConfigurationError,
     ConnectError,
@@ -168,16 +168,11 @@ class BlockingProtocol:
     ) -> Ready[list[RecipientResult]]:
         """Run one transaction to its end; one result per recipient."""
         self._check_usable()
-        streamed = isinstance(content, StreamedContent)
-        txn = self.engine.start_transaction(
-            sender, recipients, mail_params=mail_params, rcpt_params=rcpt_params,
-            smtputf8=smtputf8, chunking=chunking and streamed,
-            body=content if chunking and not streamed else None,  # type: ignore[arg-type]
-        )
-        if not (chunking and not streamed):
-            txn.content = content
+        txn, owed_now = start_transaction(
+            self.engine, sender, recipients, content, mail_params=mail_params,
+            rcpt_params=rcpt_params, smtputf8=smtputf8, chunking=chunking)
         txn.waiter = None
-        if chunking and streamed:
+        if owed_now:
             self._process()  # a streamed BDAT transaction is ready for content at once
         else:
             self._write(self.engine.data_to_send())

@@ -44,7 +44,8 @@ from .proto._common import encode_address
 from .proto.content import ContentEncoder, encode_content
 
 __all__ = ["STREAM_CHUNK", "STREAM_THRESHOLD", "BadSender", "Delivery", "Message",
-           "MessageFile", "StreamedContent", "message_bytes", "pieces", "to_7bit"]
+           "MessageFile", "StreamedContent", "message_bytes", "pieces", "start_transaction",
+           "to_7bit"]
 
 # Messages up to STREAM_THRESHOLD bytes are encoded whole and sent with their
 # final dot (and the next transaction's commands) in one write; larger ones
@@ -104,6 +105,8 @@ if TYPE_CHECKING:
     import email.message
     from typing import TypeAlias
 
+    from .proto import Connection, Transaction
+
     Message: TypeAlias = (bytes | bytearray | memoryview | str | email.message.Message
                           | MessageFile)
 
@@ -157,6 +160,30 @@ class StreamedContent:
         self.raw = raw
         self.chunking = chunking
         self.encoder = encoder
+
+
+def start_transaction(
+    engine: Connection, sender: str, recipients: list[str], content: bytes | StreamedContent,
+    *, mail_params: list[str] | tuple[str, ...], rcpt_params: list[list[str]] | None,
+    smtputf8: bool, chunking: bool,
+) -> tuple[Transaction, bool]:
+    """Queue one transaction on ``engine``; the transaction and whether its content is owed now.
+
+    In-memory BDAT content goes to the engine with the commands (one write);
+    DATA content and streamed content wait in ``txn.content`` for the layer
+    that writes them (the asyncio or the blocking protocol). The second value
+    is true for a streamed BDAT transaction: it is ready for its first chunk at
+    once, so the caller processes events instead of flushing.
+    """
+    streamed = isinstance(content, StreamedContent)
+    txn = engine.start_transaction(
+        sender, recipients, mail_params=mail_params, rcpt_params=rcpt_params,
+        smtputf8=smtputf8, chunking=chunking and streamed,
+        body=content if chunking and not streamed else None,  # type: ignore[arg-type]
+    )
+    if not (chunking and not streamed):
+        txn.content = content
+    return txn, chunking and streamed
 
 
 class BadSender(LocalProtocolError):

@@ -15,7 +15,7 @@ import ssl
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
-from ._delivery import STREAM_CHUNK, StreamedContent
+from ._delivery import STREAM_CHUNK, StreamedContent, start_transaction
 from ._errors import (
     ConnectError,
     ConnectTimeout,
@@ -258,16 +258,11 @@ class LMTPProtocol(asyncio.Protocol):
             self._traced_stage = None
             self._traced_plan = _BDAT_PLAN if chunking and not isinstance(
                 content, StreamedContent) else _DATA_PLAN
-        streamed = isinstance(content, StreamedContent)
-        txn = self.engine.start_transaction(
-            sender, recipients, mail_params=mail_params, rcpt_params=rcpt_params,
-            smtputf8=smtputf8, chunking=chunking and streamed,
-            body=content if chunking and not streamed else None,  # type: ignore[arg-type]
-        )
-        if not (chunking and not streamed):
-            txn.content = content
+        txn, owed_now = start_transaction(
+            self.engine, sender, recipients, content, mail_params=mail_params,
+            rcpt_params=rcpt_params, smtputf8=smtputf8, chunking=chunking)
         txn.waiter = waiter
-        if chunking and streamed:
+        if owed_now:
             self._process()  # a streamed BDAT transaction is ready for content at once
         else:
             self._flush()

@@ -30,7 +30,7 @@ HEAVY = (
     "asyncio", "uvloop", "ssl", "_ssl", "email", "rich", "tomllib", "logging", "hashlib",
     "concurrent", "subprocess",
     "lmtpfast._agent", "lmtpfast._sync", "lmtpfast._pool", "lmtpfast._protocol",
-    "lmtpfast._config", "lmtpfast._routing", "lmtpfast._maps", "lmtpfast._metrics",
+    "lmtpfast._config", "lmtpfast._routing", "lmtpfast._maps", "lmtpfast._shaping",
     "lmtpfast._loop", "lmtpfast.spool", "lmtpfast.server", "lmtpfast.compat",
     "lmtpfast._testing",
 )
