@@ -344,7 +344,7 @@ class PgQueue(Queue):
             pool = await asyncpg.create_pool(
                 self._dsn, min_size=0, max_size=self._pool_size, timeout=self._connect_timeout,
                 command_timeout=self._command_timeout, server_settings=settings,
-                max_inactive_connection_lifetime=300.0)
+                max_inactive_connection_lifetime=300.0, reset=_no_reset)
             try:
                 if not self._checked:
                     async with pool.acquire() as conn:
@@ -1129,6 +1129,15 @@ class PgQueue(Queue):
                 await asyncio.wait_for(pool.close(), timeout=10)
             if not pool._closed:  # a hung connection: cut it
                 pool.terminate()
+
+
+async def _no_reset(conn: Any) -> None:
+    """Nothing to undo when a connection goes back to the pool.
+
+    asyncpg's default (``RESET ALL``, ``UNLISTEN *``, ...) is a round trip per
+    call; this module leaves no session state behind (``SET LOCAL`` only, no
+    ``LISTEN``, no cursors), and a connection that failed is terminated.
+    """
 
 
 def _content_bytes(m: NewMessage) -> bytes:
