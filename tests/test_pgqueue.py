@@ -16,7 +16,13 @@ from lmtpfast._testing.fixtures import PgDatabase
 from lmtpfast._testing.postgres import TempPostgres
 from lmtpfast.spool import Spool, new_envelope
 from lmtpfast.spool._format import Reason
-from lmtpfast.spool._pgqueue import SCHEMA_VERSION, PgQueue, init_queue, redact_dsn
+from lmtpfast.spool._pgqueue import (
+    SCHEMA_VERSION,
+    PgQueue,
+    PgShapingState,
+    init_queue,
+    redact_dsn,
+)
 from lmtpfast.spool._queue import (
     NewMessage,
     QueueError,
@@ -369,3 +375,34 @@ def test_url_options_are_ours_and_removed() -> None:
         PgQueue("postgresql://h/db?lease=abc")
     with pytest.raises(QueueError, match="lease"):
         PgQueue("postgresql://h/db?lease=0.5")
+
+
+async def test_migrations_are_versioned_and_applied_once(postgres_db: PgDatabase) -> None:
+    assert await init_queue(postgres_db.dsn) == (0, SCHEMA_VERSION)
+    # A queue made by the first release (version 1, no shaping table) is migrated.
+    postgres_db.psql("DROP TABLE lmtpfast.dest; UPDATE lmtpfast.meta SET value = '1' "
+                     "WHERE key = 'schema_version';")
+    async with PgQueue(postgres_db.dsn) as q:
+        with pytest.raises(QueueError, match="version 1, this lmtpfast needs"):
+            await q.status()
+    assert await init_queue(postgres_db.dsn) == (1, SCHEMA_VERSION)
+    assert postgres_db.psql("SELECT count(*) FROM lmtpfast.dest").strip() == "0"
+
+
+async def test_a_dead_destination_is_dead_for_every_worker(postgres_db: PgDatabase) -> None:
+    async with pgq(postgres_db) as qa, PgQueue(postgres_db.dsn) as qb:
+        await qa.status()  # the schema
+        a, b = PgShapingState(qa), PgShapingState(qb)
+        until = time.monotonic() + 60
+        a.mark_dead("lmtp:unix:/dead", until, "connect refused")
+        await a.sync()
+        await b.sync()
+        assert b.dead_until("lmtp:unix:/dead") == pytest.approx(until, abs=0.5)
+        assert b.reason("lmtp:unix:/dead") == "connect refused"
+        assert b.dead_until("lmtp:unix:/alive") == 0.0
+        b.revive("lmtp:unix:/dead")  # b's probe got through
+        await b.sync()
+        await a.sync()
+        assert a.dead_until("lmtp:unix:/dead") == 0.0
+        await a.close()
+        await b.close()

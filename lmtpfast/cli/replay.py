@@ -28,6 +28,8 @@ from lmtpfast import Agent, ConfigurationError, Timeouts
 from lmtpfast.spool import (
     Observer,
     Outcome,
+    PgQueue,
+    PgShapingState,
     Queue,
     QueueCorrupt,
     QueueError,
@@ -566,9 +568,11 @@ def _replay(args: argparse.Namespace, queue: Queue, policy: RetryPolicy,
             # First signal: finish the messages in flight and stop cleanly.
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, hangup)
+        # Workers of one PostgreSQL queue share their dead destinations.
+        shared = PgShapingState(queue) if isinstance(queue, PgQueue) else None
         try:
             # Replay delivers through the agent only: --server is one default route.
-            shaping = {"on_shaping": _shaping_notices(obs, args.quiet)}
+            shaping = {"on_shaping": _shaping_notices(obs, args.quiet), "shaping_state": shared}
             agent = (Agent.from_config(args.config, **shaping) if args.config is not None else
                      Agent.for_server(args.server, max_connections=args.connections,
                                       timeouts=timeouts, **security, **shaping))
@@ -584,6 +588,8 @@ def _replay(args: argparse.Namespace, queue: Queue, policy: RetryPolicy,
                 after = (await queue.status()).as_dict()
             return totals
         finally:
+            if shared is not None:
+                await shared.close()
             await queue.close()
 
     _tune_gc()

@@ -53,6 +53,7 @@ _EXPORTS: dict[str, str] = {
     "write_bounce": "_bounce",
     "PgQueue": "_pgqueue",
     "PgWriter": "_pgqueue",
+    "PgShapingState": "_pgqueue",
     "ActionResult": "_queue",
     "ClaimBatch": "_queue",
     "Entry": "_queue",
@@ -87,6 +88,7 @@ __all__ = [
     "Observer",
     "Outcome",
     "PgQueue",
+    "PgShapingState",
     "PgWriter",
     "Quarantined",
     "Queue",
@@ -156,7 +158,7 @@ if TYPE_CHECKING:
         iter_maildir,
         iter_mbox,
     )
-    from ._pgqueue import PgQueue, PgWriter
+    from ._pgqueue import PgQueue, PgShapingState, PgWriter
     from ._queue import (
         ActionResult,
         ClaimBatch,

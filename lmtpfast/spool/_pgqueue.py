@@ -42,6 +42,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
+from .._shaping import LocalShapingState, ShapingState
 from ._format import BadEnvelope, Envelope, Reason, Recipient, check_address
 from ._queue import (
     ALL,
@@ -60,12 +61,13 @@ from ._queue import (
     Update,
 )
 
-__all__ = ["SCHEMA_VERSION", "ImportReport", "PgQueue", "init_schema", "redact_dsn"]
+__all__ = ["SCHEMA_VERSION", "ImportReport", "PgQueue", "PgShapingState", "PgWriter",
+           "init_schema", "redact_dsn"]
 
 T = TypeVar("T")
 
 #: The schema version this code reads and writes (``lmtpfast.meta``).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The LISTEN/NOTIFY channel rung by enqueues and operator actions.
 CHANNEL = "lmtpfast_queue"
 #: Default lease: a dead worker's entries move on within a minute.
@@ -138,6 +140,17 @@ _MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
         " autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0)",
         "ALTER TABLE lmtpfast.body SET (autovacuum_vacuum_scale_factor = 0.01,"
         " autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0)",
+    )),
+    (2, (
+        # Shaping every worker agrees on: a destination marked dead by one is
+        # dead for all (Unix time; 0: alive).
+        """CREATE TABLE lmtpfast.dest (
+            destination text PRIMARY KEY,
+            dead_until double precision NOT NULL DEFAULT 0,
+            reason text NOT NULL DEFAULT '',
+            worker text,
+            updated timestamptz NOT NULL DEFAULT now()
+        )""",
     )),
 ]
 
@@ -1262,3 +1275,127 @@ class PgWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PgShapingState(ShapingState):
+    """Dead destinations shared by every worker of a PostgreSQL queue (``lmtpfast.dest``).
+
+    The shaper's calls stay synchronous and cheap: they read and write a
+    local mirror; a background task writes this worker's marks and revivals
+    and reads everyone's every *refresh* seconds (at once after a local
+    change). So a destination one worker found dead is deferred by all the
+    others within *refresh* seconds, without each connecting and failing
+    ``dead_after`` times itself. Times in the table are Unix time (the
+    shaper's are monotonic: converted here). What stays per worker: the
+    probe after a dead spell (at most one per worker, so a few across the
+    hosts) and message-rate slots. A database outage leaves each worker with
+    its own marks until it is back.
+    """
+
+    def __init__(self, queue: PgQueue, *, refresh: float = 0.5) -> None:
+        self._queue = queue
+        self.refresh = refresh
+        self._local = LocalShapingState()
+        #: destination -> (Unix time until, reason) not written yet.
+        self._pending: dict[str, tuple[float, str]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._closed = False
+
+    @staticmethod
+    def _to_wall(mono: float) -> float:
+        return mono - time.monotonic() + time.time() if mono else 0.0
+
+    @staticmethod
+    def _to_mono(wall: float) -> float:
+        return wall - time.time() + time.monotonic() if wall else 0.0
+
+    def _kick(self) -> None:
+        if self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # outside a loop (a test's direct call): synced at the next sync()
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run())
+        self._wake.set()
+
+    def dead_until(self, destination: str) -> float:
+        self._kick()
+        return self._local.dead_until(destination)
+
+    def mark_dead(self, destination: str, until: float, reason: str) -> None:
+        self._local.mark_dead(destination, until, reason)
+        self._pending[destination] = (self._to_wall(until), reason)
+        self._kick()
+
+    def reason(self, destination: str) -> str:
+        return self._local.reason(destination)
+
+    def claim_probe(self, destination: str, now: float) -> bool:
+        return self._local.claim_probe(destination, now)
+
+    def revive(self, destination: str) -> None:
+        self._local.revive(destination)
+        self._pending[destination] = (0.0, "")
+        self._kick()
+
+    def reserve_start(self, destination: str, now: float, interval: float) -> float:
+        return self._local.reserve_start(destination, now, interval)
+
+    async def sync(self) -> None:
+        """Write this worker's changes, then read everyone's (:class:`QueueWriteError` if
+        the database cannot be reached: the changes stay pending)."""
+        pending = dict(self._pending)
+
+        async def body(conn: Any) -> list[Any]:
+            if pending:
+                await conn.execute(
+                    "INSERT INTO lmtpfast.dest (destination, dead_until, reason, worker) "
+                    "SELECT d, u, r, $4 FROM unnest($1::text[], $2::float8[], $3::text[]) "
+                    "AS x(d, u, r) ON CONFLICT (destination) DO UPDATE SET "
+                    "dead_until = EXCLUDED.dead_until, reason = EXCLUDED.reason, "
+                    "worker = EXCLUDED.worker, updated = now()",
+                    list(pending), [u for u, _ in pending.values()],
+                    [r for _, r in pending.values()], self._queue.worker)
+            return list(await conn.fetch(
+                "SELECT destination, dead_until, reason FROM lmtpfast.dest "
+                "WHERE dead_until > $1", time.time()))
+
+        rows = await self._queue._run("shaping", body)
+        for d, v in pending.items():
+            if self._pending.get(d) == v:
+                del self._pending[d]
+        remote = {r[0]: (r[1], r[2]) for r in rows}
+        for d, (wall, reason) in remote.items():
+            if d in self._pending:
+                continue  # a newer local change, written next round
+            until = self._to_mono(wall)
+            if abs(self._local.dead_until(d) - until) > 0.001:
+                self._local.mark_dead(d, until, reason)
+        for d in list(self._local._dead):
+            if d not in remote and d not in self._pending:
+                self._local.revive(d)  # revived (or expired) elsewhere
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while not self._closed:
+            with contextlib.suppress(QueueError):
+                await self.sync()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.refresh)
+
+    async def close(self) -> None:
+        """Write what is pending (if the database is there) and stop the background task."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self._pending:
+            with contextlib.suppress(QueueError):
+                await self.sync()
