@@ -1310,7 +1310,8 @@ class PgShapingState(ShapingState):
     def _to_mono(wall: float) -> float:
         return wall - time.time() + time.monotonic() if wall else 0.0
 
-    def _kick(self) -> None:
+    def _kick(self, *, changed: bool = True) -> None:
+        """Make sure the background task runs; wake it now only after a local change."""
         if self._closed:
             return
         try:
@@ -1321,10 +1322,12 @@ class PgShapingState(ShapingState):
             self._wake = asyncio.Event()
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())
-        self._wake.set()
+        if changed:
+            self._wake.set()
 
     def dead_until(self, destination: str) -> float:
-        self._kick()
+        # Asked before every transaction: answered from the mirror, no query.
+        self._kick(changed=False)
         return self._local.dead_until(destination)
 
     def mark_dead(self, destination: str, until: float, reason: str) -> None:
