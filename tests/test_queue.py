@@ -10,6 +10,7 @@ Workers that die are real processes killed with SIGKILL.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sqlite3
@@ -300,6 +301,44 @@ async def test_big_message_is_streamed_not_copied(kind: str, tmp_path: Path) -> 
         assert not fd.exists() or os.readlink(fd).removesuffix(" (deleted)") != opened
     if kind == "sqlite":
         assert os.listdir(tmp_path / "q" / "data") == []
+
+
+_CLAIM_WITH_FEW_FDS = """
+import os, resource, sys, time
+from lmtpfast.spool._queue import QueueWriteError
+from lmtpfast.spool._sqlite import SQLiteStore
+s = SQLiteStore(sys.argv[1])
+due = time.time()
+s.begin_pass(due=due)
+# Room for a few more descriptors only: the big messages' files cannot all be open.
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 3, 4096))
+try:
+    s.claim(10, due=due)
+except QueueWriteError as exc:
+    print("refused", exc.errno)
+"""
+
+
+def test_out_of_descriptors_at_a_claim_leaves_every_entry_queued(tmp_path: Path) -> None:
+    """EMFILE while opening big messages' files is ours: a refused claim, never a quarantine."""
+    path = tmp_path / "q"
+    big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 1100  # over 1 MiB: kept open
+    with SQLiteStore(path, create=True) as s:
+        s.enqueue_many([NewMessage(new_envelope("s@example.org", [f"u{i}@example.com"]), big)
+                        for i in range(8)])
+    out = subprocess.run([sys.executable, "-c", _CLAIM_WITH_FEW_FDS, str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["refused", str(errno.EMFILE)], out.stderr
+    with SQLiteStore(path) as s:
+        infos = list(s.iter_entries())
+        assert [i.state for i in infos] == ["queued"] * 8
+        assert not any(i.claimed for i in infos)
+        due = time.time()
+        s.begin_pass(due=due)
+        batch = s.claim(10, due=due)
+        assert len(batch.entries) == 8 and not batch.quarantined
+        assert all(bytes(e.content) == big for e in batch.entries)
+        s.record([Update(e, "done") for e in batch.entries])
 
 
 # -- the embedded store -----------------------------------------------------------------------

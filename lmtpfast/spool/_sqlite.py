@@ -187,6 +187,11 @@ class _Bad(Exception):
     """An entry that cannot be used: quarantined with this reason."""
 
 
+#: Errors of ours while opening content (out of descriptors or memory): the
+#: entry is fine and stays queued; the claim fails as a refused write does.
+_OURS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM))
+
+
 @dataclass(slots=True)
 class _Lease:
     row: int
@@ -852,12 +857,27 @@ class SQLiteStore:
         batch = ClaimBatch(exhausted=len(rows) < n)
         bad: list[tuple[int, str]] = []
         entries = batch.entries
-        contents = self._read_segments([r for r in rows if r[13] is not None])
-        for row in rows:
-            try:
-                entries.append(self._entry(row, contents))
-            except _Bad as exc:
-                bad.append((row[0], str(exc)))
+        try:
+            contents = self._read_segments([r for r in rows if r[13] is not None])
+            for row in rows:
+                try:
+                    entries.append(self._entry(row, contents))
+                except _Bad as exc:
+                    bad.append((row[0], str(exc)))
+        except OSError as exc:
+            # Out of descriptors (a big message holds its file while it is
+            # sent) or memory: ours, so every entry of this claim goes back
+            # untouched and the worker backs off as from a refused write.
+            for e in entries:
+                e.close()
+            ids = [r[0] for r in rows]
+            with contextlib.suppress(QueueError):
+                self._write("release", lambda: self.db.executemany(
+                    "UPDATE msg SET worker = NULL WHERE id = ? AND worker = ?",
+                    [(i, token) for i in ids]))
+            raise QueueWriteError(exc.errno or errno.EIO,
+                                  f"claim left queued: {exc.strerror or exc}",
+                                  str(self.path)) from None
         if bad:
             self._write("quarantine", lambda: self.db.executemany(
                 "UPDATE msg SET state = 3, worker = NULL, reason = ? WHERE id = ? AND worker = ?",
@@ -912,6 +932,8 @@ class SQLiteStore:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise _Bad(f"{what} is a symbolic link (not read)") from None
+            if exc.errno in _OURS:
+                raise  # not the entry's fault: never a quarantine
             raise _Bad(f"{what} cannot be read: {exc.strerror}") from None
         st = os.fstat(fd)
         problem = None
