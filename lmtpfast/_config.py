@@ -34,7 +34,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -276,8 +276,8 @@ class _TimeoutsTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     command: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
     def to_timeouts(self) -> Timeouts:
-        given = {f.name: getattr(self, f.name) for f in fields(Timeouts)
-                 if getattr(self, f.name) is not None}
+        given = {name: getattr(self, name) for name in Timeouts.__struct_fields__
+                 if getattr(self, name) is not None}
         return Timeouts(**given)
 
 

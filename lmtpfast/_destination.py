@@ -12,8 +12,9 @@ from __future__ import annotations
 import shlex
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
+
+import msgspec
 
 from ._errors import ConfigurationError
 
@@ -23,8 +24,7 @@ __all__ = ["DEFAULT_PORT", "Destination", "DestinationSet", "parse_destination"]
 DEFAULT_PORT = 24
 
 
-@dataclass(frozen=True, slots=True)
-class Destination:
+class Destination(msgspec.Struct, frozen=True):
     """Where an LMTP server listens: a unix socket path, a TCP host and port, or a program.
 
     For ``kind == "command"``, ``path`` is the command line as written and
@@ -63,8 +63,7 @@ class Destination:
         return parse_destination(text)
 
 
-@dataclass(frozen=True, slots=True)
-class DestinationSet:
+class DestinationSet(msgspec.Struct, frozen=True):
     """Back ends that share one transport's users: each user goes to one of them.
 
     The choice is rendezvous (highest-random-weight) hashing of the user's

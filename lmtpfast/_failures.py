@@ -23,8 +23,9 @@ reading.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from ._errors import (
     AuthenticationError,
@@ -83,8 +84,7 @@ __all__ = [
 SETUP_STAGES = ("connect", "greeting", "lhlo", "starttls", "auth")
 
 
-@dataclass(frozen=True, slots=True)
-class Failure:
+class Failure(msgspec.Struct, frozen=True):
     """One local event and the result every layer gives a recipient for it.
 
     ``stage`` is where the result is reported; empty means "the stage the

@@ -50,8 +50,9 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import ClassVar
+
+import msgspec
 
 from ._errors import AuthenticationError, ConfigurationError, LMTPError, ReplyError
 from .proto import Reply
@@ -155,8 +156,7 @@ def parse_mechanisms(mechanisms: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-@dataclass(frozen=True, slots=True)
-class AuthPolicy:
+class AuthPolicy(msgspec.Struct, frozen=True):
     """How to authenticate to one destination.
 
     ``mechanisms`` filters and orders the mechanisms (default: every one,
@@ -172,7 +172,7 @@ class AuthPolicy:
     def __post_init__(self) -> None:
         if not isinstance(self.credentials, Credentials):
             raise TypeError("credentials must be a lmtpfast.Credentials")
-        object.__setattr__(self, "mechanisms", parse_mechanisms(self.mechanisms))
+        msgspec.structs.force_setattr(self, "mechanisms", parse_mechanisms(self.mechanisms))
 
     @classmethod
     def parse(cls, value: AuthPolicy | Credentials | None) -> AuthPolicy | None:

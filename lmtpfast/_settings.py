@@ -6,7 +6,6 @@ Nothing here does I/O; every layer that needs a limit reads it from these object
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from typing import Annotated, Literal
 
 import msgspec
@@ -17,8 +16,7 @@ __all__ = ["PoolSettings", "Probe", "ShapingSettings", "Timeouts"]
 
 Probe = Literal["none", "rset", "noop"]
 
-@dataclass(frozen=True, slots=True)
-class Timeouts:
+class Timeouts(msgspec.Struct, frozen=True):
     """Time limits in seconds per protocol stage, with Postfix's lmtp(8) defaults.
 
     Each limit is the longest wait for the next byte of the reply (or, for
@@ -41,12 +39,12 @@ class Timeouts:
     command: float = 300.0  # NOOP and other session commands
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
             # NaN passes "<= 0"; inf is "no limit" (a timer that never fires).
             if not isinstance(value, int | float) or math.isnan(value) or value <= 0:
                 raise ConfigurationError(f"timeout must be a positive number, got {value!r}",
-                                         field=f.name)
+                                         field=name)
 
     def for_stage(self, stage: str) -> float:
         # "auth-response" (the SASL exchange after AUTH) counts as "auth".
@@ -56,7 +54,8 @@ class Timeouts:
     @classmethod
     def scaled(cls, factor: float) -> Timeouts:
         """Every default multiplied by ``factor`` (tests use small ones)."""
-        return cls(**{f.name: getattr(cls(), f.name) * factor for f in fields(cls)})
+        default = cls()
+        return cls(**{name: getattr(default, name) * factor for name in cls.__struct_fields__})
 
 
 

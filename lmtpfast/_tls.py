@@ -38,7 +38,6 @@ local issuer certificate``; the post-TLS LHLO no longer lists ``STARTTLS``.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -237,8 +236,7 @@ def _why(exc: BaseException) -> str:
     return str(exc)
 
 
-@dataclass(frozen=True, slots=True)
-class TLSInfo:
+class TLSInfo(msgspec.Struct, frozen=True):
     """What a session negotiated (``Client.tls``; ``None`` there when in plain text)."""
 
     version: str

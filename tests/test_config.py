@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -174,7 +173,7 @@ def test_same_from_python_objects() -> None:
 
 
 def test_timeouts_table_mirrors_timeouts() -> None:
-    assert set(_TimeoutsTable.__struct_fields__) == {f.name for f in fields(Timeouts)}
+    assert set(_TimeoutsTable.__struct_fields__) == set(Timeouts.__struct_fields__)
 
 
 def test_for_server_settings() -> None:

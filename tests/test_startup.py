@@ -28,7 +28,7 @@ MESSAGE = b"Subject: startup\r\n\r\nhello\r\n"
 #: Never imported by a plain-text `send` (a module or any of its submodules).
 HEAVY = (
     "asyncio", "uvloop", "ssl", "_ssl", "email", "rich", "tomllib", "logging", "hashlib",
-    "concurrent", "subprocess",
+    "concurrent", "subprocess", "dataclasses",
     "lmtpfast._agent", "lmtpfast._sync", "lmtpfast._pool", "lmtpfast._protocol",
     "lmtpfast._config", "lmtpfast._routing", "lmtpfast._maps", "lmtpfast._shaping",
     "lmtpfast._loop", "lmtpfast.spool", "lmtpfast.server", "lmtpfast.compat",
@@ -47,9 +47,10 @@ def _env() -> dict[str, str]:
 #: Runs ``python -m lmtpfast`` and writes sys.modules at exit (after main() returned).
 _DUMP = """
 import atexit, os, runpy, sys
+_before = set(sys.modules)  # what the interpreter and site (.pth files) imported
 def _dump():
     with open(os.environ["LMTPFAST_MODULES_OUT"], "w") as f:
-        f.write("\\n".join(sorted(sys.modules)))
+        f.write("\\n".join(sorted(set(sys.modules) - _before)))
 atexit.register(_dump)
 sys.argv = ["lmtpfast", *sys.argv[1:]]
 runpy.run_module("lmtpfast", run_name="__main__", alter_sys=True)
@@ -58,7 +59,10 @@ runpy.run_module("lmtpfast", run_name="__main__", alter_sys=True)
 
 def _imported(*args: str, stdin: bytes = MESSAGE) -> tuple[subprocess.CompletedProcess[bytes],
                                                             set[str]]:
-    """Run ``python -m lmtpfast ARGS``; the process and every module it had imported at exit.
+    """Run ``python -m lmtpfast ARGS``; the process and the modules it imported (at exit).
+
+    Those the interpreter had before (site's ``.pth`` files here import more
+    than a user's venv does) are not counted.
 
     sys.modules, not ``-X importtime``: the latter misses what importlib
     imports (the lazy facade, the subcommand modules).
