@@ -292,6 +292,7 @@ async def test_a_killed_worker_process_frees_its_entries_flagged(postgres_db: Pg
         assert {e.id for e in got} == set(ids) - set(taken)
         await q.record([Update(e, "done") for e in got])
         expire_leases(postgres_db)
+        await q.begin_pass(due=due)  # a new pass walks the queue from its start
         back = (await q.claim(10, due=due)).entries
         assert sorted(e.id for e in back) == sorted(taken)
         assert all(e.suspect and e.envelope.recipients[0].possibly_delivered for e in back)
@@ -380,13 +381,16 @@ def test_url_options_are_ours_and_removed() -> None:
 async def test_migrations_are_versioned_and_applied_once(postgres_db: PgDatabase) -> None:
     assert await init_queue(postgres_db.dsn) == (0, SCHEMA_VERSION)
     # A queue made by the first release (version 1, no shaping table) is migrated.
-    postgres_db.psql("DROP TABLE lmtpfast.dest; UPDATE lmtpfast.meta SET value = '1' "
-                     "WHERE key = 'schema_version';")
+    postgres_db.psql("DROP TABLE lmtpfast.dest; DROP INDEX lmtpfast.msg_due_id; "
+                     "CREATE INDEX msg_due ON lmtpfast.msg (next_attempt) WHERE state = 0; "
+                     "UPDATE lmtpfast.meta SET value = '1' WHERE key = 'schema_version';")
     async with PgQueue(postgres_db.dsn) as q:
         with pytest.raises(QueueError, match="version 1, this lmtpfast needs"):
             await q.status()
     assert await init_queue(postgres_db.dsn) == (1, SCHEMA_VERSION)
     assert postgres_db.psql("SELECT count(*) FROM lmtpfast.dest").strip() == "0"
+    assert postgres_db.psql("SELECT count(*) FROM pg_indexes WHERE schemaname = 'lmtpfast' "
+                            "AND indexname = 'msg_due'").strip() == "0"
 
 
 async def test_a_dead_destination_is_dead_for_every_worker(postgres_db: PgDatabase) -> None:

@@ -67,7 +67,7 @@ __all__ = ["SCHEMA_VERSION", "ImportReport", "PgQueue", "PgShapingState", "PgWri
 T = TypeVar("T")
 
 #: The schema version this code reads and writes (``lmtpfast.meta``).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The LISTEN/NOTIFY channel rung by enqueues and operator actions.
 CHANNEL = "lmtpfast_queue"
 #: Default lease: a dead worker's entries move on within a minute.
@@ -151,6 +151,13 @@ _MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             worker text,
             updated timestamptz NOT NULL DEFAULT now()
         )""",
+    )),
+    (3, (
+        # Claims walk the queue in (next_attempt, id) order from where the worker's
+        # last claim of the pass ended: the deleted rows behind it (dead index
+        # entries until vacuum) are not walked again by every claim.
+        "CREATE INDEX msg_due_id ON lmtpfast.msg (next_attempt, id) WHERE state = 0",
+        "DROP INDEX lmtpfast.msg_due",
     )),
 ]
 
@@ -328,6 +335,8 @@ class PgQueue(Queue):
         #: Updates whose write's reply was lost: (id, token) -- "gone" then means applied.
         self._ambiguous: set[tuple[int, int]] = set()
         self._renewer: asyncio.Task[None] | None = None
+        #: Where this pass's last claim ended: the next one starts after it.
+        self._cursor: tuple[float, int] = (float("-inf"), 0)
         self._wake = asyncio.Event()
         # Reconnect back-off: after a failure, calls fail fast until this monotonic time.
         self._down_until = 0.0
@@ -515,10 +524,10 @@ class PgQueue(Queue):
         "lease_expires = now() + make_interval(secs => $3), "
         "suspect = m.suspect OR m.lease IS NOT NULL "
         "WHERE m.id = ANY(ARRAY(SELECT id FROM lmtpfast.msg WHERE state = 0 "
-        "AND next_attempt <= $4 "
+        "AND next_attempt <= $4 AND (next_attempt, id) > ($7::float8, $8::bigint) "
         "AND (lease IS NULL OR (lease_expires < now() "
         "AND now() > pg_postmaster_start_time() + make_interval(secs => $6))) "
-        "ORDER BY next_attempt LIMIT $5 FOR UPDATE SKIP LOCKED)) "
+        "ORDER BY next_attempt, id LIMIT $5 FOR UPDATE SKIP LOCKED)) "
         "RETURNING m.id, m.suspect, m.sender, m.arrival, m.attempts, m.next_attempt, "
         "m.last_attempt, m.delivered, m.ret, m.envid, m.bounced, m.size) "
         # The batch's recipients in one grouped scan (not one aggregate per message).
@@ -531,6 +540,11 @@ class PgQueue(Queue):
         "SELECT c.*, b.content, r.* FROM c LEFT JOIN lmtpfast.body b ON b.id = c.id "
         "LEFT JOIN r ON r.msg_id = c.id ORDER BY c.next_attempt, c.id")
 
+    async def begin_pass(self, *, due: float) -> list[tuple[str, str]]:
+        """A new pass walks the queue from its start again."""
+        self._cursor = (float("-inf"), 0)
+        return []
+
     async def claim(self, n: int, *, due: float) -> ClaimBatch:
         """Lease up to *n* due entries (one statement; see the module docstring)."""
         if n <= 0:
@@ -540,7 +554,7 @@ class PgQueue(Queue):
         async def body(conn: Any) -> list[Any]:
             try:
                 return list(await conn.fetch(self._CLAIM, token, self.worker, self.lease,
-                                             due, n, self.restart_grace))
+                                             due, n, self.restart_grace, *self._cursor))
             except BaseException:
                 # Committed or not, we cannot know: give its rows back at the next call.
                 self._orphans.append(token)
@@ -548,6 +562,9 @@ class PgQueue(Queue):
 
         rows = await self._run("claim", body)
         batch = ClaimBatch(exhausted=len(rows) < n)
+        if rows:
+            last = rows[-1]  # the rows come in (next_attempt, id) order
+            self._cursor = (last["next_attempt"], last["id"])
         bad: list[tuple[int, str]] = []
         for row in rows:
             try:
