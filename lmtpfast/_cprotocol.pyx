@@ -115,6 +115,10 @@ cdef class ProtocolCore:
         self._c_process()
         return None
 
+    @property
+    def usable(self):
+        return self.error is None and self.engine.usable and not self._closed.done()
+
     # -- operations ------------------------------------------------------------------
 
     def submit(self, waiter, sender, recipients, content, *, mail_params=(),

@@ -100,7 +100,7 @@ class LMTPProtocol(asyncio.Protocol):
     """One LMTP connection on an event loop; any number of pipelined transactions.
 
     The reference: ``_cprotocol.ProtocolCore`` is the compiled twin of its
-    per-message methods (``data_received``, ``eof_received``, ``submit``,
+    per-message methods (``data_received``, ``eof_received``, ``submit``, ``usable``,
     ``_process``, ``_flush``, ``_resolve``, ``_chunk_done``, ``_arm_timer``,
     ``_current_stage``): a change to one of them goes into both.
     """

@@ -114,6 +114,8 @@ class Client:
         self.engine = engine
         self.transactions = 0  # started on this connection
         self._use_chunking = chunking
+        # (smtputf8, 8bitmime, dsn, size limit, chunking): read once, by _prepare.
+        self._facts: tuple[bool, bool, bool, int | None, bool] | None = None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -318,13 +320,19 @@ class Client:
 
     def _prepare(self, d: Delivery) -> list[RecipientResult] | _Prepared:
         """What this server needs for ``d``: its final results now, or the transaction to send."""
-        caps = self.capabilities
+        facts = self._facts
+        if facts is None:
+            # What the server offers is settled once the session is set up.
+            caps = self.capabilities
+            facts = self._facts = (caps.smtputf8, caps.eightbitmime, caps.dsn, caps.size,
+                                   self.chunking)
+        has_smtputf8, has_8bitmime, has_dsn, limit, chunking = facts
         n = len(d.recipients)
         local: dict[int, RecipientResult] | None = dict(d.refused) if d.refused else None
 
         # SMTPUTF8 (RFC 6531): needed when an address is not ASCII.
         smtputf8 = d.smtputf8
-        if smtputf8 and not caps.smtputf8:
+        if smtputf8 and not has_smtputf8:
             local = local or {}
             every = not d.sender.isascii()
             for i, r in enumerate(d.recipients):
@@ -334,7 +342,7 @@ class Client:
         # 8-bit content to a server without 8BITMIME (RFC 5321 2.4: MUST NOT):
         # converted to 7 bits as Postfix does, or refused when it cannot be.
         body = d
-        if d.eight_bit and not caps.eightbitmime:
+        if d.eight_bit and not has_8bitmime:
             try:
                 body = d.seven_bit()
             except ContentError as exc:
@@ -343,9 +351,8 @@ class Client:
                     for i, r in enumerate(d.recipients)})
 
         params = list(d.mail_params) if d.mail_params else []
-        if caps.dsn and d.dsn_mail:
+        if has_dsn and d.dsn_mail:
             params += d.dsn_mail
-        chunking = self.chunking
         content: bytes | StreamedContent
         if body.streamed:
             content = StreamedContent(pieces(body.content), chunking=chunking,
@@ -353,7 +360,6 @@ class Client:
         else:
             content = body.encoded(dot_stuff=not chunking, encode=self.engine.encode_content)
         given = d.given
-        limit = caps.size
         if limit is not None:
             size = body.size
             if limit and size > limit:
@@ -376,7 +382,7 @@ class Client:
             send_idx = range(n)
             rcpts = list(d.recipients)
         rcpt_params: list[list[str]] | None = None
-        extra, dsn_rcpt = d.rcpt_params, d.dsn_rcpt if caps.dsn else None
+        extra, dsn_rcpt = d.rcpt_params, d.dsn_rcpt if has_dsn else None
         if extra is not None or dsn_rcpt is not None:
             rcpt_params = [[*(extra[i] if extra is not None else ()),
                             *(dsn_rcpt[i] if dsn_rcpt is not None else ())] for i in send_idx]

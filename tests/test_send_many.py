@@ -9,6 +9,7 @@ gives the deliveries in flight transient results, then raises.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -207,3 +208,36 @@ async def test_each_engine_runs_on_its_own_protocol(tmp_path, engine: str) -> No
         assert type(proto.new_batch()) is (CBatch if engine == "c" else Batch)
         results = await client.send(SENDER, ["a@example.org"], b"Subject: x\r\n\r\nx\r\n")
         assert results[0].delivered
+
+
+@pytest.mark.parametrize("final", [
+    b"250 2.1.5 Ok", b"250 2.1.5", b"250 2.1.5x Ok", b"250 Ok there", b"451 4.3.0   spaced",
+    b"250-a\r\n250 2.0.0 b", b"250-2.0.0 one\r\n250 2.0.0 two", b"552 5.2.2 \xc3\xa9 full",
+])
+def test_result_text_is_the_same_on_both_engines(final: bytes) -> None:
+    # The compiled engine builds per-recipient results in C (the reply text
+    # included): the same text as the reference's Reply.text, to the letter.
+    from lmtpfast.proto import IMPLEMENTATIONS, NEED_DATA, TransactionDone
+
+    texts = {}
+    for name, impl in IMPLEMENTATIONS.items():
+        conn = impl.Connection("client.example")
+        conn.receive_data(b"220 hi\r\n")
+        conn.lhlo()
+        conn.receive_data(b"250-hi\r\n250 PIPELINING\r\n")
+        while conn.next_event() is not NEED_DATA:
+            pass
+        txn = conn.start_transaction(SENDER, ["a@example.org"], body=None)
+        conn.receive_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n")
+        while conn.next_event() is not NEED_DATA:
+            pass
+        conn.end_data(txn)
+        conn.receive_data(final + b"\r\n")
+        events = []
+        while (ev := conn.next_event()) is not NEED_DATA:
+            events.append(ev)
+        assert any(isinstance(ev, TransactionDone) for ev in events), (name, events)
+        texts[name] = [(r.code, r.enhanced, r.text) for r in txn.results]
+    if os.environ.get("CI"):
+        assert set(texts) == {"python", "c"}  # the compiled engine is built under CI
+    assert len(set(map(tuple, texts.values()))) == 1, texts

@@ -1089,6 +1089,21 @@ cdef class Connection:
 # The compiled twin of _common.finish_transaction / result_from_reply: once per
 # recipient, so no Python frame per result.
 
+cdef inline object _text_of(object reply, object enh):
+    # Reply.text in C for the one-line reply (once per recipient); else the property.
+    cdef tuple lines = reply.lines
+    cdef Py_ssize_t cut
+    if len(lines) != 1:
+        return reply.text
+    line = lines[0]
+    if enh is None or type(line) is not str or type(enh) is not str:
+        return line if enh is None else reply.text
+    cut = len(<str>enh)
+    if (<str>line).startswith(<str>enh) and (len(<str>line) == cut or (<str>line)[cut] == " "):
+        return (<str>line)[cut:].lstrip(" ")
+    return line
+
+
 cdef inline object _result(object address, object reply, str stage):
     cdef int code = reply.code
     if 200 <= code < 300:
@@ -1097,7 +1112,8 @@ cdef inline object _result(object address, object reply, str stage):
         status = "permanent"
     else:
         status = "transient"
-    return RecipientResult(address, status, code, reply.enhanced, reply.text, stage)
+    enh = reply.enhanced
+    return RecipientResult(address, status, code, enh, _text_of(reply, enh), stage)
 
 
 cdef int _finish_transaction(object txn) except -1:
