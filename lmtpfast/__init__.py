@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "Shaper": "_shaping",
     "ShapingEvent": "_shaping",
     "ShapingState": "_shaping",
+    "ShapingUnavailable": "_shaping",
     "LocalShapingState": "_shaping",
     "AgentConfig": "_config",
     "Transport": "_config",
@@ -170,6 +171,7 @@ __all__ = [
     "ShapingEvent",
     "ShapingSettings",
     "ShapingState",
+    "ShapingUnavailable",
     "Status",
     "SyncAgent",
     "SyncClient",
@@ -239,6 +241,12 @@ if TYPE_CHECKING:
     from ._sasl import DEFAULT_MECHANISMS, AuthPolicy, Credentials, parse_mechanisms
     from ._session import Client, SyncClient, connect, connect_sync, deliver
     from ._settings import PoolSettings, ShapingSettings, Timeouts
-    from ._shaping import LocalShapingState, Shaper, ShapingEvent, ShapingState
+    from ._shaping import (
+        LocalShapingState,
+        Shaper,
+        ShapingEvent,
+        ShapingState,
+        ShapingUnavailable,
+    )
     from ._sync import SyncAgent, deliver_sync
     from ._tls import SECURITY_LEVELS, TLSInfo, TLSPolicy

@@ -55,13 +55,20 @@ from ._delivery import Delivery, Message
 from ._destination import Destination, parse_destination
 from ._dsn import DSN
 from ._errors import ConfigurationError, LMTPError, LocalProtocolError, PoolClosed
-from ._failures import DEAD_DESTINATION, SETUP_STAGES, failure_results
+from ._failures import DEAD_DESTINATION, LOCAL_ERROR, SETUP_STAGES, failure_results
 from ._maps import Map, is_map_name
 from ._pool import Pool, PoolStats
 from ._results import RecipientResult
 from ._routing import Route, Router, Routing, TransportMap, VirtualMap, as_maps, parse_route
 from ._settings import PoolSettings, ShapingSettings
-from ._shaping import DestinationShaper, Outcome, Shaper, ShapingEvent, ShapingState
+from ._shaping import (
+    DestinationShaper,
+    Outcome,
+    Shaper,
+    ShapingEvent,
+    ShapingState,
+    ShapingUnavailable,
+)
 from .proto import Engine
 
 __all__ = ["Agent", "AgentStats", "Routing"]  # Routing lives in _routing
@@ -652,7 +659,12 @@ class Agent:
         are deferred at once (``DEAD_DESTINATION``, never a bounce).
         """
         shaper = target.shaper
-        ticket = await shaper.admit()
+        try:
+            ticket = await shaper.admit()
+        except ShapingUnavailable as exc:
+            # The shared limits cannot be asked: defer rather than exceed them.
+            return LOCAL_ERROR.results(d.recipients, destination=target.dest,
+                                       detail=f"traffic shaping state unavailable: {exc}")
         if ticket is None:
             return DEAD_DESTINATION.results(d.recipients, destination=target.dest,
                                             dest=target.dest, count=shaper.settings.dead_after,

@@ -28,7 +28,13 @@ What several processes (or hosts) should agree on, dead marks and message-rate
 slots, lives behind :class:`ShapingState`; :class:`LocalShapingState` keeps it
 in memory for one process (and survives a SIGHUP reload: the daemon hands the
 same object to the new agent). A shared implementation (PostgreSQL) keeps a
-local mirror so these calls stay synchronous and cheap. Time comes from
+local mirror so these calls stay synchronous and cheap. A state that is
+``shared`` (PostgreSQL) also holds the concurrency and rate limits for all
+the workers: on top of its own window, each transaction then takes a leased
+slot there (:meth:`ShapingState.acquire_slot`) and gives it back when done;
+when the state cannot be reached, :meth:`DestinationShaper.admit` raises
+:class:`ShapingUnavailable` and the agent defers (never bounces, never
+starts past the limit). Time comes from
 ``clock`` and waiting from ``sleep`` (both injectable), so tests run in
 virtual time. Every decision is reported to the listeners as a
 :class:`ShapingEvent` (the daemon logs and counts them).
@@ -53,6 +59,7 @@ __all__ = [
     "Shaper",
     "ShapingEvent",
     "ShapingState",
+    "ShapingUnavailable",
     "Ticket",
 ]
 
@@ -61,7 +68,15 @@ __all__ = [
 #: the session broke under it, or it was cut short here (cancelled, shut down).
 Outcome = Literal["ok", "setup_failed", "broken", "cancelled"]
 EventName = Literal["throttled", "grown", "delayed", "marked_dead", "deferred_dead", "probe",
-                    "revived"]
+                    "revived", "unavailable"]
+
+#: Polls of a full shared limit: the first after this, doubling up to ``_POLL_MAX``.
+_POLL_MIN = 0.005
+_POLL_MAX = 0.25
+
+
+class ShapingUnavailable(Exception):
+    """The shared shaping state cannot be asked (database down): defer, never bounce."""
 
 #: Admission tickets: a normal transaction, or the one probing a dead destination.
 Ticket = Literal["normal", "probe"]
@@ -111,6 +126,21 @@ class ShapingState:
         """Reserve the next start slot ``interval`` seconds after the previous; returns it."""
         raise NotImplementedError
 
+    #: True when the limits hold across processes: the shaper then calls
+    #: :meth:`acquire_slot` and :meth:`release_slot` around every transaction.
+    shared = False
+
+    async def acquire_slot(self, destination: str, limit: int, step: float
+                           ) -> tuple[int, float] | None:
+        """Take one of ``limit`` slots (0: no limit) and reserve a start ``step`` seconds
+        after the previous (< 0: none); returns (token, seconds to wait) or ``None`` when
+        all slots are taken. Raises :class:`ShapingUnavailable` when it cannot tell."""
+        raise NotImplementedError
+
+    def release_slot(self, destination: str, token: int, delay: float) -> None:
+        """Give the slot back (in the background); no start before ``delay`` seconds."""
+        raise NotImplementedError
+
 
 class LocalShapingState(ShapingState):
     """:class:`ShapingState` in this process's memory."""
@@ -151,7 +181,7 @@ class DestinationShaper:
     """The shaping of one destination: window, delays, dead marks."""
 
     __slots__ = ("_failure", "_failures_in_row", "_inflight", "_next_start", "_shaper",
-                 "_success", "_waiters", "destination", "settings", "window")
+                 "_success", "_tokens", "_waiters", "destination", "settings", "window")
 
     def __init__(self, shaper: Shaper, destination: str, settings: ShapingSettings) -> None:
         self._shaper = shaper
@@ -166,6 +196,8 @@ class DestinationShaper:
         self._failure = 0.0
         self._failures_in_row = 0
         self._next_start = 0.0  # rate_delay: no start before this
+        #: Shared slots held by this worker's transactions (interchangeable).
+        self._tokens: list[int] = []
 
     def __repr__(self) -> str:
         return (f"<DestinationShaper {self.destination} window={self.window:g} "
@@ -228,13 +260,65 @@ class DestinationShaper:
                 sh.emit(self, "deferred_dead")
                 return None
         try:
-            await self._pace()
-        except BaseException:
+            if state.shared:
+                await self._acquire_shared()
+            else:
+                await self._pace()
+        except BaseException as exc:
             self._release()
             if ticket is PROBE:
                 self._end_probe()
+            if isinstance(exc, ShapingUnavailable):
+                sh.emit(self, "unavailable", str(exc))
             raise
         return ticket
+
+    def _shared_limit(self) -> tuple[int, float]:
+        """(slots across all workers, rate step; < 0: no rate) for the shared state."""
+        s = self.settings
+        limit = 1 if s.rate_delay > 0 else s.concurrency_limit
+        step = 1.0 / s.message_rate if s.message_rate > 0 else (
+            0.0 if s.rate_delay > 0 else -1.0)
+        return limit, step
+
+    async def _acquire_shared(self) -> None:
+        """Wait for a slot of the shared limit, then for the shared start (rate)."""
+        limit, step = self._shared_limit()
+        if limit <= 0 and step < 0:
+            return
+        sh = self._shaper
+        poll = _POLL_MIN
+        waited = 0.0
+        bound = max(60.0, 2 * self.settings.dead_time)
+        while True:
+            got = await sh.state.acquire_slot(self.destination, limit, step)
+            if got is not None:
+                break
+            # Full across the workers: look again soon (a release or an expired lease
+            # frees one). Bounded: after ``bound`` seconds, defer.
+            if waited >= bound:
+                raise ShapingUnavailable(f"no free slot of {limit} for {self.destination} "
+                                         f"within {bound:g}s")
+            await sh.sleep(poll)
+            waited += poll
+            poll = min(_POLL_MAX, poll * 2)
+        token, wait = got
+        if limit > 0:
+            self._tokens.append(token)
+        local = self._next_start - sh.clock() if self.settings.rate_delay > 0 else 0.0
+        wait = max(wait, local)
+        if wait > 0:
+            sh.emit(self, "delayed", f"{wait:.3f}s")
+            try:
+                await sh.sleep(wait)
+            except BaseException:
+                self._give_back_slot()
+                raise
+
+    def _give_back_slot(self) -> None:
+        if self._tokens:
+            self._shaper.state.release_slot(self.destination, self._tokens.pop(),
+                                            self.settings.rate_delay)
 
     async def _pace(self) -> None:
         s = self.settings
@@ -258,6 +342,7 @@ class DestinationShaper:
         s = self.settings
         if s.rate_delay > 0:
             self._next_start = sh.clock() + s.rate_delay
+        self._give_back_slot()
         self._release()
         if outcome == "ok":
             self._failures_in_row = 0

@@ -7,13 +7,18 @@ database's clock is the lease clock): no test waits for time to pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from lmtpfast import Agent, Shaper, ShapingSettings
+from lmtpfast._testing._procs import free_tcp_port
 from lmtpfast._testing.fixtures import PgDatabase
 from lmtpfast._testing.postgres import TempPostgres
+from lmtpfast.server import Handler, Server, SessionConfig
 from lmtpfast.spool import Spool, new_envelope
 from lmtpfast.spool._format import Reason
 from lmtpfast.spool._pgqueue import (
@@ -380,8 +385,9 @@ def test_url_options_are_ours_and_removed() -> None:
 
 async def test_migrations_are_versioned_and_applied_once(postgres_db: PgDatabase) -> None:
     assert await init_queue(postgres_db.dsn) == (0, SCHEMA_VERSION)
-    # A queue made by the first release (version 1, no shaping table) is migrated.
-    postgres_db.psql("DROP TABLE lmtpfast.dest; DROP INDEX lmtpfast.msg_due_id; "
+    # A queue made by the first release (version 1, no shaping tables) is migrated.
+    postgres_db.psql("DROP TABLE lmtpfast.dest, lmtpfast.dest_slot; "
+                     "DROP FUNCTION lmtpfast.acquire_slot; DROP INDEX lmtpfast.msg_due_id; "
                      "CREATE INDEX msg_due ON lmtpfast.msg (next_attempt) WHERE state = 0; "
                      "UPDATE lmtpfast.meta SET value = '1' WHERE key = 'schema_version';")
     async with PgQueue(postgres_db.dsn) as q:
@@ -389,6 +395,7 @@ async def test_migrations_are_versioned_and_applied_once(postgres_db: PgDatabase
             await q.status()
     assert await init_queue(postgres_db.dsn) == (1, SCHEMA_VERSION)
     assert postgres_db.psql("SELECT count(*) FROM lmtpfast.dest").strip() == "0"
+    assert postgres_db.psql("SELECT count(*) FROM lmtpfast.dest_slot").strip() == "0"
     assert postgres_db.psql("SELECT count(*) FROM pg_indexes WHERE schemaname = 'lmtpfast' "
                             "AND indexname = 'msg_due'").strip() == "0"
 
@@ -410,3 +417,158 @@ async def test_a_dead_destination_is_dead_for_every_worker(postgres_db: PgDataba
         assert a.dead_until("lmtp:unix:/dead") == 0.0
         await a.close()
         await b.close()
+
+
+# -- shaping limits shared by every worker (issue 15 item 6) ---------------------------
+
+
+class Overlap(Handler):
+    """Counts the transactions in flight (MAIL to final reply) and the most at once.
+
+    Each transaction is held until another overlaps it or ``hold`` seconds
+    pass, so an overlap the limits allowed is seen, not missed by luck.
+    """
+
+    def __init__(self, hold: float) -> None:
+        self.hold = hold
+        self.inflight = self.peak = self.done = 0
+        self.overlapped = asyncio.Event()
+
+    def mail(self, session: Any, sender: bytes, params: list[bytes], default: bytes) -> None:
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        if self.inflight > 1:
+            self.overlapped.set()
+
+    def end_of_content(self, session: Any, envelope: Any) -> Any:
+        finish = asyncio.get_running_loop().create_task(self._finish())
+        return [finish, *[None] * (len(envelope.recipients) - 1)]
+
+    async def _finish(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.overlapped.wait(), self.hold)
+        self.inflight -= 1
+        self.done += 1
+
+
+async def _two_workers_deliver(db: PgDatabase, server: Server, shared: bool, n: int,
+                               **shaping: Any) -> list[Any]:
+    qa, qb = pgq(db), PgQueue(db.dsn, worker="b")
+    await qa.status()  # the schema
+    states = [PgShapingState(qa), PgShapingState(qb)] if shared else [None, None]
+    agents = [Agent.for_server(server.destinations[0], shaping_state=st, pipeline_depth=1,
+                               **shaping) for st in states]
+    try:
+        async with agents[0], agents[1]:
+            results = await asyncio.gather(*(
+                agents[i % 2].deliver(b"Subject: s\r\n\r\nn=%d\r\n" % i, sender="s@example.org",
+                                      recipients=[f"u{i}@example.org"]) for i in range(n)))
+    finally:
+        for st in states:
+            if st is not None:
+                await st.close()
+        await qa.close()
+        await qb.close()
+    return [r for (r,) in results]
+
+
+async def test_a_concurrency_limit_holds_across_workers(postgres_db: PgDatabase,
+                                                        tmp_path: Path) -> None:
+    # Two workers (each its own agent, shaper, pool and PgShapingState), limit 1:
+    # the server never sees two transactions at once, and all are delivered.
+    h = Overlap(hold=0.02)
+    async with Server(f"unix:{tmp_path}/s", h, SessionConfig()) as server:
+        results = await _two_workers_deliver(postgres_db, server, True, 16,
+                                             concurrency_limit=1, initial_concurrency=1)
+    assert all(r.delivered for r in results)
+    assert h.done == 16 and h.peak == 1
+    assert postgres_db.psql("SELECT count(*) FROM lmtpfast.dest_slot").strip() == "0"
+    # The same with each worker's own (in-memory) state: the limit is per worker, and
+    # the counting server does see the overlap (this test can fail).
+    h = Overlap(hold=5.0)
+    async with Server(f"unix:{tmp_path}/t", h, SessionConfig()) as server:
+        results = await _two_workers_deliver(postgres_db, server, False, 4,
+                                             concurrency_limit=1, initial_concurrency=1)
+    assert all(r.delivered for r in results)
+    assert h.peak == 2
+
+
+async def test_a_dead_workers_slot_is_freed_after_its_lease(postgres_db: PgDatabase) -> None:
+    async with pgq(postgres_db) as qa, PgQueue(postgres_db.dsn, worker="b") as qb:
+        await qa.status()
+        a, b = PgShapingState(qa), PgShapingState(qb)
+        got = await a.acquire_slot("lmtp:unix:/d", 1, -1.0)
+        assert got is not None
+        assert await b.acquire_slot("lmtp:unix:/d", 1, -1.0) is None  # full
+        assert await b.acquire_slot("lmtp:unix:/other", 1, -1.0) is not None
+        # a dies holding it (never releases, never renews): once its lease has passed,
+        # the slot is free for b.
+        postgres_db.psql("UPDATE lmtpfast.dest_slot SET expires = now() - interval '1 hour' "
+                         f"WHERE token = {got[0]}")
+        again = await b.acquire_slot("lmtp:unix:/d", 1, -1.0)
+        assert again is not None
+        assert postgres_db.psql("SELECT worker FROM lmtpfast.dest_slot WHERE destination = "
+                                "'lmtp:unix:/d'").strip() == "b"
+        # A live holder's lease is renewed by its background task.
+        b._renewed -= qb.lease
+        await b._renew()
+        assert postgres_db.psql(
+            "SELECT count(*) FROM lmtpfast.dest_slot WHERE expires > now() + "
+            f"interval '{qb.lease - 5} seconds'").strip() == "2"
+        b.release_slot("lmtp:unix:/d", again[0], 0.0)
+        await b.close()  # writes the release, gives back what it still holds
+        assert postgres_db.psql("SELECT count(*) FROM lmtpfast.dest_slot").strip() == "0"
+        await a.close()
+
+
+async def test_rates_are_shared_by_the_workers(postgres_db: PgDatabase) -> None:
+    async with pgq(postgres_db) as qa, PgQueue(postgres_db.dsn, worker="b") as qb:
+        await qa.status()
+        a, b = PgShapingState(qa), PgShapingState(qb)
+        # message_rate: starts 100 s apart whichever worker asks (the waits count the
+        # starts reserved before; no clock is watched).
+        waits = []
+        for st in (a, b, a, b, a, b):
+            got = await st.acquire_slot("lmtp:unix:/r", 0, 100.0)
+            assert got is not None and got[0] not in a._held
+            waits.append(round(got[1] / 100))
+        assert waits == [0, 1, 2, 3, 4, 5]
+        # rate_delay: the next start, by anyone, that long after the previous end.
+        got = await a.acquire_slot("lmtp:unix:/d", 1, 0.0)
+        assert got is not None and got[1] == 0.0
+        a.release_slot("lmtp:unix:/d", got[0], 100.0)
+        assert a._releaser is not None
+        await a._releaser
+        got = await b.acquire_slot("lmtp:unix:/d", 1, 0.0)
+        assert got is not None and round(got[1] / 100) == 1
+        # Through two shapers in virtual time: the second start waits for the first's.
+        slept: list[float] = []
+
+        async def sleep(s: float) -> None:
+            slept.append(s)
+
+        shapers = [Shaper(st, sleep=sleep).destination(
+            "lmtp:unix:/s", ShapingSettings(message_rate=0.01)) for st in (a, b)]
+        for d in shapers:
+            ticket = await d.admit()
+            assert ticket is not None
+            d.done(ticket, "ok")
+        assert [round(s / 100) for s in slept] == [1]
+        await a.close()
+        await b.close()
+
+
+async def test_a_database_failure_defers_never_exceeds(tmp_path: Path) -> None:
+    # The shared state cannot be reached: the transaction is deferred (451, nothing
+    # delivered, the server never sees it), never sent past a limit nobody checked.
+    h = Overlap(hold=0.0)
+    q = PgQueue(f"postgresql://nobody@127.0.0.1:{free_tcp_port()}/x", connect_timeout=2)
+    state = PgShapingState(q)
+    async with Server(f"unix:{tmp_path}/s", h, SessionConfig()) as server, Agent.for_server(
+            server.destinations[0], shaping_state=state, concurrency_limit=1) as agent:
+        (r,) = await agent.deliver(b"Subject: s\r\n\r\nx\r\n", sender="s@example.org",
+                                   recipients=["u@example.org"])
+    await state.close()
+    await q.close()
+    assert not r.delivered and r.code == 451 and "shaping state unavailable" in r.text
+    assert h.done == 0 and h.peak == 0

@@ -88,7 +88,7 @@ class MetricsCollector:
                                 value=max(0.0, time.time() - oldest) if oldest else 0.0)
         s = CounterMetricFamily("lmtpfast_shaping_events", "Traffic shaping by destination: "
                                 "throttled, grown, delayed, marked_dead, deferred_dead, probe, "
-                                "revived",
+                                "revived, unavailable",
                                 labels=["destination", "event"])
         for (dest, event), n in list(m.shaping.items()):
             s.add_metric([dest, event], n)

@@ -213,7 +213,8 @@ async def refresh_queue_metrics(spool: Spool, metrics: Metrics) -> None:
 #: one a transaction, and each deferred recipient has its own line anyway).
 _SHAPING_LEVELS: dict[str, int | None] = {
     "marked_dead": logging.WARNING, "revived": logging.INFO, "probe": logging.INFO,
-    "throttled": logging.INFO, "grown": logging.DEBUG, "delayed": None, "deferred_dead": None}
+    "throttled": logging.INFO, "grown": logging.DEBUG, "delayed": None, "deferred_dead": None,
+    "unavailable": None}
 
 
 def shaping_listener(log: _log.DeliveryLog, metrics: Metrics) -> Any:

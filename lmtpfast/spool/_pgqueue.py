@@ -42,7 +42,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
-from .._shaping import LocalShapingState, ShapingState
+from .._shaping import LocalShapingState, ShapingState, ShapingUnavailable
 from ._format import BadEnvelope, Envelope, Reason, Recipient, check_address
 from ._queue import (
     ALL,
@@ -67,7 +67,7 @@ __all__ = ["SCHEMA_VERSION", "ImportReport", "PgQueue", "PgShapingState", "PgWri
 T = TypeVar("T")
 
 #: The schema version this code reads and writes (``lmtpfast.meta``).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: The LISTEN/NOTIFY channel rung by enqueues and operator actions.
 CHANNEL = "lmtpfast_queue"
 #: Default lease: a dead worker's entries move on within a minute.
@@ -158,6 +158,55 @@ _MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
         # entries until vacuum) are not walked again by every claim.
         "CREATE INDEX msg_due_id ON lmtpfast.msg (next_attempt, id) WHERE state = 0",
         "DROP INDEX lmtpfast.msg_due",
+    )),
+    (4, (
+        # Per-destination concurrency across all workers: one row per transaction in
+        # flight, leased (a dead worker's slots free themselves when they expire).
+        """CREATE TABLE lmtpfast.dest_slot (
+            token bigint PRIMARY KEY,
+            destination text NOT NULL,
+            worker text NOT NULL,
+            expires timestamptz NOT NULL
+        )""",
+        "CREATE INDEX dest_slot_destination ON lmtpfast.dest_slot (destination)",
+        # The next start any worker may make to the destination (Unix time): message
+        # rate and rate delay shared by all workers.
+        "ALTER TABLE lmtpfast.dest ADD COLUMN next_start double precision NOT NULL DEFAULT 0",
+        # One round trip per acquisition. The advisory lock serialises acquisitions of
+        # one destination; each statement of a PL/pgSQL function sees what committed
+        # before it, so the count after the lock is exact (a plain INSERT ... SELECT
+        # count(*) < limit would let two concurrent ones both see a free slot).
+        # Returns NULL when the limit is reached, else the seconds to wait before
+        # starting (rate), the slot inserted with the caller's token (if lim > 0).
+        """CREATE FUNCTION lmtpfast.acquire_slot(d text, lim integer, tok bigint, wrk text,
+                                                lease double precision,
+                                                step double precision)
+        RETURNS double precision LANGUAGE plpgsql AS $$
+        DECLARE
+            t double precision := extract(epoch FROM clock_timestamp());
+            n integer;
+            s double precision;
+        BEGIN
+            IF lim > 0 THEN
+                PERFORM pg_advisory_xact_lock(hashtext('lmtpfast.dest_slot'), hashtext(d));
+                DELETE FROM lmtpfast.dest_slot
+                    WHERE destination = d AND expires < clock_timestamp();
+                SELECT count(*) INTO n FROM lmtpfast.dest_slot WHERE destination = d;
+                IF n >= lim THEN
+                    RETURN NULL;
+                END IF;
+                INSERT INTO lmtpfast.dest_slot VALUES
+                    (tok, d, wrk, clock_timestamp() + make_interval(secs => lease));
+            END IF;
+            IF step < 0 THEN
+                RETURN 0.0;
+            END IF;
+            INSERT INTO lmtpfast.dest AS x (destination, next_start) VALUES (d, t + step)
+                ON CONFLICT (destination) DO UPDATE
+                SET next_start = greatest(x.next_start, t) + step
+                RETURNING x.next_start - step INTO s;
+            RETURN greatest(0.0, s - t);
+        END $$""",
     )),
 ]
 
@@ -1295,7 +1344,7 @@ class PgWriter:
 
 
 class PgShapingState(ShapingState):
-    """Dead destinations shared by every worker of a PostgreSQL queue (``lmtpfast.dest``).
+    """Dead destinations and limits shared by every worker of a PostgreSQL queue.
 
     The shaper's calls stay synchronous and cheap: they read and write a
     local mirror; a background task writes this worker's marks and revivals
@@ -1303,11 +1352,24 @@ class PgShapingState(ShapingState):
     change). So a destination one worker found dead is deferred by all the
     others within *refresh* seconds, without each connecting and failing
     ``dead_after`` times itself. Times in the table are Unix time (the
-    shaper's are monotonic: converted here). What stays per worker: the
+    shaper's are monotonic: converted here).
+
+    Concurrency and rate limits hold across all workers: each transaction
+    takes a slot in ``lmtpfast.dest_slot`` (one statement,
+    ``lmtpfast.acquire_slot``, which also reserves the shared next start in
+    ``lmtpfast.dest.next_start``), leased for the queue's lease and renewed
+    by the background task while held; releases are batched by a background
+    task. A dead worker's slots free themselves when their lease expires. If
+    the database cannot be reached, acquiring raises
+    :class:`~lmtpfast.ShapingUnavailable` (the agent defers); a release
+    that cannot be written is left to expire. What stays per worker: the
     probe after a dead spell (at most one per worker, so a few across the
-    hosts) and message-rate slots. A database outage leaves each worker with
-    its own marks until it is back.
+    hosts) and the slow-start window (each worker's own, under the shared
+    limit). A database outage leaves each worker with its own dead marks
+    until it is back.
     """
+
+    shared = True
 
     def __init__(self, queue: PgQueue, *, refresh: float = 0.5) -> None:
         self._queue = queue
@@ -1318,6 +1380,12 @@ class PgShapingState(ShapingState):
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._closed = False
+        #: Slots held: token -> destination (renewed by the background task).
+        self._held: dict[int, str] = {}
+        self._renewed = time.monotonic()
+        #: Releases not written yet: (token, destination, delay).
+        self._releases: list[tuple[int, str, float]] = []
+        self._releaser: asyncio.Task[None] | None = None
 
     @staticmethod
     def _to_wall(mono: float) -> float:
@@ -1366,6 +1434,69 @@ class PgShapingState(ShapingState):
     def reserve_start(self, destination: str, now: float, interval: float) -> float:
         return self._local.reserve_start(destination, now, interval)
 
+    async def acquire_slot(self, destination: str, limit: int, step: float
+                           ) -> tuple[int, float] | None:
+        self._kick(changed=False)  # the renewer
+        token = secrets.randbits(63) or 1
+        queue = self._queue
+
+        async def body(conn: Any) -> float | None:
+            got: float | None = await conn.fetchval(
+                "SELECT lmtpfast.acquire_slot($1, $2, $3, $4, $5, $6)",
+                destination, limit, token, queue.worker, queue.lease, step)
+            return got
+
+        try:
+            wait = await queue._run("shaping", body)
+        except QueueError as exc:
+            raise ShapingUnavailable(str(exc)) from None
+        if wait is None:
+            return None
+        if limit > 0:
+            self._held[token] = destination
+        return token, float(wait)
+
+    def release_slot(self, destination: str, token: int, delay: float) -> None:
+        self._held.pop(token, None)
+        self._releases.append((token, destination, delay))
+        if self._closed:
+            return
+        if self._releaser is None or self._releaser.done():
+            self._releaser = asyncio.get_running_loop().create_task(self._release_all())
+
+    async def _release_all(self) -> None:
+        """Write the releases in one statement per batch (those made meanwhile next)."""
+        while self._releases:
+            batch, self._releases = self._releases, []
+
+            async def body(conn: Any, batch: list[tuple[int, str, float]] = batch) -> None:
+                await conn.execute(
+                    "WITH r AS (DELETE FROM lmtpfast.dest_slot WHERE token = ANY($1::bigint[])) "
+                    "UPDATE lmtpfast.dest x SET next_start = greatest(x.next_start, "
+                    "extract(epoch FROM clock_timestamp()) + u.delay) "
+                    "FROM (SELECT d, max(delay) AS delay FROM unnest($2::text[], $3::float8[]) "
+                    "AS u(d, delay) WHERE delay > 0 GROUP BY d) u WHERE x.destination = u.d",
+                    [t for t, _, _ in batch], [d for _, d, _ in batch],
+                    [w for _, _, w in batch])
+
+            # Not written (database down): the slots expire with their lease.
+            with contextlib.suppress(QueueError):
+                await self._queue._run("shaping", body)
+
+    async def _renew(self) -> None:
+        if not self._held or time.monotonic() - self._renewed < self._queue.lease / 3:
+            return
+        tokens = list(self._held)
+        lease = self._queue.lease
+
+        async def body(conn: Any) -> None:
+            await conn.execute(
+                "UPDATE lmtpfast.dest_slot SET expires = clock_timestamp() + "
+                "make_interval(secs => $2) WHERE token = ANY($1::bigint[])", tokens, lease)
+
+        await self._queue._run("shaping", body)
+        self._renewed = time.monotonic()
+
     async def sync(self) -> None:
         """Write this worker's changes, then read everyone's (:class:`QueueWriteError` if
         the database cannot be reached: the changes stay pending)."""
@@ -1405,6 +1536,8 @@ class PgShapingState(ShapingState):
         while not self._closed:
             with contextlib.suppress(QueueError):
                 await self.sync()
+            with contextlib.suppress(QueueError):
+                await self._renew()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.refresh)
@@ -1416,6 +1549,13 @@ class PgShapingState(ShapingState):
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
+        if self._releaser is not None:
+            with contextlib.suppress(Exception):
+                await self._releaser
+        for token, dest in list(self._held.items()):
+            self._releases.append((token, dest, 0.0))  # cut short: give them back
+        self._held.clear()
+        await self._release_all()
         if self._pending:
             with contextlib.suppress(QueueError):
                 await self.sync()
