@@ -169,6 +169,9 @@ _MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             expires timestamptz NOT NULL
         )""",
         "CREATE INDEX dest_slot_destination ON lmtpfast.dest_slot (destination)",
+        # A row inserted and deleted per shaped transaction: vacuum it early.
+        "ALTER TABLE lmtpfast.dest_slot SET (autovacuum_vacuum_scale_factor = 0.01,"
+        " autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0)",
         # The next start any worker may make to the destination (Unix time): message
         # rate and rate delay shared by all workers.
         "ALTER TABLE lmtpfast.dest ADD COLUMN next_start double precision NOT NULL DEFAULT 0",
