@@ -98,3 +98,18 @@ def add_timeout_scale(p: Any, default: float = 1.0, extra: str = "") -> None:
     p.add_argument("--timeout-scale", type=float, default=default, metavar="F",
                    help=f"multiply every Postfix default timeout by F (default {default:g})"
                    f"{extra}")
+
+
+def add_pace(p: Any) -> None:
+    """replay's and run's shared knobs: how much is in flight, and when to retry."""
+    p.add_argument("--concurrency", type=positive_int, default=64, metavar="N",
+                   help="messages in flight at once (default 64)")
+    p.add_argument("--connections", type=positive_int, default=8, metavar="N",
+                   help="--server: connections to it at most (default 8)")
+    p.add_argument("--min-backoff", type=parse_duration, default=300.0, metavar="T",
+                   help="first retry delay, doubled each attempt (default 300s)")
+    p.add_argument("--max-backoff", type=parse_duration, default=4000.0, metavar="T",
+                   help="longest retry delay (default 4000s)")
+    p.add_argument("--max-queue-lifetime", type=parse_duration, default=5 * 86400.0,
+                   metavar="T", help="give up on temporary failures of messages this old "
+                   "(default 5d)")

@@ -45,8 +45,7 @@ from lmtpfast.spool import (
 
 from . import _exit, _output, _run, _security
 from ._location import configured_queue
-from ._options import add_json, add_quiet, parse_duration
-from ._options import positive_int as _positive_int
+from ._options import add_json, add_pace, add_quiet, parse_duration
 
 __all__ = ["parse_duration", "register", "run"]
 
@@ -85,10 +84,7 @@ def register(sub: Any) -> None:
                       help="one pass over the due messages (default)")
     mode.add_argument("--watch", action="store_true",
                       help="keep delivering new and due messages until SIGINT/SIGTERM")
-    p.add_argument("--concurrency", type=_positive_int, default=64, metavar="N",
-                   help="messages in flight at once (default 64)")
-    p.add_argument("--connections", type=_positive_int, default=8, metavar="N",
-                   help="--server: connections to it at most (default 8)")
+    add_pace(p)
     add_json(p, "the report (every outcome, the summary) at the end, instead of the text "
              "summary")
     p.add_argument("--report", metavar="FILE", dest="json_report",
@@ -97,12 +93,6 @@ def register(sub: Any) -> None:
                    help="try deferred messages now, whatever their next attempt time")
     p.add_argument("--interval", type=parse_duration, default=1.0, metavar="T",
                    help="--watch: pause between idle scans (default 1s)")
-    p.add_argument("--min-backoff", type=parse_duration, default=300.0, metavar="T",
-                   help="first retry delay, doubled each attempt (default 300s)")
-    p.add_argument("--max-backoff", type=parse_duration, default=4000.0, metavar="T",
-                   help="longest retry delay (default 4000s)")
-    p.add_argument("--max-queue-lifetime", type=parse_duration, default=5 * 86400.0, metavar="T",
-                   help="give up on temporary failures of messages this old (default 5d)")
     p.add_argument("--bounce-dir", metavar="DIR",
                    help="write an RFC 3464 bounce for the sender of each failed message here")
     p.add_argument("--timeout-scale", type=float, default=1.0, metavar="F",

@@ -51,8 +51,7 @@ from lmtpfast.spool import (
 )
 
 from . import _exit, _log, _run, _security
-from ._options import add_json, add_loop, add_quiet, parse_duration
-from ._options import positive_int as _positive_int
+from ._options import add_json, add_loop, add_pace, add_quiet, parse_duration
 from ._systemd import Notifier
 from .replay import _JsonReport
 
@@ -87,16 +86,7 @@ def register(sub: Any) -> None:
                         help="agent configuration (lmtpfast.toml); reloaded on SIGHUP")
     target.add_argument("--server", metavar="DEST",
                         help="unix:/path, host:port, [ipv6]:port, 'command:PROGRAM ARGS'")
-    p.add_argument("--concurrency", type=_positive_int, default=64, metavar="N",
-                   help="messages in flight at once (default 64)")
-    p.add_argument("--connections", type=_positive_int, default=8, metavar="N",
-                   help="--server: connections to it (default 8)")
-    p.add_argument("--min-backoff", type=parse_duration, default=300.0, metavar="T",
-                   help="first retry delay, doubled each attempt (default 300s)")
-    p.add_argument("--max-backoff", type=parse_duration, default=4000.0, metavar="T",
-                   help="longest retry delay (default 4000s)")
-    p.add_argument("--max-queue-lifetime", type=parse_duration, default=5 * 86400.0,
-                   metavar="T", help="give up on temporary failures this old (default 5d)")
+    add_pace(p)
     add_json(p, "at the end, every outcome and the summary with the metrics (as replay "
              "--json)")
     p.add_argument("--report", metavar="FILE", dest="json_report",
