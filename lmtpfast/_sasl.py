@@ -343,11 +343,6 @@ class _Scram(Mechanism):
         self._round = 1
         return (self._gs2 + self._client_first_bare).encode()
 
-    def _digest(self, key: bytes, msg: bytes) -> bytes:
-        import hmac
-
-        return hmac.new(key, msg, self.hash_name).digest()
-
     def respond(self, challenge: bytes) -> bytes:
         self._round += 1
         if self._round == 2:
@@ -381,19 +376,12 @@ class _Scram(Mechanism):
             raise AuthenticationError(
                 f"{self.name}: server asks for {iterations} iterations, outside "
                 f"{SCRAM_MIN_ITERATIONS}..{SCRAM_MAX_ITERATIONS}")
-        password = saslprep(self._creds.password, "password").encode()
-        import hashlib
-
-        salted = hashlib.pbkdf2_hmac(self.hash_name, password, salt, iterations)
-        client_key = self._digest(salted, b"Client Key")
-        stored_key = hashlib.new(self.hash_name, client_key).digest()
         channel = base64.b64encode(self._gs2.encode()).decode()
         without_proof = f"c={channel},r={nonce}"
         auth_message = f"{self._client_first_bare},{server_first},{without_proof}".encode()
-        signature = self._digest(stored_key, auth_message)
+        client_key, _, signature, self._server_signature = scram_proofs(
+            self.hash_name, self._creds.password, salt, iterations, auth_message)
         proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
-        server_key = self._digest(salted, b"Server Key")
-        self._server_signature = self._digest(server_key, auth_message)
         return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
 
     def _check_server_final(self, challenge: bytes) -> None:
@@ -426,13 +414,44 @@ class _Scram(Mechanism):
                 "(no server signature)")
 
 
-def _scram_attrs(message: str, mech: str) -> dict[str, str]:
+def scram_attrs(message: str) -> dict[str, str] | None:
+    """The ``k=value`` attributes of a SCRAM message (RFC 5802; the first of each key).
+
+    ``None`` if a part is not one letter, ``=`` and a value: the caller fails
+    the exchange (the client with an error, the server with a refusal).
+    """
     attrs: dict[str, str] = {}
     for part in message.split(","):
         key, sep, value = part.partition("=")
         if len(key) != 1 or not sep:
-            raise AuthenticationError(f"{mech}: malformed SCRAM message from the server")
+            return None
         attrs.setdefault(key, value)
+    return attrs
+
+
+def scram_proofs(hash_name: str, password: str, salt: bytes, iterations: int,
+                 auth_message: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """RFC 5802 section 3 for *password*: client key, stored key, client and server signatures.
+
+    The client sends ``client key XOR client signature`` and checks the
+    server signature; the server recomputes both from the password it knows.
+    """
+    import hashlib
+    import hmac
+
+    salted = hashlib.pbkdf2_hmac(hash_name, saslprep(password, "password").encode(), salt,
+                                 iterations)
+    client_key = hmac.new(salted, b"Client Key", hash_name).digest()
+    stored_key = hashlib.new(hash_name, client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", hash_name).digest()
+    return (client_key, stored_key, hmac.new(stored_key, auth_message, hash_name).digest(),
+            hmac.new(server_key, auth_message, hash_name).digest())
+
+
+def _scram_attrs(message: str, mech: str) -> dict[str, str]:
+    attrs = scram_attrs(message)
+    if attrs is None:
+        raise AuthenticationError(f"{mech}: malformed SCRAM message from the server")
     return attrs
 
 

@@ -27,7 +27,13 @@ from typing import ClassVar, Literal
 
 from ._errors import AuthenticationError, ConfigurationError
 from ._passwords import read_private_file
-from ._sasl import PLAINTEXT_MECHANISMS, SCRAM_MIN_ITERATIONS, saslprep
+from ._sasl import (
+    PLAINTEXT_MECHANISMS,
+    SCRAM_MIN_ITERATIONS,
+    saslprep,
+    scram_attrs,
+    scram_proofs,
+)
 
 __all__ = [
     "SERVER_MECHANISMS",
@@ -215,7 +221,9 @@ class _Scram(Exchange):
         # No channel binding here (n or y); "p=" asks for it: refused.
         if gs2 not in ("n", "y") or (authz and not authz.startswith("a=")):
             return Step("failure")
-        attrs = _attrs(bare)
+        attrs = scram_attrs(bare)
+        if attrs is None:
+            return Step("failure")
         user, nonce = attrs.get("n"), attrs.get("r")
         if user is None or not nonce or "m" in attrs:
             return Step("failure")
@@ -239,9 +247,9 @@ class _Scram(Exchange):
         except UnicodeDecodeError:
             return Step("failure")
         without_proof, _, proof_b64 = text.rpartition(",p=")
-        attrs = _attrs(without_proof)
+        attrs = scram_attrs(without_proof)
         channel = base64.b64encode(self._gs2.encode()).decode()
-        if attrs.get("c") != channel or attrs.get("r") != self._nonce:
+        if attrs is None or attrs.get("c") != channel or attrs.get("r") != self._nonce:
             return Step("failure")
         try:
             proof = base64.b64decode(proof_b64, validate=True)
@@ -249,35 +257,22 @@ class _Scram(Exchange):
             return Step("failure")
         assert self.user is not None
         known = self.users.password(self.user)
-        try:
-            password = saslprep(known or "x", "password").encode()
-        except AuthenticationError:
-            return Step("failure")
-        salted = hashlib.pbkdf2_hmac(self.hash_name, password, self._salt, self._iterations)
-        client_key = hmac.new(salted, b"Client Key", self.hash_name).digest()
-        stored_key = hashlib.new(self.hash_name, client_key).digest()
         auth_message = (f"{self._client_first_bare},{self._server_first},"
                         f"{without_proof}").encode()
-        signature = hmac.new(stored_key, auth_message, self.hash_name).digest()
+        try:
+            # An unknown user costs the same work as a known one (no timing oracle).
+            _, stored_key, signature, verifier = scram_proofs(
+                self.hash_name, known or "x", self._salt, self._iterations, auth_message)
+        except AuthenticationError:
+            return Step("failure")
         if len(proof) != len(signature):
             return Step("failure")
         candidate = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
         if known is None or not hmac.compare_digest(
                 hashlib.new(self.hash_name, candidate).digest(), stored_key):
             return Step("failure")
-        server_key = hmac.new(salted, b"Server Key", self.hash_name).digest()
-        verifier = hmac.new(server_key, auth_message, self.hash_name).digest()
         self._state = 2
         return Step("challenge", b"v=" + base64.b64encode(verifier))
-
-
-def _attrs(message: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for part in message.split(","):
-        key, sep, value = part.partition("=")
-        if len(key) == 1 and sep:
-            out.setdefault(key, value)
-    return out
 
 
 class _ScramSHA1(_Scram):

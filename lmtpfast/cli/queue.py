@@ -241,8 +241,11 @@ def _run_import(args: argparse.Namespace) -> int:
     for id, reason in report.quarantined:
         print(f"lmtpfast queue import: {id}: quarantined: {reason}", file=sys.stderr)
     print(f"imported {report.imported} queued and {report.failed} failed entries into "
-          f"{path}/queue.db" + (f"; {report.locked} held by a replay, left for the next run"
-                                if report.locked else ""))
+          f"{path}/queue.db"
+          + (f"; {report.already} imported by an earlier run, removed from the directory now"
+             if report.already else "")
+          + (f"; {report.locked} held by a replay, left for the next run"
+             if report.locked else ""))
     return _exit.EX_TEMPFAIL if report.locked else _exit.EX_OK
 
 

@@ -60,6 +60,7 @@ from ._queue import (
     Selection,
     Update,
 )
+from ._store import ImportReport
 
 __all__ = ["SCHEMA_VERSION", "ImportReport", "PgQueue", "PgShapingState", "PgWriter",
            "init_schema", "redact_dsn"]
@@ -319,23 +320,6 @@ async def init_schema(conn: Any) -> tuple[int, int]:
 class _Lease:
     row: int
     token: int
-
-
-@dataclass(slots=True)
-class ImportReport:
-    """What :meth:`PgQueue.import_dir` did."""
-
-    imported: int = 0
-    #: Already imported by an earlier run (removed from the directory now).
-    already: int = 0
-    failed: int = 0
-    #: Held by a running replay of the directory spool: left for the next run.
-    locked: int = 0
-    quarantined: list[tuple[str, str]] = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        if self.quarantined is None:
-            self.quarantined = []
 
 
 class PgQueue(Queue):
@@ -1043,16 +1027,14 @@ class PgQueue(Queue):
         leaves it in one place or both, never neither; a rerun removes what
         an earlier run imported and never queues it twice.
         """
-        from ._store import Quarantined, Spool, SpoolError
+        from ._store import Spool, SpoolError
 
         report = ImportReport()
         try:
             spool = Spool(path)
         except SpoolError as exc:
             raise QueueError(exc.errno or 0, exc.strerror or str(exc), str(path)) from None
-        claims: list[Any] = []
-
-        async def flush() -> None:
+        for claims in spool.claim_batches(batch, report):
             try:
                 done = await self._already_imported([c.id for c in claims])
                 todo = [c for c in claims if c.id not in done]
@@ -1069,22 +1051,6 @@ class PgQueue(Queue):
             finally:
                 for c in claims:
                     c.release()
-                claims.clear()
-
-        for queue, name in spool.scan(due=float("inf"), flush=True):
-            try:
-                claim = spool.claim(queue, name)
-            except Quarantined as q:
-                report.quarantined.append((q.id, q.reason))
-                continue
-            if claim is None:
-                report.locked += 1
-                continue
-            claims.append(claim)
-            if len(claims) >= batch:
-                await flush()
-        if claims:
-            await flush()
         report.failed += await self._import_failed(Path(path))
         return report
 

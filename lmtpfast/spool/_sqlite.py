@@ -86,7 +86,7 @@ from ._queue import (
     Selection,
     Update,
 )
-from ._store import flocked_files
+from ._store import ImportReport, flocked_files
 from ._watch import IN_ATTRIB, IN_CLOSE_WRITE, IN_CREATE, IN_MOVED_TO, Watch, watch_paths
 
 if TYPE_CHECKING:
@@ -228,17 +228,6 @@ class SalvageReport:
     unreadable: list[tuple[int, int]] = field(default_factory=list)
     #: Where the damaged files went.
     moved: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class ImportReport:
-    """What converting a directory spool did."""
-
-    imported: int = 0
-    failed: int = 0
-    #: Entries another (older) replay held at that moment: imported next time.
-    locked: int = 0
-    quarantined: list[tuple[str, str]] = field(default_factory=list)
 
 
 # -- file helpers -----------------------------------------------------------------------
@@ -1631,7 +1620,7 @@ class SQLiteStore:
         never queues it twice (the ``imported`` table). Entries another
         replay holds are left for the next run.
         """
-        from ._store import Quarantined, Spool, SpoolError
+        from ._store import Spool, SpoolError
 
         report = ImportReport()
         if not _has_legacy(self.path):
@@ -1641,36 +1630,19 @@ class SQLiteStore:
         except SpoolError as exc:
             raise QueueError(exc.errno or errno.EIO, f"the directory spool here cannot be "
                              f"converted: {exc.strerror or exc}", str(self.path)) from None
-        scan = spool.scan(due=float("inf"), flush=True)
-        claims: list[Any] = []
-
-        def flush() -> None:
-            self._import_claims(claims, durable)
-            report.imported += len(claims)
-            claims.clear()
-
-        try:
-            for queue, name in scan:
-                try:
-                    claim = spool.claim(queue, name)
-                except Quarantined as q:
-                    report.quarantined.append((q.id, q.reason))
-                    continue
-                if claim is None:
-                    report.locked += 1
-                    continue
-                claims.append(claim)
-                if len(claims) >= batch:
-                    flush()
-            if claims:
-                flush()
-            report.failed += self._import_failed(spool, durable)
-        finally:
-            for c in claims:
-                c.release()
+        for claims in spool.claim_batches(batch, report):
+            try:
+                new = self._import_claims(claims, durable)
+                report.imported += new
+                report.already += len(claims) - new
+            finally:
+                for c in claims:
+                    c.release()
+        report.failed += self._import_failed(spool, durable)
         return report
 
-    def _import_claims(self, claims: list[Any], durable: bool) -> None:
+    def _import_claims(self, claims: list[Any], durable: bool) -> int:
+        """Write *claims* here (those not imported by an earlier run); how many were new."""
         done = self._imported([c.id for c in claims])
         todo = [c for c in claims if c.id not in done]
         if todo:
@@ -1681,6 +1653,7 @@ class SQLiteStore:
                 [(c.id, int(i)) for c, i in zip(todo, ids, strict=True)]), durable=durable)
         for c in claims:
             c.delivered()  # envelope first (the directory spool's commit point), then message
+        return len(todo)
 
     def _imported(self, legacy: Sequence[str]) -> set[str]:
         out: set[str] = set()

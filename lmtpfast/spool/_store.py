@@ -30,6 +30,7 @@ import secrets
 import stat
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NoReturn
 
@@ -46,7 +47,7 @@ from ._format import (
 if TYPE_CHECKING:
     from .._delivery import MessageFile
 
-__all__ = ["Claim", "Quarantined", "Scan", "Spool", "SpoolError"]
+__all__ = ["Claim", "ImportReport", "Quarantined", "Scan", "Spool", "SpoolError"]
 
 Queue = Literal["incoming", "deferred"]
 QUEUES: tuple[Queue, ...] = ("deferred", "incoming")
@@ -340,6 +341,19 @@ class Claim:
         self.delivered()
 
 
+@dataclass
+class ImportReport:
+    """What moving a directory spool (or a store) into another queue did."""
+
+    imported: int = 0
+    #: Imported by an earlier, interrupted run (removed from the directory now).
+    already: int = 0
+    failed: int = 0
+    #: Held by a running replay of the directory spool: left for the next run.
+    locked: int = 0
+    quarantined: list[tuple[str, str]] = field(default_factory=list)
+
+
 class Spool:
     """A spool directory (created with its sub-folders when *create* is true)."""
 
@@ -587,6 +601,36 @@ class Spool:
             # Gone meanwhile (finished, moved, held): the lock must not outlive the attempt.
             os.close(fd)
         return claim
+
+    def claim_batches(self, batch: int, report: ImportReport) -> Iterator[list[Claim]]:
+        """Every entry, claimed, in lists of up to *batch* (for moving the spool elsewhere).
+
+        Entries another process holds are counted in ``report.locked`` and
+        corrupt ones in ``report.quarantined``; both are left where they are.
+        The caller records each list durably in its own queue, then calls
+        ``delivered()`` on each claim (the directory's commit point, after its
+        own); claims still held when the caller stops are released here.
+        """
+        claims: list[Claim] = []
+        try:
+            for queue, name in self.scan(due=float("inf"), flush=True):
+                try:
+                    claim = self.claim(queue, name)
+                except Quarantined as q:
+                    report.quarantined.append((q.id, q.reason))
+                    continue
+                if claim is None:
+                    report.locked += 1
+                    continue
+                claims.append(claim)
+                if len(claims) >= batch:
+                    yield claims
+                    claims = []
+            if claims:
+                yield claims
+        finally:
+            for c in claims:
+                c.release()
 
     def _foreign(self, st: os.stat_result, what: str) -> str | None:
         """Why a file is not the spool's own (``None`` if it is)."""
