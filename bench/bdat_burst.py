@@ -34,8 +34,13 @@ CHILD = """
 import asyncio, functools, json, sys
 burst, dest, msgs, conns, rcpts, size = sys.argv[1:7]
 if burst != "-":
-    from lmtpfast import _session
-    _session.Connection = functools.partial(_session.Connection, bdat_burst=int(burst))
+    from lmtpfast import _session, proto
+    if hasattr(_session, "Connection"):  # a checkout from before the engine parameter
+        _session.Connection = functools.partial(_session.Connection, bdat_burst=int(burst))
+    else:  # the engine every session of this process gets, with the burst set
+        eng = proto.get_engine()
+        proto._ENGINES[eng.name] = eng._replace(
+            Connection=functools.partial(eng.Connection, bdat_burst=int(burst)))
 try:
     from lmtpfast.cli._loadgen import BenchConfig, run_bench
 except ImportError:  # a checkout from before the layout commit

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import lmtpfast
+
 pytest_plugins = ["lmtpfast._testing.fixtures"]
+
+# Child processes (``python -m lmtpfast ...``, the proxy and sink peers) run the
+# tree under test, whatever is or is not installed in site-packages meanwhile.
+_TREE = str(Path(lmtpfast.__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_TREE, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _TREE)])
 
 LOOPS = ["asyncio", "uvloop"]
 
