@@ -16,7 +16,9 @@ fails when no byte came (or could be written) for its limit.
 
 from __future__ import annotations
 
-import socket
+# _socket, not socket: the socket module imports enum and selectors, a large
+# share of a one-message process's start-up; ssl (TLS only) brings it back.
+import _socket
 from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -91,19 +93,13 @@ def open_blocking(
                                  "not connect_sync()")
     try:
         if dest.is_unix:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(_seconds(timeouts.connect))
-                sock.connect(dest.path)
-            except BaseException:
-                sock.close()
-                raise
+            sock = _connected(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, dest.path,
+                              timeouts.connect)
         else:
-            sock = socket.create_connection((dest.host, dest.port),
-                                            timeout=_seconds(timeouts.connect))
+            sock = _connect_tcp(dest.host, dest.port, timeouts.connect)
             try:
                 # Pipelined groups must not wait for Nagle's delayed ACK.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
             except OSError:
                 pass
     except TimeoutError:
@@ -113,15 +109,44 @@ def open_blocking(
     return Ready((BlockingProtocol(conn, timeouts, sock, peer), None))
 
 
+def _connected(family: int, kind: int, proto: int, address: Any,
+               limit: float) -> _socket.socket:
+    sock = _socket.socket(family, kind, proto)
+    try:
+        sock.settimeout(_seconds(limit))
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _connect_tcp(host: str, port: int, limit: float) -> _socket.socket:
+    """``socket.create_connection``: each address of ``host`` in turn; the first error if none.
+
+    Each address gets the whole limit, as ``create_connection`` gives it.
+    """
+    errors: list[OSError] = []
+    for family, kind, proto, _, address in _socket.getaddrinfo(host, port, 0,
+                                                               _socket.SOCK_STREAM):
+        try:
+            return _connected(family, kind, proto, address, limit)
+        except OSError as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+    raise OSError(f"no address for {host!r}")
+
+
 class BlockingProtocol:
     """One LMTP connection on a blocking socket; the session's view of it is LMTPProtocol's."""
 
-    def __init__(self, engine: Connection, timeouts: Timeouts, sock: socket.socket,
+    def __init__(self, engine: Connection, timeouts: Timeouts, sock: _socket.socket,
                  peer: str = "") -> None:
         self.engine = engine
         self.timeouts = timeouts
         self.peer = peer
-        self._sock: socket.socket | None = sock
+        self._sock: _socket.socket | None = sock
         self.setup_stage: str | None = "greeting"
         self._greeting: Reply | None = None
         # Stages of the session commands sent and not answered, in order, and
@@ -185,6 +210,7 @@ class BlockingProtocol:
     def start_tls(self, context: ssl.SSLContext, server_hostname: str | None,
                   verified: bool) -> Ready[TLSInfo]:
         """The handshake after the server's 220 to STARTTLS, within the ``starttls`` limit."""
+        import socket
         import ssl
 
         from ._tls import tls_info
@@ -194,8 +220,11 @@ class BlockingProtocol:
             raise self.error or ServerDisconnected(f"connection to {self.peer} lost before TLS")
         limit = self.timeouts.starttls
         try:
-            sock.settimeout(_seconds(limit))
-            tls = context.wrap_socket(sock, server_hostname=server_hostname,
+            # ssl wraps a socket.socket (and imports that module anyway).
+            plain = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+            self._sock = plain
+            plain.settimeout(_seconds(limit))
+            tls = context.wrap_socket(plain, server_hostname=server_hostname,
                                       do_handshake_on_connect=False)
             self._sock = tls
             tls.do_handshake()
@@ -242,7 +271,7 @@ class BlockingProtocol:
             return False
         try:
             sock.settimeout(0.0)
-            return not sock.recv(1, socket.MSG_PEEK)
+            return not sock.recv(1, _socket.MSG_PEEK)
         except BlockingIOError:
             return True
         except OSError:

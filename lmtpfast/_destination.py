@@ -9,8 +9,7 @@ stdout (split into words as a POSIX shell would, without running one:
 
 from __future__ import annotations
 
-import shlex
-import socket
+import _socket  # not socket: its enum and selectors are start-up cost for `lmtpfast send`
 from collections.abc import Sequence
 from typing import Literal
 
@@ -48,7 +47,11 @@ class Destination(msgspec.Struct, frozen=True):
     @property
     def argv(self) -> list[str]:
         """The program and its arguments (``command:`` destinations; ``[]`` otherwise)."""
-        return shlex.split(self.path) if self.kind == "command" else []
+        if self.kind != "command":
+            return []
+        import shlex
+
+        return shlex.split(self.path)
 
     def __str__(self) -> str:
         if self.kind == "unix":
@@ -127,11 +130,11 @@ def _port(value: str, text: str) -> int:
     if value.lower() == "lmtp":
         # /etc/services may not list lmtp; Postfix's own default is 24.
         try:
-            return socket.getservbyname("lmtp", "tcp")
+            return _socket.getservbyname("lmtp", "tcp")
         except OSError:
             return DEFAULT_PORT
     try:
-        return socket.getservbyname(value, "tcp")
+        return _socket.getservbyname(value, "tcp")
     except OSError:
         raise ConfigurationError(
             f"unknown service name {value!r} in destination {text!r}") from None
@@ -148,6 +151,8 @@ def parse_destination(text: str | Destination) -> Destination:
         raise ConfigurationError(f"bad destination {text!r}")
     if spec.startswith("command:"):
         line = spec[8:].strip()
+        import shlex
+
         try:
             words = shlex.split(line)
         except ValueError as exc:

@@ -47,8 +47,8 @@ load OpenSSL's digests for nothing.
 
 from __future__ import annotations
 
-import base64
-import binascii
+# base64 and binascii are imported by the code that runs an AUTH exchange:
+# `lmtpfast send` without SASL (one process per message) does not load them.
 from collections.abc import Awaitable, Callable, Iterable
 from typing import ClassVar
 
@@ -353,6 +353,9 @@ class _Scram(Mechanism):
         raise AuthenticationError(f"unexpected SASL challenge in {self.name}")
 
     def _client_final(self, challenge: bytes) -> bytes:
+        import base64
+        import binascii
+
         try:
             server_first = challenge.decode("utf-8")
         except UnicodeDecodeError:
@@ -385,6 +388,9 @@ class _Scram(Mechanism):
         return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
 
     def _check_server_final(self, challenge: bytes) -> None:
+        import base64
+        import binascii
+
         try:
             text = challenge.decode("ascii")
         except UnicodeDecodeError:
@@ -474,6 +480,8 @@ MECHANISMS: dict[str, type[Mechanism]] = {
 # -- the AUTH exchange --------------------------------------------------------------------
 
 def _b64(data: bytes) -> str:
+    import base64
+
     return base64.b64encode(data).decode("ascii")
 
 
@@ -487,6 +495,9 @@ async def authenticate(
     SCRAM signature) cancels the exchange with ``*`` and raises
     :class:`AuthenticationError`.
     """
+    import base64
+    import binascii
+
     initial = mechanism.initial_response()
     # RFC 4954: "=" stands for an empty initial response.
     argument = mechanism.name if initial is None else f"{mechanism.name} {_b64(initial) or '='}"

@@ -16,7 +16,7 @@ write), so a busy connection needs about one round trip per message.
 
 from __future__ import annotations
 
-import socket
+import _socket  # not socket (enum, selectors): start-up cost of `lmtpfast send`
 import sys
 import time
 from collections import deque
@@ -505,7 +505,7 @@ async def _connect(
     dest = parse_destination(destination)
     tls_policy = TLSPolicy.parse(tls)
     settings = _Setup(
-        dest, lhlo_name or socket.gethostname() or "localhost", timeouts or Timeouts(),
+        dest, lhlo_name or _socket.gethostname() or "localhost", timeouts or Timeouts(),
         pipelining, chunking, tuple(ignore_keywords), max_line_length, max_reply_lines,
         AuthPolicy.parse(auth), get_engine(engine), opener)
     try:

@@ -29,6 +29,9 @@ MESSAGE = b"Subject: startup\r\n\r\nhello\r\n"
 HEAVY = (
     "asyncio", "uvloop", "ssl", "_ssl", "email", "rich", "tomllib", "logging", "hashlib",
     "concurrent", "subprocess", "dataclasses",
+    # socket (enum, selectors: the blocking session uses _socket), shutil (argparse's
+    # terminal width), base64 (SASL only), shlex (command: destinations only).
+    "socket", "selectors", "shutil", "base64", "shlex",
     "lmtpfast._agent", "lmtpfast._sync", "lmtpfast._pool", "lmtpfast._protocol",
     "lmtpfast._config", "lmtpfast._routing", "lmtpfast._maps", "lmtpfast._shaping",
     "lmtpfast._loop", "lmtpfast.spool", "lmtpfast.server", "lmtpfast.compat",
