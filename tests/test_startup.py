@@ -32,6 +32,8 @@ HEAVY = (
     # socket (enum, selectors: the blocking session uses _socket), shutil (argparse's
     # terminal width), base64 (SASL only), shlex (command: destinations only).
     "socket", "selectors", "shutil", "base64", "shlex",
+    # a plain command line is parsed without argparse (cli.send.fast_args)
+    "argparse", "gettext",
     "lmtpfast._agent", "lmtpfast._sync", "lmtpfast._pool", "lmtpfast._protocol",
     "lmtpfast._config", "lmtpfast._routing", "lmtpfast._maps", "lmtpfast._shaping",
     "lmtpfast._loop", "lmtpfast.spool", "lmtpfast.server", "lmtpfast.compat",
@@ -183,3 +185,83 @@ def test_connect_sync_refuses_a_command_destination() -> None:
 
     with pytest.raises(lmtpfast.ConfigurationError, match=r"needs connect\(\)"):
         lmtpfast.connect_sync("command:/bin/true")
+
+
+# -- the command line without argparse (cli.send.fast_args) ------------------------------
+
+def _send_parser():  # type: ignore[no-untyped-def]
+    from lmtpfast.cli import build_parser
+
+    parser = build_parser("send")
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return parser, sub.choices["send"]
+
+
+def test_fast_path_knows_every_send_option() -> None:
+    """The fast path's table is the argparse parser's options, kinds and defaults."""
+    from lmtpfast.cli import _input, send
+
+    _, p = _send_parser()
+    seen = set()
+    for action in p._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        for opt in action.option_strings:
+            assert opt in send._OPTIONS, f"{opt} is not in cli/send.py's _OPTIONS"
+            seen.add(opt)
+            dest, kind = send._OPTIONS[opt]
+            assert dest == action.dest, opt
+            if action.const is True and action.nargs == 0:
+                assert kind == "flag", opt
+            elif type(action).__name__ == "_AppendAction":
+                assert kind == "append", opt
+            elif action.choices is not None:
+                assert kind == tuple(action.choices), opt
+            elif action.type is float:
+                assert kind == "float", opt
+            elif action.type is _input.parse_size:
+                assert kind == "size", opt
+            else:
+                assert kind == "str" and action.type is None, opt
+            default = send._DEFAULTS.get(dest, False if kind == "flag" else None)
+            assert action.default == default, opt
+    assert seen == set(send._OPTIONS)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--server", "unix:/x", "--from", "a@b", "--rcpt", "c@d"],
+    ["--server=unix:/x", "--from=", "--rcpt=c@d", "--rcpt", "e@f", "msg"],
+    ["msg", "--server", "h:24", "--from", "a@b", "--rcpt", "c@d", "--json", "--no-pipelining"],
+    ["--server", "h", "--from", "a@b", "--rcpt", "c@d", "-", "--timeout-scale", "0.5",
+     "--max-size", "10m", "--tls", "encrypt", "--tls-no-verify", "--ca-file", "ca.pem",
+     "--notify", "SUCCESS,FAILURE", "--ret", "HDRS", "--envid", "x", "--orcpt", "o@p",
+     "--lhlo-name", "me", "--sasl-user", "u", "--sasl-password-file", "pw",
+     "--sasl-mechanisms", "PLAIN", "--sasl-allow-plaintext", "--cert-file", "c",
+     "--key-file", "k", "--tls-server-name", "n", "--sasl-password-map", "m"],
+    ["--server", "h", "--from", "a@b", "--rcpt", "c@d", "--max-size", " 64 kB "],
+])
+def test_fast_path_parses_as_argparse_does(argv: list[str]) -> None:
+    from lmtpfast.cli import send
+
+    parser, _ = _send_parser()
+    fast = send.fast_args(argv)
+    assert fast is not None
+    assert vars(fast) == vars(parser.parse_args(["send", *argv]))
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["-h"],
+    ["--serv", "unix:/x", "--from", "a@b", "--rcpt", "c@d"],  # an abbreviation
+    ["--server", "unix:/x", "--from", "a@b"],  # --rcpt missing
+    ["--server", "unix:/x", "--from", "a@b", "--rcpt", "c@d", "m1", "m2"],
+    ["--server", "unix:/x", "--from", "--rcpt", "c@d"],  # --from's value missing
+    ["--server", "unix:/x", "--from", "a@b", "--rcpt", "c@d", "--tls", "sometimes"],
+    ["--server", "unix:/x", "--from", "a@b", "--rcpt", "c@d", "--max-size", "big"],
+    ["--server", "unix:/x", "--from", "a@b", "--rcpt", "c@d", "--timeout-scale", "-1"],
+    ["--server", "unix:/x", "--from", "a@b", "--rcpt", "c@d", "--json=yes"],
+    ["--server", "unix:/x", "--from", "a@b", "--rcpt", "c@d", "--", "m"],
+])
+def test_fast_path_leaves_the_rest_to_argparse(argv: list[str]) -> None:
+    from lmtpfast.cli import send
+
+    assert send.fast_args(argv) is None

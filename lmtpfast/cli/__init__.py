@@ -7,15 +7,18 @@ defer (75) or bounce on what they return.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from lmtpfast import ConfigurationError
 
 from . import _exit
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
 
 __all__ = ["main"]
 
@@ -24,41 +27,11 @@ _SUBCOMMANDS = ("send", "replay", "run", "enqueue", "queue", "check-config", "pr
                 "bench", "sink", "proxy")
 
 
-def _columns() -> int:
-    """``shutil.get_terminal_size().columns``, without importing shutil.
-
-    argparse makes a help formatter for every ``add_argument`` (to check the
-    metavar), and the formatter asks shutil for the terminal's width: shutil
-    (with bz2, lzma and fnmatch) was a tenth of a one-message ``lmtpfast
-    send``'s start-up, for help that is never printed.
-    """
-    try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return columns or 80
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that exits with EX_USAGE (64) instead of 2 on a usage error."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(_exit.EX_USAGE, f"{self.prog}: error: {message}\n")
-
-    def _get_formatter(self) -> argparse.HelpFormatter:
-        # The width argparse's formatter would take from shutil (less 2, as it does).
-        return self.formatter_class(prog=self.prog, width=_columns() - 2)  # type: ignore[call-arg]
-
-
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser of every subcommand, or of ``only`` that one (a start-up cost MTAs pay)."""
-    parser = _Parser(
+    from ._parser import Parser
+
+    parser = Parser(
         prog="lmtpfast",
         description="Fast, correct LMTP delivery. Commands: send (one message); enqueue, "
         "replay and run (queue mail, deliver the queue once or as a daemon); queue (manage "
@@ -69,7 +42,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from lmtpfast import __version__
 
     parser.add_argument("--version", action="version", version=f"lmtpfast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in (only,) if only else _SUBCOMMANDS:
         try:
             module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
@@ -96,11 +69,20 @@ def _chosen(argv: Sequence[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(_chosen(sys.argv[1:] if argv is None else argv))
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return _exit.EX_USAGE
+    words = sys.argv[1:] if argv is None else list(argv)
+    args: Any = None
+    if words[:1] == ["send"]:
+        # Once per message under an MTA: a plain command line needs no argparse
+        # (anything else, help and mistakes included, goes through it below).
+        from .send import fast_args
+
+        args = fast_args(words[1:])
+    if args is None:
+        parser = build_parser(_chosen(words))
+        args = parser.parse_args(words)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return _exit.EX_USAGE
     try:
         status: int = args.func(args)
     except ConfigurationError as exc:

@@ -7,8 +7,7 @@ Postfix-style ``--sasl-password-map`` looked up by the destination.
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmtpfast import (
     DEFAULT_MECHANISMS,
@@ -22,6 +21,9 @@ from lmtpfast import (
     parse_mechanisms,
     read_private_file,
 )
+
+if TYPE_CHECKING:
+    import argparse
 
 __all__ = ["add_arguments", "policies", "transport_settings"]
 

@@ -11,13 +11,13 @@ defers the mail instead of bouncing it for a set-up mistake.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lmtpfast import (
     DSN,
     FAILURES,
+    SECURITY_LEVELS,
     ConfigurationError,
     ContentError,
     Delivery,
@@ -33,9 +33,11 @@ from lmtpfast import (
 )
 
 from . import _exit, _input, _output, _security
-from ._options import add_json
 
-__all__ = ["register", "run"]
+if TYPE_CHECKING:
+    import argparse
+
+__all__ = ["fast_args", "register", "run"]
 
 _HELP = """\
 Deliver one message over LMTP and print one line per recipient, each starting
@@ -58,6 +60,10 @@ one recipient per command: in Postfix, TRANSPORT_destination_recipient_limit =
 
 
 def register(sub: Any) -> None:
+    import argparse
+
+    from ._options import add_json
+
     p = sub.add_parser(
         "send",
         help="deliver one message",
@@ -97,6 +103,97 @@ def register(sub: Any) -> None:
         sys.exit(_exit.EX_USAGE)
 
     setattr(p, "error", usage_error)  # noqa: B010
+
+
+#: Every option register() defines (with _security's), as the fast path sees it:
+#: option -> (dest, kind). Kinds: "flag" (store_true), "append", "str", "float",
+#: "size", or a tuple of choices. tests/test_startup.py checks this table
+#: against the argparse parser, so an option added there and not here fails.
+_OPTIONS: dict[str, tuple[str, str | tuple[str, ...]]] = {
+    "--server": ("server", "str"),
+    "--from": ("sender", "str"),
+    "--rcpt": ("recipients", "append"),
+    "--lhlo-name": ("lhlo_name", "str"),
+    "--no-pipelining": ("no_pipelining", "flag"),
+    "--timeout-scale": ("timeout_scale", "float"),
+    "--max-size": ("max_size", "size"),
+    "--json": ("json", "flag"),
+    "--notify": ("notify", "str"),
+    "--ret": ("ret", ("FULL", "HDRS")),
+    "--envid": ("envid", "str"),
+    "--orcpt": ("orcpt", "append"),
+    "--tls": ("tls", SECURITY_LEVELS),
+    "--ca-file": ("ca_file", "str"),
+    "--cert-file": ("cert_file", "str"),
+    "--key-file": ("key_file", "str"),
+    "--tls-server-name": ("tls_server_name", "str"),
+    "--tls-no-verify": ("tls_no_verify", "flag"),
+    "--sasl-user": ("sasl_user", "str"),
+    "--sasl-password-file": ("sasl_password_file", "str"),
+    "--sasl-password-map": ("sasl_password_map", "str"),
+    "--sasl-mechanisms": ("sasl_mechanisms", "str"),
+    "--sasl-allow-plaintext": ("sasl_allow_plaintext", "flag"),
+}
+#: Defaults other than None (flags: False).
+_DEFAULTS: dict[str, Any] = {"file": "-", "timeout_scale": 1.0,
+                             "max_size": _input.DEFAULT_MAX_SIZE, "tls": "none"}
+
+
+def fast_args(argv: list[str]) -> Any:
+    """``send``'s options parsed as argparse would, without it; ``None``: ask argparse.
+
+    An MTA runs ``lmtpfast send`` once per message, and argparse (with its
+    gettext and locale, and the parser built option by option) was a tenth of
+    that process. Only exact spellings are taken here (``--opt value``,
+    ``--opt=value``, one message file or ``-``); anything else (help, an
+    abbreviation, a short option, a value that starts with ``-``, a bad
+    value, a missing required option) returns ``None``, and argparse parses
+    the line, with its messages and exit status.
+    """
+    ns: dict[str, Any] = {dest: False if kind == "flag" else None
+                          for dest, kind in _OPTIONS.values()}
+    ns.update(_DEFAULTS)
+    files: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word == "-" or not word.startswith("-"):
+            files.append(word)
+            continue
+        name, eq, value = word.partition("=")
+        option = _OPTIONS.get(name)
+        if option is None:
+            return None  # -h, --help, a short or abbreviated option, --, a mistake
+        dest, kind = option
+        if kind == "flag":
+            if eq:
+                return None
+            ns[dest] = True
+            continue
+        if not eq:
+            following = next(words, None)
+            if following is None or (following.startswith("-") and following != "-"):
+                return None
+            value = following
+        if kind == "append":
+            ns[dest] = [*(ns[dest] or ()), value]
+        elif kind == "str":
+            ns[dest] = value
+        elif isinstance(kind, tuple):
+            if value not in kind:
+                return None
+            ns[dest] = value
+        else:
+            try:
+                ns[dest] = float(value) if kind == "float" else _input.parse_size(value)
+            except Exception:
+                return None
+    if len(files) > 1 or ns["server"] is None or ns["sender"] is None or not ns["recipients"]:
+        return None
+    if files:
+        ns["file"] = files[0]
+    from types import SimpleNamespace
+
+    return SimpleNamespace(command="send", func=run, **ns)
 
 
 def _fail(status: int, text: str) -> int:
