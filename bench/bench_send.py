@@ -13,7 +13,10 @@ from ``os.wait4``) of one process per row:
   baseline for one delivery per process; Postfix's own lmtp(8) is a resident
   process and costs less per message).
 
-Prints the median per row over ``--runs`` and the ratios. ``--python`` picks
+Prints the median per row over ``--runs`` and the ratios; with
+``--instructions`` also each row's instruction count under
+``valgrind --tool=callgrind`` (one run, ``PYTHONHASHSEED=0``: it does not
+depend on the machine's load). ``--python`` picks
 the interpreter; with ``--installed`` the lmtpfast it imports is its own (a
 normal ``pip install``, no PYTHONPATH and no editable-install .pth files),
 else this checkout's::
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -57,6 +61,19 @@ def cpu_ms(argv: list[str], env: dict[str, str], cwd: str) -> float:
     return (usage.ru_utime + usage.ru_stime) * 1000
 
 
+def instructions(argv: list[str], env: dict[str, str], cwd: str) -> int:
+    """User-space instructions of one run of ``argv`` (callgrind's total)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg",
+                              *argv], stdin=subprocess.DEVNULL, capture_output=True,
+                             env=dict(env, PYTHONHASHSEED="0"), cwd=cwd, timeout=600,
+                             check=False)
+    found = re.search(rb"Collected : (\d+)", out.stderr)
+    if out.returncode != 0 or found is None:
+        raise SystemExit(f"{argv[:4]}... under callgrind: {out.stderr.decode()[-500:]}")
+    return int(found.group(1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=30, help="runs per row (median reported)")
@@ -64,6 +81,8 @@ def main() -> None:
     ap.add_argument("--installed", action="store_true",
                     help="use the interpreter's installed lmtpfast (no PYTHONPATH)")
     ap.add_argument("--size", type=int, default=1024, help="message size in bytes")
+    ap.add_argument("--instructions", action="store_true",
+                    help="also count each row's instructions under callgrind (one run each)")
     args = ap.parse_args()
 
     env = dict(os.environ)
@@ -93,6 +112,8 @@ def main() -> None:
             for _ in range(args.runs):
                 for name, argv in rows.items():
                     times[name].append(cpu_ms(argv, env, tmp))
+            ir = ({name: instructions(argv, env, tmp) for name, argv in rows.items()}
+                  if args.instructions else {})
     finally:
         sink.close()
 
@@ -103,10 +124,14 @@ def main() -> None:
           f"{' (installed)' if args.installed else ' (PYTHONPATH checkout)'}")
     for name, value in med.items():
         q = statistics.quantiles(times[name], n=4)
-        print(f"  {name:28s} {value:7.2f} ms   (quartiles {q[0]:.2f}..{q[2]:.2f})")
+        extra = f"   {ir[name] / 1e6:6.1f}M instructions" if ir else ""
+        print(f"  {name:28s} {value:7.2f} ms   (quartiles {q[0]:.2f}..{q[2]:.2f}){extra}")
     send, floor, c = med["lmtpfast send"], med["python -c pass"], med["smtp-source -L -m 1 (C)"]
     print(f"  lmtpfast send above python's own start-up: {send - floor:.2f} ms; "
           f"send / python -c pass = {send / floor:.2f}x; send / smtp-source = {send / c:.1f}x")
+    if ir:
+        print(f"  instructions: send / python -c pass = "
+              f"{ir['lmtpfast send'] / ir['python -c pass']:.2f}x")
 
 
 if __name__ == "__main__":
