@@ -29,6 +29,7 @@ import asyncio
 import dataclasses
 import os
 import time
+from collections import deque
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -55,7 +56,13 @@ from ._delivery import Delivery, Message
 from ._destination import Destination, parse_destination
 from ._dsn import DSN
 from ._errors import ConfigurationError, LMTPError, LocalProtocolError, PoolClosed
-from ._failures import DEAD_DESTINATION, LOCAL_ERROR, SETUP_STAGES, failure_results
+from ._failures import (
+    DEAD_DESTINATION,
+    LOCAL_ERROR,
+    LOST_AFTER_DOT,
+    SETUP_STAGES,
+    failure_results,
+)
 from ._maps import Map, is_map_name
 from ._pool import Pool, PoolStats
 from ._results import RecipientResult
@@ -463,63 +470,96 @@ class Agent:
     async def deliver_many(
         self, deliveries: Iterable[Delivery] | AsyncIterable[Delivery], *,
         concurrency: int = 64,
+        errors: Callable[[Delivery, Exception], list[RecipientResult]] | None = None,
     ) -> AsyncIterator[tuple[Delivery, list[RecipientResult]]]:
         """Deliver a stream of deliveries; yield ``(delivery, results)`` as each is decided.
 
         ``results`` are what :meth:`deliver` returns for it. At most
-        ``concurrency`` deliveries are under way at once (a fixed set of
-        workers, not a task per delivery), and no more than that many decided
-        ones wait for the consumer, so an endless async iterator (a queue
-        being claimed) is read only as fast as it is delivered and consumed.
-        Results come in the order they are decided, not the input order.
-        Leaving the loop early cancels the deliveries under way (their
-        connections are aborted; their outcome is not known).
+        ``concurrency`` deliveries are taken from the source and not yet
+        consumed (under way, or decided and waiting for the consumer), so an
+        endless async iterator (a queue being claimed) is read only as fast as
+        it is delivered and consumed. Results come in the order they are
+        decided, not the input order.
+
+        A delivery whose recipients all go to one back end over plain routes
+        (no destination set to fail over, no shaping limit, a route known
+        without a map lookup, the destination not marked dead) is pipelined:
+        each connection of that back end's pool runs one
+        :meth:`Client.send_many`, up to ``concurrency / connections``
+        transactions in flight, without a task or a future per delivery.
+        Every other delivery goes the way of :meth:`deliver`, a task each; so
+        does one whose connection broke before the server saw it (tried again
+        on another connection, as :meth:`deliver` does).
+
+        ``errors``, when given, turns an exception :meth:`deliver` raised for
+        one delivery (:class:`LocalProtocolError`: a bad sender, a NUL byte)
+        into that delivery's results; without it the exception ends the
+        stream. Leaving the loop early cancels the deliveries under way
+        (their connections are aborted; their outcome is not known).
         """
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         if self._closed:
             raise RuntimeError("the agent is closed")
-        out: asyncio.Queue[tuple[Delivery, list[RecipientResult]] | BaseException | None] = (
-            asyncio.Queue(concurrency))
-        source: Iterator[Delivery] | None = None
-        asource: AsyncIterator[Delivery] | None = None
-        if isinstance(deliveries, AsyncIterable):
-            asource = aiter(deliveries)
-        else:
-            source = iter(deliveries)
-        taking = asyncio.Lock()  # an async generator takes one anext() at a time
-
-        async def worker() -> None:
-            try:
-                while True:
-                    if source is not None:
-                        d = next(source, None)
-                    else:
-                        async with taking:
-                            d = await anext(asource, None)  # type: ignore[arg-type]
-                    if d is None:
-                        break
-                    await out.put((d, await self.deliver(d)))
-            except Exception as exc:
-                await out.put(exc)
-                return
-            await out.put(None)
-
-        workers = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
-        running = concurrency
+        many = _Many(self, deliveries, concurrency, errors)
         try:
-            while running:
-                item = await out.get()
-                if item is None:
-                    running -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
+            async for item in many.results():
+                yield item
         finally:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            await many.close()
+
+    def _lane_for(self, d: Delivery) -> tuple[_Target, Delivery] | None:
+        """The back end ``d`` can be pipelined to, and what to send it, or None (the slow way)."""
+        if d.refused:
+            return None
+        rcpts = d.recipients
+        target: _Target | None = None
+        addresses: list[str] | None = None
+        for i, rcpt in enumerate(rcpts):
+            hit = self._cached_route(rcpt)
+            if hit is None:
+                return None
+            r, t = hit[0], hit[1]
+            if t is None or r.alternatives or (target is not None and t is not target):
+                return None
+            target = t
+            if r.address != rcpt and addresses is None:
+                addresses = list(rcpts[:i])
+            if addresses is not None:
+                addresses.append(r.address)
+        if (target is None or len(rcpts) > target.limit or not target.shaper.unshaped()
+                or target.pool.settings.probe != "none"):
+            return None
+        if addresses is None:
+            return target, d
+        if len(set(addresses)) != len(rcpts):
+            return None  # duplicates after rewriting: deliver() sends each once
+        return target, d.subset(range(len(rcpts)), addresses)
+
+    def _stamp(self, target: _Target, results: list[RecipientResult],
+               addresses: Sequence[str] | None) -> list[RecipientResult]:
+        dest = target.dest
+        replace = msgspec.structs.replace
+        if addresses is None:
+            return [r if r.destination == dest else replace(r, destination=dest)
+                    for r in results]
+        return [r if r.destination == dest and r.address == a else
+                replace(r, address=a, destination=dest)
+                for r, a in zip(results, addresses, strict=True)]
+
+    async def _send_again(self, target: _Target, d: Delivery, results: list[RecipientResult]
+                          ) -> list[RecipientResult]:
+        """Send the recipients refused with "452 too many recipients" again, in rounds."""
+        latest, positions = results, list(range(len(results)))
+        while True:
+            again = [positions[j] for j, r in enumerate(latest) if _too_many_recipients(r)]
+            # No progress (everyone refused so) ends it: each round must shrink the set.
+            if not again or len(again) == len(latest):
+                return results
+            self._follow_ups += 1
+            latest, positions = await self._attempt(target, d.subset(again)), again
+            for i, r in zip(again, latest, strict=True):
+                results[i] = r
 
     async def deliver_routed(
         self, delivery: Delivery, routings: Sequence[Routing],
@@ -633,24 +673,9 @@ class Agent:
         hammered), as Postfix does.
         """
         results = await self._attempt(target, d)
-        latest, positions = results, list(range(len(results)))
-        while True:
-            again = [positions[j] for j, r in enumerate(latest) if _too_many_recipients(r)]
-            # No progress (everyone refused so) ends it: each round must shrink the set.
-            if not again or len(again) == len(latest):
-                break
-            self._follow_ups += 1
-            latest, positions = await self._attempt(target, d.subset(again)), again
-            for i, r in zip(again, latest, strict=True):
-                results[i] = r
-        dest = target.dest
-        replace = msgspec.structs.replace
-        if addresses is None:
-            return [r if r.destination == dest else replace(r, destination=dest)
-                    for r in results]
-        return [r if r.destination == dest and r.address == a else
-                replace(r, address=a, destination=dest)
-                for r, a in zip(results, addresses, strict=True)]
+        if len(results) > 1:  # one recipient refused so is no progress: nothing to follow up
+            results = await self._send_again(target, d, results)
+        return self._stamp(target, results, addresses)
 
     async def _attempt(self, target: _Target, d: Delivery) -> list[RecipientResult]:
         """:meth:`_send_once` as the destination's shaping allows (``_shaping.py``).
@@ -769,3 +794,262 @@ class Agent:
     def __repr__(self) -> str:
         return f"<lmtpfast.Agent transports={sorted(self._transports)} pools={len(self._pools)}>"
 
+
+
+_END = object()
+
+
+class _Lane:
+    """The deliveries waiting for one back end's pipelined connections."""
+
+    __slots__ = ("connections", "queue", "target", "wake")
+
+    def __init__(self, target: _Target) -> None:
+        self.target = target
+        #: (what the caller gave, what is sent, the caller's addresses when they differ)
+        self.queue: deque[tuple[Delivery, Delivery, tuple[str, ...] | None]] = deque()
+        self.wake = asyncio.Event()
+        self.connections = 0
+
+
+class _Take:
+    """The iterator one ``send_many`` reads: what is waiting now (it ends when none is)."""
+
+    __slots__ = ("lane", "taken")
+
+    def __init__(self, lane: _Lane, taken: dict[int, tuple[Delivery, tuple[str, ...] | None]]
+                 ) -> None:
+        self.lane = lane
+        self.taken = taken
+
+    def __iter__(self) -> _Take:
+        return self
+
+    def __next__(self) -> Delivery:
+        queue = self.lane.queue
+        if not queue:
+            raise StopIteration
+        d, sub, addresses = queue.popleft()
+        self.taken[id(sub)] = (d, addresses)
+        return sub
+
+
+class _Many:
+    """One :meth:`Agent.deliver_many` stream: a reader of the source, pipelined lanes per
+    back end, a task per delivery that goes the slow way, and one queue of results."""
+
+    def __init__(self, agent: Agent, deliveries: Iterable[Delivery] | AsyncIterable[Delivery],
+                 concurrency: int,
+                 errors: Callable[[Delivery, Exception], list[RecipientResult]] | None) -> None:
+        self.agent = agent
+        self.concurrency = concurrency
+        self.errors = errors
+        self.out: asyncio.Queue[Any] = asyncio.Queue()
+        #: Taken from the source and not yet handed to the consumer.
+        self.inflight = 0
+        self.room = asyncio.Event()
+        self.ended = False
+        self.closing = False
+        self.lanes: dict[_Target, _Lane] = {}
+        self.tasks: set[asyncio.Future[Any]] = set()
+        self.deliveries = deliveries
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def results(self) -> AsyncIterator[tuple[Delivery, list[RecipientResult]]]:
+        out = self.out
+        ended = False
+        while not (ended and self.inflight == 0):
+            item = await out.get()
+            if item is _END:
+                ended = True
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            self.inflight -= 1
+            self.room.set()
+            yield item
+
+    async def close(self) -> None:
+        self.ended = self.closing = True
+        tasks = [self.reader, *self.tasks]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- the source ----------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        agent = self.agent
+        deliveries = self.deliveries
+        source: Iterator[Delivery] | None = None
+        asource: AsyncIterator[Delivery] | None = None
+        if isinstance(deliveries, AsyncIterable):
+            asource = aiter(deliveries)
+        else:
+            source = iter(deliveries)
+        try:
+            while True:
+                while self.inflight >= self.concurrency:
+                    self.room.clear()
+                    await self.room.wait()
+                if source is not None:
+                    d = next(source, None)
+                else:
+                    d = await anext(asource, None)  # type: ignore[arg-type]
+                if d is None:
+                    break
+                self.inflight += 1
+                if agent._closed:
+                    raise RuntimeError("the agent is closed")
+                fast = agent._lane_for(d) if type(d) is Delivery else None
+                if fast is None:
+                    self._spawn(self._slow(d))
+                    continue
+                target, sub = fast
+                agent._deliveries += 1
+                agent._recipients += len(d.recipients)
+                lane = self._lane(target)
+                lane.queue.append((d, sub, None if sub is d else d.recipients))
+                lane.wake.set()
+        except Exception as exc:
+            self.out.put_nowait(exc)
+        finally:
+            self.ended = True
+            for lane in self.lanes.values():
+                lane.wake.set()
+            self.out.put_nowait(_END)
+
+    def _lane(self, target: _Target) -> _Lane:
+        lane = self.lanes.get(target)
+        if lane is None:
+            lane = self.lanes[target] = _Lane(target)
+            n = max(1, min(target.pool.settings.max_connections, self.concurrency))
+            window = max(1, self.concurrency // n)
+            for _ in range(n):
+                self._spawn(self._run_lane(lane, window))
+        return lane
+
+    # -- the slow way: deliver(), a task each ------------------------------------------------
+
+    async def _slow(self, d: Delivery) -> None:
+        try:
+            try:
+                results = await self.agent.deliver(d)
+            except Exception as exc:
+                if self.errors is None:
+                    raise
+                results = self.errors(d, exc)
+        except Exception as exc:
+            self.out.put_nowait(exc)
+            return
+        self.out.put_nowait((d, results))
+
+    def _again(self, d: Delivery) -> None:
+        """Deliver ``d`` the slow way after all (counted there)."""
+        if self.closing:
+            return  # the stream is being torn down: nothing starts any more
+        self.agent._deliveries -= 1
+        self.agent._recipients -= len(d.recipients)
+        self._spawn(self._slow(d))
+
+    # -- a pipelined connection -------------------------------------------------------------
+
+    async def _run_lane(self, lane: _Lane, window: int) -> None:
+        try:
+            await self._lane_loop(lane, window)
+        except Exception as exc:
+            self.out.put_nowait(exc)
+
+    async def _lane_loop(self, lane: _Lane, window: int) -> None:
+        target = lane.target
+        pool = target.pool
+        shaper = target.shaper
+        queue = lane.queue
+        taken: dict[int, tuple[Delivery, tuple[str, ...] | None]] = {}
+        while True:
+            if not queue:
+                if self.ended:
+                    return
+                lane.wake.clear()
+                await lane.wake.wait()
+                continue
+            if not shaper.unshaped():
+                # Marked dead (by deliveries that went the slow way): deliver() defers them.
+                while queue:
+                    self._again(queue.popleft()[0])
+                continue
+            conn = pool.acquire_nowait()
+            if conn is None:
+                if pool.size < pool.settings.max_connections:
+                    # A connection is to be opened: by one delivery the ordinary way,
+                    # which reports a failure (as its results, to the shaping) once.
+                    d = queue.popleft()[0]
+                    self.agent._deliveries -= 1
+                    self.agent._recipients -= len(d.recipients)
+                    await self._slow(d)
+                    continue
+                try:
+                    conn = await pool.acquire()
+                except (LMTPError, OSError) as exc:
+                    if isinstance(exc, LocalProtocolError):
+                        raise
+                    if queue:
+                        self._again(queue.popleft()[0])
+                    continue
+            ok = False
+            broke: BaseException | None = None
+            try:
+                async for sub, results in conn.send_many(_Take(lane, taken), window=window):
+                    d, addresses = taken.pop(id(sub))
+                    if _died_before_reply(results):
+                        self._again(d)  # nothing reached the server: another connection
+                        continue
+                    if not results[0].local:
+                        shaper.reached()
+                    if len(results) > 1 and any(map(_too_many_recipients, results)):
+                        self._spawn(self._follow_up(target, d, sub, results, addresses))
+                        continue
+                    self.out.put_nowait((d, self.agent._stamp(target, results, addresses)))
+                ok = True
+            except (LMTPError, OSError) as exc:
+                broke = exc  # what was in flight when the connection broke was yielded first
+            finally:
+                pool.release(conn, reusable=ok)
+            if taken:
+                self._left(target, taken, broke)
+
+    def _left(self, target: _Target, taken: dict[int, tuple[Delivery, tuple[str, ...] | None]],
+              exc: BaseException | None) -> None:
+        """What a ``send_many`` that raised took and did not yield back.
+
+        The last one taken was never sent (taking it is what failed, or the
+        connection was found broken): it goes the slow way. Any other was in
+        flight when ``send_many`` gave up on the connection without its reply
+        (not a break, which yields them first): it may have been delivered.
+        """
+        left = list(taken.values())
+        taken.clear()
+        d, _ = left.pop()
+        self._again(d)
+        for d, addresses in left:
+            results = LOST_AFTER_DOT.results(
+                addresses or d.recipients, destination=target.dest,
+                detail=f"the connection to {target.dest} was given up with this transaction in "
+                       f"flight: {exc}")
+            self.out.put_nowait((d, results))
+
+    async def _follow_up(self, target: _Target, d: Delivery, sub: Delivery,
+                         results: list[RecipientResult], addresses: tuple[str, ...] | None
+                         ) -> None:
+        agent = self.agent
+        try:
+            results = await agent._send_again(target, sub, results)
+        except Exception as exc:
+            self.out.put_nowait(exc)
+            return
+        self.out.put_nowait((d, agent._stamp(target, results, addresses)))

@@ -223,6 +223,21 @@ class DestinationShaper:
     def reason(self) -> str:
         return self._shaper.state.reason(self.destination)
 
+    def unshaped(self) -> bool:
+        """No limit, no pace, not dead: a transaction may start now without asking.
+
+        ``Agent.deliver_many`` pipelines to such a destination without a
+        ticket per transaction (and calls :meth:`reached` when it answers).
+        """
+        s = self.settings
+        return (not s.concurrency_limit and s.rate_delay <= 0 and s.message_rate <= 0
+                and not self._shaper.state.dead_until(self.destination))
+
+    def reached(self) -> None:
+        """A transaction sent without a ticket was answered (the "ok" of :meth:`done`)."""
+        self._failures_in_row = 0
+        self._failure = 0.0
+
     # -- admission -----------------------------------------------------------------------
 
     async def admit(self) -> Ticket | None:

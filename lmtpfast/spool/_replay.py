@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -36,7 +36,7 @@ from .._delivery import BadSender, Delivery, MessageFile
 from .._dsn import DSN
 from .._errors import ConfigurationError, ContentError, LMTPError
 from .._failures import BAD_CONTENT, BAD_SENDER, LOCAL_ERROR
-from .._metrics import TRACE, Trace
+from .._metrics import METRICS, TRACE, Trace
 from .._results import RecipientResult
 from ._format import Envelope, Reason, Recipient
 from ._queue import Entry, Queue, QueueCorrupt, QueueError, QueueWriteError, Selection, Update
@@ -258,6 +258,7 @@ class Replayer:
         count_first: bool = False,
         clock: Callable[[], float] = time.time,
         spool_backoff: tuple[float, float] = SPOOL_BACKOFF,
+        pipelined: bool | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError("concurrency must be 1 or more", field="concurrency")
@@ -283,6 +284,15 @@ class Replayer:
         self.next_due: float | None = None
         #: (first, longest) pause of the whole queue after a refused write.
         self.spool_backoff = spool_backoff
+        #: Deliver through one ``Agent.deliver_many`` stream (pipelined per
+        #: connection) rather than a task per entry timed alone on its
+        #: connection. Default: pipelined unless per-stage latencies are being
+        #: collected (``METRICS`` set, as the daemon does: they need one
+        #: transaction at a time on a connection) or *agent* has no
+        #: ``deliver_many`` (a stand-in with ``deliver`` only).
+        if pipelined is None:
+            pipelined = METRICS.get() is None and callable(getattr(agent, "deliver_many", None))
+        self.pipelined = pipelined
         # Outcomes delivered but not written down yet: their claims stay held,
         # so neither this replay nor another delivers them again.
         self._unwritten: list[Update] = []
@@ -387,11 +397,8 @@ class Replayer:
 
     async def attempt(self, entry: Entry) -> Update:
         """Deliver *entry*'s queued recipients and decide what becomes of it."""
-        env = entry.envelope
-        totals = self.totals
-        pending = env.queued()
+        pending = entry.envelope.queued()
         started = self.clock()
-        picked = entry.picked or started
         trace = TRACE.get()
         if trace is None:
             trace = Trace()
@@ -411,9 +418,21 @@ class Replayer:
             if token is not None:
                 TRACE.reset(token)
             results = []  # only failed recipients left: a crash came before the move
+        return self.decide(entry, pending, results, started, trace.setup)
+
+    def decide(self, entry: Entry, pending: list[Recipient], results: list[RecipientResult],
+               started: float, setup: float = 0.0) -> Update:
+        """What becomes of *entry* after its *pending* recipients got *results*.
+
+        *started*: when the delivery began (the clock's time); *setup*: the
+        seconds of it spent setting up a connection (0 when not measured).
+        """
+        env = entry.envelope
+        totals = self.totals
+        picked = entry.picked or started
         now = self.clock()
         arrival = env.arrival if env.arrival is not None else now
-        setup = min(trace.setup, max(now - started, 0.0))
+        setup = min(setup, max(now - started, 0.0))
         timing = (now - arrival, entry.size if pending else 0,
                   (max(picked - arrival, 0.0), max(started - picked, 0.0), setup,
                    max(now - started - setup, 0.0)))
@@ -485,17 +504,10 @@ class Replayer:
         return update
 
     async def _deliver(self, entry: Entry, pending: list[Recipient]) -> list[RecipientResult]:
-        addresses = [r.address for r in pending]
         try:
             return await self.agent.deliver(delivery_for(entry.content, entry.envelope, pending))
-        except ContentError as exc:
-            return BAD_CONTENT.results(addresses, detail=exc)
-        except BadSender as exc:
-            return BAD_SENDER.results(addresses, detail=exc.address)
         except (LMTPError, OSError) as exc:
-            # LocalProtocolError (a DSN value a hand-made envelope got wrong...)
-            # included: nothing was sent; the entry stays queued.
-            return LOCAL_ERROR.results(addresses, detail=exc)
+            return _failed([r.address for r in pending], exc)
 
     def _report(
         self, entry: Entry, timing: tuple[float, int, tuple[float, float, float, float]],
@@ -607,7 +619,10 @@ class _Pass:
         self.record_at = max(1, min(replayer.concurrency // 2, 256))
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(self.deliver()) for _ in range(self.r.concurrency)]
+        if self.r.pipelined:
+            tasks = [asyncio.create_task(self.stream())]
+        else:
+            tasks = [asyncio.create_task(self.deliver()) for _ in range(self.r.concurrency)]
         recorder = asyncio.create_task(self.recorder())
         try:
             await self.claimer()
@@ -669,9 +684,70 @@ class _Pass:
                     r.observer.error(entry.id, f"left queued: {type(exc).__name__}: {exc}")
                     update = Update(entry, "release")
             # self.pending, not a local: the recorder swaps the list.
-            self.pending.append(update)
-            if len(self.pending) >= self.record_at or work.empty():
-                self.wake.set()
+            self._done(update)
+
+    def _done(self, update: Update) -> None:
+        # self.pending, not a local: the recorder swaps the list.
+        pending = self.pending
+        pending.append(update)
+        if len(pending) >= self.record_at or self.work.empty():
+            self.wake.set()
+
+    async def stream(self) -> None:
+        """Every claimed entry through one ``Agent.deliver_many`` stream (no task each)."""
+        r = self.r
+        under_way: dict[int, tuple[Entry, list[Recipient], float]] = {}
+
+        def decide(entry: Entry, pending: list[Recipient], results: list[RecipientResult],
+                   started: float) -> Update:
+            try:
+                return r.decide(entry, pending, results, started)
+            except Exception as exc:  # a bug of ours must not lose the entry's claim
+                r.totals.errors += 1
+                r.observer.error(entry.id, f"left queued: {type(exc).__name__}: {exc}")
+                return Update(entry, "release")
+
+        async def deliveries() -> AsyncIterator[Delivery]:
+            work = self.work
+            while (entry := await work.get()) is not None:
+                if self.refused or self.failed is not None:
+                    self._done(Update(entry, "release"))  # the queue refuses writes: untried
+                    continue
+                started = r.clock()
+                pending = entry.envelope.queued()
+                if not pending:  # only failed recipients left: a crash came before the move
+                    self._done(decide(entry, pending, [], started))
+                    continue
+                try:
+                    d = delivery_for(entry.content, entry.envelope, pending)
+                except (LMTPError, OSError) as exc:
+                    self._done(decide(entry, pending,
+                                      _failed([p.address for p in pending], exc), started))
+                    continue
+                under_way[id(d)] = (entry, pending, started)
+                yield d
+
+        try:
+            async for d, results in r.agent.deliver_many(
+                    deliveries(), concurrency=r.concurrency,
+                    errors=lambda d, exc: _failed(d.recipients, exc)):
+                entry, pending, started = under_way.pop(id(d))
+                self._done(decide(entry, pending, results, started))
+        except BaseException as exc:
+            # Deliveries under way have no known outcome: their entries stay
+            # claimed (given back suspect when this replay ends); the rest of
+            # the work was not tried.
+            r.totals.errors += len(under_way)
+            for entry, _, _ in under_way.values():
+                r.observer.error(entry.id, f"outcome unknown, left claimed: "
+                                 f"{type(exc).__name__}: {exc}")
+            self.failed = exc
+            self.room.set()
+            while not self.work.empty():
+                left = self.work.get_nowait()
+                if left is not None:
+                    self._done(Update(left, "release"))
+            raise
 
     async def recorder(self) -> None:
         try:
@@ -724,6 +800,19 @@ async def _pause(stop: asyncio.Event, wake: asyncio.Event | None, timeout: float
             for w in waiters:
                 w.cancel()
     wake.clear()
+
+
+def _failed(addresses: Sequence[str], exc: Exception) -> list[RecipientResult]:
+    """The results of a delivery that raised *exc* (nothing was sent); other errors raise."""
+    if isinstance(exc, ContentError):
+        return BAD_CONTENT.results(addresses, detail=exc)
+    if isinstance(exc, BadSender):
+        return BAD_SENDER.results(addresses, detail=exc.address)
+    if isinstance(exc, LMTPError | OSError):
+        # LocalProtocolError (a DSN value a hand-made envelope got wrong...)
+        # included: the entry stays queued.
+        return LOCAL_ERROR.results(addresses, detail=exc)
+    raise exc
 
 
 def _problem(exc: OSError) -> str:
