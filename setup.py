@@ -32,6 +32,7 @@ MODULES = [
     ("lmtpfast.proto._cproto", "lmtpfast/proto/_cproto.pyx", ["csrc/reply.c"]),
     ("lmtpfast.server._cserver", "lmtpfast/server/_cserver.pyx", ["csrc/server.c"]),
     ("lmtpfast._cprotocol", "lmtpfast/_cprotocol.pyx", []),
+    ("lmtpfast._csession", "lmtpfast/_csession.pyx", []),
 ]
 
 

@@ -28,6 +28,7 @@ from lmtpfast.proto._common import (
 __all__ = ["Batch", "ProtocolCore"]
 
 from lmtpfast._metrics import TRACE
+from lmtpfast.proto._cproto cimport Connection
 
 cdef object _Future = asyncio.Future
 cdef object _TRACE = TRACE
@@ -46,12 +47,6 @@ def _bind(streamed_content, data_plan, bdat_plan):
 
 cdef class Batch:
     """Collects decided transactions for one consumer, waking it once per many."""
-
-    cdef object _loop
-    cdef object _waiter
-    cdef public object done
-    cdef public Py_ssize_t in_flight
-    cdef public Py_ssize_t wake_at
 
     def __init__(self, loop, Py_ssize_t wake_at=1):
         self._loop = loop
@@ -86,22 +81,7 @@ cdef class Batch:
 cdef class ProtocolCore:
     """The compiled per-message methods of ``LMTPProtocol`` (see the module docstring)."""
 
-    # Public: the Python half of the class reads and sets them too.
-    cdef public object engine
-    cdef public object timeouts
-    cdef public object _loop
-    cdef public object _transport
-    cdef public object _timer
-    cdef public object _timer_stage
-    cdef public dict _limits
-    cdef public double _last_progress
-    cdef public object _content_task
-    cdef public object _chunk_ready
-    cdef public object error
-    cdef public object _closed
-    cdef public object _trace
-    cdef public object _traced_stage
-    cdef public object _traced_plan
+    # (The attributes are declared in _cprotocol.pxd.)
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -117,27 +97,46 @@ cdef class ProtocolCore:
 
     @property
     def usable(self):
-        return self.error is None and self.engine.usable and not self._closed.done()
+        return self._c_usable()
+
+    cdef bint _c_usable(self) except -1:
+        engine = self.engine
+        if self.error is not None:
+            return False
+        if type(engine) is Connection:
+            if not (<Connection>engine)._c_usable():
+                return False
+        elif not engine.usable:
+            return False
+        return not self._closed.done()
 
     # -- operations ------------------------------------------------------------------
 
     def submit(self, waiter, sender, recipients, content, *, mail_params=(),
                rcpt_params=None, smtputf8=False, chunking=False):
         """Queue a transaction whose decision goes to ``waiter`` (a future or a batch)."""
-        if self.error is not None or not self.engine.usable or self._closed.done():
+        return self._c_submit(waiter, sender, recipients, content, mail_params, rcpt_params,
+                              smtputf8, chunking)
+
+    cdef object _c_submit(self, object waiter, object sender, object recipients, object content,
+                          object mail_params, object rcpt_params, bint smtputf8, bint chunking):
+        if not self._c_usable():
             self._check_usable()  # raises the reason
-        if self._trace is None and self.engine.waiting_for is None:
+        engine = self.engine
+        streamed = isinstance(content, _StreamedContent)
+        if self._trace is None and engine.waiting_for is None:
             # Alone on the connection: its stages can be timed (when someone asks).
             self._trace = _TRACE.get()
             self._traced_stage = None
-            self._traced_plan = _BDAT_PLAN if chunking and not isinstance(
-                content, _StreamedContent) else _DATA_PLAN
-        streamed = isinstance(content, _StreamedContent)
-        txn = self.engine.start_transaction(
-            sender, recipients, mail_params=mail_params, rcpt_params=rcpt_params,
-            smtputf8=smtputf8, chunking=chunking and streamed,
-            body=content if chunking and not streamed else None,
-        )
+            self._traced_plan = _BDAT_PLAN if chunking and not streamed else _DATA_PLAN
+        body = content if chunking and not streamed else None
+        if type(engine) is Connection:
+            txn = (<Connection>engine)._start(sender, recipients, mail_params, rcpt_params,
+                                              smtputf8, chunking and streamed, body)
+        else:
+            txn = engine.start_transaction(
+                sender, recipients, mail_params=mail_params, rcpt_params=rcpt_params,
+                smtputf8=smtputf8, chunking=chunking and streamed, body=body)
         if not (chunking and not streamed):
             txn.content = content
         txn.waiter = waiter

@@ -221,7 +221,7 @@ class Client:
             return self._merge(d, results, prep.send_idx, prep.local)
         return results
 
-    async def send_many(
+    def send_many(
         self, deliveries: Iterable[Delivery] | AsyncIterable[Delivery], *, window: int = 32,
     ) -> AsyncIterator[tuple[Delivery, list[RecipientResult]]]:
         """Deliver many messages pipelined on this connection; yield each as it is decided.
@@ -244,6 +244,23 @@ class Client:
         transactions still in flight aborts the connection, as cancelling
         :meth:`send` does: their outcome is not known.
         """
+        from ._protocol import CLMTPProtocol
+
+        if CLMTPProtocol is not None and type(self._protocol) is CLMTPProtocol:
+            # The compiled consumer (_csession.pyx) on the compiled protocol:
+            # _send_many below is its reference, run on the Python protocol.
+            try:
+                from ._csession import send_many
+            except ImportError:
+                pass
+            else:
+                return send_many(self, self._protocol, deliveries, window)
+        return self._send_many(deliveries, window)
+
+    async def _send_many(
+        self, deliveries: Iterable[Delivery] | AsyncIterable[Delivery], window: int,
+    ) -> AsyncIterator[tuple[Delivery, list[RecipientResult]]]:
+        # send_many in Python: the reference of _csession.send_many, line for line.
         from ._protocol import LMTPProtocol
 
         if window < 1:
@@ -318,15 +335,19 @@ class Client:
             if pending:
                 protocol.abort(ServerDisconnected("send_many() left with deliveries in flight"))
 
-    def _prepare(self, d: Delivery) -> list[RecipientResult] | _Prepared:
-        """What this server needs for ``d``: its final results now, or the transaction to send."""
+    def _session_facts(self) -> tuple[bool, bool, bool, int | None, bool]:
+        """(smtputf8, 8bitmime, dsn, size limit, chunking): what ``_prepare`` decides on."""
         facts = self._facts
         if facts is None:
             # What the server offers is settled once the session is set up.
             caps = self.capabilities
             facts = self._facts = (caps.smtputf8, caps.eightbitmime, caps.dsn, caps.size,
                                    self.chunking)
-        has_smtputf8, has_8bitmime, has_dsn, limit, chunking = facts
+        return facts
+
+    def _prepare(self, d: Delivery) -> list[RecipientResult] | _Prepared:
+        """What this server needs for ``d``: its final results now, or the transaction to send."""
+        has_smtputf8, has_8bitmime, has_dsn, limit, chunking = self._session_facts()
         n = len(d.recipients)
         local: dict[int, RecipientResult] | None = dict(d.refused) if d.refused else None
 

@@ -6,7 +6,8 @@
 # (tests/test_fuzz_smoke.py), the server engine (tests/test_server_engine.py:
 # parity with the reference, the handler interface), the sink's sans-IO
 # session and DATA decoder tests, and the compiled protocol's hot path
-# (lmtpfast/_cprotocol.pyx: tests/test_protocol.py, tests/test_send_many.py).
+# and the compiled consumer (lmtpfast/_cprotocol.pyx, lmtpfast/_csession.pyx:
+# tests/test_protocol.py, tests/test_send_many.py).
 #
 #   bash scripts/sanitize.sh [extra pytest args]
 #
@@ -33,7 +34,7 @@ log "building in $WORK"
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     git ls-files -co --exclude-standard |
         while IFS= read -r f; do [[ -f $f ]] && printf '%s\n' "$f"; done |
-        grep -Ev '\.(so|o)$|^build/|^lmtpfast/proto/_c(proto|content)\.c$|^lmtpfast/server/_cserver\.c$|^lmtpfast/_cprotocol\.c$' |
+        grep -Ev '\.(so|o)$|^build/|^lmtpfast/proto/_c(proto|content)\.c$|^lmtpfast/server/_cserver\.c$|^lmtpfast/_c(protocol|session)\.c$' |
         tar -cf - -T - | tar -xf - -C "$WORK"
 else
     tar --exclude=./build --exclude=./.git --exclude='*.so' -cf - . | tar -xf - -C "$WORK"
@@ -43,7 +44,7 @@ cd "$WORK"
 LMTPFAST_SANITIZE=1 python3 setup.py -q build_ext --inplace >build.log 2>&1 || {
     cat build.log; log "build failed"; exit 1; }
 for so in lmtpfast/proto/_cproto*.so lmtpfast/proto/_ccontent*.so lmtpfast/server/_cserver*.so \
-          lmtpfast/_cprotocol*.so; do
+          lmtpfast/_cprotocol*.so lmtpfast/_csession*.so; do
     ldd "$so" | grep libasan >/dev/null || { log "$so is not linked with ASan"; exit 1; }
 done
 
@@ -61,7 +62,8 @@ python3 - <<'EOF'
 import lmtpfast.proto._cproto as p, lmtpfast.proto._ccontent as c, os
 import lmtpfast.server._cserver as s
 import lmtpfast._cprotocol as h
-for m in (p, c, s, h):
+import lmtpfast._csession as k
+for m in (p, c, s, h, k):
     assert m.__file__.startswith(os.environ["PYTHONPATH"]), m.__file__
 print("sanitize: using", p.__file__)
 EOF

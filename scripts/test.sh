@@ -25,6 +25,6 @@ python3 -m ruff check lmtpfast tests bench
 python3 -m mypy lmtpfast
 # Every .pyi against the compiled module it describes.
 python3 -m mypy.stubtest --mypy-config-file pyproject.toml \
-    lmtpfast.proto._cproto lmtpfast.proto._ccontent lmtpfast._cprotocol
+    lmtpfast.proto._cproto lmtpfast.proto._ccontent lmtpfast._cprotocol lmtpfast._csession
 bash scripts/sanitize.sh  # core tests under ASan/UBSan in a temp copy (never in this tree)
 exec python3 -m pytest -q "$@"

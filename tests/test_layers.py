@@ -37,7 +37,7 @@ LAYERS: dict[str, int] = {
     "_protocol": 3, "_blocking": 3,
     "_cprotocol": 3, "_command": 3,
     # 4 session: connect and set-up, one Client
-    "_session": 4,
+    "_session": 4, "_csession": 4,
     # 5 pool
     "_pool": 5, "_shaping": 5,
     # 6 agent

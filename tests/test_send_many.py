@@ -241,3 +241,69 @@ def test_result_text_is_the_same_on_both_engines(final: bytes) -> None:
     if os.environ.get("CI"):
         assert set(texts) == {"python", "c"}  # the compiled engine is built under CI
     assert len(set(map(tuple, texts.values()))) == 1, texts
+
+
+async def test_the_compiled_engine_runs_the_compiled_consumer(tmp_path, engine: str) -> None:
+    # send_many on the compiled protocol is _csession's loop; on the reference
+    # protocol Client._send_many (its reference), with the same results.
+    async with Sink(f"unix:{tmp_path}/sink") as sink, \
+            await lmtpfast.connect(sink.destinations[0], engine=engine) as client:
+        stream = client.send_many(deliveries(3), window=2)
+        assert stream.__qualname__ == ("send_many" if engine == "c" else "Client._send_many")
+        got = [item async for item in stream]
+    assert [r.delivered for _, rs in got for r in rs] == [True] * 6
+
+
+def _variants() -> list[Delivery]:
+    mime8 = (b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+             b"Content-Transfer-Encoding: 8bit\r\n\r\nna\xc3\xafve\r\n")
+    plain = b"Subject: x\r\n\r\n.dot line\r\nbody\r\n"
+    dsn = lmtpfast.DSN(notify=("SUCCESS", "FAILURE"), ret="HDRS", envid="e1")
+    return [
+        Delivery.build(plain, sender=SENDER, recipients=["a@example.org"]),
+        Delivery.build(plain, sender="", recipients=["a@example.org", "b@example.org"]),
+        Delivery.build(plain, sender=SENDER, recipients=["a@example.org"],
+                       mail_params=["SIZE=5", "X-ONE=1"]),
+        Delivery.build(plain, sender=SENDER, recipients=["a@example.org"],
+                       mail_params=["BODY=7BIT", "SMTPUTF8"]),
+        Delivery.build(mime8, sender=SENDER, recipients=["a@example.org"]),
+        Delivery.build(b"Subject: x\r\n\r\n\xff bare 8-bit\r\n", sender=SENDER,
+                       recipients=["a@example.org"]),
+        Delivery.build(plain, sender=SENDER, recipients=["j\u00f6rg@example.org", "a@example.org"]),
+        Delivery.build(plain, sender="s\u00e9@example.org", recipients=["a@example.org"]),
+        Delivery.build(plain, sender=SENDER, recipients=["a@example.org", "b@example.org"], dsn=dsn),
+        Delivery.build(plain, sender=SENDER, recipients=["a@example.org"],
+                       rcpt_params=[["X-R=1"]]),
+        Delivery.build(plain, sender=SENDER, recipients=["a@example.org", "bad address@x"]),
+        Delivery.build(b"Subject: big\r\n\r\n" + b"x" * 76 + b"\r\n" * 15000, sender=SENDER,
+                       recipients=["a@example.org"]),
+        Delivery.build(b"Subject: huge\r\n\r\n" + (b"y" * 78 + b"\r\n") * 14000, sender=SENDER,
+                       recipients=["a@example.org"]),
+    ]
+
+
+@pytest.mark.parametrize("chunking", [False, True])
+@pytest.mark.parametrize("limit", [None, 0, 40, 10**7])
+def test_the_compiled_preparation_is_the_reference(chunking: bool, limit: int | None) -> None:
+    # _csession prepares the common delivery itself and hands every other one
+    # to Client._prepare: where it prepares, it must agree field for field.
+    csession = pytest.importorskip("lmtpfast._csession")
+    from lmtpfast._session import Client, _Prepared
+    from lmtpfast.proto import get_engine
+
+    engine = get_engine("c")
+    for caps in [(a, b, c) for a in (False, True) for b in (False, True) for c in (False, True)]:
+        facts = (*caps, limit, chunking)
+        client = Client.__new__(Client)
+        client._facts = facts
+        client.engine = engine
+        for d in _variants():
+            fast = csession._prepare_fast(d, facts, engine.encode_content)
+            ref = client._prepare(d)
+            if fast is None:
+                continue
+            assert type(ref) is _Prepared and not ref.local and ref.rcpt_params is None, (d, facts)
+            assert fast == (ref.rcpts, ref.content, ref.params, ref.smtputf8), (d, facts)
+    taken = [csession._prepare_fast(d, (True, True, True, None, False), engine.encode_content)
+             is not None for d in _variants()]
+    assert taken == [True] * 8 + [False, False, False, True, False]

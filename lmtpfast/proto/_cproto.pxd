@@ -96,6 +96,9 @@ cdef class Connection:
     cdef object __weakref__
 
     cdef int _check_usable(self) except -1
+    cdef bint _c_usable(self)
+    cdef object _start(self, object sender, object recipients, object mail_params,
+                       object rcpt_params, bint smtputf8, bint chunking, object body)
     cdef int _queue(self, bytes line, int kind, object txn, Py_ssize_t idx, str name) except -1
     cdef int _pump(self) except -1
     cdef int _on_reply(self, object reply, int code) except -1

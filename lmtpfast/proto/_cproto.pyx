@@ -400,26 +400,30 @@ cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
 
 
-cdef object _plain_address(object address):
-    """The compiled fast path of ``_common.encode_address``, or None.
+cdef object _plain(object text, bint address):
+    """The compiled fast path of ``_common.encode_address`` or ``encode_param``, or None.
 
-    Printable ASCII without a quote, bracket, space or angle bracket is
-    accepted by ``address_problem`` as it is: encode it without a Python
-    call. Anything else (empty, non-ASCII, quoted, a literal, bad) goes to
-    the shared check, the one definition of what an address may be.
+    An address: printable ASCII without a quote, bracket, space or angle
+    bracket is accepted by ``address_problem`` as it is. A parameter: a
+    non-empty printable ASCII str without a space (bytes 33-126) is what
+    ``encode_param`` accepts. Either is encoded without a Python call;
+    anything else (empty, non-ASCII, quoted, a literal, bad) goes to the
+    shared check, the one definition of what may be sent.
     """
     cdef Py_ssize_t n, i
     cdef const unsigned char *p
     cdef unsigned char ch
-    if type(address) is not str or not PyUnicode_IS_ASCII(address):
+    if type(text) is not str or not PyUnicode_IS_ASCII(text):
         return None
-    n = PyUnicode_GET_LENGTH(address)
+    n = PyUnicode_GET_LENGTH(text)
     if n == 0:
         return None
-    p = <const unsigned char *>PyUnicode_DATA(address)
+    p = <const unsigned char *>PyUnicode_DATA(text)
     for i in range(n):
         ch = p[i]
-        if ch <= 32 or ch >= 127 or ch == 34 or ch == 60 or ch == 62 or ch == 91 or ch == 93:
+        if ch <= 32 or ch >= 127:
+            return None
+        if address and (ch == 34 or ch == 60 or ch == 62 or ch == 91 or ch == 93):
             return None
     return PyBytes_FromStringAndSize(<const char *>p, n)
 
@@ -567,6 +571,9 @@ cdef class Connection:
     @property
     def usable(self):
         """The connection can take new commands."""
+        return self._c_usable()
+
+    cdef bint _c_usable(self):
         return (
             self.error is None and not self.closed and not self._quit_queued
             and not self._tls_pending
@@ -673,6 +680,12 @@ cdef class Connection:
         Every argument is checked before anything is queued, so a bad address
         raises :class:`LocalProtocolError` and leaves the connection as it was.
         """
+        return self._start(sender, recipients, mail_params, rcpt_params, smtputf8, chunking,
+                           body)
+
+    cdef object _start(self, object sender, object recipients, object mail_params,
+                       object rcpt_params, bint smtputf8, bint chunking, object body):
+        # start_transaction without the keyword parsing (the compiled protocol calls it).
         cdef Py_ssize_t i
         cdef list rcpt_lines
         self._check_usable()
@@ -682,22 +695,24 @@ cdef class Connection:
             raise LocalProtocolError("a transaction needs at least one recipient")
         if rcpt_params is not None and len(rcpt_params) != len(recipients):
             raise LocalProtocolError("rcpt_params must have one entry per recipient")
-        enc = _plain_address(sender)
+        enc = _plain(sender, True)
         if enc is None:
             enc = encode_address(sender, allow_empty=True, utf8=smtputf8)
         mail = b"MAIL FROM:<" + enc + b">"
         for p in mail_params:
-            mail += b" " + encode_param(p)
+            enc = _plain(p, False)
+            mail += b" " + (encode_param(p) if enc is None else enc)
         rcpt_lines = []
         i = 0
         for rcpt in recipients:
-            enc = _plain_address(rcpt)
+            enc = _plain(rcpt, True)
             if enc is None:
                 enc = encode_address(rcpt, utf8=smtputf8)
             line = b"RCPT TO:<" + enc + b">"
             if rcpt_params is not None:
                 for p in rcpt_params[i]:
-                    line += b" " + encode_param(p)
+                    enc = _plain(p, False)
+                    line += b" " + (encode_param(p) if enc is None else enc)
             rcpt_lines.append(line + _CRLF)
             i += 1
         self._txn_seq += 1
