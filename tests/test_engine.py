@@ -1254,6 +1254,21 @@ def test_compiled_engine_builds_replies_fast() -> None:
     assert c._FAST_REPLY_ACTIVE
 
 
+def test_compiled_engine_builds_events_and_transactions_fast() -> None:
+    """The same for ReadyForData / TransactionDone, and its typed transaction twin.
+
+    The compiled engine's transactions are ``_cproto.CTransaction``, a virtual
+    subclass of ``_common.Transaction`` with the same fields and repr.
+    """
+    c = _engine("c")
+    assert c._FAST_EVENTS_ACTIVE
+    ref = Transaction(7, "s@example.org", ("a@example.org", "b@example.org"))
+    twin = c.CTransaction(7, "s@example.org", ("a@example.org", "b@example.org"))
+    assert isinstance(twin, Transaction) and repr(twin) == repr(ref)
+    for name in Transaction.__slots__:
+        assert getattr(twin, name) == getattr(ref, name), name
+
+
 def test_bad_local_name(impl: ModuleType) -> None:
     for name in ["", "a b", "a\r\nQUIT", "a\0"]:
         with pytest.raises(LocalProtocolError):

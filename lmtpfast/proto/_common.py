@@ -7,6 +7,7 @@ the layers above never know which engine runs.
 
 from __future__ import annotations
 
+from abc import ABCMeta
 from collections.abc import Iterable, Sequence
 
 from .._errors import LocalProtocolError
@@ -362,13 +363,16 @@ def check_command_argument(arg: str) -> bytes:
 # --- transactions and events -----------------------------------------------
 
 
-class Transaction:
+class Transaction(metaclass=ABCMeta):  # noqa: B024 (for register(), not abstract)
     """One MAIL/RCPT/DATA transaction as the engine tracks it.
 
     The engine fills the replies as they arrive and ``results`` (one
     :class:`~lmtpfast.RecipientResult` per recipient, in RCPT order) when the
     transaction is done. ``content`` is an opaque slot for the layer above
     (the transport keeps the encoded message there).
+
+    The compiled engine's transactions are its own typed twin
+    (``_cproto.CTransaction``), registered here: ``isinstance`` holds for both.
     """
 
     __slots__ = (

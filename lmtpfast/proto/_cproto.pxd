@@ -41,11 +41,29 @@ cdef class ReplyParser:
     cdef object _enhanced_of(self, size_t text, size_t end, int code)
 
 
+cdef class CTransaction:
+    # _common.Transaction's fields (see there), typed.
+    cdef public list accepted
+    cdef public object content
+    cdef public object data_reply
+    cdef public bint done
+    cdef public bint dot_sent
+    cdef public list final_replies
+    cdef public Py_ssize_t id
+    cdef public object mail_reply
+    cdef public bint mail_sent
+    cdef public list rcpt_replies
+    cdef public list recipients
+    cdef public list results
+    cdef public object sender
+    cdef public object waiter
+
+
 cdef class _Cmd:
     # One command: queued (line set), then expected (its reply awaited).
     cdef bytes line
     cdef int kind
-    cdef object txn
+    cdef CTransaction txn
     cdef Py_ssize_t idx
     cdef str name
 
@@ -99,14 +117,15 @@ cdef class Connection:
     cdef bint _c_usable(self)
     cdef object _start(self, object sender, object recipients, object mail_params,
                        object rcpt_params, bint smtputf8, bint chunking, object body)
-    cdef int _queue(self, bytes line, int kind, object txn, Py_ssize_t idx, str name) except -1
+    cdef int _queue(self, bytes line, int kind, CTransaction txn, Py_ssize_t idx,
+                    str name) except -1
     cdef int _pump(self) except -1
     cdef int _on_reply(self, object reply, int code) except -1
-    cdef int _on_data_reply(self, object txn, object reply, int code) except -1
-    cdef int _on_bdat_last(self, object txn, object reply) except -1
-    cdef int _stop_stream(self, object txn) except -1
+    cdef int _on_data_reply(self, CTransaction txn, object reply, int code) except -1
+    cdef int _on_bdat_last(self, CTransaction txn, object reply) except -1
+    cdef int _stop_stream(self, CTransaction txn) except -1
     cdef bint _owes_more(self, object txn)
-    cdef int _complete(self, object txn) except -1
+    cdef int _complete(self, CTransaction txn) except -1
     cdef int _settle(self) except -1
     cdef int _release_held(self) except -1
     cdef int _on_eof(self) except -1

@@ -106,6 +106,25 @@ cdef extern from *:
     int lmtpfast_reply_fast_init(object type, object d0, object d1, object d2) except -1
     object lmtpfast_reply_fast(object code, object enhanced, object lines)
 
+cdef extern from *:
+    """
+    /* An event of one slot (ReadyForData, TransactionDone) built as
+       object.__new__ + its __init__ would: tp_alloc, then the slot's descriptor. */
+    static PyObject *lmtpfast_event_fast(PyObject *type, PyObject *descr, PyObject *value)
+    {
+        PyTypeObject *t = (PyTypeObject *)type;
+        PyObject *r = t->tp_alloc(t, 0);
+        if (r == NULL)
+            return NULL;
+        if (Py_TYPE(descr)->tp_descr_set(descr, r, value) < 0) {
+            Py_DECREF(r);
+            return NULL;
+        }
+        return r;
+    }
+    """
+    object lmtpfast_event_fast(object type, object descr, object value)
+
 
 _REPLY_FIELDS = ("code", "enhanced", "lines")
 
@@ -170,6 +189,55 @@ cdef inline object _make_reply(int code, object enhanced, tuple lines):
     if _FAST_REPLY:
         return lmtpfast_reply_fast(code, enhanced, lines)
     return Reply(code, enhanced, lines)
+
+
+# The same for the per-transaction events (ReadyForData, TransactionDone):
+# built without a Python __init__ frame while their class is still the plain
+# one-slot class below; otherwise by calling it.
+_REFERENCE_EVENT_INIT = """
+def __init__(self, transaction):
+    self.transaction = transaction
+"""
+
+
+def _event_descriptor(cls):
+    """The slot descriptor of ``cls`` when it is the one-slot event class, else None."""
+    if type(cls) is not type or cls.__mro__ != (cls, object):
+        return None
+    if tuple(getattr(cls, "__slots__", ())) != ("transaction",) or cls.__new__ is not object.__new__:
+        return None
+    init = cls.__dict__.get("__init__")
+    namespace = {}
+    exec(_REFERENCE_EVENT_INIT, namespace)
+    code = getattr(init, "__code__", None)
+    if code is None or not _same_code(code, namespace["__init__"].__code__):
+        return None
+    if init.__defaults__ or init.__kwdefaults__:
+        return None
+    descr = cls.__dict__.get("transaction")
+    if type(descr).__name__ != "member_descriptor" or type(descr).__set__ is None:
+        return None
+    probe = lmtpfast_event_fast(cls, descr, 1)
+    if type(probe) is not cls or probe.transaction != 1:
+        return None
+    return descr
+
+
+cdef object _READY_SLOT = _event_descriptor(ReadyForData)
+cdef object _DONE_SLOT = _event_descriptor(TransactionDone)
+_FAST_EVENTS_ACTIVE = _READY_SLOT is not None and _DONE_SLOT is not None  # for the tests
+
+
+cdef inline object _ready_event(object txn):
+    if _READY_SLOT is not None:
+        return lmtpfast_event_fast(ReadyForData, _READY_SLOT, txn)
+    return ReadyForData(txn)
+
+
+cdef inline object _done_event(object txn):
+    if _DONE_SLOT is not None:
+        return lmtpfast_event_fast(TransactionDone, _DONE_SLOT, txn)
+    return TransactionDone(txn)
 
 
 # -- ReplyParser ------------------------------------------------------------------
@@ -382,11 +450,62 @@ cdef bytes _DATA_LINE = b"DATA\r\n"
 
 @cython.final
 @cython.freelist(64)
+cdef class CTransaction:
+    """``_common.Transaction`` as the compiled engine keeps it: the same fields, typed.
+
+    Registered as a virtual subclass of ``_common.Transaction`` (``isinstance``
+    holds for both engines' transactions); the engine reads and writes its
+    fields in C instead of through slot descriptors, and builds it without a
+    Python ``__init__`` frame. The layers above see the same attributes.
+    """
+
+    def __init__(self, txn_id, sender, recipients):
+        _init_transaction(self, txn_id, sender, list(recipients))
+
+    def __repr__(self):
+        return (
+            f"<Transaction {self.id} from={self.sender!r} rcpts={len(self.recipients)}"
+            f" done={self.done}>"
+        )
+
+
+Transaction.register(CTransaction)
+
+
+cdef inline CTransaction _new_transaction(Py_ssize_t txn_id, object sender, list recipients):
+    cdef CTransaction t = CTransaction.__new__(CTransaction)
+    _init_transaction(t, txn_id, sender, recipients)
+    return t
+
+
+cdef inline int _init_transaction(CTransaction t, Py_ssize_t txn_id, object sender,
+                                  list recipients) except -1:
+    # What _common.Transaction.__init__ sets, field for field.
+    cdef Py_ssize_t n = len(recipients)
+    t.id = txn_id
+    t.sender = sender
+    t.recipients = recipients
+    t.mail_reply = None
+    t.rcpt_replies = [None] * n
+    t.data_reply = None
+    t.final_replies = [None] * n
+    t.accepted = []
+    t.mail_sent = False
+    t.dot_sent = False
+    t.done = False
+    t.results = []
+    t.content = None
+    t.waiter = None
+    return 0
+
+
+@cython.final
+@cython.freelist(64)
 cdef class _Cmd:
     pass
 
 
-cdef inline _Cmd _cmd(bytes line, int kind, object txn, Py_ssize_t idx, str name):
+cdef inline _Cmd _cmd(bytes line, int kind, CTransaction txn, Py_ssize_t idx, str name):
     cdef _Cmd c = _Cmd.__new__(_Cmd)
     c.line = line
     c.kind = kind
@@ -716,7 +835,7 @@ cdef class Connection:
             rcpt_lines.append(line + _CRLF)
             i += 1
         self._txn_seq += 1
-        txn = Transaction(self._txn_seq, sender, recipients)
+        txn = _new_transaction(self._txn_seq, sender, list(recipients))
         self._open.append(txn)
         self._queue(mail + _CRLF, _MAIL, txn, 0, "MAIL")
         i = 0
@@ -809,7 +928,8 @@ cdef class Connection:
             raise LocalProtocolError("STARTTLS in progress: call start_tls_done() first")
         return 0
 
-    cdef int _queue(self, bytes line, int kind, object txn, Py_ssize_t idx, str name) except -1:
+    cdef int _queue(self, bytes line, int kind, CTransaction txn, Py_ssize_t idx,
+                    str name) except -1:
         self._outq.push(_cmd(line, kind, txn, idx, name))
         return 0
 
@@ -829,7 +949,7 @@ cdef class Connection:
                 # Nothing is sent: the caller streams the chunks now.
                 self._content_owed = self._data_ready = c.txn
                 self._bdat_inflight += 1
-                self._events.push(ReadyForData(c.txn))
+                self._events.push(_ready_event(c.txn))
                 continue
             if c.kind == _MAIL and self._bdat_unsettled:
                 # A failed BDAT transaction leaves the server inside it (RFC 3030 2).
@@ -856,7 +976,7 @@ cdef class Connection:
 
     cdef int _on_reply(self, object reply, int code) except -1:
         cdef _Cmd c
-        cdef object txn
+        cdef CTransaction txn
         cdef Py_ssize_t idx
         cdef int kind
         cdef bint stopped
@@ -920,7 +1040,7 @@ cdef class Connection:
                 if not self._owes_more(txn):
                     self._complete(txn)  # the last chunk reply it was owed
             elif not self.pipelining and self._data_ready is txn:
-                self._events.push(ReadyForData(txn))  # the next chunk may go
+                self._events.push(_ready_event(txn))  # the next chunk may go
         elif kind == _BDAT_LAST:
             self._on_bdat_last(txn, reply)
         elif kind == _RSET_INTERNAL:
@@ -958,7 +1078,7 @@ cdef class Connection:
             self._pump()
         return 0
 
-    cdef int _on_data_reply(self, object txn, object reply, int code) except -1:
+    cdef int _on_data_reply(self, CTransaction txn, object reply, int code) except -1:
         if code != 354 and code < 400:
             # As in _pyproto: replies out of step; never a delivery.
             self._break(RemoteProtocolError(
@@ -974,7 +1094,7 @@ cdef class Connection:
                 self._release_held()
             if txn.accepted:
                 self._data_ready = txn
-                self._events.push(ReadyForData(txn))
+                self._events.push(_ready_event(txn))
                 return 0  # _content_owed stays set until end_data()
             # 354 although nothing was accepted (possible with pipelining):
             # RFC 2920 says send a lone dot; its reply decides nothing.
@@ -989,7 +1109,7 @@ cdef class Connection:
         self._complete(txn)
         return 0
 
-    cdef int _on_bdat_last(self, object txn, object reply) except -1:
+    cdef int _on_bdat_last(self, CTransaction txn, object reply) except -1:
         # As in _pyproto: the accepted recipients are known only now.
         cdef list accepted = txn.accepted
         cdef Py_ssize_t n = len(accepted), k
@@ -1009,7 +1129,7 @@ cdef class Connection:
         self._complete(txn)
         return 0
 
-    cdef int _stop_stream(self, object txn) except -1:
+    cdef int _stop_stream(self, CTransaction txn) except -1:
         # As in _pyproto: no more chunks; complete once the sent ones are answered.
         self._data_ready = self._content_owed = None
         self._stream_stopped = txn
@@ -1022,7 +1142,7 @@ cdef class Connection:
     cdef bint _owes_more(self, object txn):
         return self._expect.size() > 0 and (<_Cmd>self._expect.first()).txn is txn
 
-    cdef int _complete(self, object txn) except -1:
+    cdef int _complete(self, CTransaction txn) except -1:
         # Every reply of txn is in: hold it until the stream is proven in step.
         if txn.dot_sent:
             if txn in self._bdat_unsettled:
@@ -1050,13 +1170,14 @@ cdef class Connection:
     cdef int _release_held(self) except -1:
         # The stream is proven in step up to here: decide the held transactions.
         cdef list held = self._held
+        cdef CTransaction txn
         self._bdat_inflight = 0
         if not held:
             return 0
         for txn in held:
             _finish_transaction(txn)
             self._open.remove(txn)
-            self._events.push(TransactionDone(txn))
+            self._events.push(_done_event(txn))
         del held[:]
         return 0
 
@@ -1131,7 +1252,7 @@ cdef inline object _result(object address, object reply, str stage):
     return RecipientResult(address, status, code, enh, _text_of(reply, enh), stage)
 
 
-cdef int _finish_transaction(object txn) except -1:
+cdef int _finish_transaction(CTransaction txn) except -1:
     cdef list results = []
     cdef list rcpt_replies = txn.rcpt_replies
     cdef list final_replies = txn.final_replies
