@@ -87,7 +87,11 @@ cdef class ProtocolCore:
 
     def data_received(self, data):
         self._last_progress = self._loop.time()
-        self.engine.receive_data(data)
+        engine = self.engine
+        if type(engine) is Connection:
+            (<Connection>engine)._c_receive(data)
+        else:
+            engine.receive_data(data)
         self._c_process()
 
     def eof_received(self):
@@ -165,7 +169,11 @@ cdef class ProtocolCore:
         self._c_arm_timer()
 
     cdef int _c_flush(self) except -1:
-        out = self.engine.data_to_send()
+        engine = self.engine
+        if type(engine) is Connection:
+            out = (<Connection>engine)._c_data_to_send()
+        else:
+            out = engine.data_to_send()
         if out and self._transport is not None:
             self._transport.write(out)
         self._c_arm_timer()
@@ -173,9 +181,10 @@ cdef class ProtocolCore:
 
     cdef int _c_process(self) except -1:
         engine = self.engine
+        cdef bint compiled = type(engine) is Connection
         cdef list out = []
         while True:
-            ev = engine.next_event()
+            ev = (<Connection>engine)._c_next_event() if compiled else engine.next_event()
             if ev is NEED_DATA:
                 break
             if isinstance(ev, TransactionDone):
@@ -188,9 +197,12 @@ cdef class ProtocolCore:
                     self._c_chunk_done(txn, True)
                 elif isinstance(content, (bytes, bytearray)):
                     # Content, dot and the next group leave in one write.
-                    out.append(bytes(content))
+                    out.append(content if type(content) is bytes else bytes(content))
                     txn.content = None
-                    engine.end_data(txn)
+                    if compiled:
+                        (<Connection>engine)._c_end_data(txn)
+                    else:
+                        engine.end_data(txn)
                 else:
                     self._c_flush_list(out)
                     self._start_streaming(txn)
@@ -198,7 +210,7 @@ cdef class ProtocolCore:
                 self._on_command_reply(ev)
             elif isinstance(ev, ConnectionBroken):
                 self._on_broken(ev)
-        wire = engine.data_to_send()
+        wire = (<Connection>engine)._c_data_to_send() if compiled else engine.data_to_send()
         if wire:
             out.append(wire)
         self._c_flush_list(out)

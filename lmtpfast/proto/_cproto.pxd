@@ -115,6 +115,10 @@ cdef class Connection:
 
     cdef int _check_usable(self) except -1
     cdef bint _c_usable(self)
+    cdef int _c_receive(self, object data) except -1
+    cdef object _c_next_event(self)
+    cdef object _c_data_to_send(self)
+    cdef int _c_end_data(self, object txn) except -1
     cdef object _start(self, object sender, object recipients, object mail_params,
                        object rcpt_params, bint smtputf8, bint chunking, object body)
     cdef int _queue(self, bytes line, int kind, CTransaction txn, Py_ssize_t idx,

@@ -10,7 +10,7 @@ result builders) are reused, not duplicated.
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.list cimport PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
@@ -547,6 +547,49 @@ cdef object _plain(object text, bint address):
     return PyBytes_FromStringAndSize(<const char *>p, n)
 
 
+cdef bytes _MAIL_HEAD = b"MAIL FROM:<"
+cdef bytes _RCPT_HEAD = b"RCPT TO:<"
+
+
+cdef list _encode_params(object params):
+    # Each ESMTP parameter encoded (the shared check for all but plain ones), or None.
+    cdef list out = None
+    for p in params:
+        enc = _plain(p, False)
+        if out is None:
+            out = []
+        out.append(encode_param(p) if enc is None else enc)
+    return out
+
+
+cdef bytes _command_line(bytes head, bytes address, list params):
+    """``head + address + b">" + b"".join(b" " + p for p in params) + b"\r\n"``, one copy."""
+    cdef Py_ssize_t n = len(head) + len(address) + 3, k
+    cdef char *w
+    if params is not None:
+        for p in params:
+            n += 1 + len(<bytes>p)
+    out = PyBytes_FromStringAndSize(NULL, n)
+    w = PyBytes_AS_STRING(out)
+    k = len(head)
+    memcpy(w, PyBytes_AS_STRING(head), k)
+    w += k
+    k = len(address)
+    memcpy(w, PyBytes_AS_STRING(address), k)
+    w += k
+    w[0] = 62  # ">"
+    w += 1
+    if params is not None:
+        for p in params:
+            w[0] = 32  # " "
+            k = len(<bytes>p)
+            memcpy(w + 1, PyBytes_AS_STRING(<bytes>p), k)
+            w += 1 + k
+    w[0] = 13
+    w[1] = 10
+    return <bytes>out
+
+
 cdef inline bint _ok(int code):
     return 200 <= code < 300
 
@@ -706,16 +749,23 @@ cdef class Connection:
 
     def receive_data(self, data):
         """Bytes from the server; ``b""`` means it closed the connection."""
+        self._c_receive(data)
+
+    cdef int _c_receive(self, object data) except -1:
         if self.error is not None or self.closed:
-            return
+            return 0
         if data:
             self._parser.feed(data)
         else:
             # Replies already buffered are still processed before the EOF counts.
             self._eof = True
+        return 0
 
     def next_event(self):
         """The next event, or ``NEED_DATA`` when more bytes are needed."""
+        return self._c_next_event()
+
+    cdef object _c_next_event(self):
         cdef _Fifo events = self._events
         cdef ReplyParser parser = self._parser
         while not events.size():
@@ -745,6 +795,9 @@ cdef class Connection:
 
     def data_to_send(self):
         """The bytes to write now (maybe empty)."""
+        return self._c_data_to_send()
+
+    cdef object _c_data_to_send(self):
         if not self._wbuf:
             return b""
         out = b"".join(self._wbuf)
@@ -817,27 +870,20 @@ cdef class Connection:
         enc = _plain(sender, True)
         if enc is None:
             enc = encode_address(sender, allow_empty=True, utf8=smtputf8)
-        mail = b"MAIL FROM:<" + enc + b">"
-        for p in mail_params:
-            enc = _plain(p, False)
-            mail += b" " + (encode_param(p) if enc is None else enc)
+        mail = _command_line(_MAIL_HEAD, enc, _encode_params(mail_params))
         rcpt_lines = []
         i = 0
         for rcpt in recipients:
             enc = _plain(rcpt, True)
             if enc is None:
                 enc = encode_address(rcpt, utf8=smtputf8)
-            line = b"RCPT TO:<" + enc + b">"
-            if rcpt_params is not None:
-                for p in rcpt_params[i]:
-                    enc = _plain(p, False)
-                    line += b" " + (encode_param(p) if enc is None else enc)
-            rcpt_lines.append(line + _CRLF)
+            rcpt_lines.append(_command_line(
+                _RCPT_HEAD, enc, None if rcpt_params is None else _encode_params(rcpt_params[i])))
             i += 1
         self._txn_seq += 1
         txn = _new_transaction(self._txn_seq, sender, list(recipients))
         self._open.append(txn)
-        self._queue(mail + _CRLF, _MAIL, txn, 0, "MAIL")
+        self._queue(mail, _MAIL, txn, 0, "MAIL")
         i = 0
         for line in rcpt_lines:
             self._queue(line, _RCPT, txn, i, "RCPT")
@@ -880,8 +926,12 @@ cdef class Connection:
         Only valid after :class:`ReadyForData` for ``txn``; a no-op once the
         connection is broken (the transaction is already decided).
         """
+        self._c_end_data(txn)
+
+    cdef int _c_end_data(self, object txn) except -1:
+        cdef CTransaction t
         if self.error is not None:
-            return
+            return 0
         if self._data_ready is not txn:
             raise LocalProtocolError("end_data() for a transaction that is not owed content")
         if self._parser._code != 0 or self._parser._len > self._parser._start:
@@ -889,14 +939,16 @@ cdef class Connection:
             self._break(RemoteProtocolError(
                 "reply received before the end of the message content: replies out of step"),
                 PROTOCOL_CODE, PROTOCOL_ENHANCED, True)
-            return
+            return 0
         self._data_ready = None
         self._content_owed = None
         self._wbuf.append(_DOT_LINE)
-        txn.dot_sent = True
-        for idx in txn.accepted:
-            self._expect.push(_cmd(None, _DOT, txn, idx, "."))
+        t = <CTransaction?>txn
+        t.dot_sent = True
+        for idx in t.accepted:
+            self._expect.push(_cmd(None, _DOT, t, idx, "."))
         self._pump()
+        return 0
 
     def start_tls_done(self):
         """TLS is up after ``STARTTLS``: forget the server's capabilities.
