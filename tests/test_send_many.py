@@ -213,6 +213,8 @@ async def test_each_engine_runs_on_its_own_protocol(tmp_path, engine: str) -> No
 @pytest.mark.parametrize("final", [
     b"250 2.1.5 Ok", b"250 2.1.5", b"250 2.1.5x Ok", b"250 Ok there", b"451 4.3.0   spaced",
     b"250-a\r\n250 2.0.0 b", b"250-2.0.0 one\r\n250 2.0.0 two", b"552 5.2.2 \xc3\xa9 full",
+    b"250 2.1.5   ", b"250 2.1.5  x  y ", b"250 2.1.5\xc3\xa9", b"250 2.1.5 \xe2\x82\xac  ok",
+    b"250 2.1.5\t tab", b"250 \xc3\xa9 2.1.5",
 ])
 def test_result_text_is_the_same_on_both_engines(final: bytes) -> None:
     # The compiled engine builds per-recipient results in C (the reply text

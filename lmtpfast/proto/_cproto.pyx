@@ -17,6 +17,9 @@ from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
 from cpython.unicode cimport (
     PyUnicode_DATA,
+    PyUnicode_READ_CHAR,
+    PyUnicode_Substring,
+    PyUnicode_Tailmatch,
     PyUnicode_DecodeASCII,
     PyUnicode_DecodeUTF8,
     PyUnicode_GET_LENGTH,
@@ -517,6 +520,7 @@ cdef inline _Cmd _cmd(bytes line, int kind, CTransaction txn, Py_ssize_t idx, st
 
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
+    const Py_ssize_t PY_SSIZE_T_MAX
 
 
 cdef object _plain(object text, bint address):
@@ -1280,16 +1284,25 @@ cdef class Connection:
 cdef inline object _text_of(object reply, object enh):
     # Reply.text in C for the one-line reply (once per recipient); else the property.
     cdef tuple lines = reply.lines
-    cdef Py_ssize_t cut
+    cdef Py_ssize_t cut, n, j
     if len(lines) != 1:
         return reply.text
     line = lines[0]
     if enh is None or type(line) is not str or type(enh) is not str:
         return line if enh is None else reply.text
-    cut = len(<str>enh)
-    if (<str>line).startswith(<str>enh) and (len(<str>line) == cut or (<str>line)[cut] == " "):
-        return (<str>line)[cut:].lstrip(" ")
-    return line
+    cut = PyUnicode_GET_LENGTH(enh)
+    n = PyUnicode_GET_LENGTH(line)
+    if PyUnicode_Tailmatch(line, enh, 0, PY_SSIZE_T_MAX, -1) != 1:  # line.startswith(enh)
+        return line
+    if n == cut:
+        return ""
+    if PyUnicode_READ_CHAR(line, cut) != 32:
+        return line
+    # line[cut:].lstrip(" "), line[cut] being a space
+    j = cut + 1
+    while j < n and PyUnicode_READ_CHAR(line, j) == 32:
+        j += 1
+    return PyUnicode_Substring(line, j, n)
 
 
 cdef inline object _result(object address, object reply, str stage):
