@@ -1,5 +1,6 @@
 # Declarations of the compiled LMTP client engine (see _cproto.pyx).
 
+from cpython.ref cimport PyObject
 from libc.stddef cimport ptrdiff_t
 
 
@@ -59,13 +60,36 @@ cdef class CTransaction:
     cdef public object waiter
 
 
-cdef class _Cmd:
+ctypedef struct _CmdRec:
     # One command: queued (line set), then expected (its reply awaited).
-    cdef bytes line
-    cdef int kind
-    cdef CTransaction txn
-    cdef Py_ssize_t idx
-    cdef str name
+    PyObject *line
+    PyObject *txn    # a CTransaction, or None
+    PyObject *name
+    Py_ssize_t idx
+    int kind
+
+
+cdef class _CmdQueue:
+    # The commands to send, or whose reply is awaited: a ring of _CmdRec.
+    cdef _CmdRec *buf
+    cdef Py_ssize_t cap   # a power of two
+    cdef Py_ssize_t head
+    cdef Py_ssize_t n
+
+    cdef Py_ssize_t size(self)
+    cdef int _grow(self) except -1
+    cdef _CmdRec *_slot_back(self) except NULL
+    cdef _CmdRec *_slot_front(self) except NULL
+    cdef int push(self, object line, int kind, object txn, Py_ssize_t idx,
+                  object name) except -1
+    cdef int push_front(self, object line, int kind, object txn, Py_ssize_t idx,
+                        object name) except -1
+    cdef int push_rec(self, _CmdRec *rec) except -1
+    cdef _CmdRec *first(self)
+    cdef int pop_into(self, _CmdRec *out) except -1
+    cdef void _drop_all(self)
+    cdef int clear(self) except -1
+    cdef int drop_txn(self, object txn) except -1
 
 
 cdef class _Fifo:
@@ -79,7 +103,6 @@ cdef class _Fifo:
     cdef object first(self)
     cdef object pop(self)
     cdef int clear(self) except -1
-    cdef int drop_txn(self, object txn) except -1
 
 
 cdef class Connection:
@@ -94,8 +117,8 @@ cdef class Connection:
     cdef bint _allow_pipelining
     cdef bint _eof
     cdef ReplyParser _parser
-    cdef _Fifo _expect     # the receive cursor: commands whose reply is awaited
-    cdef _Fifo _outq       # the send cursor: commands not yet written
+    cdef _CmdQueue _expect  # the receive cursor: commands whose reply is awaited
+    cdef _CmdQueue _outq    # the send cursor: commands not yet written
     cdef list _wbuf
     cdef _Fifo _events
     cdef object _content_owed   # DATA sent, content not yet

@@ -12,9 +12,9 @@ cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.list cimport PyList_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport (
     PyUnicode_DATA,
     PyUnicode_READ_CHAR,
@@ -503,19 +503,129 @@ cdef inline int _init_transaction(CTransaction t, Py_ssize_t txn_id, object send
 
 
 @cython.final
-@cython.freelist(64)
-cdef class _Cmd:
-    pass
+cdef class _CmdQueue:
+    """A queue of commands (``_CmdRec``) in a C ring buffer: no object per command.
+
+    Each record holds a reference to its line, transaction and name (``None``
+    when absent, never NULL while queued). ``pop_into`` moves a record's
+    references to the caller, who drops them with ``_rec_clear``;
+    ``push_rec`` moves them back in.
+    """
+
+    def __cinit__(self):
+        self.buf = <_CmdRec *>PyMem_Malloc(16 * sizeof(_CmdRec))
+        if self.buf == NULL:
+            raise MemoryError()
+        self.cap = 16
+        self.head = 0
+        self.n = 0
+
+    def __dealloc__(self):
+        if self.buf != NULL:
+            self._drop_all()
+            PyMem_Free(self.buf)
+
+    cdef Py_ssize_t size(self):
+        return self.n
+
+    cdef int _grow(self) except -1:
+        cdef Py_ssize_t cap = self.cap * 2, i
+        cdef _CmdRec *grown = <_CmdRec *>PyMem_Malloc(cap * sizeof(_CmdRec))
+        if grown == NULL:
+            raise MemoryError()
+        for i in range(self.n):
+            grown[i] = self.buf[(self.head + i) & (self.cap - 1)]
+        PyMem_Free(self.buf)
+        self.buf = grown
+        self.cap = cap
+        self.head = 0
+        return 0
+
+    cdef _CmdRec *_slot_back(self) except NULL:
+        if self.n == self.cap:
+            self._grow()
+        self.n += 1
+        return &self.buf[(self.head + self.n - 1) & (self.cap - 1)]
+
+    cdef _CmdRec *_slot_front(self) except NULL:
+        if self.n == self.cap:
+            self._grow()
+        self.head = (self.head - 1) & (self.cap - 1)
+        self.n += 1
+        return &self.buf[self.head]
+
+    cdef int push(self, object line, int kind, object txn, Py_ssize_t idx,
+                  object name) except -1:
+        _rec_set(self._slot_back(), line, kind, txn, idx, name)
+        return 0
+
+    cdef int push_front(self, object line, int kind, object txn, Py_ssize_t idx,
+                        object name) except -1:
+        _rec_set(self._slot_front(), line, kind, txn, idx, name)
+        return 0
+
+    cdef int push_rec(self, _CmdRec *rec) except -1:
+        # Moves rec's references into the queue.
+        self._slot_back()[0] = rec[0]
+        rec.line = rec.txn = rec.name = NULL
+        return 0
+
+    cdef _CmdRec *first(self):
+        return &self.buf[self.head]
+
+    cdef int pop_into(self, _CmdRec *out) except -1:
+        # Moves the first record's references to out (the caller clears it).
+        out[0] = self.buf[self.head]
+        self.head = (self.head + 1) & (self.cap - 1)
+        self.n -= 1
+        return 0
+
+    cdef void _drop_all(self):
+        cdef _CmdRec rec
+        while self.n:
+            rec = self.buf[self.head]
+            self.head = (self.head + 1) & (self.cap - 1)
+            self.n -= 1
+            _rec_clear(&rec)
+        self.head = 0
+
+    cdef int clear(self) except -1:
+        self._drop_all()
+        return 0
+
+    cdef int drop_txn(self, object txn) except -1:
+        # Removes every record of txn, keeping the others in order.
+        cdef Py_ssize_t i, kept = 0, n = self.n
+        cdef _CmdRec rec
+        cdef PyObject *t = <PyObject *>txn
+        for i in range(n):
+            rec = self.buf[(self.head + i) & (self.cap - 1)]
+            if rec.txn == t:
+                _rec_clear(&rec)
+            else:
+                self.buf[(self.head + kept) & (self.cap - 1)] = rec
+                kept += 1
+        self.n = kept
+        return 0
 
 
-cdef inline _Cmd _cmd(bytes line, int kind, CTransaction txn, Py_ssize_t idx, str name):
-    cdef _Cmd c = _Cmd.__new__(_Cmd)
-    c.line = line
-    c.kind = kind
-    c.txn = txn
-    c.idx = idx
-    c.name = name
-    return c
+cdef inline void _rec_set(_CmdRec *rec, object line, int kind, object txn, Py_ssize_t idx,
+                          object name):
+    Py_INCREF(line)
+    Py_INCREF(txn)
+    Py_INCREF(name)
+    rec.line = <PyObject *>line
+    rec.txn = <PyObject *>txn
+    rec.name = <PyObject *>name
+    rec.idx = idx
+    rec.kind = kind
+
+
+cdef inline void _rec_clear(_CmdRec *rec):
+    Py_XDECREF(rec.line)
+    Py_XDECREF(rec.txn)
+    Py_XDECREF(rec.name)
+    rec.line = rec.txn = rec.name = NULL
 
 
 cdef extern from "Python.h":
@@ -643,11 +753,6 @@ cdef class _Fifo:
         self.head = 0
         return 0
 
-    cdef int drop_txn(self, object txn) except -1:
-        self.items = [c for c in self.items[self.head:] if (<_Cmd>c).txn is not txn]
-        self.head = 0
-        return 0
-
 
 cdef class Connection:
     """The client side of one LMTP connection, without I/O.
@@ -659,8 +764,8 @@ cdef class Connection:
     """
 
     def __cinit__(self):
-        self._expect = _Fifo()
-        self._outq = _Fifo()
+        self._expect = _CmdQueue()
+        self._outq = _CmdQueue()
         self._events = _Fifo()
         self._wbuf = []
         self._open = []
@@ -683,7 +788,7 @@ cdef class Connection:
         self.ignore_keywords = tuple(ignore_keywords)
         self._parser = ReplyParser(max_line_length, max_reply_lines)
         self._expect.clear()
-        self._expect.push(_cmd(None, _GREETING, None, 0, "greeting"))
+        self._expect.push(None, _GREETING, None, 0, "greeting")
         self._outq.clear()
         self._wbuf = []
         self._events.clear()
@@ -711,12 +816,12 @@ cdef class Connection:
     @property
     def waiting_for(self):
         """The stage whose reply is awaited first (for timers), or ``None``."""
-        cdef _Cmd c
+        cdef _CmdRec *c
         if not self._expect.size():
             return None
-        c = <_Cmd>self._expect.first()
+        c = self._expect.first()
         if c.kind == _COMMAND:
-            return c.name.lower()
+            return (<object>c.name).lower()
         return _STAGE_NAMES[c.kind]
 
     @property
@@ -914,7 +1019,7 @@ cdef class Connection:
         if last:
             self._wbuf.append(b"BDAT %d LAST\r\n" % len(data))
             self._wbuf.append(data)
-            self._expect.push(_cmd(None, _BDAT_LAST, txn, 0, "BDAT"))
+            self._expect.push(None, _BDAT_LAST, txn, 0, "BDAT")
             self._data_ready = self._content_owed = None
             txn.dot_sent = True
             self._bdat_unsettled.append(txn)
@@ -922,7 +1027,7 @@ cdef class Connection:
         elif data:
             self._wbuf.append(b"BDAT %d\r\n" % len(data))
             self._wbuf.append(data)
-            self._expect.push(_cmd(None, _BDAT_CHUNK, txn, 0, "BDAT"))
+            self._expect.push(None, _BDAT_CHUNK, txn, 0, "BDAT")
 
     def end_data(self, txn):
         """The content of ``txn`` has been written: queue the final dot.
@@ -950,7 +1055,7 @@ cdef class Connection:
         t = <CTransaction?>txn
         t.dot_sent = True
         for idx in t.accepted:
-            self._expect.push(_cmd(None, _DOT, t, idx, "."))
+            self._expect.push(None, _DOT, t, idx, ".")
         self._pump()
         return 0
 
@@ -986,52 +1091,59 @@ cdef class Connection:
 
     cdef int _queue(self, bytes line, int kind, CTransaction txn, Py_ssize_t idx,
                     str name) except -1:
-        self._outq.push(_cmd(line, kind, txn, idx, name))
+        self._outq.push(line, kind, txn, idx, name)
         return 0
 
     cdef int _pump(self) except -1:
         """Move queued commands to the write buffer as far as the protocol allows."""
-        cdef _Fifo outq = self._outq
-        cdef _Cmd c
+        cdef _CmdQueue outq = self._outq
+        cdef _CmdRec c
+        cdef int kind
+        cdef CTransaction txn
         while outq.size() and self._content_owed is None and not self._sync_pending:
             if not self.pipelining and self._expect.size():
                 return 0
-            if (<_Cmd>outq.first()).kind == _MAIL and self._bdat_inflight >= self._bdat_burst:
+            if outq.first().kind == _MAIL and self._bdat_inflight >= self._bdat_burst:
                 if self._expect.size():
                     return 0  # let the replies drain: the proof for the BDAT ones sent
                 self._bdat_inflight = 0
-            c = <_Cmd>outq.pop()
-            if c.kind == _BDAT_START:
+            outq.pop_into(&c)
+            kind = c.kind
+            txn = <CTransaction><object>c.txn
+            if kind == _BDAT_START:
                 # Nothing is sent: the caller streams the chunks now.
-                self._content_owed = self._data_ready = c.txn
+                _rec_clear(&c)
+                self._content_owed = self._data_ready = txn
                 self._bdat_inflight += 1
-                self._events.push(_ready_event(c.txn))
+                self._events.push(_ready_event(txn))
                 continue
-            if c.kind == _MAIL and self._bdat_unsettled:
+            if kind == _MAIL and self._bdat_unsettled:
                 # A failed BDAT transaction leaves the server inside it (RFC 3030 2).
                 self._wbuf.append(_RSET_LINE)
-                self._expect.push(_cmd(None, _RSET_INTERNAL, None, 0, "RSET"))
+                self._expect.push(None, _RSET_INTERNAL, None, 0, "RSET")
                 for t in self._bdat_unsettled:
                     self._reset_covered.add(t.id)
                 del self._bdat_unsettled[:]
-            self._wbuf.append(c.line)
-            c.line = None
-            self._expect.push(c)
-            if c.kind == _BDAT_LAST:
-                c.txn.dot_sent = True  # the whole content is on its way
-                self._bdat_unsettled.append(c.txn)
+            self._wbuf.append(<object>c.line)
+            Py_XDECREF(c.line)
+            c.line = NULL
+            sync = kind == _LHLO or (kind == _COMMAND and <object>c.name in _SYNC_COMMANDS)
+            self._expect.push_rec(&c)
+            if kind == _BDAT_LAST:
+                txn.dot_sent = True  # the whole content is on its way
+                self._bdat_unsettled.append(txn)
                 self._bdat_inflight += 1
-            elif c.kind == _MAIL:
-                c.txn.mail_sent = True
-            elif c.kind == _DATA:
+            elif kind == _MAIL:
+                txn.mail_sent = True
+            elif kind == _DATA:
                 # Nothing may follow DATA until its content has been sent.
-                self._content_owed = c.txn
-            elif c.kind == _LHLO or (c.kind == _COMMAND and c.name in _SYNC_COMMANDS):
+                self._content_owed = txn
+            elif sync:
                 self._sync_pending += 1
         return 0
 
     cdef int _on_reply(self, object reply, int code) except -1:
-        cdef _Cmd c
+        cdef _CmdRec c
         cdef CTransaction txn
         cdef Py_ssize_t idx
         cdef int kind
@@ -1044,13 +1156,15 @@ cdef class Connection:
                 True,
             )
             return 0
-        c = <_Cmd>self._expect.pop()
-        txn = c.txn
+        self._expect.pop_into(&c)
+        txn = <CTransaction><object>c.txn
+        name = <object>c.name
         idx = c.idx
         kind = c.kind
+        _rec_clear(&c)
         if 300 <= code < 400 and kind != _DATA and (code == 354 or kind != _COMMAND):
             # As in _pyproto: a 3xx in the wrong place, the stream is shifted.
-            stage = c.name if kind == _COMMAND else _STAGE_NAMES[kind]
+            stage = name if kind == _COMMAND else _STAGE_NAMES[kind]
             self._break(RemoteProtocolError(
                 f"{code} reply while waiting for the {stage.upper()} reply: "
                 "replies out of step"),
@@ -1065,7 +1179,7 @@ cdef class Connection:
                 if not self.pipelining:
                     # Every recipient refused: do not send DATA, reset instead.
                     self._outq.drop_txn(txn)
-                    self._outq.push_front(_cmd(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET"))
+                    self._outq.push_front(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET")
                     self._complete(txn)
                 elif self._data_ready is txn and self._content_owed is txn:
                     # Streaming BDAT and nobody accepted: send no more of it.
@@ -1108,7 +1222,6 @@ cdef class Connection:
                 )
                 return 0
         else:
-            name = c.name
             if kind == _LHLO:
                 if _ok(code):
                     self.capabilities = caps = Capabilities.from_reply(reply, self.ignore_keywords)
@@ -1156,12 +1269,12 @@ cdef class Connection:
             # RFC 2920 says send a lone dot; its reply decides nothing.
             self._content_owed = None
             self._wbuf.append(_DOT_LINE)
-            self._expect.push(_cmd(None, _LONE_DOT, txn, 0, "."))
+            self._expect.push(None, _LONE_DOT, txn, 0, ".")
             return 0
         self._content_owed = None
         if mail_ok:
             # The server still holds the MAIL transaction: clear it before the next one.
-            self._outq.push_front(_cmd(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET"))
+            self._outq.push_front(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET")
         self._complete(txn)
         return 0
 
@@ -1173,7 +1286,7 @@ cdef class Connection:
             txn.final_replies[accepted[0]] = reply
             k = n - 1
             while k >= 1:
-                self._expect.push_front(_cmd(None, _DOT, txn, accepted[k], "."))
+                self._expect.push_front(None, _DOT, txn, accepted[k], ".")
                 k -= 1
             if n == 1:
                 self._complete(txn)
@@ -1181,7 +1294,7 @@ cdef class Connection:
         if txn.data_reply is None:
             txn.data_reply = reply
         if _reply_ok(txn.mail_reply) and txn.id not in self._reset_covered:
-            self._outq.push_front(_cmd(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET"))
+            self._outq.push_front(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET")
         self._complete(txn)
         return 0
 
@@ -1190,13 +1303,13 @@ cdef class Connection:
         self._data_ready = self._content_owed = None
         self._stream_stopped = txn
         if _reply_ok(txn.mail_reply):
-            self._outq.push_front(_cmd(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET"))
+            self._outq.push_front(_RSET_LINE, _RSET_INTERNAL, None, 0, "RSET")
         if not self._owes_more(txn):
             self._complete(txn)
         return 0
 
     cdef bint _owes_more(self, object txn):
-        return self._expect.size() > 0 and (<_Cmd>self._expect.first()).txn is txn
+        return self._expect.size() > 0 and self._expect.first().txn == <PyObject *>txn
 
     cdef int _complete(self, CTransaction txn) except -1:
         # Every reply of txn is in: hold it until the stream is proven in step.
@@ -1238,7 +1351,8 @@ cdef class Connection:
         return 0
 
     cdef int _on_eof(self) except -1:
-        if self._expect.size() and (<_Cmd>self._expect.first()).name == "QUIT" and not self._held:
+        if (self._expect.size() and <object>self._expect.first().name == "QUIT"
+                and not self._held):
             self.closed = True
             return 0
         stage = self.waiting_for
