@@ -19,7 +19,9 @@ from collections.abc import AsyncIterable
 
 from lmtpfast._cprotocol cimport Batch, ProtocolCore
 
-from lmtpfast._delivery import STREAM_THRESHOLD
+from msgspec.structs import astuple
+
+from lmtpfast._delivery import STREAM_THRESHOLD, Delivery
 from lmtpfast._errors import LocalProtocolError, ServerDisconnected
 from lmtpfast._failures import BAD_CONTENT
 
@@ -27,10 +29,18 @@ __all__ = ["send_many"]
 
 cdef Py_ssize_t _STREAM_THRESHOLD = STREAM_THRESHOLD
 cdef object _LocalProtocolError = LocalProtocolError
+cdef object _Delivery = Delivery
+cdef object _astuple = astuple
+
+# A Delivery's fields read at once (one call, not a lookup each), by position.
+_FIELDS = ("sender", "recipients", "content", "mail_params", "rcpt_params", "dsn_mail",
+           "dsn_rcpt", "eight_bit", "smtputf8", "refused", "given", "cache")
+if tuple(Delivery.__struct_fields__) != _FIELDS:
+    raise ImportError("lmtpfast._csession is out of date with Delivery's fields: rebuild it")
 
 
 cdef tuple _fast(object d, tuple facts, object encode):
-    """``Client._prepare(d)`` for the common delivery: (rcpts, content, params, smtputf8).
+    """``Client._prepare(d)`` for the common delivery: (rcpts, content, params, smtputf8, sender).
 
     ``None`` when ``d`` needs a decision taken only by ``Client._prepare``
     (refused or locally failed recipients, a capability the server lacks,
@@ -44,29 +54,33 @@ cdef tuple _fast(object d, tuple facts, object encode):
     cdef bint chunking = facts[4]
     cdef bint smtputf8, eight_bit
     cdef list params
-    if d.refused:
+    cdef tuple f
+    if type(d) is not _Delivery:
         return None
-    smtputf8 = d.smtputf8
+    f = _astuple(d)
+    if f[9]:  # refused
+        return None
+    smtputf8 = f[8]
     if smtputf8 and not has_smtputf8:
         return None
-    eight_bit = d.eight_bit
+    eight_bit = f[7]
     if eight_bit and not has_8bitmime:
         return None
-    if d.rcpt_params is not None or (has_dsn and d.dsn_rcpt is not None):
+    if f[4] is not None or (has_dsn and f[6] is not None):  # rcpt_params, dsn_rcpt
         return None
-    if len(d.content) > _STREAM_THRESHOLD:
+    if len(f[2]) > _STREAM_THRESHOLD:  # content
         return None
-    cache = d.cache
+    cache = f[11]
     content = (<dict>cache).get("bdat" if chunking else "data")
     if content is None:
         content = d.encoded(dot_stuff=not chunking, encode=encode)
-    mail_params = d.mail_params
+    mail_params = f[3]
     params = list(mail_params) if mail_params else []
     if has_dsn:
-        dsn_mail = d.dsn_mail
+        dsn_mail = f[5]
         if dsn_mail:
             params += dsn_mail
-    given = d.given
+    given = f[10]
     if limit is not None:
         size = (<dict>cache).get("size")
         if size is None:
@@ -79,7 +93,7 @@ cdef tuple _fast(object d, tuple facts, object encode):
         params.append("BODY=8BITMIME")
     if smtputf8 and "SMTPUTF8" not in given:
         params.append("SMTPUTF8")
-    return (list(d.recipients), content, params, smtputf8 or "SMTPUTF8" in given)
+    return (list(f[1]), content, params, smtputf8 or "SMTPUTF8" in given, f[0])
 
 
 async def send_many(client, ProtocolCore protocol, deliveries, window):
@@ -125,7 +139,7 @@ async def send_many(client, ProtocolCore protocol, deliveries, window):
                     break
                 fast = _fast(d, facts, encode)
                 if fast is not None:
-                    rcpts, content, params, smtputf8 = fast
+                    rcpts, content, params, smtputf8, sender = fast
                     rcpt_params = None
                     entry = d
                 else:
@@ -134,9 +148,10 @@ async def send_many(client, ProtocolCore protocol, deliveries, window):
                         ready.append((d, prep))
                         continue
                     rcpts, content, params, rcpt_params, smtputf8 = prep[:5]
+                    sender = d.sender
                     entry = (d, prep) if prep.local else d
                 try:
-                    txn = protocol._c_submit(batch, d.sender, rcpts, content, params,
+                    txn = protocol._c_submit(batch, sender, rcpts, content, params,
                                              rcpt_params, smtputf8, chunking)
                 except _LocalProtocolError as exc:
                     if not protocol._c_usable():

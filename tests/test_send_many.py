@@ -306,7 +306,8 @@ def test_the_compiled_preparation_is_the_reference(chunking: bool, limit: int | 
             if fast is None:
                 continue
             assert type(ref) is _Prepared and not ref.local and ref.rcpt_params is None, (d, facts)
-            assert fast == (ref.rcpts, ref.content, ref.params, ref.smtputf8), (d, facts)
+            assert fast == (ref.rcpts, ref.content, ref.params, ref.smtputf8, d.sender), (
+                d, facts)
     taken = [csession._prepare_fast(d, (True, True, True, None, False), engine.encode_content)
              is not None for d in _variants()]
     assert taken == [True] * 8 + [False, False, False, True, False]
