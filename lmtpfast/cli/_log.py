@@ -154,6 +154,21 @@ class _BufferedFile:
                     self._thread.start()
                 self._wake.set()
 
+    def write_many(self, lines: Sequence[str]) -> None:
+        """:meth:`write` for several lines at once (one lock, one wake-up)."""
+        with self._lock:
+            buf = self._lines
+            first = not buf
+            buf.extend(lines)
+            if len(buf) >= self.capacity:
+                self._flush_locked()
+            elif first and buf:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._flusher, daemon=True,
+                                                    name="lmtpfast-log-flush")
+                    self._thread.start()
+                self._wake.set()
+
     def flush(self) -> None:
         with self._lock:
             self._flush_locked()
@@ -328,6 +343,44 @@ class DeliveryLog:
             "%s: to=<%s>, relay=%s, delay=%s, delays=%s/%s/%s/%s, dsn=%s, status=%s (%s)%s",
             id, recipient, clean(relay_s), _seconds(delay), _seconds(a), _seconds(b), _seconds(c),
             _seconds(d), dsn, status, clean(reply), extra)
+
+    def deliveries(
+        self, id: str, delay: float,
+        rows: Sequence[tuple[str, str, int, str | None, str, str | None, bool, str]],
+    ) -> None:
+        """Outcomes of one transaction: for each ``(recipient, outcome, code, enhanced,
+        text, relay, possibly_duplicated, stage)`` the line :meth:`delivery` writes,
+        with the time stamp, id and delay formatted once for all of them."""
+        if not self._info or not rows:
+            return
+        f = self._formatter
+        direct = self._direct
+        if self.json or direct is None or not isinstance(f, _PostfixFormatter):
+            for rcpt, outcome, code, enhanced, text, relay, dup, stage in rows:
+                self.delivery(id, rcpt, outcome, code=code, enhanced=enhanced, text=text,
+                              relay=relay, delay=delay, possibly_duplicated=dup, stage=stage)
+            return
+        d = _seconds(delay)
+        head = f"{f.stamp(time.time())} {f.prefix}{id}: to=<"
+        mid = f", delay={d}, delays=0/{d}/0/0, dsn="
+        last_relay: str | None = ""
+        relay_s = ""
+        last_reply: tuple[int, str | None, str] | None = None
+        reply_s = ""
+        lines = []
+        for rcpt, outcome, code, enhanced, text, relay, dup, _stage in rows:
+            if relay != last_relay:
+                last_relay, relay_s = relay, clean(relay or "none")
+            key = (code, enhanced, text)
+            if key != last_reply:
+                last_reply = key
+                reply_s = clean((f"{code} {enhanced} {text}" if enhanced
+                                 else f"{code} {text}").rstrip())
+            lines.append(f"{head}{rcpt}>, relay={relay_s}{mid}"
+                         f"{enhanced or (str(code)[:1] or '4') + '.0.0'}, "
+                         f"status={_STATUS.get(outcome, outcome)} ({reply_s})"
+                         f"{', possibly duplicated' if dup else ''}")
+        direct.write_many(lines)
 
     def event(self, id: str, text: str, *, level: int = logging.INFO,
               **fields: Any) -> None:

@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -100,6 +100,23 @@ class _Outcomes:
                           enhanced=r.enhanced, text=r.text, relay=r.destination,
                           delay=rec.delay, possibly_duplicated=r.possibly_delivered,
                           stage=r.stage)
+
+    def many(self, records: Sequence[ProxyRecord]) -> None:
+        """The records of one back-end transaction: the same lines and counts, made at once."""
+        metrics = self.metrics
+        delivery = metrics.delivery
+        observe = metrics.delay.observe
+        rows = []
+        for rec in records:
+            r = rec.result
+            status = r.status
+            delivery(r.destination, _STATUS.get(status, status), r.enhanced, r.code)
+            if status == "delivered":
+                observe(rec.delay)
+            rows.append((rec.recipient, _OUTCOME.get(status, status), r.code, r.enhanced,
+                         r.text, r.destination, r.possibly_delivered, r.stage))
+        if records:
+            self.log.deliveries(records[0].id, records[0].delay, rows)
 
 
 class _ProxyCollector:

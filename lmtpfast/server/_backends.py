@@ -22,6 +22,8 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+import msgspec
+
 from .._agent import Agent, AgentStats
 from .._delivery import Delivery
 from .._dsn import DSN
@@ -83,6 +85,40 @@ class Backends:
                                   recipients=[r.recipient for r in routings],
                                   mail_params=mail_params, dsn=dsn)
         return await self._agent.deliver_routed(delivery, routings)
+
+    def prepare(
+        self,
+        content: bytes | memoryview,
+        sender: str,
+        recipients: Sequence[str],
+        *,
+        mail_params: Sequence[str] = (),
+        dsn: DSN | None = None,
+    ) -> Delivery:
+        """One message's :class:`Delivery` for all its recipients, checked once.
+
+        Raises what :meth:`Delivery.build` raises (``ContentError``,
+        ``LocalProtocolError``). Its parts (:meth:`deliver_part`) share its
+        content and its encoded forms: the content is dot-stuffed once per
+        message, not once per back end.
+        """
+        return Delivery.build(content, sender=sender, recipients=recipients,
+                              mail_params=mail_params, dsn=dsn)
+
+    async def deliver_part(
+        self, delivery: Delivery, positions: Sequence[int], routings: Sequence[Routing],
+    ) -> list[RecipientResult]:
+        """Deliver to the recipients at ``positions`` of ``delivery``, routed to one back end.
+
+        The same transaction :meth:`deliver` sends for those recipients:
+        SMTPUTF8 is asked for only when this part's own addresses (or the
+        sender) need it, as if the part had been built alone.
+        """
+        part = delivery.subset(positions)
+        if part.smtputf8 and delivery.sender.isascii() and all(
+                r.isascii() for r in part.recipients):
+            part = msgspec.structs.replace(part, smtputf8=False)
+        return await self._agent.deliver_routed(part, routings)
 
     @property
     def stats(self) -> AgentStats:

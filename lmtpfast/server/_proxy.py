@@ -44,6 +44,7 @@ from typing import IO, Any, Final
 
 import msgspec
 
+from .._delivery import Delivery
 from .._destination import Destination
 from .._errors import ContentError, LocalProtocolError
 from .._results import RecipientResult, status_of
@@ -660,51 +661,71 @@ class ProxyHandler(Handler):
             body.release()
             return answers
         mail_params = _backend_mail_params(txn.mail_params)
+        rcpt_ids = envelope.rcpt_ids
+        # One Delivery for the whole message, checked and encoded once; each
+        # back end gets its part of it (the same transaction it got when a
+        # Delivery was built per back end, sharing the encoded content).
+        try:
+            delivery: Delivery | None = self.backends.prepare(
+                content, txn.sender, [routes[rid].recipient for rid in rcpt_ids
+                                      if rid in routes], mail_params=mail_params)
+            failure: Exception | None = None
+        except Exception as exc:
+            delivery, failure = None, exc
+        # Positions in the Delivery skip the (impossible) unrouted recipients.
+        where: dict[int, int] = {}
+        for i, rid in enumerate(rcpt_ids):
+            if rid in routes:
+                where[i] = len(where)
         txn.pending = len(groups)
+        client = ctx.name  # type: ignore[union-attr]
         for positions in groups.values():
             task = loop.create_task(self._deliver(
-                txn, body, content, [routes[envelope.rcpt_ids[i]] for i in positions],
-                [futures[i] for i in positions], mail_params, ctx.name))  # type: ignore[union-attr]
+                loop, txn, body, content, delivery, failure, [where[i] for i in positions],
+                [routes[rcpt_ids[i]] for i in positions], [futures[i] for i in positions],
+                client))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
         return answers
 
     async def _deliver(
         self,
+        loop: asyncio.AbstractEventLoop,
         txn: _Txn,
         body: _Body,
         content: bytes | memoryview,
+        delivery: Delivery | None,
+        failure: Exception | None,
+        positions: list[int],
         routings: list[Routing],
         futures: list[asyncio.Future[Answer]],
-        mail_params: list[str],
         client: str,
     ) -> None:
         stats = self.stats
         stats.backend_deliveries += 1
-        recipients = [r.recipient for r in routings]
         try:
-            results = await self.backends.deliver(content, txn.sender, routings,
-                                                  mail_params=mail_params)
+            if failure is not None:
+                raise failure
+            assert delivery is not None
+            results = await self.backends.deliver_part(delivery, positions, routings)
         except ContentError as exc:
-            results = [_local(r, 554, "5.6.0", f"message content cannot be sent: {exc}",
-                              "local") for r in recipients]
+            results = [_local(r.recipient, 554, "5.6.0",
+                              f"message content cannot be sent: {exc}", "local")
+                       for r in routings]
         except LocalProtocolError as exc:
-            results = [_local(r, 553, "5.1.7", f"cannot relay this envelope: {exc}", "local")
-                       for r in recipients]
+            results = [_local(r.recipient, 553, "5.1.7", f"cannot relay this envelope: {exc}",
+                              "local") for r in routings]
         except Exception as exc:  # a failure of ours: defer (the back end may have it)
             log.exception("%s: delivery to a back end failed", txn.id)
-            results = [RecipientResult(address=r, status="transient", code=451,
+            results = [RecipientResult(address=r.recipient, status="transient", code=451,
                                        enhanced="4.3.0", text=f"local error in processing: "
                                        f"{type(exc).__name__}", stage="local", local=True,
-                                       possibly_delivered=True) for r in recipients]
+                                       possibly_delivered=True) for r in routings]
         finally:
             txn.pending -= 1
             if txn.pending <= 0:
-                del content
+                del content, delivery
                 body.release()
-        on_result = self.on_result
-        delay = time.monotonic() - txn.started
-        records: list[ProxyRecord] = []
         for fut, result in zip(futures, results, strict=True):
             status = result.status
             if status == "delivered":
@@ -717,19 +738,26 @@ class ProxyHandler(Handler):
                     stats.possibly_delivered += 1
             if not fut.done():
                 fut.set_result(reply_for(result))
-            if on_result is not None:
-                records.append(ProxyRecord(txn.id, client, txn.sender, result.address,
-                                           body.size, delay, result))
-        if records:
+        if self.on_result is not None:
             # Log after the replies are written: set_result above scheduled the
             # server's done callbacks, which schedule the write (call_soon) in
             # turn; two hops put the log lines behind it, off the client's wait.
-            loop = asyncio.get_running_loop()
-            loop.call_soon(loop.call_soon, self._report, records)
+            loop.call_soon(loop.call_soon, self._report, txn, client, body.size,
+                           time.monotonic() - txn.started, results)
 
-    def _report(self, records: list[ProxyRecord]) -> None:
+    def _report(self, txn: _Txn, client: str, size: int, delay: float,
+                results: list[RecipientResult]) -> None:
         on_result = self.on_result
         if on_result is None:
+            return
+        records = [ProxyRecord(txn.id, client, txn.sender, result.address, size, delay, result)
+                   for result in results]
+        many = getattr(on_result, "many", None)
+        if many is not None:
+            try:
+                many(records)
+            except Exception:
+                log.exception("on_result failed")
             return
         for record in records:
             try:
