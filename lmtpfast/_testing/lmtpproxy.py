@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from ._procs import PeerStartError, TempPeer, guarded, stop_process, wait_for
+from ._procs import PeerStartError, TempPeer, guarded, session_pids, stop_process, wait_for
 
 __all__ = ["TempProxy", "dovecot_proxy_config"]
 
@@ -132,9 +132,24 @@ class TempProxy(TempPeer):
         return data
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the proxy used so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time the proxy used so far (its workers' too, ``--workers``:
+        live ones and those reaped)."""
+        total = 0
+        for pid in session_pids(self.pid):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += sum(int(x) for x in fields[11:15 if pid == self.pid else 13])
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes of ``--workers N`` (the proxy's live children)."""
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
 
     def peak_rss(self) -> int:
         """The proxy's peak resident set size in bytes (VmHWM)."""

@@ -23,8 +23,9 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -36,7 +37,7 @@ from . import _exit, _log
 from ._options import add_quiet
 from ._systemd import Notifier
 
-__all__ = ["counters", "register", "run"]
+__all__ = ["counters", "register", "run", "serve_one"]
 
 EX_OSERR = 71
 
@@ -70,6 +71,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_quiet(p, "log warnings and errors only (as lmtpfast run -q)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes (default 1): each a whole proxy with its own "
+                   "back-end pools, sharing the listeners (SO_REUSEPORT on TCP, one socket "
+                   "for unix listeners); the parent forwards SIGTERM, SIGHUP and SIGUSR1")
     p.add_argument("--engine", choices=("auto", "c", "python"), default="auto",
                    help="server engine (default: compiled when built)")
     p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
@@ -158,6 +163,32 @@ def counters(proxy: Proxy) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the proxy until SIGTERM/SIGINT; return the exit status."""
+    workers = getattr(args, "workers", 1)
+    if workers < 1:
+        return _fail(_exit.EX_USAGE, f"--workers must be at least 1, not {workers}")
+    if workers > 1:
+        if args.metrics_listen:
+            return _fail(_exit.EX_USAGE, "--metrics-listen is served by one process: not "
+                         "with --workers above 1 (scrape --stats-json instead)")
+        from ._workers import supervise
+
+        return supervise(args)
+    return serve_one(args)
+
+
+def serve_one(
+    args: argparse.Namespace,
+    *,
+    listen: list[str] | None = None,
+    listen_sockets: dict[str, socket.socket] | None = None,
+    reuse_port: bool = False,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """One proxy process (the only one, or a worker of ``--workers``): its exit status.
+
+    ``listen``, ``listen_sockets`` and ``reuse_port`` are a worker's
+    listeners (``_workers.py``); ``on_ready`` is called once it listens.
+    """
     if args.quiet and args.log_level == "info":
         args.log_level = "warning"
     if args.log_file:
@@ -171,8 +202,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings, config = load_proxy_config(args.config)
         metrics = Metrics()
-        proxy = Proxy(config, settings, listen=args.listen, on_result=_Outcomes(log, metrics),
-                      engine=None if args.engine == "auto" else args.engine)
+        proxy = Proxy(config, settings, listen=listen if listen is not None else args.listen,
+                      on_result=_Outcomes(log, metrics),
+                      engine=None if args.engine == "auto" else args.engine,
+                      listen_sockets=listen_sockets, reuse_port=reuse_port)
     except ConfigurationError as exc:
         return _fail(_exit.EX_CONFIG, str(exc))
     factory: Any = None
@@ -181,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         if factory is None and args.loop == "uvloop":
             return _fail(_exit.EX_USAGE, "uvloop is not installed")
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(_serve(proxy, args, log, metrics))
+        return runner.run(_serve(proxy, args, log, metrics, on_ready))
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -192,7 +225,7 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 async def _serve(proxy: Proxy, args: argparse.Namespace, log: _log.DeliveryLog,
-                 metrics: Metrics) -> int:
+                 metrics: Metrics, on_ready: Callable[[], None] | None = None) -> int:
     try:
         await proxy.start()
     except ConfigurationError as exc:
@@ -252,6 +285,8 @@ async def _serve(proxy: Proxy, args: argparse.Namespace, log: _log.DeliveryLog,
         log.message(f"listening on {where}")
         print(f"lmtpfast proxy listening on {where}", file=sys.stderr)
         notify.ready("proxying")
+        if on_ready is not None:
+            on_ready()
         await stop.wait()
     finally:
         notify.stopping("stopping")

@@ -90,7 +90,9 @@ class Proxy:
     ``settings`` is the ``[proxy]`` table (:class:`ProxySettings`); ``listen``
     replaces its listeners. ``on_result`` hears of every recipient's final
     outcome (:class:`ProxyRecord`). ``engine`` picks the server engine
-    (``"c"``/``"python"``).
+    (``"c"``/``"python"``). ``listen_sockets`` and ``reuse_port`` are for
+    worker processes (``lmtpfast proxy --workers``): unix listeners a parent
+    bound, TCP listeners bound with ``SO_REUSEPORT`` (see :class:`Server`).
     """
 
     def __init__(
@@ -102,6 +104,8 @@ class Proxy:
         on_result: Callable[[ProxyRecord], None] | None = None,
         engine: str | ModuleType | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        listen_sockets: Mapping[str, socket.socket] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         settings = settings if settings is not None else ProxySettings()
         self.settings = settings
@@ -147,7 +151,8 @@ class Proxy:
             ssl_context=ssl_context, engine=engine,
             idle_timeout=settings.timeouts.idle or None,
             command_timeout=settings.timeouts.command or None,
-            tls_timeout=settings.timeouts.tls or None, unix_mode=settings.unix_mode)
+            tls_timeout=settings.timeouts.tls or None, unix_mode=settings.unix_mode,
+            sockets=listen_sockets, reuse_port=reuse_port)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> Proxy:

@@ -18,7 +18,7 @@ import os
 import socket
 import ssl
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import ModuleType, TracebackType
 from typing import Any, cast
 
@@ -139,7 +139,12 @@ class Server:
     within it; a slow-loris client that trickles bytes gets ``421 4.4.2``
     too. ``tls_timeout`` bounds the STARTTLS handshake. ``unix_mode`` sets
     the permissions of unix sockets (``0o666`` lets Postfix's lmtp(8), user
-    ``postfix``, connect).
+    ``postfix``, connect). ``sockets`` maps a unix listener's path to a
+    socket already bound and listening there (a parent process made it and
+    forked workers that share it; :meth:`stop` leaves the path alone);
+    ``reuse_port`` binds TCP listeners with ``SO_REUSEPORT``, so that
+    several worker processes listen on one port and the kernel spreads the
+    connections over them.
     After :meth:`start`, :attr:`destinations` holds the real destinations,
     e.g. ``"127.0.0.1:40123"`` or ``"unix:/tmp/s"``.
     """
@@ -158,6 +163,8 @@ class Server:
         command_timeout: float | None = None,
         tls_timeout: float | None = None,
         unix_mode: int | None = None,
+        sockets: Mapping[str, socket.socket] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         dests = [listen] if isinstance(listen, str) else list(listen)
         if not dests:
@@ -174,6 +181,10 @@ class Server:
         self.command_timeout = command_timeout
         self.tls_timeout = tls_timeout
         self.unix_mode = unix_mode
+        # Unix listeners bound and listening already (by a parent process that
+        # forks workers): served as they are, never unlinked here.
+        self._sockets = dict(sockets or {})
+        self.reuse_port = reuse_port
         self._sweeper: asyncio.Task[None] | None = None
         self.handler = handler
         self.config = config
@@ -204,7 +215,12 @@ class Server:
         loop = asyncio.get_running_loop()
         try:
             for kind, where, port in self._listen:
-                if kind == "unix":
+                if kind == "unix" and where in self._sockets:
+                    server = await loop.create_unix_server(
+                        lambda: ServerProtocol(self), sock=self._sockets[where], backlog=1024
+                    )
+                    self.destinations.append(f"unix:{where}")
+                elif kind == "unix":
                     with contextlib.suppress(OSError):
                         if stat.S_ISSOCK(os.stat(where).st_mode):
                             os.unlink(where)  # a stale socket of an earlier run
@@ -217,7 +233,8 @@ class Server:
                     self.destinations.append(f"unix:{where}")
                 else:
                     server = await loop.create_server(
-                        lambda: ServerProtocol(self), where, port, backlog=1024
+                        lambda: ServerProtocol(self), where, port, backlog=1024,
+                        reuse_port=self.reuse_port or None,
                     )
                     sockname = server.sockets[0].getsockname()
                     self.destinations.append(_format_inet(sockname[0], sockname[1]))
