@@ -575,7 +575,9 @@ class ServerProtocol(asyncio.Protocol):
 
     def _wait(self, pending: Pending) -> None:
         try:
-            fut = asyncio.ensure_future(pending.awaitable)
+            aw = pending.awaitable
+            # A future (the proxy's answers) as it is; ensure_future is Python code.
+            fut = aw if isinstance(aw, asyncio.Future) else asyncio.ensure_future(aw)
         except TypeError as exc:
             self._resolved(pending, None, exc)
             return
