@@ -12,6 +12,9 @@ rotates from round to round):
   back-end work as behind a proxy, without one. Rate = messages / slowest.
 * **lmtpfast**: ``smtp-source -L -d -s 8 -r 10`` -> ``lmtpfast proxy`` (the
   CLI, uvloop, per-recipient log to a file) -> the back ends.
+* **lmtpfast-wN** (``--workers N``, default 2): the same through
+  ``lmtpfast proxy --workers N`` (N processes, SO_REUSEPORT); its CPU is
+  that of all its processes.
 * **dovecot**: the same client -> Dovecot's proxy (``lmtp_proxy = yes``, a
   passdb answering ``proxy=y host= port=`` per user) -> the same back ends.
 
@@ -248,6 +251,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--probe", type=int, default=1000, help="probe messages per proxy per round")
     ap.add_argument("--pool", type=int, default=2, help="lmtpfast: connections per back end")
+    ap.add_argument("--workers", type=int, default=2, metavar="N",
+                    help="also run lmtpfast proxy --workers N (0 or 1: not)")
     ap.add_argument("--no-dovecot", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2,000 messages, 1 round, 200 probes")
     ap.add_argument("--faults", type=int, default=0, metavar="N",
@@ -261,15 +266,19 @@ def main() -> None:
     n = args.messages
     print(os.popen("uptime").read().strip())
     sinks = [SmtpSink(tcp=True).start() for _ in range(4)]
-    proxy = dovecot = None
+    proxies: dict[str, TempProxy] = {}
+    dovecot = None
     try:
         spread = _spread(sinks)
         transport = "".join(f"{u}@example.com lmtp:{spread[u].destination}\n" for u in USERS)
-        proxy = TempProxy(
-            'transport_map = "texthash:transport"\n'
-            f"[defaults.pool]\nmax_connections = {args.pool}\n",
-            files={"transport": transport},
-            ).start()
+        proxy_config = ('transport_map = "texthash:transport"\n'
+                        f"[defaults.pool]\nmax_connections = {args.pool}\n")
+        proxy = TempProxy(proxy_config, files={"transport": transport}).start()
+        proxies = {"lmtpfast": proxy}
+        if args.workers > 1:
+            proxies[f"lmtpfast-w{args.workers}"] = TempProxy(
+                proxy_config, files={"transport": transport},
+                extra_args=["--workers", str(args.workers)]).start()
         if not args.no_dovecot:
             dovecot = TempDovecot(users=())
             dovecot.extra_config = dovecot_proxy_config(
@@ -278,7 +287,7 @@ def main() -> None:
         busiest = max(sinks, key=lambda s: _shares(sinks)[sinks.index(s)])
         direct_rcpts = [f"{u}@example.com" for u in USERS if spread[u] is busiest]
         all_rcpts = [f"{u}@example.com" for u in USERS]
-        variants = ["direct", "lmtpfast"] + ([] if dovecot is None else ["dovecot"])
+        variants = ["direct", *proxies] + ([] if dovecot is None else ["dovecot"])
         rows: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         lat: dict[str, list[list[float]]] = {v: [] for v in variants}
         for rnd in range(args.rounds):
@@ -288,7 +297,8 @@ def main() -> None:
                     res = run_direct(sinks, n, args.size)
                     lat[v].append(probe(busiest.destination, direct_rcpts, args.probe,
                                         args.size))
-                elif v == "lmtpfast":
+                elif v in proxies:
+                    proxy = proxies[v]
                     before = proxy.stats()["backends"]
                     res = run_through(proxy.destination, n, args.size, proxy.cpu_seconds)
                     after = proxy.stats()["backends"]
@@ -331,8 +341,8 @@ def main() -> None:
             print(f"{p50:.2f} | {p99:.2f} | {added or '- | -'} |")
         print(os.popen("uptime").read().strip())
     finally:
-        if proxy is not None:
-            proxy.close()
+        for p in proxies.values():
+            p.close()
         if dovecot is not None:
             dovecot.close()
         for s in sinks:

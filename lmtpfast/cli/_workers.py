@@ -43,8 +43,7 @@ import traceback
 from typing import Any
 
 from lmtpfast import ConfigurationError
-from lmtpfast.server import load_proxy_config
-from lmtpfast.server._server import _format_inet, parse_listen
+from lmtpfast.server import load_proxy_config, parse_listen
 
 from . import _exit
 from ._systemd import Notifier
@@ -339,7 +338,7 @@ def supervise(args: argparse.Namespace) -> int:
             else:
                 sock, real = _port_holder(where, port)
                 holders.append(sock)
-                listen.append(_format_inet(where, real))
+                listen.append(f"[{where}]:{real}" if ":" in where else f"{where}:{real}")
     except ConfigurationError as exc:
         _say(str(exc))
         code = _exit.EX_CONFIG

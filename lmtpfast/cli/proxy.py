@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -285,6 +286,9 @@ async def _serve(proxy: Proxy, args: argparse.Namespace, log: _log.DeliveryLog,
         log.message(f"listening on {where}")
         print(f"lmtpfast proxy listening on {where}", file=sys.stderr)
         notify.ready("proxying")
+        # What start-up made lives as long as the process: out of the
+        # collector's sight, a full collection does not walk it again.
+        gc.freeze()
         if on_ready is not None:
             on_ready()
         await stop.wait()

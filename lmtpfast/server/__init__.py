@@ -33,7 +33,7 @@ from ._common import (
 )
 from ._data import DotDecoder
 from ._faults import FaultPlan, FaultRule, parse_fault
-from ._server import IMPLEMENTATION, IMPLEMENTATIONS, Server, ServerProtocol
+from ._server import IMPLEMENTATION, IMPLEMENTATIONS, Server, ServerProtocol, parse_listen
 from ._sink import ReceivedMessage, Sink, SinkHandler
 
 if TYPE_CHECKING:
@@ -97,5 +97,6 @@ __all__ = [
     "SinkStats",
     "load_proxy_config",
     "parse_fault",
+    "parse_listen",
     "proxy_config_from_dict",
 ]

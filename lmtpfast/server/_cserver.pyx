@@ -29,7 +29,7 @@ from ._common import (
     SinkStats,
 )
 from . import _session as _ref
-from ._session import _CONTENT_WAIT, _Slot, _ends, _joined
+from ._session import _CONTENT_WAIT, _Slot, _joined
 
 __all__ = ["DotDecoder", "ServerSession"]
 
@@ -38,6 +38,14 @@ __all__ = ["DotDecoder", "ServerSession"]
 # several times per command (a Python call each was ~50 per proxied message).
 cdef inline bint _decided(object answer):
     return answer is None or type(answer) is bytes or isinstance(answer, (bytes, Decision))
+
+
+cdef inline bint _ends(list items):
+    # _session._ends: does the output close the session?
+    for i in items:
+        if i is CLOSE or i is ABORT or i is STALL:
+            return True
+    return False
 
 
 cdef int answer_code(object answer) except? -1:
