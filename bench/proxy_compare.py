@@ -253,6 +253,8 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=2, help="lmtpfast: connections per back end")
     ap.add_argument("--workers", type=int, default=2, metavar="N",
                     help="also run lmtpfast proxy --workers N (0 or 1: not)")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run lmtpfast proxy from this checkout (lmtpfast-before)")
     ap.add_argument("--no-dovecot", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2,000 messages, 1 round, 200 probes")
     ap.add_argument("--faults", type=int, default=0, metavar="N",
@@ -275,6 +277,10 @@ def main() -> None:
                         f"[defaults.pool]\nmax_connections = {args.pool}\n")
         proxy = TempProxy(proxy_config, files={"transport": transport}).start()
         proxies = {"lmtpfast": proxy}
+        if args.baseline:  # another checkout (built in place): before/after in one run
+            proxies["lmtpfast-before"] = TempProxy(
+                proxy_config, files={"transport": transport},
+                env={"PYTHONPATH": os.path.abspath(args.baseline)}).start()
         if args.workers > 1:
             proxies[f"lmtpfast-w{args.workers}"] = TempProxy(
                 proxy_config, files={"transport": transport},
