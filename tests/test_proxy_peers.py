@@ -20,7 +20,6 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +28,9 @@ import pytest
 from lmtpfast._testing._procs import session_pids, wait_for
 from lmtpfast._testing.dovecot import TempDovecot
 from lmtpfast._testing.fixtures import DovecotFactory, PostfixFactory, require_peer
-from lmtpfast._testing.lmtpproxy import TempProxy
 from lmtpfast._testing.postfix import run_smtp_source, split_capture
 
 MESSAGE = b"From: s@example.org\r\nSubject: through the proxy\r\n\r\nOne copy per mailbox.\r\n"
-
-
-@pytest.fixture
-def lmtp_proxy() -> Iterator[Any]:
-    made: list[TempProxy] = []
-
-    def make(config: str, **kw: Any) -> TempProxy:
-        p = TempProxy(config, **kw)
-        made.append(p)
-        return p.start()
-
-    yield make
-    for p in made:
-        p.close()
 
 
 def _config(routes: dict[str, str], *, recipient_map: bool = False, extra: str = "") -> str:

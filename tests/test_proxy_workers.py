@@ -16,11 +16,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from lmtpfast import connect
 from lmtpfast._testing._procs import wait_for
@@ -28,20 +25,6 @@ from lmtpfast._testing.lmtpproxy import TempProxy
 from lmtpfast.cli._workers import merge_counters
 
 MSG = b"From: s@example.org\r\nSubject: workers\r\n\r\nOne of several processes.\r\n"
-
-
-@pytest.fixture
-def lmtp_proxy() -> Iterator[Any]:
-    made: list[TempProxy] = []
-
-    def make(config: str, **kw: Any) -> TempProxy:
-        p = TempProxy(config, **kw)
-        made.append(p)
-        return p.start()
-
-    yield make
-    for p in made:
-        p.close()
 
 
 async def _send(dest: str, connections: int, rcpts: list[str]) -> list[str]:

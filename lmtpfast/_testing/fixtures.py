@@ -18,6 +18,10 @@ Fixtures:
     ``dovecot_factory(**kwargs) -> TempDovecot``: a fresh, started instance with
     its own config (``users=``, ``ssl_cert=``/``ssl_key=``, ``extra_config=`` ...;
     see :class:`TempDovecot`), stopped and deleted at teardown.
+``lmtp_proxy`` (function scope)
+    ``lmtp_proxy(config, **kwargs) -> TempProxy``: a started ``lmtpfast
+    proxy`` process (:class:`~lmtpfast._testing.lmtpproxy.TempProxy`) with that
+    TOML text, closed at teardown.
 ``smtp_sink`` (function scope)
     ``smtp_sink(*flags, tcp=False, **kwargs) -> SmtpSink``: a started
     ``smtp-sink -L`` (fault flags passed through, e.g. ``smtp_sink("-q", ".")``),
@@ -88,6 +92,7 @@ import pytest
 from ._procs import TempPeer
 from .cyrus import find_cyrus
 from .dovecot import TempDovecot, find_dovecot
+from .lmtpproxy import TempProxy
 from .mariadb import TempMariaDB, find_mariadb
 from .netns import NetNamespaces, find_netns
 from .postfix import SmtpSink, smtp_tool
@@ -102,12 +107,14 @@ __all__ = [
     "PgDatabase",
     "PostfixFactory",
     "PostgresFactory",
+    "ProxyFactory",
     "SlapdFactory",
     "SmtpSinkFactory",
     "dovecot",
     "dovecot_factory",
     "dovecot_session",
     "in_ci",
+    "lmtp_proxy",
     "lmtpfast_venv",
     "mariadb",
     "mariadb_factory",
@@ -138,6 +145,12 @@ class SmtpSinkFactory(Protocol):
     """Type of the ``smtp_sink`` fixture."""
 
     def __call__(self, *flags: str, tcp: bool = False, **kwargs: Any) -> SmtpSink: ...
+
+
+class ProxyFactory(Protocol):
+    """Type of the ``lmtp_proxy`` fixture."""
+
+    def __call__(self, config: str, **kwargs: Any) -> TempProxy: ...
 
 
 class PostgresFactory(Protocol):
@@ -273,6 +286,21 @@ def smtp_sink() -> Iterator[SmtpSinkFactory]:
 
     yield make
     _close_all(made)
+
+
+@pytest.fixture
+def lmtp_proxy() -> Iterator[ProxyFactory]:
+    """Factory of started ``lmtpfast proxy`` processes, closed at teardown."""
+    made: list[TempProxy] = []
+
+    def make(config: str, **kwargs: Any) -> TempProxy:
+        proxy = TempProxy(config, **kwargs)
+        made.append(proxy)
+        return proxy.start()
+
+    yield make
+    for proxy in made:
+        proxy.close()
 
 
 @pytest.fixture(scope="session")
