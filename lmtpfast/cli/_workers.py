@@ -48,10 +48,11 @@ from lmtpfast.server import load_proxy_config, parse_listen
 from . import _exit
 from ._systemd import Notifier
 
-__all__ = ["merge_counters", "supervise"]
+__all__ = ["SIGNALS", "merge_counters", "supervise"]
 
 EX_OSERR = 71
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
+#: What the parent handles (blocked, read with sigtimedwait) and forwards.
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 # Beyond shutdown_timeout, what a worker gets to finish its graceful stop.
 _STOP_SLACK = 15.0
 _START_TIMEOUT = 120.0
@@ -147,7 +148,9 @@ class _Supervisor:
             return
         status = _exit.EX_SOFTWARE
         try:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+            # The signals stay blocked (as in the parent) until the worker's own
+            # handlers are in place (proxy._serve unblocks them): a SIGTERM that
+            # comes while it starts waits for them, then stops it gracefully.
             _die_with_parent()
             for sock in self.holders:
                 sock.close()
@@ -232,7 +235,7 @@ class _Supervisor:
         status = 0
         while self.pids or (not stopping and self.respawn):
             try:
-                got = signal.sigtimedwait(_SIGNALS, 0.2)
+                got = signal.sigtimedwait(SIGNALS, 0.2)
             except InterruptedError:
                 got = None
             sig = got.si_signo if got is not None else None
@@ -347,7 +350,7 @@ def supervise(args: argparse.Namespace) -> int:
         code = EX_OSERR
     else:
         code = -1
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     sup = _Supervisor(args, args.workers, listen, unix, holders,
                       float(settings.shutdown_timeout or 30))
     try:
@@ -356,4 +359,4 @@ def supervise(args: argparse.Namespace) -> int:
         return sup.run()
     finally:
         sup.close()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)

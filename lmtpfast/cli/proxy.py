@@ -37,6 +37,7 @@ from lmtpfast.server import Proxy, ProxyRecord, load_proxy_config
 from . import _exit, _log
 from ._options import add_quiet
 from ._systemd import Notifier
+from ._workers import SIGNALS, supervise
 
 __all__ = ["counters", "register", "run", "serve_one"]
 
@@ -171,8 +172,6 @@ def run(args: argparse.Namespace) -> int:
         if args.metrics_listen:
             return _fail(_exit.EX_USAGE, "--metrics-listen is served by one process: not "
                          "with --workers above 1 (scrape --stats-json instead)")
-        from ._workers import supervise
-
         return supervise(args)
     return serve_one(args)
 
@@ -278,6 +277,9 @@ async def _serve(proxy: Proxy, args: argparse.Namespace, log: _log.DeliveryLog,
     for sig, fn in handlers.items():
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, fn)
+    # A worker of --workers starts with these blocked (cli/_workers.py): now
+    # that the handlers are in place, a signal that came meanwhile is handled.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     try:
         if args.ready_file:
             _write_atomic(args.ready_file,
