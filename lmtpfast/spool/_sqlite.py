@@ -40,12 +40,12 @@ it applies the dead worker's journal, then frees its rows, flagged *suspect*
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
 import functools
 import io
+import itertools
 import os
 import secrets
 import sqlite3
@@ -87,10 +87,13 @@ from ._queue import (
     Update,
 )
 from ._store import ImportReport, flocked_files
-from ._watch import IN_ATTRIB, IN_CLOSE_WRITE, IN_CREATE, IN_MOVED_TO, Watch, watch_paths
 
 if TYPE_CHECKING:
     from .._delivery import MessageFile
+    from ._watch import Watch
+
+# asyncio and _watch (ctypes) are imported where SQLiteQueue uses them:
+# `lmtpfast enqueue` writes through SQLiteStore and needs neither.
 
 __all__ = ["SCHEMA_VERSION", "SQLiteQueue", "SQLiteStore", "is_store"]
 
@@ -110,9 +113,14 @@ SEGMENT_SIZE = 8 * 1024 * 1024
 #: A call queuing less than this in all stores its content in the rows
 #: (one flush instead of two, no segment for a single message).
 INLINE_BATCH = 64 * 1024
-#: Rows and bytes per enqueue transaction.
-ENQUEUE_ROWS = 2000
-ENQUEUE_BYTES = 16 * 1024 * 1024
+#: Group commit: an enqueue transaction holds at most this many rows and this
+#: much content, and is committed at least this often (seconds) while messages
+#: keep coming. Content goes to its segment as it comes, WRITE_SIZE at a time:
+#: memory is the group's rows and one write buffer, not its content.
+ENQUEUE_ROWS = 50_000
+ENQUEUE_BYTES = 64 * 1024 * 1024
+ENQUEUE_SECONDS = 1.0
+WRITE_SIZE = 1 << 20
 #: The worker journal: preallocated, so writing it never needs new disk space.
 JOURNAL_OFFSET = 4096
 JOURNAL_SIZE = 4 * 1024 * 1024
@@ -161,6 +169,13 @@ _SCHEMA = (
     # Directory-spool entries already converted (the import is idempotent).
     "CREATE TABLE imported(legacy TEXT PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID",
 )
+
+#: A fresh envelope's row in a segment (the other columns keep their defaults).
+_INSERT_SEGMENT = ("INSERT INTO msg(id, next_attempt, sender, rcpts, arrival, size, crc, seg, off)"
+                   " VALUES (?,?,?,?,?,?,?,?,?)")
+_INSERT_FULL = ("INSERT INTO msg(id, next_attempt, sender, rcpts, arrival, attempts, last_attempt,"
+                " delivered, ret, envid, size, crc, seg, off, body)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 
 _rcpts_encoder = msgspec.json.Encoder()
 _rcpts_decoder = msgspec.json.Decoder(list[Recipient])
@@ -318,6 +333,8 @@ class SQLiteStore:
         self._seg_fds: dict[int, int] = {}
         self._retired: list[_Segment] = []
         self._first_pass = True
+        #: Ids of the enqueue_many call under way: [next, end of block, next block's size].
+        self._ids = [0, 0, 256]
         self._lock_fd = -1
         self._closed = False
         self._open(create, background_checkpoints)
@@ -409,6 +426,9 @@ class SQLiteStore:
         try:
             db = sqlite3.connect(tmp, isolation_level=None)
             try:
+                # A private file until it is linked: SQLite need not flush it
+                # step by step (8 flushes); the one fsync below makes it durable.
+                db.execute("PRAGMA synchronous = OFF")
                 db.execute("PRAGMA journal_mode = WAL")
                 self.db = db
                 self._create_schema()
@@ -564,29 +584,67 @@ class SQLiteStore:
         env = new_envelope(sender, list(recipients), **envelope_options)
         return self.enqueue_many([NewMessage(env, data)], durable=durable)[0]
 
-    def enqueue_many(self, messages: Iterable[NewMessage], *, durable: bool = True) -> list[str]:
+    def enqueue_many(self, messages: Iterable[NewMessage], *, durable: bool = True,
+                     committed: Callable[[list[str], list[str]], None] | None = None
+                     ) -> list[str]:
         """Queue *messages*; returns their ids once they are all on disk (*durable*).
 
-        Group commit: the content of a group is written with one call and one
-        ``fdatasync`` per segment, then all its rows in one transaction that
-        flushes the WAL. Groups are cut at a few thousand messages or 16 MiB,
-        so memory stays bounded however many messages the iterable yields.
+        Group commit: content is appended to a segment as it comes, in large
+        writes, then each segment written is flushed (``fdatasync``) and the
+        group's rows go in one transaction that flushes the WAL. A group ends
+        at :data:`ENQUEUE_ROWS` messages, :data:`ENQUEUE_BYTES` of content or
+        :data:`ENQUEUE_SECONDS`, so memory stays bounded however many messages
+        the iterable yields; *committed* is called with the origins and ids of
+        each group once it is on disk (what a caller may report as queued).
+        A failed write raises :class:`QueueWriteError`: that group is not
+        queued, the groups before it are. An exception raised by the iterable
+        itself (a bad input) is raised once what came before it is queued.
         """
+        it = iter(messages)
+        hint = len(messages) if isinstance(messages, list | tuple) else 0
+        # A call queuing less than INLINE_BATCH in all keeps its content in rows.
+        head: list[NewMessage] = []
+        small = held = 0
+        failure: Exception | None = None
+        exhausted = True
+        try:
+            for m in it:
+                head.append(m)
+                c = m.content
+                if not isinstance(c, bytes) and isinstance(c, os.PathLike):
+                    n = os.stat(c).st_size
+                    small += n if n <= self.big_message else 0
+                else:
+                    n = len(c)
+                    if n <= self.big_message:
+                        small += n
+                    else:
+                        held += n
+                if small >= INLINE_BATCH or held >= ENQUEUE_BYTES or len(head) >= 256:
+                    exhausted = False
+                    break
+        except Exception as exc:  # the input failed: what came before it is queued
+            failure = exc
         ids: list[str] = []
-        group: list[NewMessage] = []
-        size = 0
-        for m in messages:
-            n = os.stat(m.content).st_size if isinstance(m.content, os.PathLike) else len(
-                m.content)
-            group.append(m)
-            size += n if n <= self.big_message else 0
-            if len(group) >= ENQUEUE_ROWS or size >= ENQUEUE_BYTES:
-                ids += self._enqueue_group(group, size, durable)
-                group, size = [], 0
-        if group:
-            ids += self._enqueue_group(group, size, durable)
+        if exhausted:
+            if head:
+                ids = self._enqueue_inline(head, durable)
+                if committed is not None:
+                    committed([m.origin for m in head], ids)
+        else:
+            source = itertools.chain(head, it)
+            self._ids = [0, 0, hint or 256]
+            more = True
+            while more:
+                origins: list[str] = []
+                got, more, failure = self._enqueue_group(source, durable, origins)
+                ids += got
+                if got and committed is not None:
+                    committed(origins, got)
         if ids:
             self.ring()
+        if failure is not None:
+            raise failure
         return ids
 
     def ring(self) -> None:
@@ -612,77 +670,200 @@ class SQLiteStore:
 
         return self._write("enqueue", body)
 
-    def _enqueue_group(self, group: list[NewMessage], small_bytes: int, durable: bool
-                       ) -> list[str]:
-        first = self._reserve_ids(len(group))
-        inline = small_bytes < INLINE_BATCH
-        rows: list[tuple[Any, ...]] = []
-        parts: list[bytes | bytearray | memoryview] = []
+    def _next_id(self) -> int:
+        """An id from the block reserved for this call (a new block when it is used up)."""
+        ids = self._ids
+        if ids[0] >= ids[1]:
+            n = ids[2]
+            ids[0] = self._reserve_ids(n)
+            ids[1] = ids[0] + n
+            ids[2] = min(n * 2, 8192)
+        ids[0] += 1
+        return ids[0] - 1
+
+    def _enqueue_group(self, source: Iterator[NewMessage], durable: bool, origins: list[str]
+                       ) -> tuple[list[str], bool, Exception | None]:
+        """One group of :meth:`enqueue_many` into segments: (ids, more to come, input error).
+
+        The loop is the enqueue's hot path: per message a CRC, a header and
+        three appends to the write buffer, one row tuple; the envelope's
+        encoding is reused for every message that shares it.
+        """
+        rows: list[tuple[Any, ...]] = []  # fresh envelopes in a segment: defaults elsewhere
+        full: list[tuple[Any, ...]] = []  # anything else (a data file, an imported state)
+        ids: list[int] = []
         seg_counts: dict[int, int] = {}
+        buf = bytearray()
+        seg = self._segment
+        seg_id = seg.id if seg else 0
+        seg_size = buf_at = seg.size if seg else 0
+        live = 0
+        written: list[_Segment] = []  # segments this group wrote to, to flush before the commit
         new_files = False
+        failure: Exception | None = None
+        more = True
+        env_key: Envelope | None = None
+        env_bytes, env_crc, rcpts = b"", 0, b""
+        elen = 0
+        arrival = due = 0.0
+        fresh = True
+        pack, crc32, magic, hsize = _HEADER.pack, zlib.crc32, _MAGIC, _HEADER.size
+        big, seg_max = self.big_message, self.segment_size
+        count = nbytes = 0
+        deadline = time.monotonic() + ENQUEUE_SECONDS
+        ids_ = self._ids
         try:
-            for i, m in enumerate(group):
-                id = first + i
+            while True:
+                try:
+                    m = next(source, None)
+                except Exception as exc:  # the input failed: commit what came before
+                    failure, more = exc, False
+                    break
+                if m is None:
+                    more = False
+                    break
                 env = m.envelope
-                env_bytes = encode_envelope(env)
+                if env is not env_key:
+                    env_key = env
+                    env_bytes = encode_envelope(env)
+                    env_crc, elen = crc32(env_bytes), len(env_bytes)
+                    arrival = env.arrival or time.time()
+                    due = env.next_attempt or arrival
+                    rcpts = _rcpts_encoder.encode(env.recipients)
+                    fresh = not (env.attempts or env.last_attempt is not None or env.delivered
+                                 or env.ret is not None or env.envid is not None)
                 content = m.content
-                if isinstance(content, os.PathLike):
+                if not isinstance(content, bytes) and isinstance(content, os.PathLike):
                     content = self._small_file(content)
-                seg_id = off = body = None
-                if isinstance(content, os.PathLike) or len(content) > self.big_message:
+                if ids_[0] < ids_[1]:
+                    id = ids_[0]
+                    ids_[0] += 1
+                else:
+                    id = self._next_id()
+                if (not isinstance(content, bytes) and isinstance(content, os.PathLike)) or len(
+                        content) > big:
                     size, crc = self._write_data_file(id, env_bytes, content, durable)
                     new_files = True
-                elif inline:
-                    size, crc, body = len(content), zlib.crc32(content), bytes(content)
+                    full.append((id, due, env.sender, rcpts, arrival, env.attempts,
+                                 env.last_attempt, env.delivered, env.ret, env.envid, size, crc,
+                                 None, None, None))
                 else:
-                    size = len(content)
-                    head, crc = _record(id, env_bytes, content)
-                    seg = self._segment
-                    if seg is None or seg.size >= self.segment_size:
-                        if seg is not None:
-                            self._flush_segment(seg, parts, durable)
-                            parts = []
-                            # Sealed only after its rows are committed (sealing
-                            # a segment with no committed row would drop it).
-                            self._retired.append(seg)
-                            self._segment = None
+                    n = len(content)
+                    if seg is None:
                         seg = self._new_segment()
-                    seg_id, off = seg.id, seg.size
-                    parts += (head, content)
-                    seg.size += len(head) + size
-                    seg_counts[seg.id] = seg_counts.get(seg.id, 0) + 1
-                rows.append((id, env.next_attempt or env.arrival or time.time(), env.sender,
-                             _rcpts_encoder.encode(env.recipients), env.arrival or time.time(),
-                             env.attempts, env.last_attempt, env.delivered, env.ret, env.envid,
-                             size, crc, seg_id, off, body))
-            if parts and self._segment is not None:
-                self._flush_segment(self._segment, parts, durable)
-            if durable and new_files:
-                _fsync_dir(self.path / "data")
+                        seg_id, seg_size, buf_at, live = seg.id, 0, 0, 0
+                    crc = crc32(content, env_crc)
+                    buf += pack(magic, crc, id, elen, n)
+                    buf += env_bytes
+                    buf += content
+                    if fresh:
+                        rows.append((id, due, env.sender, rcpts, arrival, n, crc, seg_id,
+                                     seg_size))
+                    else:
+                        full.append((id, due, env.sender, rcpts, arrival, env.attempts,
+                                     env.last_attempt, env.delivered, env.ret, env.envid, n,
+                                     crc, seg_id, seg_size, None))
+                    seg_size += hsize + elen + n
+                    live += 1
+                    nbytes += n
+                    if len(buf) >= WRITE_SIZE or seg_size >= seg_max:
+                        _write_all(seg.fd, buf, buf_at)
+                        buf_at = seg.size = seg_size
+                        buf.clear()
+                        if seg_size >= seg_max:
+                            # Full: flushed now, sealed once its rows are committed
+                            # (sealing a segment with no committed row would drop it).
+                            if durable:
+                                os.fdatasync(seg.fd)
+                            seg_counts[seg_id] = live
+                            if seg.new:
+                                written.append(seg)
+                            self._retired.append(seg)
+                            self._segment = seg = None
+                ids.append(id)
+                origins.append(m.origin)
+                count += 1
+                if count >= ENQUEUE_ROWS or nbytes >= ENQUEUE_BYTES or (
+                        not count & 255 and time.monotonic() >= deadline):
+                    break
+            if seg is not None and live:
+                if buf:
+                    _write_all(seg.fd, buf, buf_at)
+                seg.size = seg_size
+                seg_counts[seg_id] = live
+                if durable:
+                    os.fdatasync(seg.fd)
+                written.append(seg)
+            if durable:
+                if any(s.new for s in written):
+                    _fsync_dir(self.path / "seg")
+                if new_files:
+                    _fsync_dir(self.path / "data")
+            for s in written:
+                s.new = False
         except OSError as exc:
             # Whatever was appended is garbage nobody points at: start afresh.
             self._abandon_segments()
             raise QueueWriteError(exc.errno or errno.EIO,
                                   f"enqueue: {exc.strerror or exc}", str(self.path)) from None
+        except BaseException:
+            self._abandon_segments()
+            raise
+        if not ids:
+            return [], more, failure
 
-        def body_() -> None:
-            self.db.executemany(
-                "INSERT INTO msg(id, next_attempt, sender, rcpts, arrival, attempts, "
-                "last_attempt, delivered, ret, envid, size, crc, seg, off, body) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        def body() -> None:
+            if rows:
+                self.db.executemany(_INSERT_SEGMENT, rows)
+            if full:
+                self.db.executemany(_INSERT_FULL, full)
             self.db.executemany("UPDATE seg SET live = live + ? WHERE id = ?",
                                 [(k, s) for s, k in seg_counts.items()])
 
         try:
-            self._write("enqueue", body_, durable=durable)
+            self._write("enqueue", body, durable=durable)
         except QueueError:
             self._abandon_segments()
             raise
+        self._seal_retired()
+        return [str(i) for i in ids], more, failure
+
+    def _seal_retired(self) -> None:
         while self._retired:
             self._seal_segment(self._retired.pop())
         if self._segment is not None and self._segment.size >= self.segment_size:
             seg, self._segment = self._segment, None
             self._seal_segment(seg)
+
+    def _enqueue_inline(self, group: list[NewMessage], durable: bool) -> list[str]:
+        """A small call: content in the rows (big messages in data files), one commit."""
+        first = self._reserve_ids(len(group))
+        rows: list[tuple[Any, ...]] = []
+        new_files = False
+        try:
+            for i, m in enumerate(group):
+                id = first + i
+                env = m.envelope
+                content = m.content
+                if isinstance(content, os.PathLike):
+                    content = self._small_file(content)
+                body = None
+                if isinstance(content, os.PathLike) or len(content) > self.big_message:
+                    size, crc = self._write_data_file(id, encode_envelope(env), content, durable)
+                    new_files = True
+                else:
+                    size, crc, body = len(content), zlib.crc32(content), bytes(content)
+                arrival = env.arrival or time.time()
+                rows.append((id, env.next_attempt or arrival, env.sender,
+                             _rcpts_encoder.encode(env.recipients), arrival, env.attempts,
+                             env.last_attempt, env.delivered, env.ret, env.envid, size, crc,
+                             None, None, body))
+            if durable and new_files:
+                _fsync_dir(self.path / "data")
+        except OSError as exc:
+            raise QueueWriteError(exc.errno or errno.EIO,
+                                  f"enqueue: {exc.strerror or exc}", str(self.path)) from None
+        self._write("enqueue", lambda: self.db.executemany(_INSERT_FULL, rows), durable=durable)
         return [str(r[0]) for r in rows]
 
     def _small_file(self, path: os.PathLike[str]) -> bytes | os.PathLike[str]:
@@ -749,24 +930,6 @@ class SQLiteStore:
         fcntl.flock(fd, fcntl.LOCK_EX)
         self._segment = _Segment(sid, fd, 0)
         return self._segment
-
-    def _flush_segment(self, seg: _Segment, parts: list[bytes | bytearray | memoryview],
-                       durable: bool) -> None:
-        if not parts:
-            return
-        total = sum(len(p) for p in parts)
-        start = seg.size - total
-        if len(parts) <= 512:
-            n = os.pwritev(seg.fd, parts, start)
-            if n < total:
-                _write_all(seg.fd, b"".join(parts)[n:], start + n)
-        else:
-            _write_all(seg.fd, b"".join(parts), start)
-        if durable:
-            os.fdatasync(seg.fd)
-            if seg.new:
-                _fsync_dir(self.path / "seg")
-        seg.new = False
 
     def _abandon_segments(self) -> None:
         for seg in [*self._retired, *([self._segment] if self._segment else [])]:
@@ -2058,6 +2221,8 @@ class SQLiteQueue(Queue):
 
     async def enqueue_many(self, messages: Iterable[NewMessage], *, durable: bool = True
                            ) -> list[str]:
+        import asyncio  # loaded already: this runs in an event loop
+
         ids: list[str] = []
         group: list[NewMessage] = []
         for m in messages:
@@ -2136,6 +2301,8 @@ class SQLiteQueue(Queue):
         bell = self.store.path / DOORBELL
         if not bell.exists():
             self.store.ring()
+        from ._watch import IN_ATTRIB, IN_CLOSE_WRITE, IN_CREATE, IN_MOVED_TO, watch_paths
+
         return watch_paths([(bell, IN_ATTRIB | IN_CLOSE_WRITE),
                             (self.store.path / "incoming", IN_MOVED_TO | IN_CREATE)])
 
