@@ -8,31 +8,21 @@ import os
 import stat
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmtpfast.spool import (
-    BadEnvelope,
-    ImportStats,
-    PgWriter,
-    QueueError,
-    QueueWriteError,
-    Source,
-    Spool,
-    SpoolError,
-    SQLiteStore,
-    check_address,
-    import_messages,
-    iter_eml_dir,
-    iter_maildir,
-    iter_mbox,
-    open_spool,
-)
+if TYPE_CHECKING:
+    from lmtpfast.spool import ImportStats, PgWriter, Source, Spool, SQLiteStore
 
 from . import _exit, _input
 from ._location import configured_queue
 from ._options import add_quiet
 
 __all__ = ["register", "run"]
+
+# The spool's names are imported by run(), not here (lmtpfast.spool loads each
+# module on first use): building the parser (every command's --help) must not
+# load the store, and queueing into the embedded store never loads the
+# PostgreSQL queue.
 
 
 def register(sub: Any) -> None:
@@ -43,15 +33,19 @@ def register(sub: Any) -> None:
         "or every message of a Maildir folder, an mbox file or a folder of .eml files. The "
         "envelope is --from/--rcpt, or with --from-headers each message's Return-Path and "
         "Delivered-To / X-Original-To (the command line fills the gaps). Messages go into "
-        "the spool's embedded store (SPOOL/queue.db) in groups of 1,000, each group written "
-        "atomically and flushed to disk once before the next is read (group commit): what "
-        "the command reports queued is on disk when it exits. dir:PATH writes a directory "
+        "the spool's embedded store (SPOOL/queue.db) in groups (group commit: up to 50,000 "
+        "messages, 64 MiB or one second each), each group's content flushed to disk and its "
+        "rows committed at once before the next is read: what the command reports queued "
+        "is on disk when it exits. dir:PATH writes a directory "
         "spool instead (one file pair per message), and so does a directory spool no replay "
         "has converted yet (so an older replay still sees what is queued). FILEs are all "
         "checked (readable, not larger than --max-size) "
         "before the first is queued, so a missing one queues nothing and a rerun cannot "
-        "duplicate. Exit status: 0 all queued, 65 some skipped (no envelope, bad address, a "
-        "NUL byte, too large), 64 bad usage, 66 unreadable input, 74 spool not writable.",
+        "duplicate; should an input fail midway (an mbox that is not one), what was read "
+        "before is queued and named. Exit status: 0 all queued, 65 some skipped (no "
+        "envelope, bad address, a NUL byte, too large) or an input that is not what it was "
+        "given as, 64 bad usage, 66 unreadable input, 74 spool not writable, 75 the write "
+        "failed (try again).",
     )
     p.add_argument("spool", metavar="SPOOL", nargs="?",
                    help="spool directory (created if missing; dir:PATH for a directory spool)")
@@ -105,6 +99,8 @@ def _files_anywhere(p: argparse.ArgumentParser) -> None:
 
 
 def _files(names: list[str], limit: int) -> Iterator[Source]:
+    from lmtpfast.spool import Source
+
     for name in names or ["-"]:
         if name == "-":
             yield Source("<stdin>", _input.read_limited(sys.stdin.buffer, limit))
@@ -143,6 +139,8 @@ def _stopped(stats: ImportStats, problem: str, status: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmtpfast.spool import BadEnvelope, QueueError, Spool, SpoolError, check_address, open_spool
+
     imported = args.maildir or args.mbox or args.eml_dir
     if imported and args.files:
         print("lmtpfast enqueue: give FILEs or one of --maildir/--mbox/--eml-dir, not both",
@@ -202,6 +200,18 @@ def _location(args: argparse.Namespace) -> str | int:
 def _enqueue(args: argparse.Namespace, spool: Spool | SQLiteStore | PgWriter,
              options: dict[str, Any]
              ) -> int:
+    from lmtpfast.spool import (
+        BadEnvelope,
+        BadSource,
+        ImportStats,
+        QueueError,
+        QueueWriteError,
+        import_messages,
+        iter_eml_dir,
+        iter_maildir,
+        iter_mbox,
+    )
+
     if args.maildir:
         sources: Iterator[Source] = iter_maildir(args.maildir)
     elif args.mbox:
@@ -221,7 +231,7 @@ def _enqueue(args: argparse.Namespace, spool: Spool | SQLiteStore | PgWriter,
                         options=options, stats=stats)
     except BadEnvelope as exc:
         return _stopped(stats, str(exc), _exit.EX_USAGE)
-    except _input.TooBig as exc:
+    except (_input.TooBig, BadSource) as exc:
         return _stopped(stats, str(exc), _exit.EX_DATAERR)
     except QueueWriteError as exc:
         # Ours (the database is down): the sender keeps the mail and tries again.

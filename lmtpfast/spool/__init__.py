@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "Spool": "_store",
     "SpoolError": "_store",
     "enqueue": "_queue",
+    "BadSource": "_importers",
     "ImportStats": "_importers",
     "Source": "_importers",
     "envelope_from_headers": "_importers",
@@ -77,6 +78,7 @@ __all__ = [
     "FORMAT_VERSION",
     "ActionResult",
     "BadEnvelope",
+    "BadSource",
     "Claim",
     "ClaimBatch",
     "DirQueue",
@@ -150,6 +152,7 @@ if TYPE_CHECKING:
         new_envelope,
     )
     from ._importers import (
+        BadSource,
         ImportStats,
         Source,
         envelope_from_headers,
