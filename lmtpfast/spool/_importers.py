@@ -310,27 +310,48 @@ def import_messages(
                 continue
             yield src, s, rcpts
 
+    def nul(src: Source) -> bool:
+        if (at := src.data.find(b"\0")) < 0:
+            return False
+        skip(src, f"message contains a NUL byte at offset {at}; it cannot be sent")
+        return True
+
     def messages() -> Iterator[NewMessage]:
         for src, s, rcpts in addressed():
-            if (nul := src.data.find(b"\0")) >= 0:
-                skip(src, f"message contains a NUL byte at offset {nul}; it cannot be sent")
+            if nul(src):
                 continue
             env = envelope(s, rcpts)
             if isinstance(env, str):
                 skip(src, env)
+            else:
+                yield NewMessage(env, src.data, src.origin)
+
+    def fixed_messages(s: str, rcpts: list[str]) -> Iterator[NewMessage]:
+        # The command line's envelope for all (the common case): no per-message
+        # lookup, one object per message.
+        env: Envelope | str | None = None
+        for src in sources:
+            if src.data.find(b"\0") >= 0 and nul(src):  # find: `in` costs an exception
                 continue
-            yield NewMessage(env, src.data, origin=src.origin)
+            if env is None or not envelopes:  # committed() cleared it: a new group
+                env = envelope(s, rcpts)
+            if isinstance(env, str):
+                skip(src, env)
+            else:
+                yield NewMessage(env, src.data, src.origin)
 
     def committed(origins: list[str], ids: list[str]) -> None:
         stats.queued += len(ids)
         stats.ids += zip(origins, ids, strict=True)
         envelopes.clear()  # the next group's arrival time is its own
 
+    queued = (fixed_messages(sender, recipients) if sender is not None and recipients
+              and not from_headers else messages())
     if isinstance(spool, SQLiteStore):
-        spool.enqueue_many(messages(), durable=fsync, committed=committed)
+        spool.enqueue_many(queued, durable=fsync, committed=committed)
     elif not isinstance(spool, Spool):  # the PostgreSQL writer
         batch: list[NewMessage] = []
-        for m in messages():
+        for m in queued:
             batch.append(m)
             if len(batch) >= group:
                 committed([m.origin for m in batch], spool.enqueue_many(batch, durable=fsync))

@@ -670,16 +670,13 @@ class SQLiteStore:
 
         return self._write("enqueue", body)
 
-    def _next_id(self) -> int:
-        """An id from the block reserved for this call (a new block when it is used up)."""
+    def _new_id_block(self) -> None:
+        """Reserve the next block of ids for this enqueue_many call (``self._ids``)."""
         ids = self._ids
-        if ids[0] >= ids[1]:
-            n = ids[2]
-            ids[0] = self._reserve_ids(n)
-            ids[1] = ids[0] + n
-            ids[2] = min(n * 2, 8192)
-        ids[0] += 1
-        return ids[0] - 1
+        n = ids[2]
+        ids[0] = self._reserve_ids(n)
+        ids[1] = ids[0] + n
+        ids[2] = min(n * 2, 8192)
 
     def _enqueue_group(self, source: Iterator[NewMessage], durable: bool, origins: list[str]
                        ) -> tuple[list[str], bool, Exception | None]:
@@ -703,15 +700,19 @@ class SQLiteStore:
         failure: Exception | None = None
         more = True
         env_key: Envelope | None = None
-        env_bytes, env_crc, rcpts = b"", 0, b""
+        env_bytes, env_crc, rcpts = b"", 0, bytearray()
         elen = 0
         arrival = due = 0.0
         fresh = True
         pack, crc32, magic, hsize = _HEADER.pack, zlib.crc32, _MAGIC, _HEADER.size
         big, seg_max = self.big_message, self.segment_size
         count = nbytes = 0
+        max_rows, max_bytes, write_size = ENQUEUE_ROWS, ENQUEUE_BYTES, WRITE_SIZE
         deadline = time.monotonic() + ENQUEUE_SECONDS
         ids_ = self._ids
+        next_id, end_id = ids_[0], ids_[1]
+        add_row, add_id, add_origin = rows.append, ids.append, origins.append
+        sender = ""
         try:
             while True:
                 try:
@@ -724,27 +725,29 @@ class SQLiteStore:
                     break
                 env = m.envelope
                 if env is not env_key:
-                    env_key = env
+                    env_key, sender = env, env.sender
                     env_bytes = encode_envelope(env)
                     env_crc, elen = crc32(env_bytes), len(env_bytes)
                     arrival = env.arrival or time.time()
                     due = env.next_attempt or arrival
-                    rcpts = _rcpts_encoder.encode(env.recipients)
+                    # A bytearray: sqlite3 binds it as a blob directly, while bytes
+                    # goes through its adapter lookup (two failed getattr) per row.
+                    rcpts = bytearray(_rcpts_encoder.encode(env.recipients))
                     fresh = not (env.attempts or env.last_attempt is not None or env.delivered
                                  or env.ret is not None or env.envid is not None)
                 content = m.content
                 if not isinstance(content, bytes) and isinstance(content, os.PathLike):
                     content = self._small_file(content)
-                if ids_[0] < ids_[1]:
-                    id = ids_[0]
-                    ids_[0] += 1
-                else:
-                    id = self._next_id()
+                if next_id >= end_id:
+                    self._new_id_block()
+                    next_id, end_id = ids_[0], ids_[1]
+                id = next_id
+                next_id += 1
                 if (not isinstance(content, bytes) and isinstance(content, os.PathLike)) or len(
                         content) > big:
                     size, crc = self._write_data_file(id, env_bytes, content, durable)
                     new_files = True
-                    full.append((id, due, env.sender, rcpts, arrival, env.attempts,
+                    full.append((id, due, sender, rcpts, arrival, env.attempts,
                                  env.last_attempt, env.delivered, env.ret, env.envid, size, crc,
                                  None, None, None))
                 else:
@@ -757,16 +760,15 @@ class SQLiteStore:
                     buf += env_bytes
                     buf += content
                     if fresh:
-                        rows.append((id, due, env.sender, rcpts, arrival, n, crc, seg_id,
-                                     seg_size))
+                        add_row((id, due, sender, rcpts, arrival, n, crc, seg_id, seg_size))
                     else:
-                        full.append((id, due, env.sender, rcpts, arrival, env.attempts,
+                        full.append((id, due, sender, rcpts, arrival, env.attempts,
                                      env.last_attempt, env.delivered, env.ret, env.envid, n,
                                      crc, seg_id, seg_size, None))
                     seg_size += hsize + elen + n
                     live += 1
                     nbytes += n
-                    if len(buf) >= WRITE_SIZE or seg_size >= seg_max:
+                    if len(buf) >= write_size or seg_size >= seg_max:
                         _write_all(seg.fd, buf, buf_at)
                         buf_at = seg.size = seg_size
                         buf.clear()
@@ -780,12 +782,13 @@ class SQLiteStore:
                                 written.append(seg)
                             self._retired.append(seg)
                             self._segment = seg = None
-                ids.append(id)
-                origins.append(m.origin)
+                add_id(id)
+                add_origin(m.origin)
                 count += 1
-                if count >= ENQUEUE_ROWS or nbytes >= ENQUEUE_BYTES or (
+                if count >= max_rows or nbytes >= max_bytes or (
                         not count & 255 and time.monotonic() >= deadline):
                     break
+            ids_[0] = next_id
             if seg is not None and live:
                 if buf:
                     _write_all(seg.fd, buf, buf_at)
