@@ -128,7 +128,9 @@ class QueueWriteError(QueueError):
     that call, unless the backend applies them one by one) were not applied
     and their entries are still claimed by this worker; keep them and try
     again, never re-deliver. Also raised by :meth:`Queue.enqueue_many`
-    (nothing of that call was queued) and :meth:`Queue.claim`.
+    (nothing of the failing group was queued; a store that commits a long
+    iterable in several groups has queued the groups before it) and
+    :meth:`Queue.claim`.
     """
 
     #: The updates of the failed :meth:`Queue.record` call not applied (``None``: all).
