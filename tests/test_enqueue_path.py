@@ -36,6 +36,7 @@ from lmtpfast.spool import (
     iter_mbox,
     new_envelope,
 )
+from lmtpfast.spool._format import encode_envelope
 from lmtpfast.spool._importers import split_mbox
 from lmtpfast.spool._queue import NewMessage, QueueWriteError, Update
 from lmtpfast.spool._sqlite import SQLiteStore
@@ -63,7 +64,7 @@ def drain(s: SQLiteStore) -> dict[str, bytes]:
     while True:
         b = s.claim(500, due=due)
         assert not b.quarantined, b.quarantined
-        got.update((e.id, bytes(e.content)) for e in b.entries)  # type: ignore[arg-type]
+        got.update((e.id, bytes(e.content)) for e in b.entries)
         s.record([Update(e, "done") for e in b.entries])
         if b.exhausted:
             return got
@@ -174,11 +175,20 @@ def test_one_group_is_one_commit_and_one_flush_per_segment(tmp_path: Path,
     with SQLiteStore(tmp_path / "q", create=True, segment_size=256 * 1024) as s:
         flushed: list[int] = []
         real = os.fdatasync
-        monkeypatch.setattr(os, "fdatasync", lambda fd: (flushed.append(fd), real(fd))[1])
+
+        def fdatasync(fd: int) -> None:
+            flushed.append(fd)
+            real(fd)
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
         encoded: list[object] = []
-        real_encode = _sqlite.encode_envelope
-        monkeypatch.setattr(_sqlite, "encode_envelope",
-                            lambda env: (encoded.append(env), real_encode(env))[1])
+        real_encode = encode_envelope
+
+        def encode(env: Any) -> bytes:
+            encoded.append(env)
+            return real_encode(env)
+
+        monkeypatch.setattr(_sqlite, "encode_envelope", encode)
         durable: list[str] = []
         real_write = s._write
 
@@ -213,6 +223,20 @@ def test_groups_are_cut_by_rows_and_each_is_reported(tmp_path: Path,
         got = drain(s)
     assert sorted(got, key=int) == sorted(ids, key=int)
     assert sorted(got.values()) == sorted(body(i) for i in range(2000))
+
+
+def test_big_messages_count_toward_a_group_s_bytes(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data files are flushed one by one; their rows still commit every ENQUEUE_BYTES."""
+    monkeypatch.setattr(_sqlite, "ENQUEUE_BYTES", 500_000)
+    with SQLiteStore(tmp_path / "q", create=True) as s:
+        seen: list[int] = []
+        msgs = [*news(300), *news(6, 300, size=200_000), *news(300, 400)]
+        ids = s.enqueue_many(iter(msgs), committed=lambda o, i: seen.append(len(i)))
+        assert len(os.listdir(tmp_path / "q" / "data")) == 6
+        assert len(seen) > 1 and sum(seen) == 606 == len(ids)
+        got = drain(s)
+    assert sorted(got.values()) == sorted(m.content for m in msgs)  # type: ignore[type-var]
 
 
 def test_a_list_gets_contiguous_ids(tmp_path: Path) -> None:

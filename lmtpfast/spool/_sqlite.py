@@ -747,6 +747,7 @@ class SQLiteStore:
                         content) > big:
                     size, crc = self._write_data_file(id, env_bytes, content, durable)
                     new_files = True
+                    nbytes += size
                     full.append((id, due, sender, rcpts, arrival, env.attempts,
                                  env.last_attempt, env.delivered, env.ret, env.envid, size, crc,
                                  None, None, None))
