@@ -134,6 +134,8 @@ cdef class Connection:
     cdef Py_ssize_t _sync_pending
     cdef Py_ssize_t _txn_seq
     cdef list _open
+    cdef object _growing        # the transaction whose envelope is open (see _pyproto)
+    cdef object _incremental    # the last such: its MAIL/RCPT replies are events too
     cdef object __weakref__
 
     cdef int _check_usable(self) except -1
@@ -146,6 +148,9 @@ cdef class Connection:
                        object rcpt_params, bint smtputf8, bint chunking, object body)
     cdef int _queue(self, bytes line, int kind, CTransaction txn, Py_ssize_t idx,
                     str name) except -1
+    cdef int _queue_content_command(self, CTransaction txn, bint chunking,
+                                    object body) except -1
+    cdef int _abandoned(self, object txn) except -1
     cdef int _pump(self) except -1
     cdef int _on_reply(self, object reply, int code) except -1
     cdef int _on_data_reply(self, CTransaction txn, object reply, int code) except -1

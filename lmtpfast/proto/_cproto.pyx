@@ -805,6 +805,8 @@ cdef class Connection:
         self._sync_pending = 1  # greeting: nothing goes out before it
         self._txn_seq = 0
         self._open = []  # transactions not yet done (held too), in order
+        self._growing = None
+        self._incremental = None
         self.capabilities = None
         self.pipelining = False
         self.error = None
@@ -974,6 +976,8 @@ cdef class Connection:
             raise LocalProtocolError("LHLO must succeed before a transaction")
         if not recipients:
             raise LocalProtocolError("a transaction needs at least one recipient")
+        if self._growing is not None:
+            raise LocalProtocolError("a transaction with an open envelope is in progress")
         if rcpt_params is not None and len(rcpt_params) != len(recipients):
             raise LocalProtocolError("rcpt_params must have one entry per recipient")
         enc = _plain(sender, True)
@@ -997,12 +1001,7 @@ cdef class Connection:
         for line in rcpt_lines:
             self._queue(line, _RCPT, txn, i, "RCPT")
             i += 1
-        if body is not None:
-            self._queue(b"BDAT %d LAST\r\n" % len(body) + body, _BDAT_LAST, txn, 0, "BDAT")
-        elif chunking:
-            self._queue(b"", _BDAT_START, txn, 0, "BDAT")
-        else:
-            self._queue(_DATA_LINE, _DATA, txn, 0, "DATA")
+        self._queue_content_command(txn, chunking, body)
         self._pump()
         return txn
 
@@ -1059,6 +1058,75 @@ cdef class Connection:
         self._pump()
         return 0
 
+    # -- a transaction whose envelope grows (RCPT verification by a proxy) -----
+
+    def open_transaction(self, sender, *, mail_params=(), smtputf8=False):
+        """Queue MAIL alone (see ``_pyproto.Connection.open_transaction``)."""
+        self._check_usable()
+        if self.capabilities is None:
+            raise LocalProtocolError("LHLO must succeed before a transaction")
+        if self._open:
+            raise LocalProtocolError("open_transaction() needs a connection with no "
+                                     "transaction in progress")
+        mail = b"MAIL FROM:<" + encode_address(sender, allow_empty=True, utf8=smtputf8) + b">"
+        for p in mail_params:
+            mail += b" " + encode_param(p)
+        self._txn_seq += 1
+        txn = _new_transaction(self._txn_seq, sender, [])
+        self._open.append(txn)
+        self._growing = self._incremental = txn
+        self._queue(mail + _CRLF, _MAIL, txn, 0, "MAIL")
+        self._pump()
+        return txn
+
+    def add_recipient(self, txn, recipient, params=(), *, smtputf8=False):
+        """Queue one more RCPT of an open transaction; its index in ``txn.recipients``."""
+        self._check_usable()
+        if txn is not self._growing:
+            raise LocalProtocolError("add_recipient() for a transaction whose envelope is "
+                                     "not open")
+        line = b"RCPT TO:<" + encode_address(recipient, utf8=smtputf8) + b">"
+        for p in params:
+            line += b" " + encode_param(p)
+        idx = len(txn.recipients)
+        txn.recipients.append(recipient)
+        txn.rcpt_replies.append(None)
+        txn.final_replies.append(None)
+        self._queue(line + _CRLF, _RCPT, txn, idx, "RCPT")
+        self._pump()
+        return idx
+
+    def close_transaction(self, txn, *, chunking=False, body=None):
+        """The envelope is complete: queue DATA, or BDAT (as ``start_transaction``)."""
+        self._check_usable()
+        if txn is not self._growing:
+            raise LocalProtocolError("close_transaction() for a transaction whose envelope "
+                                     "is not open")
+        if not txn.recipients:
+            raise LocalProtocolError("a transaction needs at least one recipient")
+        self._growing = None
+        self._queue_content_command(txn, chunking, body)
+        self._pump()
+
+    def abandon_transaction(self, txn):
+        """Give up an open transaction before its content: RSET after its RCPTs."""
+        self._check_usable()
+        if txn is not self._growing:
+            raise LocalProtocolError("abandon_transaction() for a transaction whose envelope "
+                                     "is not open")
+        self._growing = None
+        self._queue(_RSET_LINE, _RSET_INTERNAL, txn, 0, "RSET")
+        self._pump()
+
+    cdef int _abandoned(self, object txn) except -1:
+        # The RSET of abandon_transaction() was answered: nothing of it was delivered.
+        if txn in self._open:
+            self._open.remove(txn)
+        fail_transaction(txn, LOST_CODE, LOST_ENHANCED,
+                         "transaction abandoned before its content was sent", "data")
+        self._events.push(TransactionDone(txn))
+        return 0
+
     def start_tls_done(self):
         """TLS is up after ``STARTTLS``: forget the server's capabilities.
 
@@ -1092,6 +1160,17 @@ cdef class Connection:
     cdef int _queue(self, bytes line, int kind, CTransaction txn, Py_ssize_t idx,
                     str name) except -1:
         self._outq.push(line, kind, txn, idx, name)
+        return 0
+
+    cdef int _queue_content_command(self, CTransaction txn, bint chunking,
+                                    object body) except -1:
+        # DATA, or BDAT LAST with the body, or the marker where streamed BDAT starts.
+        if body is not None:
+            self._queue(b"BDAT %d LAST\r\n" % len(body) + body, _BDAT_LAST, txn, 0, "BDAT")
+        elif chunking:
+            self._queue(b"", _BDAT_START, txn, 0, "BDAT")
+        else:
+            self._queue(_DATA_LINE, _DATA, txn, 0, "DATA")
         return 0
 
     cdef int _pump(self) except -1:
@@ -1149,6 +1228,12 @@ cdef class Connection:
         cdef int kind
         cdef bint stopped
         if not self._expect.size():
+            if code == 421:
+                # As in _pyproto: a 421 at any time closes the session (RFC 5321 3.8).
+                self._break(ServerDisconnected(
+                    f"server closed the session: {code} {reply.text}"),
+                    LOST_CODE, LOST_ENHANCED, True)
+                return 0
             self._break(
                 RemoteProtocolError(f"unexpected reply nobody waited for: {code}"),
                 PROTOCOL_CODE,
@@ -1175,7 +1260,9 @@ cdef class Connection:
             accepted = txn.accepted
             if _ok(code) and _reply_ok(txn.mail_reply):
                 accepted.append(idx)
-            if not accepted and idx == len(txn.recipients) - 1:
+            if txn is self._incremental:
+                self._events.push(CommandReply("RCPT", reply))
+            if not accepted and idx == len(txn.recipients) - 1 and txn is not self._growing:
                 if not self.pipelining:
                     # Every recipient refused: do not send DATA, reset instead.
                     self._outq.drop_txn(txn)
@@ -1191,7 +1278,9 @@ cdef class Connection:
                 self._complete(txn)
         elif kind == _MAIL:
             txn.mail_reply = reply
-            if not _ok(code) and not self.pipelining:
+            if txn is self._incremental:
+                self._events.push(CommandReply("MAIL", reply))
+            if not _ok(code) and not self.pipelining and txn is not self._growing:
                 self._outq.drop_txn(txn)
                 self._complete(txn)
         elif kind == _DATA:
@@ -1221,6 +1310,8 @@ cdef class Connection:
                     True,
                 )
                 return 0
+            if txn is not None:
+                self._abandoned(txn)
         else:
             if kind == _LHLO:
                 if _ok(code):
@@ -1387,6 +1478,7 @@ cdef class Connection:
         self._wbuf = []
         self._content_owed = None
         self._data_ready = None
+        self._growing = None
         self._events.push(ConnectionBroken(error, failed))
         return 0
 

@@ -285,6 +285,11 @@ class Connection:
         self._sync_pending = 1  # greeting: nothing goes out before it
         self._txn_seq = 0
         self._open: list[Transaction] = []  # transactions not yet done (held too), in order
+        # A transaction whose envelope is still growing (open_transaction): no
+        # other may start until it is closed or abandoned. _incremental: the
+        # last such transaction; its MAIL and RCPT replies are also events.
+        self._growing: Transaction | None = None
+        self._incremental: Transaction | None = None
         self.capabilities: Capabilities | None = None
         self.pipelining = False
         self.error: Exception | None = None
@@ -429,6 +434,8 @@ class Connection:
             raise LocalProtocolError("LHLO must succeed before a transaction")
         if not recipients:
             raise LocalProtocolError("a transaction needs at least one recipient")
+        if self._growing is not None:
+            raise LocalProtocolError("a transaction with an open envelope is in progress")
         if rcpt_params is not None and len(rcpt_params) != len(recipients):
             raise LocalProtocolError("rcpt_params must have one entry per recipient")
         mail = b"MAIL FROM:<" + encode_address(sender, allow_empty=True, utf8=smtputf8) + b">"
@@ -447,14 +454,19 @@ class Connection:
         self._queue(mail + _CRLF, _MAIL, txn, 0, "MAIL")
         for i, line in enumerate(rcpt_lines):
             self._queue(line, _RCPT, txn, i, "RCPT")
+        self._queue_content_command(txn, chunking, body)
+        self._pump()
+        return txn
+
+    def _queue_content_command(self, txn: Transaction, chunking: bool,
+                               body: bytes | None) -> None:
+        """DATA, or BDAT LAST with the body, or the marker where streamed BDAT starts."""
         if body is not None:
             self._queue(b"BDAT %d LAST\r\n" % len(body) + body, _BDAT_LAST, txn, 0, "BDAT")
         elif chunking:
             self._queue(b"", _BDAT_START, txn, 0, "BDAT")
         else:
             self._queue(b"DATA\r\n", _DATA, txn, 0, "DATA")
-        self._pump()
-        return txn
 
     def send_chunk(self, txn: Transaction, data: bytes, last: bool = False) -> None:
         """Queue one BDAT chunk of a streamed CHUNKING transaction (after its ReadyForData).
@@ -506,6 +518,94 @@ class Connection:
         for idx in txn.accepted:
             self._expect.append((_DOT, txn, idx, "."))
         self._pump()
+
+    # -- a transaction whose envelope grows (RCPT verification by a proxy) -----
+
+    def open_transaction(
+        self, sender: str, *, mail_params: Sequence[str] = (), smtputf8: bool = False,
+    ) -> Transaction:
+        """Queue MAIL alone: recipients follow one at a time, the content later.
+
+        :meth:`add_recipient` queues a RCPT, :meth:`close_transaction` the
+        DATA (or BDAT) and :meth:`abandon_transaction` an RSET instead. Each
+        MAIL and RCPT reply of the transaction is also given as
+        ``CommandReply("MAIL"/"RCPT", reply)`` as it arrives, so a caller can
+        pass it on at once (a proxy relaying its back end's RCPT replies).
+        Only on a connection with no other transaction open; none may start
+        until this one's envelope is closed or abandoned.
+        """
+        self._check_usable()
+        if self.capabilities is None:
+            raise LocalProtocolError("LHLO must succeed before a transaction")
+        if self._open:
+            raise LocalProtocolError("open_transaction() needs a connection with no "
+                                     "transaction in progress")
+        mail = b"MAIL FROM:<" + encode_address(sender, allow_empty=True, utf8=smtputf8) + b">"
+        for p in mail_params:
+            mail += b" " + encode_param(p)
+        self._txn_seq += 1
+        txn = Transaction(self._txn_seq, sender, ())
+        self._open.append(txn)
+        self._growing = self._incremental = txn
+        self._queue(mail + _CRLF, _MAIL, txn, 0, "MAIL")
+        self._pump()
+        return txn
+
+    def add_recipient(
+        self, txn: Transaction, recipient: str, params: Sequence[str] = (), *,
+        smtputf8: bool = False,
+    ) -> int:
+        """Queue one more RCPT of an open transaction; its index in ``txn.recipients``."""
+        self._check_usable()
+        if txn is not self._growing:
+            raise LocalProtocolError("add_recipient() for a transaction whose envelope is "
+                                     "not open")
+        line = b"RCPT TO:<" + encode_address(recipient, utf8=smtputf8) + b">"
+        for p in params:
+            line += b" " + encode_param(p)
+        idx = len(txn.recipients)
+        txn.recipients.append(recipient)
+        txn.rcpt_replies.append(None)
+        txn.final_replies.append(None)
+        self._queue(line + _CRLF, _RCPT, txn, idx, "RCPT")
+        self._pump()
+        return idx
+
+    def close_transaction(
+        self, txn: Transaction, *, chunking: bool = False, body: bytes | None = None,
+    ) -> None:
+        """The envelope is complete: queue DATA, or BDAT (as :meth:`start_transaction`)."""
+        self._check_usable()
+        if txn is not self._growing:
+            raise LocalProtocolError("close_transaction() for a transaction whose envelope "
+                                     "is not open")
+        if not txn.recipients:
+            raise LocalProtocolError("a transaction needs at least one recipient")
+        self._growing = None
+        self._queue_content_command(txn, chunking, body)
+        self._pump()
+
+    def abandon_transaction(self, txn: Transaction) -> None:
+        """Give up an open transaction before its content: RSET after its RCPTs.
+
+        It is done (``TransactionDone``, nothing delivered) once the RSET is
+        answered; the replies to its RCPTs still come first.
+        """
+        self._check_usable()
+        if txn is not self._growing:
+            raise LocalProtocolError("abandon_transaction() for a transaction whose envelope "
+                                     "is not open")
+        self._growing = None
+        self._queue(b"RSET\r\n", _RSET_INTERNAL, txn, 0, "RSET")
+        self._pump()
+
+    def _abandoned(self, txn: Transaction) -> None:
+        # The RSET of abandon_transaction() was answered: nothing of it was delivered.
+        if txn in self._open:
+            self._open.remove(txn)
+        fail_transaction(txn, LOST_CODE, LOST_ENHANCED,
+                         "transaction abandoned before its content was sent", "data")
+        self._events.append(TransactionDone(txn))
 
     def start_tls_done(self) -> None:
         """TLS is up after ``STARTTLS``: forget the server's capabilities.
@@ -584,6 +684,13 @@ class Connection:
 
     def _on_reply(self, reply: Reply) -> None:
         if not self._expect:
+            if reply.code == 421:
+                # RFC 5321 3.8: a server may say 421 at any time and close (Dovecot
+                # shutting down with a transaction open): the session is lost.
+                self._break(ServerDisconnected(
+                    f"server closed the session: {reply.code} {reply.text}"),
+                    LOST_CODE, LOST_ENHANCED, desync=True)
+                return
             self._break(
                 RemoteProtocolError(f"unexpected reply nobody waited for: {reply.code}"),
                 PROTOCOL_CODE,
@@ -610,7 +717,9 @@ class Connection:
                 mail = txn.mail_reply
                 if mail is not None and 200 <= mail.code < 300:
                     accepted.append(idx)
-            if not accepted and idx == len(txn.recipients) - 1:
+            if txn is self._incremental:
+                self._events.append(CommandReply("RCPT", reply))
+            if not accepted and idx == len(txn.recipients) - 1 and txn is not self._growing:
                 if not self.pipelining:
                     # Every recipient refused: do not send DATA, reset instead.
                     self._drop_queued(txn)
@@ -627,7 +736,9 @@ class Connection:
         elif kind == _MAIL:
             assert txn is not None
             txn.mail_reply = reply
-            if not 200 <= code < 300 and not self.pipelining:
+            if txn is self._incremental:
+                self._events.append(CommandReply("MAIL", reply))
+            if not 200 <= code < 300 and not self.pipelining and txn is not self._growing:
                 self._drop_queued(txn)
                 self._complete(txn)
         elif kind == _DATA:
@@ -661,6 +772,8 @@ class Connection:
                     desync=True,
                 )
                 return
+            if txn is not None:
+                self._abandoned(txn)
         else:
             if kind == _GREETING:
                 name = "greeting"
@@ -832,4 +945,5 @@ class Connection:
         self._wbuf.clear()
         self._content_owed = None
         self._data_ready = None
+        self._growing = None
         self._events.append(ConnectionBroken(error, failed))
