@@ -41,7 +41,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, fields
 from types import ModuleType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
@@ -77,6 +77,9 @@ from ._shaping import (
     ShapingUnavailable,
 )
 from .proto import Engine
+
+if TYPE_CHECKING:
+    from ._verify import VerifiedTransaction
 
 __all__ = ["Agent", "AgentStats", "Routing"]  # Routing lives in _routing
 
@@ -580,6 +583,24 @@ class Agent:
         routed: list[tuple[Routing, _Target | None, float] | None] = [
             None if i in delivery.refused else self._entry(r) for i, r in enumerate(routings)]
         return await self._deliver_routed(delivery, routed)
+
+    def verified_transaction(self, routing: Routing, sender: str, *,
+                             eight_bit: bool = False) -> VerifiedTransaction:
+        """A transaction toward ``routing``'s back end whose RCPTs go out as they come.
+
+        For a front end that verifies recipients at RCPT time (the proxy's
+        ``verify_recipients``): the same pool, shaping and recipient limit as
+        :meth:`deliver_routed` (``_verify.py``). ``routing`` must be a route.
+        """
+        from ._verify import VerifiedTransaction
+
+        if self._closed:
+            raise RuntimeError("the agent is closed")
+        target = self._entry(routing)[1]
+        if target is None:
+            raise ValueError(f"{routing.recipient!r} has no route: {routing.failure}")
+        return VerifiedTransaction(target.pool, target.shaper, target.dest, target.limit,
+                                   target.skip_5xx_greeting, sender, eight_bit=eight_bit)
 
     async def _deliver_routed(
         self, d: Delivery, routed: Sequence[tuple[Routing, _Target | None, float] | None],

@@ -81,8 +81,8 @@ class PoolStats:
 class _Holder:
     """A pooled connection and its bookkeeping."""
 
-    __slots__ = ("client", "generation", "idle_since", "load", "opened_at", "pipelining",
-                 "retired", "sent", "uses")
+    __slots__ = ("client", "exclusive", "generation", "idle_since", "load", "opened_at",
+                 "pipelining", "retired", "sent", "uses")
 
     def __init__(self, client: Client, now: float, generation: int) -> None:
         self.client = client
@@ -94,6 +94,7 @@ class _Holder:
         self.uses = 0  # times handed out (sent or still to send)
         self.sent = 0  # client.transactions already counted in the stats
         self.retired = False  # hand it out no more; close when load drops to 0
+        self.exclusive = False  # acquire_exclusive(): shared with nobody until released
 
 
 # Handed to a waiter instead of a connection: "a slot is reserved for you, open one".
@@ -250,6 +251,45 @@ class Pool:
                 return None
         return self._hand_out(holder)
 
+    async def acquire_exclusive(self) -> Client | None:
+        """A connection nobody else sends on until it is released, or ``None``.
+
+        An idle connection, or a new one while fewer than ``max_connections``
+        are open; ``None`` when every slot is busy or callers are queued (the
+        caller does without rather than wait). For a transaction held open
+        across the caller's own round trips (the proxy's RCPT verification),
+        which no pipelined caller may join. Connect failures raise as
+        :meth:`acquire`'s do. Release it with :meth:`release`.
+        """
+        self._bind_loop()
+        if self._closed:
+            raise PoolClosed(f"pool for {self._dest_text} is closed")
+        self._outstanding += 1
+        holder: _Holder | None = None
+        try:
+            while holder is None:
+                holder = self._take_idle()
+                if holder is not None:
+                    if self.settings.probe != "none" and not await self._probe(holder):
+                        holder = None
+                    continue
+                if self.size >= self.settings.max_connections or self._waiters:
+                    break
+                self._check_down()
+                self._opening += 1
+                holder = await self._open(share=False)
+        except BaseException:
+            self._outstanding -= 1
+            self._check_drained()
+            raise
+        self._outstanding -= 1
+        if holder is None:
+            self._check_drained()
+            return None
+        holder.exclusive = True
+        holder.pipelining = False  # _share() passes it by
+        return self._hand_out(holder)
+
     async def _acquire(self) -> Client:
         self._bind_loop()
         if self._closed:
@@ -312,6 +352,9 @@ class Pool:
             raise ValueError(f"{client!r} was not acquired from {self!r}")
         self._outstanding -= 1
         holder.load -= 1
+        if holder.exclusive:
+            holder.exclusive = False
+            holder.pipelining = client.pipelining
         sent = client.transactions - holder.sent
         if sent:
             self.stats.transactions += sent
@@ -423,7 +466,7 @@ class Pool:
                 raise self._down_error
             self._down_error = None
 
-    async def _open(self) -> _Holder:
+    async def _open(self, *, share: bool = True) -> _Holder:
         """Open a connection in the slot already counted in ``_opening``."""
         self.stats.peak_connections = max(self.stats.peak_connections, self.size)
         try:
@@ -450,7 +493,7 @@ class Pool:
         # not shareable before LHLO) may pipeline on this one right away;
         # else they would only trickle in, one per finished transaction.
         depth = self.settings.pipeline_depth
-        if holder.pipelining and depth > 1:
+        if share and holder.pipelining and depth > 1:
             waiters = self._waiters
             while waiters and holder.load < depth and not self._expired(holder):
                 fut = waiters.popleft()

@@ -268,6 +268,61 @@ class LMTPProtocol(asyncio.Protocol):
             self._flush()
         return txn
 
+    # -- a transaction whose envelope grows (the proxy's RCPT verification) ----------
+
+    def open_transaction(
+        self, sender: str, *, mail_params: list[str] | tuple[str, ...] = (),
+        smtputf8: bool = False,
+    ) -> tuple[Transaction, asyncio.Future[Reply]]:
+        """Send MAIL alone (``Connection.open_transaction``); the future gets its reply.
+
+        Python in both protocol classes: one per transaction, off the per-message path.
+        """
+        self._check_usable()
+        txn = self.engine.open_transaction(sender, mail_params=mail_params, smtputf8=smtputf8)
+        fut: asyncio.Future[Reply] = self._loop.create_future()
+        self._command_waiters.append(("mail", fut))
+        self._flush()
+        return txn, fut
+
+    def add_recipient(self, txn: Transaction, recipient: str, *,
+                      smtputf8: bool = False) -> asyncio.Future[Reply]:
+        """Send one more RCPT of an open transaction; the future gets its reply."""
+        self._check_usable()
+        self.engine.add_recipient(txn, recipient, smtputf8=smtputf8)
+        fut: asyncio.Future[Reply] = self._loop.create_future()
+        self._command_waiters.append(("rcpt", fut))
+        self._flush()
+        return fut
+
+    def close_transaction(
+        self, txn: Transaction, content: bytes | StreamedContent, *, chunking: bool = False,
+    ) -> asyncio.Future[list[RecipientResult]]:
+        """The envelope is complete: DATA or BDAT and ``content``; the future gets the results."""
+        self._check_usable()
+        fut: asyncio.Future[list[RecipientResult]] = self._loop.create_future()
+        streamed = isinstance(content, StreamedContent)
+        txn.waiter = fut
+        if chunking and not streamed:
+            self.engine.close_transaction(txn, body=content)  # type: ignore[arg-type]
+        else:
+            txn.content = content
+            self.engine.close_transaction(txn, chunking=chunking)
+        if chunking and streamed:
+            self._process()  # ready for its first chunk at once
+        else:
+            self._flush()
+        return fut
+
+    def abandon_transaction(self, txn: Transaction) -> asyncio.Future[list[RecipientResult]]:
+        """RSET instead of the content; the future is done once the RSET is answered."""
+        self._check_usable()
+        fut: asyncio.Future[list[RecipientResult]] = self._loop.create_future()
+        txn.waiter = fut
+        self.engine.abandon_transaction(txn)
+        self._flush()
+        return fut
+
     def new_batch(self, wake_at: int = 1) -> Batch:
         """A collector for :meth:`submit` (``send_many``), of this implementation."""
         return Batch(self._loop, wake_at)

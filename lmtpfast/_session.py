@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     Opener = Callable[[Connection, Timeouts, Destination, str, str],
                       Awaitable[tuple[SessionProtocol, Program | None]]]
 
-__all__ = ["Client", "Message", "SyncClient", "connect", "connect_sync", "deliver",
+__all__ = ["Client", "Message", "OpenEnvelope", "SyncClient", "connect", "connect_sync", "deliver",
            "message_bytes"]
 
 _CLIENT_LOG = "lmtpfast.client"
@@ -335,6 +335,36 @@ class Client:
             if pending:
                 protocol.abort(ServerDisconnected("send_many() left with deliveries in flight"))
 
+    def open_transaction(
+        self, sender: str, *, eight_bit: bool = False, smtputf8: bool = False,
+    ) -> OpenEnvelope:
+        """Send MAIL alone: recipients follow one at a time, each answered as it comes.
+
+        For a front end that relays its back end's RCPT replies (the proxy's
+        ``verify_recipients``): :meth:`OpenEnvelope.rcpt` sends one RCPT,
+        :meth:`OpenEnvelope.send` the content after the last one (one
+        transaction), :meth:`OpenEnvelope.abandon` an RSET instead. MAIL says
+        ``BODY=8BITMIME`` for ``eight_bit`` and ``SMTPUTF8`` for ``smtputf8``
+        where the server offers them (the content is not known yet, so no
+        SIZE). Needs an asyncio session that nobody else sends on meanwhile.
+        """
+        from ._protocol import LMTPProtocol
+
+        protocol = self._protocol
+        if not isinstance(protocol, LMTPProtocol):
+            raise TypeError("open_transaction() needs an asyncio session (connect())")
+        caps = self.capabilities
+        params = []
+        if eight_bit and caps.eightbitmime:
+            params.append("BODY=8BITMIME")
+        if smtputf8:
+            if not caps.smtputf8:
+                raise LocalProtocolError(f"{self.destination} does not offer SMTPUTF8")
+            params.append("SMTPUTF8")
+        txn, mail = protocol.open_transaction(sender, mail_params=params, smtputf8=smtputf8)
+        self.transactions += 1
+        return OpenEnvelope(self, protocol, txn, mail, smtputf8)
+
     def _session_facts(self) -> tuple[bool, bool, bool, int | None, bool]:
         """(smtputf8, 8bitmime, dsn, size limit, chunking): what ``_prepare`` decides on."""
         facts = self._facts
@@ -463,6 +493,113 @@ class Client:
         else:
             self.abort()
             await self.wait_closed()
+
+
+class OpenEnvelope:
+    """A transaction whose recipients are sent one at a time (:meth:`Client.open_transaction`)."""
+
+    def __init__(self, client: Client, protocol: LMTPProtocol, txn: Transaction,
+                 mail: Awaitable[Reply], smtputf8: bool) -> None:
+        self.client = client
+        self._protocol = protocol
+        self._txn = txn
+        self._smtputf8 = smtputf8
+        self._mail = mail
+        mail.add_done_callback(_retrieved)  # type: ignore[attr-defined]
+        self.closed = False
+
+    @property
+    def mail_reply(self) -> Reply | None:
+        """The reply to MAIL, once in (a refusal answers every RCPT of it)."""
+        return self._txn.mail_reply
+
+    @property
+    def recipients(self) -> list[str]:
+        return self._txn.recipients
+
+    @property
+    def replied(self) -> bool:
+        """Some reply of this transaction came in (the server saw it)."""
+        return self._txn.mail_reply is not None
+
+    def rcpt(self, address: str) -> Awaitable[Reply]:
+        """Send ``RCPT TO:<address>``; the awaitable gets its reply (an error if the
+        connection breaks or the stage times out first)."""
+        if self.closed:
+            raise LocalProtocolError("the envelope is closed")
+        return self._protocol.add_recipient(self._txn, address, smtputf8=self._smtputf8)
+
+    async def send(self, d: Delivery) -> list[RecipientResult]:
+        """The content of ``d`` after the last RCPT: one result per :meth:`rcpt`, in order.
+
+        The content is fitted to the server as :meth:`Client.send` does (a
+        7-bit conversion where 8BITMIME is missing, its SIZE limit, DATA or
+        BDAT); a message the server cannot take is abandoned (RSET) and its
+        accepted recipients get the failure table's result.
+        """
+        self.closed = True
+        txn = self._txn
+        if txn.done or not self._protocol.usable:
+            self._protocol.abort(ServerDisconnected("connection unusable"))
+            return txn.results  # the connection broke: decided already
+        client = self.client
+        caps = client.capabilities
+        chunking = client.chunking
+        body = d
+        local: Any = None
+        if d.eight_bit and not caps.eightbitmime:
+            try:
+                body = d.seven_bit()
+            except ContentError as exc:
+                local = (EIGHTBIT_MISSING, {"detail": exc})
+        limit = caps.size
+        if local is None and limit and body.size > limit:
+            local = (SIZE_LIMIT, {"size": body.size, "limit": limit})
+        if local is not None:
+            results = await self.abandon()
+            failure, fields = local
+            accepted = set(txn.accepted)
+            return [failure.result(r.address, **fields) if i in accepted else r
+                    for i, r in enumerate(results)]
+        content: bytes | StreamedContent
+        if body.streamed:
+            content = StreamedContent(pieces(body.content), chunking=chunking,
+                                      encoder=client.engine.ContentEncoder)
+        else:
+            content = body.encoded(dot_stuff=not chunking, encode=client.engine.encode_content)
+        fut = self._protocol.close_transaction(txn, content, chunking=chunking)
+        try:
+            return await fut
+        except BaseException:
+            self._protocol.abort(ServerDisconnected("delivery cancelled by the caller"))
+            raise
+
+    async def abandon(self) -> list[RecipientResult]:
+        """RSET instead of the content (the client went away or reset); nothing is delivered.
+
+        The results say what each RCPT got (accepted ones: transient, never
+        delivered). A connection that cannot take the RSET is aborted.
+        """
+        self.closed = True
+        txn = self._txn
+        protocol = self._protocol
+        if txn.done:
+            return txn.results
+        if not protocol.usable:
+            protocol.abort(ServerDisconnected("connection unusable"))
+            return txn.results
+        fut = protocol.abandon_transaction(txn)
+        try:
+            return await fut
+        except BaseException:
+            protocol.abort(ServerDisconnected("RSET cancelled by the caller"))
+            raise
+
+
+def _retrieved(fut: Any) -> None:
+    # A MAIL reply nobody awaits must not log "exception was never retrieved".
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def connect(

@@ -41,7 +41,7 @@ LAYERS: dict[str, int] = {
     # 5 pool
     "_pool": 5, "_shaping": 5,
     # 6 agent
-    "_agent": 6, "_sync": 6,
+    "_agent": 6, "_sync": 6, "_verify": 6,
     # 7 front ends
     "spool": 7, "compat": 7, "server": 7,
     # 8 command line
