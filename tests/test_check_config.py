@@ -61,3 +61,20 @@ def test_maps_are_checked_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "secret" not in out
     status, out = check(capsys, str(tmp_path / "missing.toml"))
     assert status == 78 and "no such file" in out
+
+
+def test_a_proxy_file_has_its_proxy_table_checked_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = tmp_path / "proxy.toml"
+    base = 'default = "dovecot:unix:/run/dovecot/lmtp"\n[transports.dovecot]\n'
+    cfg.write_text(base + '[proxy]\nverify_recipients = ["dovecot"]\n')
+    status, out = check(capsys, str(cfg))
+    assert status == 0 and out.startswith(f"{cfg}: ok ("), out
+    cfg.write_text(base + '[proxy]\nverify_recipients = ["dovecott"]\n')
+    status, out = check(capsys, str(cfg))
+    assert status == 78
+    assert "verify_recipients names unknown transport(s) 'dovecott'" in out, out
+    cfg.write_text(base + '[proxy]\nverify_recipient = true\n')
+    status, out = check(capsys, str(cfg))
+    assert status == 78 and "verify_recipient" in out and "unknown key" in out, out

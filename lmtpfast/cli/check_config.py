@@ -1,6 +1,7 @@
 """``lmtpfast check-config FILE``: validate a configuration and its maps without delivering.
 
-Reads the TOML file the way ``run`` and ``replay --config`` do, builds the
+Reads the TOML file the way ``run`` and ``replay --config`` do (a file with a
+``[proxy]`` table the way ``lmtpfast proxy`` does, that table included), builds the
 agent (so a configuration that routes nothing is refused, as at start-up),
 then checks every map it uses the way ``lmtpfast map check`` does (unknown
 ``.cf`` parameters, malformed lines). Nothing connects anywhere. Prints one
@@ -16,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from lmtpfast import Agent, ConfigurationError, load_config
+from lmtpfast import Agent, AgentConfig, ConfigurationError, load_config
 
 from . import _exit
 from ._options import add_json, add_quiet
@@ -37,6 +38,23 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _load(path: str) -> AgentConfig:
+    """The agent's configuration; a proxy's file (with a ``[proxy]`` table) is read as
+    ``lmtpfast proxy`` reads it, so that table is checked too."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            proxy = "proxy" in tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        proxy = False  # load_config says what is wrong, with the line
+    if proxy:
+        from lmtpfast.server import load_proxy_config
+
+        return load_proxy_config(path)[1]
+    return load_config(path)
+
+
 def run(args: argparse.Namespace) -> int:
     problems: list[dict[str, Any]] = []
     summary = ""
@@ -46,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                          else "not a regular file"})
     else:
         try:
-            config = load_config(args.file)
+            config = _load(args.file)
             agent = Agent(config=config)
         except ConfigurationError as exc:
             problems.append({"source": exc.source or args.file, "line": exc.line,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -29,6 +30,9 @@ from .._delivery import Delivery
 from .._dsn import DSN
 from .._results import RecipientResult
 from .._routing import Routing
+
+if TYPE_CHECKING:
+    from .._verify import VerifiedTransaction
 
 __all__ = ["Backends"]
 
@@ -119,6 +123,36 @@ class Backends:
                 r.isascii() for r in part.recipients):
             part = msgspec.structs.replace(part, smtputf8=False)
         return await self._agent.deliver_routed(part, routings)
+
+    def verified(self, routing: Routing, sender: str, *, eight_bit: bool = False
+                 ) -> VerifiedTransaction:
+        """A transaction toward ``routing``'s back end whose RCPTs are forwarded as they
+        come (``verify_recipients``; ``lmtpfast/_verify.py``)."""
+        return self._agent.verified_transaction(routing, sender, eight_bit=eight_bit)
+
+    async def finish_verified(
+        self, vt: VerifiedTransaction, content: bytes | memoryview, sender: str,
+        routings: Sequence[Routing], positions: Sequence[int],
+    ) -> list[RecipientResult]:
+        """The content on ``vt``: one result per routing (``positions[i]``: its RCPT in ``vt``).
+
+        A recipient the client gave twice was sent to the back end once and
+        both get its reply, as :meth:`deliver` does.
+        """
+        order: dict[int, int] = {}
+        for pos in positions:
+            order.setdefault(pos, len(order))
+        unique = list(order)
+        delivery = Delivery.build(content, sender=sender,
+                                  recipients=[vt.addresses[p] for p in unique])
+        results = await vt.finish(delivery, unique)
+        replace = msgspec.structs.replace
+        out = []
+        for routing, pos in zip(routings, positions, strict=True):
+            r = results[order[pos]]
+            out.append(r if r.address == routing.recipient
+                       else replace(r, address=routing.recipient))
+        return out
 
     @property
     def stats(self) -> AgentStats:

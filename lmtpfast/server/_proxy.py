@@ -31,6 +31,7 @@ import asyncio
 import base64
 import binascii
 import email.utils
+import functools
 import itertools
 import logging
 import mmap
@@ -40,7 +41,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 import msgspec
 
@@ -53,6 +54,9 @@ from .._saslserver import Exchange, SaslUsers, Step, begin
 from ._backends import Backends
 from ._common import Answer, Envelope, Handler
 from ._session import ServerSession
+
+if TYPE_CHECKING:
+    from .._verify import VerifiedTransaction
 
 __all__ = [
     "DEFAULT_HOPCOUNT_LIMIT",
@@ -171,6 +175,10 @@ class ProxyStats(msgspec.Struct, kw_only=True):
     lookup_rounds: int = 0
     #: Content bytes received (before the proxy's own Received: field).
     content_bytes: int = 0
+    #: ``verify_recipients``: RCPTs forwarded to their back end at RCPT time, and
+    #: those that went unverified (every pooled connection busy, recipient limit).
+    verified: int = 0
+    verify_skipped: int = 0
 
 
 class ProxyRecord(msgspec.Struct, frozen=True, gc=False):
@@ -289,7 +297,7 @@ class _Txn:
     """One client transaction, from MAIL to its final replies."""
 
     __slots__ = ("body", "id", "mail_params", "pending", "rcpt_params", "routes", "sender",
-                 "started")
+                 "started", "verified", "vrcpt")
 
     def __init__(self, sender: str, mail_params: list[bytes], txid: str) -> None:
         self.sender = sender
@@ -300,6 +308,10 @@ class _Txn:
         self.rcpt_params: dict[int, list[bytes]] = {}
         self.body: _Body | None = None
         self.pending = 0  # back-end deliveries still running (the body lives until 0)
+        # verify_recipients: the back-end transactions held open for this one, and
+        # for each RCPT (by index) accepted on one of them, where (its position).
+        self.verified: dict[tuple[str, Destination], VerifiedTransaction] | None = None
+        self.vrcpt: dict[int, tuple[VerifiedTransaction, int]] | None = None
 
 
 class _Client:
@@ -324,6 +336,9 @@ class _Client:
         else:
             self.name = "unknown"
 
+
+# The key of a group of recipients verified on one back-end transaction.
+_VERIFIED: Final = object()
 
 _ids = itertools.count(1)
 _ID_PREFIX = secrets.token_hex(3).upper()
@@ -359,8 +374,10 @@ class ProxyHandler(Handler):
         sasl_mechanisms: Sequence[str] = (),
         sasl_plaintext: bool | None = None,
         on_result: Callable[[ProxyRecord], None] | None = None,
+        verify_recipients: bool | Sequence[str] = False,
     ) -> None:
         self.backends = backends
+        self.set_verify(verify_recipients)
         self.hostname = hostname
         self.stats = stats if stats is not None else ProxyStats()
         self._listen = tuple(listen)
@@ -381,6 +398,11 @@ class ProxyHandler(Handler):
         self._batch: list[tuple[_Txn, int, str, asyncio.Future[Answer]]] | None = None
         self._date = ("", 0)
         self._inflight: set[asyncio.Task[None]] = set()
+
+    def set_verify(self, verify: bool | Sequence[str]) -> None:
+        """``verify_recipients``: every transport (True), none (False) or these names."""
+        self._verify: bool | frozenset[str] = (
+            verify if isinstance(verify, bool) else frozenset(verify) or False)
 
     def set_listen(self, listen: Sequence[tuple[str, str, int]]) -> None:
         """The proxy's own listeners (routes to them are refused)."""
@@ -552,9 +574,14 @@ class ProxyHandler(Handler):
                 for b in batch]
         for (txn, index, _addr, fut), routing in zip(batch, routings, strict=True):
             if not fut.done():
-                fut.set_result(self._routed(txn, index, routing))
+                answer = self._routed(txn, index, routing)
+                if isinstance(answer, asyncio.Future):  # verified at its back end
+                    answer.add_done_callback(functools.partial(_pass_on, fut))
+                else:
+                    fut.set_result(answer)
 
-    def _routed(self, txn: _Txn, index: int, routing: Routing) -> Answer:
+    def _routed(self, txn: _Txn, index: int, routing: Routing
+                ) -> Answer | asyncio.Future[Answer]:
         """The RCPT answer for a routing (and the route kept for the dot)."""
         failure = routing.failure
         stats = self.stats
@@ -575,9 +602,89 @@ class ProxyHandler(Handler):
                           routing.address, dest)
                 return (b"451 4.4.6 Mail for <" + routing.recipient.encode("utf-8", "replace")
                         + b"> would loop back to this proxy (" + str(dest).encode() + b")\r\n")
+        verify = self._verify
+        if verify and (verify is True or routing.transport in verify):
+            answer = self._verify_rcpt(txn, index, routing)
+            if answer is not None:
+                return answer
         txn.routes[index] = routing
         stats.recipients += 1
         return None
+
+    # --- verify_recipients: the RCPT forwarded to its back end -------------------
+
+    def _verify_rcpt(self, txn: _Txn, index: int, routing: Routing
+                     ) -> asyncio.Future[Answer] | None:
+        """Forward the RCPT on the back end's open transaction; None: accept unverified."""
+        if routing.alternatives:
+            return None  # a set that fails over is routed only (docs/proxy.md)
+        if not (txn.sender.isascii() and routing.address.isascii()) or any(
+                p.upper() == b"SMTPUTF8" for p in txn.mail_params):
+            return None  # SMTPUTF8 is settled per back end after the dot
+        dest = routing.destination
+        assert dest is not None
+        verified = txn.verified
+        if verified is None:
+            verified = txn.verified = {}
+            txn.vrcpt = {}
+        key = (routing.transport, dest)
+        vt = verified.get(key)
+        if vt is None:
+            eight_bit = any(p.upper() == b"BODY=8BITMIME" for p in txn.mail_params)
+            vt = verified[key] = self.backends.verified(routing, txn.sender,
+                                                        eight_bit=eight_bit)
+        address = routing.address
+        if address in vt.addresses:
+            pos = vt.addresses.index(address)  # given twice: asked once
+            got = vt.future(pos)
+        elif vt.unverified or vt.full:
+            self.stats.verify_skipped += 1
+            return None
+        else:
+            pos = len(vt.addresses)
+            got = vt.add(address)
+            self.stats.verified += 1
+        out: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        got.add_done_callback(lambda f: self._verified(txn, index, routing, vt, pos, f, out))
+        return out
+
+    def _verified(self, txn: _Txn, index: int, routing: Routing, vt: VerifiedTransaction,
+                  pos: int, got: asyncio.Future[RecipientResult | None],
+                  out: asyncio.Future[Answer]) -> None:
+        if out.done():
+            return
+        result = None if got.cancelled() else got.result()
+        stats = self.stats
+        if result is None:  # unverified after all: routed only
+            stats.verify_skipped += 1
+            txn.routes[index] = routing
+            stats.recipients += 1
+            out.set_result(None)
+            return
+        if result.status == "delivered":
+            txn.routes[index] = routing
+            assert txn.vrcpt is not None
+            txn.vrcpt[index] = (vt, pos)
+            stats.recipients += 1
+        elif result.status == "permanent":
+            stats.refused += 1
+        else:
+            stats.deferred += 1
+            if result.local:
+                log.warning("%s: RCPT <%s> not verified at %s: %s", txn.id, routing.recipient,
+                            vt.destination, result.text)
+        out.set_result(reply_for(result))
+
+    def _abandon_verified(self, txn: _Txn, keep: frozenset[int] = frozenset()) -> None:
+        """RSET the back-end transactions of ``txn`` (but those whose ids are in ``keep``)."""
+        verified = txn.verified
+        if not verified:
+            return
+        for vt in verified.values():
+            if id(vt) not in keep and not vt.ended:
+                task = asyncio.ensure_future(vt.abandon())
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
 
     # --- content --------------------------------------------------------------
 
@@ -622,6 +729,7 @@ class ProxyHandler(Handler):
             body = self._new_body(ctx, txn)  # type: ignore[arg-type]
         if envelope.too_big:
             body.release()
+            self._abandon_verified(txn)
             return None  # the engine's 552 for every recipient
         content = body.finish()
         if body.spooled:
@@ -629,6 +737,7 @@ class ProxyHandler(Handler):
         n = len(envelope.recipients)
         if body.hops >= self.hopcount_limit:
             body.release()
+            self._abandon_verified(txn)
             stats.too_many_hops += 1
             stats.permanent += n
             log.warning("%s: message refused: %d Received: header fields (hopcount_limit %d)",
@@ -657,8 +766,12 @@ class ProxyHandler(Handler):
                 groups[key] = [i]
             else:
                 group.append(i)
+        vrcpt = txn.vrcpt
+        if vrcpt:
+            groups = self._split_verified(groups, envelope.rcpt_ids, vrcpt)
         if not groups:
             body.release()
+            self._abandon_verified(txn)
             return answers
         mail_params = _backend_mail_params(txn.mail_params)
         rcpt_ids = envelope.rcpt_ids
@@ -679,14 +792,42 @@ class ProxyHandler(Handler):
                 where[i] = len(where)
         txn.pending = len(groups)
         client = ctx.name  # type: ignore[union-attr]
-        for positions in groups.values():
+        used: set[int] = set()
+        for key, positions in groups.items():
+            verified = None
+            if vrcpt and key[0] is _VERIFIED:
+                vt = vrcpt[rcpt_ids[positions[0]]][0]
+                used.add(id(vt))
+                verified = (vt, [vrcpt[rcpt_ids[i]][1] for i in positions])
             task = loop.create_task(self._deliver(
                 loop, txn, body, content, delivery, failure, [where[i] for i in positions],
                 [routes[rcpt_ids[i]] for i in positions], [futures[i] for i in positions],
-                client))
+                client, verified))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+        if txn.verified:
+            self._abandon_verified(txn, frozenset(used))  # nobody left on them
         return answers
+
+    @staticmethod
+    def _split_verified(
+        groups: dict[tuple[Any, Any], list[int]], rcpt_ids: Sequence[int],
+        vrcpt: dict[int, tuple[VerifiedTransaction, int]],
+    ) -> dict[tuple[Any, Any], list[int]]:
+        """The groups with each verified back-end transaction's recipients as a group of
+        its own (keyed ``(_VERIFIED, id)``): they go on that transaction, the others
+        (unverified ones) the plain way."""
+        out: dict[tuple[Any, Any], list[int]] = {}
+        for key, positions in groups.items():
+            for i in positions:
+                hit = vrcpt.get(rcpt_ids[i])
+                k = key if hit is None else (_VERIFIED, id(hit[0]))
+                group = out.get(k)
+                if group is None:
+                    out[k] = [i]
+                else:
+                    group.append(i)
+        return out
 
     async def _deliver(
         self,
@@ -700,14 +841,21 @@ class ProxyHandler(Handler):
         routings: list[Routing],
         futures: list[asyncio.Future[Answer]],
         client: str,
+        verified: tuple[VerifiedTransaction, list[int]] | None = None,
     ) -> None:
         stats = self.stats
         stats.backend_deliveries += 1
         try:
             if failure is not None:
+                if verified is not None:
+                    await verified[0].abandon()  # nothing of it can be sent
                 raise failure
-            assert delivery is not None
-            results = await self.backends.deliver_part(delivery, positions, routings)
+            if verified is None:
+                assert delivery is not None
+                results = await self.backends.deliver_part(delivery, positions, routings)
+            else:  # on the transaction its RCPTs were verified on
+                results = await self.backends.finish_verified(
+                    verified[0], content, txn.sender, routings, verified[1])
         except ContentError as exc:
             results = [_local(r.recipient, 554, "5.6.0",
                               f"message content cannot be sent: {exc}", "local")
@@ -777,16 +925,22 @@ class ProxyHandler(Handler):
         if ctx is not None:
             self._drop(ctx)
 
-    @staticmethod
-    def _drop(ctx: _Client) -> None:
+    def _drop(self, ctx: _Client) -> None:
         txn, ctx.txn = ctx.txn, None
         if txn is not None and txn.body is not None and txn.pending <= 0:
             txn.body.release()
+        if txn is not None and txn.verified:
+            self._abandon_verified(txn)
 
     async def wait_idle(self) -> None:
         """Wait until every lookup and back-end delivery started so far is done."""
         while self._inflight:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
+
+
+def _pass_on(fut: asyncio.Future[Answer], answer: asyncio.Future[Answer]) -> None:
+    if not fut.done():
+        fut.set_result(answer.result())
 
 
 def _backend_mail_params(params: list[bytes]) -> list[str]:

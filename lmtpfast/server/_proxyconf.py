@@ -46,6 +46,7 @@ __all__ = [
     "PROXY_EXTENSIONS",
     "ClientTimeouts",
     "ProxySettings",
+    "check_verify",
     "load_proxy_config",
     "proxy_config_from_dict",
 ]
@@ -126,6 +127,10 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         default_factory=lambda: ["SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN"])
     #: PLAIN/LOGIN over TCP without TLS (``None``: only on unix sockets).
     sasl_allow_plaintext: bool | None = None
+    #: RCPT verification: each RCPT is forwarded to its back end at once, on the
+    #: transaction the message will go on, and the back end's own reply is the
+    #: answer. ``true`` for every transport, or a list of transport names.
+    verify_recipients: bool | list[str] = False
 
     def __post_init__(self) -> None:
         for ext in self.extensions:
@@ -182,7 +187,21 @@ def proxy_config_from_dict(
             fix[key] = str(base / value)
     if fix:
         settings = msgspec.structs.replace(settings, **fix)
-    return settings, config_from_dict(rest, source=source, base_dir=base)
+    config = config_from_dict(rest, source=source, base_dir=base)
+    check_verify(settings, config)
+    return settings, config
+
+
+def check_verify(settings: ProxySettings, config: AgentConfig) -> None:
+    """``verify_recipients`` names only transports the configuration has."""
+    verify = settings.verify_recipients
+    if isinstance(verify, list):
+        unknown = [n for n in verify if n not in config.transports]
+        if unknown:
+            raise ConfigurationError(
+                f"verify_recipients names unknown transport(s) {', '.join(map(repr, unknown))} "
+                f"(the transports are {', '.join(sorted(config.transports)) or 'none'})",
+                source=config.source, field="proxy.verify_recipients")
 
 
 def load_proxy_config(path: str | os.PathLike[str]) -> tuple[ProxySettings, AgentConfig]:

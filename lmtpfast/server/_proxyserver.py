@@ -30,7 +30,7 @@ from .._tls import server_context
 from ._backends import Backends
 from ._common import SessionConfig, SinkStats
 from ._proxy import ProxyHandler, ProxyRecord, ProxyStats, loops_to
-from ._proxyconf import ProxySettings, load_proxy_config
+from ._proxyconf import ProxySettings, check_verify, load_proxy_config
 from ._server import Server, parse_listen
 
 __all__ = ["Proxy"]
@@ -134,7 +134,9 @@ class Proxy:
             spool_threshold=settings.spool_threshold, spool_dir=settings.spool_dir,
             received_header=settings.received_header, auth_required=auth[settings.auth],
             sasl_users=users, sasl_mechanisms=mechanisms,
-            sasl_plaintext=settings.sasl_allow_plaintext, on_result=on_result)
+            sasl_plaintext=settings.sasl_allow_plaintext, on_result=on_result,
+            verify_recipients=settings.verify_recipients)
+        check_verify(settings, self.agent.config)
         extensions = list(settings.extensions)
         if ssl_context is not None:
             extensions.append("STARTTLS")
@@ -230,6 +232,7 @@ class Proxy:
         """
         new = _agent_config(agent)
         self.check_loops(new.config)
+        check_verify(self.settings, new.config)
         self._backends.replace(new, close_timeout=self.settings.shutdown_timeout or 30.0)
 
     async def __aenter__(self) -> Proxy:
