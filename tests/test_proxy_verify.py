@@ -27,6 +27,7 @@ from lmtpfast._testing.fixtures import DovecotFactory, SmtpSinkFactory
 from lmtpfast._testing.postfix import split_capture
 from lmtpfast.proto import CommandReply, Reply, TransactionDone
 from lmtpfast.server import (
+    DEFAULT_EXTENSIONS,
     IMPLEMENTATIONS,
     FaultPlan,
     Proxy,
@@ -219,8 +220,8 @@ async def test_client_reset_after_verified_rcpts_resets_the_back_end_and_reuses_
 
 
 @asynccontextmanager
-async def sinks(*plans: FaultPlan | None) -> AsyncIterator[list[Sink]]:
-    made = [Sink("127.0.0.1:0", collect=True, faults=p) for p in plans]
+async def sinks(*plans: FaultPlan | None, **kw: Any) -> AsyncIterator[list[Sink]]:
+    made = [Sink("127.0.0.1:0", collect=True, faults=p, **kw) for p in plans]
     for s in made:
         await s.start()
     try:
@@ -270,6 +271,53 @@ async def test_after_the_dot_each_keeps_its_own_reply_and_a_lost_dot_is_possibly
             assert p.stats.possibly_delivered == 1
         (rec,) = [r for r in records if r.recipient == "v@b.example"]
         assert rec.result.possibly_delivered
+
+
+@pytest.mark.parametrize("server_engine", SERVER_ENGINES)
+async def test_over_data_and_a_size_limit_checked_at_the_dot(
+    engine: str, server_engine: str,
+) -> None:
+    # Back ends without CHUNKING (the content goes after DATA's 354); b takes 200 bytes.
+    plain = [e for e in DEFAULT_EXTENSIONS if e != "CHUNKING"]
+    async with sinks(None, extensions=plain) as (a,), sinks(None, extensions=plain,
+                                                             max_size=200) as (b,):
+        routes = {"a.example": a.destinations[0], "b.example": b.destinations[0]}
+        async with proxy(routes, engine, server_engine) as p:
+            big = MSG + b"x" * 300 + b"\r\n"
+            async with await connect(p.destinations[0]) as c:
+                results = await c.send("s@example.org", ["u@a.example", "v@b.example"], big)
+                again = await c.send("s@example.org", ["u@a.example", "v@b.example"], MSG)
+            u, v = results
+            assert u.status == "delivered" and a.messages[0].content.endswith(big)
+            # Accepted at RCPT (MAIL had no SIZE: the content was not known yet), too big
+            # at the dot: RSET instead of the content, and its own permanent reply.
+            assert (v.code, v.enhanced) == (552, "5.3.4"), v
+            assert [r.status for r in again] == ["delivered", "delivered"]
+            assert [m.recipients for m in b.messages] == [["v@b.example"]]
+            assert p.agent_stats.connections_opened == 2  # the RSET one was reused
+
+
+async def test_with_every_pooled_connection_busy_a_recipient_goes_unverified(
+    engine: str,
+) -> None:
+    async with sinks(FaultPlan.parse(["rcpt:bad@*=550 5.1.1 no"])) as (a,):
+        async with proxy({"a.example": a.destinations[0]}, engine, "c",
+                         transports={"lmtp": {"pool": {"max_connections": 1}}}) as p:
+            async with await connect(p.destinations[0]) as c1, \
+                    await connect(p.destinations[0]) as c2:
+                env = c1.open_transaction("s@example.org")
+                assert (await env.rcpt("u1@a.example")).code == 250  # holds the one connection
+                # The other session does not wait for it at RCPT: routed only.
+                results = await asyncio.gather(
+                    c2.send("s@example.org", ["u2@a.example", "bad@a.example"], MSG),
+                    env.send(Delivery.build(MSG, sender="s@example.org",
+                                            recipients=env.recipients)))
+            (u2, bad), (u1,) = results
+            assert u1.status == "delivered" and u2.status == "delivered"
+            assert (bad.code, bad.stage) == (550, "final")  # the sink's refusal, after the dot
+            assert p.stats.verify_skipped == 2 and p.stats.verified == 1
+            assert sorted(r for m in a.messages for r in m.recipients) == [
+                "u1@a.example", "u2@a.example"]
 
 
 async def test_recipient_limit_and_transports_not_verified_go_the_plain_way(

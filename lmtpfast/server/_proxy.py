@@ -175,8 +175,9 @@ class ProxyStats(msgspec.Struct, kw_only=True):
     lookup_rounds: int = 0
     #: Content bytes received (before the proxy's own Received: field).
     content_bytes: int = 0
-    #: ``verify_recipients``: RCPTs forwarded to their back end at RCPT time, and
-    #: those that went unverified (every pooled connection busy, recipient limit).
+    #: ``verify_recipients``: RCPTs answered by their back end at RCPT time (or by
+    #: its failure), and those that went unverified (every pooled connection busy,
+    #: recipient limit).
     verified: int = 0
     verify_skipped: int = 0
 
@@ -643,7 +644,6 @@ class ProxyHandler(Handler):
         else:
             pos = len(vt.addresses)
             got = vt.add(address)
-            self.stats.verified += 1
         out: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         got.add_done_callback(lambda f: self._verified(txn, index, routing, vt, pos, f, out))
         return out
@@ -661,6 +661,7 @@ class ProxyHandler(Handler):
             stats.recipients += 1
             out.set_result(None)
             return
+        stats.verified += 1
         if result.status == "delivered":
             txn.routes[index] = routing
             assert txn.vrcpt is not None
