@@ -285,15 +285,24 @@ class LMTPProtocol(asyncio.Protocol):
         self._flush()
         return txn, fut
 
-    def add_recipient(self, txn: Transaction, recipient: str, *,
-                      smtputf8: bool = False) -> asyncio.Future[Reply]:
-        """Send one more RCPT of an open transaction; the future gets its reply."""
+    def add_recipient(self, txn: Transaction, recipient: str, *, smtputf8: bool = False,
+                      flush: bool = True) -> asyncio.Future[Reply]:
+        """Send one more RCPT of an open transaction; the future gets its reply.
+
+        ``flush=False`` leaves it queued for the next :meth:`flush` (the RCPTs
+        of a pipelined group in one write).
+        """
         self._check_usable()
         self.engine.add_recipient(txn, recipient, smtputf8=smtputf8)
         fut: asyncio.Future[Reply] = self._loop.create_future()
         self._command_waiters.append(("rcpt", fut))
-        self._flush()
+        if flush:
+            self._flush()
         return fut
+
+    def flush(self) -> None:
+        """Write what is queued (after ``add_recipient(..., flush=False)``)."""
+        self._flush()
 
     def close_transaction(
         self, txn: Transaction, content: bytes | StreamedContent, *, chunking: bool = False,

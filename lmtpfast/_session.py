@@ -522,12 +522,19 @@ class OpenEnvelope:
         """Some reply of this transaction came in (the server saw it)."""
         return self._txn.mail_reply is not None
 
-    def rcpt(self, address: str) -> Awaitable[Reply]:
+    def rcpt(self, address: str, *, flush: bool = True) -> Awaitable[Reply]:
         """Send ``RCPT TO:<address>``; the awaitable gets its reply (an error if the
-        connection breaks or the stage times out first)."""
+        connection breaks or the stage times out first). ``flush=False``: queue it
+        until :meth:`flush` (several RCPTs in one write)."""
         if self.closed:
             raise LocalProtocolError("the envelope is closed")
-        return self._protocol.add_recipient(self._txn, address, smtputf8=self._smtputf8)
+        return self._protocol.add_recipient(self._txn, address, smtputf8=self._smtputf8,
+                                            flush=flush)
+
+    def flush(self) -> None:
+        """Write the RCPTs queued with ``flush=False``."""
+        if self._protocol.usable:
+            self._protocol.flush()
 
     async def send(self, d: Delivery) -> list[RecipientResult]:
         """The content of ``d`` after the last RCPT: one result per :meth:`rcpt`, in order.

@@ -87,6 +87,7 @@ class VerifiedTransaction:
         #: True when no connection could be had at once: the recipients are plain ones.
         self.unverified = False
         self.ended = False
+        self._flush_due = False
 
     @property
     def full(self) -> bool:
@@ -108,6 +109,9 @@ class VerifiedTransaction:
             fut.set_result(self._failure_for(address))
         elif self._env is not None:
             self._send(len(self.addresses) - 1)
+            if not self._flush_due:  # the RCPTs of one pipelined group: one write
+                self._flush_due = True
+                asyncio.get_running_loop().call_soon(self._flush)
         elif self._opening is None:
             self._opening = asyncio.ensure_future(self._open())
         return fut
@@ -165,12 +169,19 @@ class VerifiedTransaction:
         for i, fut in enumerate(self._futures):
             if not fut.done():
                 self._send(i)
+        self._flush()
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        env = self._env
+        if env is not None:
+            env.flush()
 
     def _send(self, i: int) -> None:
         env = self._env
         assert env is not None
         try:
-            reply = env.rcpt(self.addresses[i])
+            reply = env.rcpt(self.addresses[i], flush=False)
         except LMTPError as exc:
             self._broken(env, exc)
             return

@@ -300,24 +300,23 @@ async def test_over_data_and_a_size_limit_checked_at_the_dot(
 async def test_with_every_pooled_connection_busy_a_recipient_goes_unverified(
     engine: str,
 ) -> None:
-    async with sinks(FaultPlan.parse(["rcpt:bad@*=550 5.1.1 no"])) as (a,):
-        async with proxy({"a.example": a.destinations[0]}, engine, "c",
-                         transports={"lmtp": {"pool": {"max_connections": 1}}}) as p:
-            async with await connect(p.destinations[0]) as c1, \
-                    await connect(p.destinations[0]) as c2:
-                env = c1.open_transaction("s@example.org")
-                assert (await env.rcpt("u1@a.example")).code == 250  # holds the one connection
-                # The other session does not wait for it at RCPT: routed only.
-                results = await asyncio.gather(
-                    c2.send("s@example.org", ["u2@a.example", "bad@a.example"], MSG),
-                    env.send(Delivery.build(MSG, sender="s@example.org",
-                                            recipients=env.recipients)))
-            (u2, bad), (u1,) = results
-            assert u1.status == "delivered" and u2.status == "delivered"
-            assert (bad.code, bad.stage) == (550, "final")  # the sink's refusal, after the dot
-            assert p.stats.verify_skipped == 2 and p.stats.verified == 1
-            assert sorted(r for m in a.messages for r in m.recipients) == [
-                "u1@a.example", "u2@a.example"]
+    one = {"lmtp": {"pool": {"max_connections": 1}}}
+    async with (sinks(FaultPlan.parse(["rcpt:bad@*=550 5.1.1 no"])) as (a,),
+                proxy({"a.example": a.destinations[0]}, engine, "c", transports=one) as p,
+                await connect(p.destinations[0]) as c1,
+                await connect(p.destinations[0]) as c2):
+        env = c1.open_transaction("s@example.org")
+        assert (await env.rcpt("u1@a.example")).code == 250  # holds the one connection
+        # The other session does not wait for it at RCPT: routed only.
+        results = await asyncio.gather(
+            c2.send("s@example.org", ["u2@a.example", "bad@a.example"], MSG),
+            env.send(Delivery.build(MSG, sender="s@example.org", recipients=env.recipients)))
+        (u2, bad), (u1,) = results
+        assert u1.status == "delivered" and u2.status == "delivered"
+        assert (bad.code, bad.stage) == (550, "final")  # the sink's refusal, after the dot
+        assert p.stats.verify_skipped == 2 and p.stats.verified == 1
+        got = sorted(r for m in a.messages for r in m.recipients)
+        assert got == ["u1@a.example", "u2@a.example"]
 
 
 async def test_recipient_limit_and_transports_not_verified_go_the_plain_way(
