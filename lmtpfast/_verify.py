@@ -219,6 +219,7 @@ class VerifiedTransaction:
             # A cached connection that died before answering anything: nothing
             # reached the back end, so another connection may take it all again.
             self._retried = True
+            self._end_ticket("broken", str(exc))
             log.info("RCPT verification at %s: cached connection lost before any reply (%s); "
                      "retrying on another", self.destination, exc)
             self._opening = asyncio.ensure_future(self._open())

@@ -319,6 +319,22 @@ async def test_with_every_pooled_connection_busy_a_recipient_goes_unverified(
         assert got == ["u1@a.example", "u2@a.example"]
 
 
+@pytest.mark.parametrize("server_engine", SERVER_ENGINES)
+async def test_a_cached_connection_lost_before_any_reply_is_replaced_once(
+    engine: str, server_engine: str,
+) -> None:
+    # The second MAIL the sink sees (on the reused connection) gets a hang-up:
+    # nothing reached it, so the transaction goes again on a new connection.
+    async with sinks(FaultPlan.parse(["mail@nth=2=disconnect"])) as (a,), proxy(
+            {"a.example": a.destinations[0]}, engine, server_engine) as p:
+        async with await connect(p.destinations[0]) as c:
+            first = await c.send("s@example.org", ["u@a.example", "v@a.example"], MSG)
+            second = await c.send("s@example.org", ["u@a.example", "v@a.example"], MSG)
+        assert [r.status for r in first + second] == ["delivered"] * 4
+        assert p.agent_stats.connections_opened == 2
+        assert [m.recipients for m in a.messages] == [["u@a.example", "v@a.example"]] * 2
+
+
 async def test_recipient_limit_and_transports_not_verified_go_the_plain_way(
     engine: str,
 ) -> None:
