@@ -36,6 +36,7 @@ RUNS: dict[str, list[str]] = {
     "soak.py": ["--messages", "200"],
     "bdat_burst.py": ["--messages", "300", "--repeat", "1", "--bursts", "1", "8"],
     "proxy_compare.py": ["--messages", "200", "--rounds", "1", "--probe", "20"],
+    "proxy_verify.py": ["--messages", "40", "--rounds", "1"],
     "instructions.py": ["--small", "20", "--large", "60"],
     "proxy_instructions.py": ["--small", "20", "--large", "60"],
     "sink_profile.py": ["--messages", "20", "--what", "engine", "--engines", "c"],
