@@ -79,6 +79,15 @@ _CLIENT_LOG = "lmtpfast.client"
 _SASL_LOG = "lmtpfast.sasl"
 
 
+def _wire_content(body: Delivery, chunking: bool, engine: Engine) -> bytes | StreamedContent:
+    """*body*'s content as a transaction sends it: streamed pieces, or the whole encoded form
+    (dot-stuffed for DATA, CRLF only for BDAT)."""
+    if body.streamed:
+        return StreamedContent(pieces(body.content), chunking=chunking,
+                               encoder=engine.ContentEncoder)
+    return body.encoded(dot_stuff=not chunking, encode=engine.encode_content)
+
+
 class _Prepared(NamedTuple):
     # One delivery as this server takes it: what goes out, and what was decided locally.
     rcpts: list[str]
@@ -404,12 +413,7 @@ class Client:
         params = list(d.mail_params) if d.mail_params else []
         if has_dsn and d.dsn_mail:
             params += d.dsn_mail
-        content: bytes | StreamedContent
-        if body.streamed:
-            content = StreamedContent(pieces(body.content), chunking=chunking,
-                                      encoder=self.engine.ContentEncoder)
-        else:
-            content = body.encoded(dot_stuff=not chunking, encode=self.engine.encode_content)
+        content = _wire_content(body, chunking, self.engine)
         given = d.given
         if limit is not None:
             size = body.size
@@ -568,12 +572,7 @@ class OpenEnvelope:
             accepted = set(txn.accepted)
             return [failure.result(r.address, **fields) if i in accepted else r
                     for i, r in enumerate(results)]
-        content: bytes | StreamedContent
-        if body.streamed:
-            content = StreamedContent(pieces(body.content), chunking=chunking,
-                                      encoder=client.engine.ContentEncoder)
-        else:
-            content = body.encoded(dot_stuff=not chunking, encode=client.engine.encode_content)
+        content = _wire_content(body, chunking, client.engine)
         fut = self._protocol.close_transaction(txn, content, chunking=chunking)
         try:
             return await fut
